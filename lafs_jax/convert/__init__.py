@@ -1,0 +1,1 @@
+"""Official PyTorch checkpoints -> Flax params (torch is needed only here)."""

@@ -1,0 +1,1 @@
+"""Evaluation: 1:1 verification (.bin), IJB-B/C TAR@FAR, embedding export."""

@@ -1,0 +1,1 @@
+"""Grain input: RecordIO / ArrayRecord / folder sources, subsets, transforms, pipelines, .bin pairs."""

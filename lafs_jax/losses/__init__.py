@@ -1,0 +1,1 @@
+"""Pure loss functions of arrays: margin softmax, Partial FC, DINO."""

@@ -1,0 +1,1 @@
+"""Pure Linen modules: patch sampler, landmark CNN, ViT / fViT / Part fViT, heads."""

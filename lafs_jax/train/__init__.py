@@ -1,0 +1,1 @@
+"""Training: mesh and shardings, optimizers, checkpoints, one loop per task."""

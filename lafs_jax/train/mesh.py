@@ -1,0 +1,111 @@
+"""The one device mesh of a run, parameter shardings from regex rules, and global batches.
+
+Axes are ('data', 'model') with Auto axis types (GSPMD-style propagation; explicit collectives only
+inside `jax.shard_map`, e.g. the Partial FC loss). The batch's leading axis is split over *all*
+devices (both axes), so a pure data-parallel run and a run with a 'model' axis feed the same batch.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "model")
+
+
+def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
+    """Resolve -1 entries: (data, model) whose product is `num_devices`, or a ValueError naming the axis."""
+    shape = [data, model]
+    if shape.count(-1) > 1:
+        raise ValueError("config.mesh: at most one of data/model may be -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"config.mesh: {num_devices} devices do not divide by the fixed axes ({known})")
+        shape[shape.index(-1)] = num_devices // known
+    if shape[0] * shape[1] != num_devices:
+        raise ValueError(f"config.mesh: data={shape[0]} x model={shape[1]} != {num_devices} devices")
+    return shape[0], shape[1]
+
+
+def make_mesh(mesh_config: Any = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh ('data', 'model') over `devices` (default: all) from `config.mesh` (fields data, model)."""
+    devices = list(devices if devices is not None else jax.devices())
+    data = getattr(mesh_config, "data", -1) if mesh_config is not None else -1
+    model = getattr(mesh_config, "model", 1) if mesh_config is not None else 1
+    shape = mesh_shape(int(data), int(model), len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def path_str(keypath) -> str:
+    """'a/b/c' for a jax tree key path (dict keys, attributes, sequence indices)."""
+    parts = []
+    for k in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def match_rule(path: str, rules: Sequence[tuple[str, Sequence[Any]]]) -> P:
+    """PartitionSpec of the first rule whose regex matches `path` (re.search); P() if none does."""
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            return P(*spec)
+    return P()
+
+
+def param_shardings(params: Any, rules: Sequence[tuple[str, Sequence[Any]]], mesh: Mesh) -> Any:
+    """A pytree of NamedSharding matching `params` (arrays or ShapeDtypeStructs).
+
+    A rule whose spec has more entries than the parameter has dimensions, or that names an axis the
+    mesh does not have, raises a ValueError naming the parameter path.
+    """
+
+    def one(keypath, leaf):
+        path = path_str(keypath)
+        spec = match_rule(path, rules)
+        if len(spec) > len(np.shape(leaf)):
+            raise ValueError(f"sharding rule {spec} for parameter '{path}' has more entries than its "
+                             f"shape {tuple(np.shape(leaf))}")
+        for entry in spec:
+            for name in (entry if isinstance(entry, tuple) else (entry,)):
+                if name is not None and name not in mesh.axis_names:
+                    raise ValueError(f"sharding rule {spec} for parameter '{path}' names axis {name!r}; "
+                                     f"the mesh has {mesh.axis_names}")
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over every device of the mesh."""
+    return NamedSharding(mesh, P(mesh.axis_names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+    """Host-local numpy batch (this process's rows) -> global jax arrays sharded over all devices.
+
+    Each process passes its own slice; the global batch size is local size x process count.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        local_batch)
+
+
+def local_batch_size(global_size: int, mesh: Mesh) -> int:
+    """Rows this process must load for a global batch of `global_size` (must divide evenly)."""
+    n = mesh.devices.size
+    if global_size % n:
+        raise ValueError(f"global batch size {global_size} does not divide by the {n} devices of the mesh")
+    return global_size // jax.process_count()

@@ -1,0 +1,69 @@
+"""Recipe loading, command-line overrides and validation errors of main.py and lafs_jax.config."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lafs_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, workdir):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args, f"--workdir={workdir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_info_task_reports_mesh_with_overrides(tmp_path):
+    r = _main("--config=configs/demo.py", "--config.task=info", "--config.mesh.model=2", workdir=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.load(open(tmp_path / "info.json"))
+    assert info["global_devices"] == 8
+    assert info["mesh"] == {"data": 4, "model": 2}
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    r = _main("--config", "configs/demo.py", "--config.nonexistent=1", workdir=tmp_path)
+    assert r.returncode != 0
+    assert "nonexistent" in r.stderr and "valid fields" in r.stderr
+
+
+def test_unknown_nested_key_lists_valid_fields(tmp_path):
+    r = _main("--config=configs/demo.py", "--config.mesh.dtaa=2", workdir=tmp_path)
+    assert r.returncode != 0
+    assert "mesh.dtaa" in r.stderr and "'data'" in r.stderr
+
+
+def test_wrongly_typed_value_names_the_key(tmp_path):
+    r = _main("--config=configs/demo.py", "--config.seed=abc", workdir=tmp_path)
+    assert r.returncode != 0
+    assert "config.seed" in r.stderr
+
+
+def test_unknown_task_lists_choices(tmp_path):
+    r = _main("--config=configs/demo.py", "--config.task=fly", workdir=tmp_path)
+    assert r.returncode != 0
+    assert "'fly'" in r.stderr and "finetune" in r.stderr and "pretrain" in r.stderr
+
+
+def test_locked_recipe_rejects_new_fields_in_python():
+    c = config_lib.base_config()
+    c.lock()
+    with pytest.raises(AttributeError):
+        c.not_a_field = 1
+
+
+def test_validate_common_rejects_bad_mesh():
+    c = config_lib.base_config()
+    c.mesh.data = 0
+    with pytest.raises(config_lib.ConfigError, match="mesh.data"):
+        config_lib.validate_common(c)
+
+
+def test_get_path_names_missing_part():
+    c = config_lib.base_config()
+    with pytest.raises(config_lib.ConfigError, match="mesh.nothing"):
+        config_lib.get_path(c, "mesh.nothing.deeper")

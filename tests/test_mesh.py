@@ -1,0 +1,63 @@
+"""Mesh construction, rule-based parameter shardings and global batches on 8 CPU devices."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from lafs_jax.train import mesh as mesh_lib
+
+
+@pytest.mark.parametrize("data,model,expected", [(-1, 1, (8, 1)), (-1, 2, (4, 2)), (2, -1, (2, 4)), (8, 1, (8, 1))])
+def test_mesh_shapes(data, model, expected):
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": data, "model": model}))
+    assert mesh.axis_names == ("data", "model")
+    assert tuple(mesh.shape.values()) == expected
+    assert all(t == AxisType.Auto for t in mesh.axis_types)
+
+
+@pytest.mark.parametrize("data,model", [(3, -1), (-1, -1), (2, 2)])
+def test_bad_mesh_raises(data, model):
+    with pytest.raises(ValueError, match="config.mesh"):
+        mesh_lib.make_mesh(ml_collections.ConfigDict({"data": data, "model": model}))
+
+
+def test_rules_first_match_wins_default_replicated():
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 4, "model": 2}))
+    params = {"vit": {"block_0": {"mlp": {"kernel": jnp.zeros((8, 16)), "bias": jnp.zeros(16)}},
+                      "pos": jnp.zeros((1, 5, 8))}}
+    rules = [(r"mlp/kernel$", (None, "model")), (r"mlp/.*", ("model",)), (r"^vit/", ())]
+    sh = mesh_lib.param_shardings(params, rules, mesh)
+    assert sh["vit"]["block_0"]["mlp"]["kernel"].spec == P(None, "model")
+    assert sh["vit"]["block_0"]["mlp"]["bias"].spec == P("model")
+    assert sh["vit"]["pos"].spec == P()
+    placed = jax.device_put(params, sh)
+    assert placed["vit"]["block_0"]["mlp"]["kernel"].addressable_shards[0].data.shape == (8, 8)
+
+
+def test_rule_errors_name_parameter_path():
+    mesh = mesh_lib.make_mesh(None)
+    with pytest.raises(ValueError, match="a/b"):
+        mesh_lib.param_shardings({"a": {"b": jnp.zeros(3)}}, [("b", (None, "data"))], mesh)
+    with pytest.raises(ValueError, match="'tensor'"):
+        mesh_lib.param_shardings({"a": {"b": jnp.zeros(3)}}, [("b", ("tensor",))], mesh)
+
+
+def test_path_str_handles_lists_and_dicts():
+    tree = {"a": [jnp.zeros(1), {"b": jnp.zeros(1)}]}
+    paths = [mesh_lib.path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    assert paths == ["a/0", "a/1/b"]
+
+
+def test_global_batch_shards_leading_axis_over_all_devices():
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 4, "model": 2}))
+    local = {"image": np.arange(16 * 3, dtype=np.float32).reshape(16, 3), "label": np.arange(16)}
+    g = mesh_lib.global_batch(local, mesh)
+    assert g["image"].shape == (16, 3)
+    assert len({s.data.shape for s in g["image"].addressable_shards}) == 1
+    assert g["image"].addressable_shards[0].data.shape == (2, 3)
+    np.testing.assert_array_equal(np.asarray(g["label"]), np.arange(16))
+    assert mesh_lib.local_batch_size(16, mesh) == 16
+    with pytest.raises(ValueError, match="divide"):
+        mesh_lib.local_batch_size(12, mesh)
