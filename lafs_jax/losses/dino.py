@@ -1,0 +1,106 @@
+"""DINO self-distillation loss: sharpened student vs centred, sharpened teacher, over view pairs.
+
+Shapes use a views-major layout: `student_logits[Vs, B, K]`, `teacher_logits[Vt, B, K]`, where the
+teacher's views are the first `Vt` of the student's (the global views, in the same order), K is the
+head's output dimension. For every teacher view `t` and student view `s != t` the loss term is the
+cross-entropy H(softmax((teacher_t - center) / tau_t), softmax(student_s / tau_s)) averaged over the
+batch; the loss is the mean of the `Vt * Vs - Vt` terms (LAFS and DINO: 2 x 10 - 2 = 18 terms).
+
+The centre is an exponential moving average (momentum 0.9) of the teacher's mean output over all its
+views and the *global* batch. Inside a jitted step whose batch is sharded over devices, `jnp.mean`
+over the batch axis is that global mean (XLA inserts the cross-device reduction), so no explicit
+collective is written here.
+
+Everything is computed in float32 whatever the logits' dtype. Written by hand: no library ships the
+DINO loss; the temperature schedule follows DINO's per-epoch `np.linspace` warmup.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_views(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array) -> None:
+    if student_logits.ndim != 3 or teacher_logits.ndim != 3:
+        raise ValueError(f"dino_loss: student_logits {student_logits.shape} and teacher_logits "
+                         f"{teacher_logits.shape} must both be [views, batch, out_dim]")
+    vs, b, k = student_logits.shape
+    vt, bt, kt = teacher_logits.shape
+    if (bt, kt) != (b, k):
+        raise ValueError(f"dino_loss: teacher_logits {teacher_logits.shape} and student_logits "
+                         f"{student_logits.shape} differ in batch or out_dim")
+    if vt > vs:
+        raise ValueError(f"dino_loss: {vt} teacher views but only {vs} student views; the teacher's views "
+                         f"must be the first views of the student's")
+    if vs < 2:
+        raise ValueError(f"dino_loss: needs at least 2 student views, got {vs} (same-view pairs are skipped)")
+    if center.shape != (k,):
+        raise ValueError(f"dino_loss: center has shape {center.shape}, expected ({k},)")
+
+
+def teacher_targets(teacher_logits: jax.Array, center: jax.Array, teacher_temp) -> jax.Array:
+    """softmax((teacher_logits - center) / teacher_temp) over the last axis, float32, no gradient."""
+    t = (teacher_logits.astype(jnp.float32) - center.astype(jnp.float32)) / teacher_temp
+    return jax.lax.stop_gradient(jax.nn.softmax(t, axis=-1))
+
+
+def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array, *,
+              student_temp: float = 0.1, teacher_temp) -> tuple[jax.Array, dict]:
+    """(loss, metrics) of DINO's multi-crop cross-entropy.
+
+    Args:
+      student_logits: [Vs, B, K] head outputs of the student for every view (globals first).
+      teacher_logits: [Vt, B, K] head outputs of the teacher for the global views (Vt <= Vs).
+      center: [K] running centre of the teacher outputs.
+      student_temp: student softmax temperature (0.1 in DINO and LAFS).
+      teacher_temp: teacher softmax temperature; a float or a traced scalar (see `teacher_temp_at`).
+
+    Returns:
+      loss: scalar float32, mean over the (teacher view, student view) pairs with different views of
+        the batch-mean cross-entropy in nats.
+      metrics: `teacher_entropy` (mean entropy of the teacher targets, nats; a collapse to one
+        dimension drives it to 0, a collapse to uniform to log K) and `student_entropy`.
+    """
+    _check_views(student_logits, teacher_logits, center)
+    vs, vt = student_logits.shape[0], teacher_logits.shape[0]
+    targets = teacher_targets(teacher_logits, center, teacher_temp)  # [Vt, B, K]
+    log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)  # [Vs, B, K]
+    # cross[t, s] = batch mean of -sum_k q_t log p_s
+    cross = -jnp.einsum("tbk,sbk->ts", targets, log_probs) / student_logits.shape[1]
+    different_view = jnp.arange(vt)[:, None] != jnp.arange(vs)[None, :]
+    loss = jnp.sum(jnp.where(different_view, cross, 0.0)) / (vt * vs - vt)
+    teacher_entropy = -jnp.mean(jnp.sum(targets * jnp.log(jnp.clip(targets, 1e-30)), axis=-1))
+    student_entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
+    return loss, {"teacher_entropy": teacher_entropy, "student_entropy": student_entropy}
+
+
+def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float = 0.9) -> jax.Array:
+    """center * momentum + (1 - momentum) * mean of `teacher_logits[Vt, B, K]` over views and batch.
+
+    Under jit with the batch axis sharded, the mean covers the global batch (a cross-device mean).
+    """
+    if teacher_logits.ndim != 3 or teacher_logits.shape[-1] != center.shape[-1]:
+        raise ValueError(f"update_center: teacher_logits {teacher_logits.shape} must be [views, batch, "
+                         f"{center.shape[-1]}] to match center {center.shape}")
+    batch_center = jnp.mean(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=(0, 1))
+    return center * momentum + batch_center * (1.0 - momentum)
+
+
+def teacher_temp_at(step, *, steps_per_epoch: int, warmup_temp: float, final_temp: float,
+                    warmup_epochs: int):
+    """Teacher temperature at `step` (int or traced): DINO's per-epoch schedule.
+
+    Epoch e = step // steps_per_epoch takes value e of np.linspace(warmup_temp, final_temp,
+    warmup_epochs) while e < warmup_epochs, then final_temp. LAFS uses 0.07 -> 0.04 over 30 epochs;
+    DINO's defaults are 0.04 -> 0.04 (no warmup), its "boost" recipe 0.04 -> 0.07 over 30 epochs.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"teacher_temp_at: steps_per_epoch={steps_per_epoch} must be >= 1")
+    if warmup_epochs < 0:
+        raise ValueError(f"teacher_temp_at: warmup_epochs={warmup_epochs} must be >= 0")
+    epoch = jnp.asarray(step) // steps_per_epoch
+    if warmup_epochs == 0:
+        return jnp.full(jnp.shape(epoch), final_temp, jnp.float32)
+    frac = epoch.astype(jnp.float32) / max(warmup_epochs - 1, 1)
+    warm = warmup_temp + (final_temp - warmup_temp) * frac
+    return jnp.where(epoch < warmup_epochs, warm, final_temp).astype(jnp.float32)
