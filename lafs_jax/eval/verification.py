@@ -153,14 +153,20 @@ def run_bins(variables_dir: str, bin_paths: Sequence[str], *, batch_size: int = 
     Returns {set name (file stem): evaluate(...) dict}.
     """
     from lafs_jax.eval import embed as embed_lib
-    from lafs_jax.input.verification_bin import load_bin
 
     embedder = embed_lib.Embedder.from_variables_dir(variables_dir, mesh=mesh, normalization=normalization,
-                                                     color_order=color_order)
+                                                     color_order=color_order, batch_size=batch_size)
+    return evaluate_bins(embedder, bin_paths, flip=flip, nfolds=nfolds)
+
+
+def evaluate_bins(embedder: Any, bin_paths: Sequence[str], *, flip: bool = True, nfolds: int = 10) -> dict[str, dict]:
+    """Evaluate an `embed.Embedder` on `.bin` pair sets; prints and returns {set name: evaluate dict}."""
+    from lafs_jax.input.verification_bin import load_bin
+
     results = {}
     for path in bin_paths:
         images, issame = load_bin(path, embedder.image_size)
-        emb = embedder.embed(images, batch_size=batch_size, flip=flip)
+        emb = embedder.embed(images, flip=flip)
         results[os.path.splitext(os.path.basename(path))[0]] = evaluate_pairs_embeddings(emb, issame, nfolds)
     print(format_table(results), flush=True)
     return results

@@ -1,0 +1,132 @@
+"""Face embeddings from a trained backbone: preprocessing, optional flip-sum, batched and sharded.
+
+`embedding_function` builds the pure function `f(variables, images uint8 [B, H, W, 3] RGB) ->
+float32 [B, D]` that every evaluation uses (and `export` serialises): colour order and input
+normalisation as the checkpoint's metadata records them, the model in eval mode (BatchNorm running
+statistics, no dropout), and with `flip` the sum of the embeddings of the image and its horizontal
+mirror (the "Accuracy-Flip" of the verification protocol and LAFS's IJB flip test), unnormalised.
+
+`Embedder` runs it over many images: batches padded to a fixed size (one compilation), the batch
+axis split over every device of the mesh, variables replicated; every process passes the same
+images and gets all embeddings back.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]")
+COLOR_ORDERS = ("rgb", "bgr")
+
+
+def preprocess(images: jax.Array, normalization: str = "[-1,1]", color_order: str = "rgb") -> jax.Array:
+    """uint8 RGB [B, H, W, 3] -> float32 in the model's colour order and range.
+
+    '[-1,1]': x/255·2−1 (training default); '[-0.5,0.5]': x/255−0.5 (official evaluation scripts).
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization {normalization!r} is not valid; choose one of {list(NORMALIZATIONS)}")
+    if color_order not in COLOR_ORDERS:
+        raise ValueError(f"color_order {color_order!r} is not valid; choose one of {list(COLOR_ORDERS)}")
+    x = images.astype(jnp.float32)
+    if color_order == "bgr":
+        x = x[..., ::-1]
+    return x / 127.5 - 1.0 if normalization == "[-1,1]" else x / 255.0 - 0.5
+
+
+def model_embedding(model: Any, variables: Any, x: jax.Array) -> jax.Array:
+    """Embedding [B, D] of a backbone in eval mode; Part fViT's (embedding, landmarks) gives the first."""
+    out = model.apply(variables, x, train=False)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def embedding_function(model: Any, *, normalization: str = "[-1,1]", color_order: str = "rgb",
+                       flip: bool = True) -> Callable[[Any, jax.Array], jax.Array]:
+    """f(variables, images uint8 [B, H, W, 3] RGB) -> float32 [B, D] (flip-summed when `flip`)."""
+    preprocess(jnp.zeros((1, 1, 1, 3), jnp.uint8), normalization, color_order)  # validate early
+
+    def f(variables, images):
+        x = preprocess(images, normalization, color_order)
+        emb = model_embedding(model, variables, x).astype(jnp.float32)
+        if flip:
+            emb = emb + model_embedding(model, variables, x[:, :, ::-1, :]).astype(jnp.float32)
+        return emb
+
+    return f
+
+
+def _mesh_or_default(mesh):
+    if mesh is not None:
+        return mesh
+    from lafs_jax.train import mesh as mesh_lib
+
+    return mesh_lib.make_mesh()
+
+
+class Embedder:
+    """Batched, sharded embedding extraction for one backbone.
+
+    Args:
+      model: a Linen module called as `model.apply(variables, images, train=False)`.
+      variables: its variables (params and, for the landmark CNN, batch_stats).
+      image_size: the square input side the model expects (pixels).
+      normalization, color_order: as recorded in the checkpoint metadata.
+      mesh: the device mesh (default: all devices, pure data parallel).
+      batch_size: images per compiled call, rounded up to a multiple of the device count.
+    """
+
+    def __init__(self, model: Any, variables: Any, *, image_size: int, normalization: str = "[-1,1]",
+                 color_order: str = "rgb", mesh: Any = None, batch_size: int = 64):
+        from lafs_jax.train import mesh as mesh_lib
+
+        self.model, self.image_size = model, int(image_size)
+        self.normalization, self.color_order = normalization, color_order
+        self.mesh = _mesh_or_default(mesh)
+        n = self.mesh.devices.size
+        self.batch_size = -(-int(batch_size) // n) * n
+        self.variables = jax.device_put(variables, mesh_lib.replicated(self.mesh))
+        self._fns = {}
+        for flip in (False, True):
+            fn = embedding_function(model, normalization=normalization, color_order=color_order, flip=flip)
+            self._fns[flip] = jax.jit(fn, in_shardings=(mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)),
+                                      out_shardings=mesh_lib.replicated(self.mesh))
+
+    @classmethod
+    def from_variables_dir(cls, directory: str, *, mesh: Any = None, normalization: str | None = None,
+                           color_order: str | None = None, batch_size: int = 64) -> "Embedder":
+        """An Embedder for a variables directory (fine-tuning's `workdir/backbone` or lafs_jax.convert's
+        output); model config, normalisation and colour order come from its metadata unless given."""
+        from lafs_jax.eval import export as export_lib
+
+        model, variables, meta = export_lib.load_backbone(directory)
+        return cls(model, variables, image_size=meta["image_size"],
+                   normalization=normalization or meta["normalization"],
+                   color_order=color_order or meta["color_order"], mesh=mesh, batch_size=batch_size)
+
+    def embed_batch(self, images: np.ndarray, flip: bool = True) -> np.ndarray:
+        """float32 [b, D] for uint8 [b, H, W, 3] RGB images, b <= batch_size."""
+        from lafs_jax.train import mesh as mesh_lib
+
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"Embedder: images of shape {images.shape}, expected [b, {self.image_size}, "
+                             f"{self.image_size}, 3]")
+        if images.dtype != np.uint8:
+            raise ValueError(f"Embedder: images must be uint8 RGB, got {images.dtype}")
+        b = images.shape[0]
+        if b > self.batch_size:
+            raise ValueError(f"Embedder: batch of {b} images exceeds batch_size {self.batch_size}")
+        padded = np.zeros((self.batch_size,) + images.shape[1:], np.uint8)
+        padded[:b] = images
+        per_process = self.batch_size // jax.process_count()
+        local = padded[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+        out = self._fns[bool(flip)](self.variables, mesh_lib.global_batch(local, self.mesh))
+        return np.asarray(out.addressable_shards[0].data)[:b]
+
+    def embed(self, images: np.ndarray, flip: bool = True) -> np.ndarray:
+        """float32 [N, D] for uint8 [N, H, W, 3] RGB images, in batches of `batch_size`."""
+        out = [self.embed_batch(images[s:s + self.batch_size], flip) for s in range(0, len(images), self.batch_size)]
+        return np.concatenate(out, 0)
