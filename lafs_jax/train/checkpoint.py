@@ -6,8 +6,14 @@ Two kinds live here:
   from). Written by the converter and by `export`-style steps; read by every task that initialises a
   backbone. Restoring takes optional abstract targets with shardings, so the arrays land directly on
   the current mesh, whatever device count wrote them.
-- *training checkpoints* (the CheckpointManager wrapper below): the whole train state plus the
-  Grain iterator state, asynchronous, last N kept, resumed automatically.
+- *training checkpoints* (`TrainCheckpointer`, a thin wrapper over orbax's V0 `CheckpointManager`
+  with `args=`): the whole train state (any pytree of arrays: params, optimizer state, step, RNG
+  keys, EMA teacher, DINO centre), the Grain iterator state (through grain's own orbax handler,
+  one JSON file per process) and a JSON metadata dict, asynchronous, last N kept. Layout:
+  DIR/<step>/{state, data, metadata}. Moving to orbax's V1 `training.Checkpointer` later is a
+  change of this file only.
+Nothing here is written by hand beyond the wiring: orbax does the (sharded, async) array I/O and
+the retention, grain the iterator state.
 """
 from __future__ import annotations
 
@@ -15,7 +21,11 @@ import json
 import os
 from typing import Any
 
+import grain
+import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 VARIABLES_ITEM = "variables"
 METADATA_FILE = "metadata.json"
@@ -49,3 +59,148 @@ def load_variables(directory: str, abstract: Any = None) -> tuple[Any, dict]:
     meta_path = os.path.join(directory, METADATA_FILE)
     metadata = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
     return variables, metadata
+
+
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+META_ITEM = "metadata"
+
+
+def to_json_dict(metadata: Any) -> Any:
+    """`metadata` with ConfigDicts turned into plain dicts and tuples into lists (JSON-able)."""
+    if isinstance(metadata, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+        return json.loads(metadata.to_json_best_effort())
+    if isinstance(metadata, dict):
+        return {str(k): to_json_dict(v) for k, v in metadata.items()}
+    if isinstance(metadata, (list, tuple)):
+        return [to_json_dict(v) for v in metadata]
+    return metadata
+
+
+def abstract_like(state: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs of `state` (arrays or structs), with `shardings` (a matching pytree, one
+    sharding for all, or None to keep each array's own sharding) as restore targets."""
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=shardings or getattr(x, "sharding", None)),
+                            state)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+class TrainCheckpointer:
+    """Training checkpoints in `directory`: train state + Grain iterator state + JSON metadata.
+
+    Every process of a multi-process run must make the same calls (orbax synchronises them); each
+    process saves and restores its own iterator state. `save` is asynchronous by default: it returns
+    once the arrays are copied off the devices, and the next `save`, `wait` or `close` waits for the
+    write. The iterator state is taken synchronously at the `save` call.
+
+        ckpt = TrainCheckpointer(workdir + "/checkpoints", keep=3, save_every=1000,
+                                 metadata={"config": config, "normalization": "[-1,1]"})
+        if ckpt.latest_step() is not None:
+            state = ckpt.restore(None, abstract_state, data_iterator=it)
+        ... ckpt.save(step, state, data_iterator=it)   # saves when step % save_every == 0
+        ckpt.save(step, state, data_iterator=it, force=True); ckpt.close()
+    """
+
+    def __init__(self, directory: str, keep: int | None = 3, save_every: int = 1, async_save: bool = True,
+                 metadata: Any = None):
+        """keep: checkpoints kept (the latest ones; None keeps all). save_every: `save` writes only at
+        steps divisible by it unless force=True. metadata: JSON-able dict (ConfigDicts allowed) stored
+        with every checkpoint, e.g. config, input normalisation, colour order."""
+        if keep is not None and keep < 1:
+            raise ValueError(f"TrainCheckpointer(keep={keep}): keep at least 1 checkpoint (or None for all)")
+        if save_every < 1:
+            raise ValueError(f"TrainCheckpointer(save_every={save_every}): must be >= 1")
+        self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
+        self.metadata = to_json_dict(metadata or {})
+        json.dumps(self.metadata)  # fail now, naming nothing hidden, if metadata is not JSON-able
+        policies = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=policies.FixedIntervalPolicy(save_every),
+            preservation_policy=policies.LatestN(keep) if keep is not None else None,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                           DATA_ITEM: grain.checkpoint.CheckpointHandler(),
+                           META_ITEM: ocp.JsonCheckpointHandler()})
+
+    # -- saving ---------------------------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step, ...)` without force would write (step % save_every == 0, newer than the latest)."""
+        return self._manager.should_save(int(step))
+
+    def save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
+        """Save `state` (pytree of jax/numpy arrays) and the iterator's state as checkpoint `step`.
+
+        Returns whether a checkpoint was started. A step that already has a checkpoint is skipped
+        (returns False), so a final forced save after a periodic one at the same step is harmless.
+        """
+        step = int(step)
+        if step in self._manager.all_steps():
+            return False
+        items = {STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(self.metadata)}
+        if data_iterator is not None:
+            items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+
+    # -- reading --------------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        """The newest checkpoint's step, or None when the directory has none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def _step(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no training checkpoint in {self.directory}")
+        elif int(step) not in self._manager.all_steps():
+            raise FileNotFoundError(f"no training checkpoint for step {step} in {self.directory}; "
+                                    f"available steps: {self.all_steps()}")
+        return int(step)
+
+    def restore(self, step: int | None = None, abstract_state: Any = None, data_iterator: Any = None) -> Any:
+        """The train state of checkpoint `step` (None: the latest).
+
+        abstract_state: pytree of jax.ShapeDtypeStruct (with shardings) matching the saved state; the
+        arrays are restored straight into those shardings, whatever mesh / device count wrote them
+        (see `abstract_like`). Without it, arrays come back as orbax stores them.
+        data_iterator: a Grain iterator (DatasetIterator / DataLoaderIterator) whose state is set to
+        the saved one, so its next element is the one that followed the save.
+        """
+        step = self._step(step)
+        items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            if not (self.directory / str(step) / DATA_ITEM).exists():
+                raise FileNotFoundError(f"checkpoint {self.directory / str(step)} holds no data iterator state "
+                                        f"(it was saved without data_iterator=)")
+            items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored[STATE_ITEM]
+
+    def read_metadata(self, step: int | None = None) -> dict:
+        """The metadata dict saved with checkpoint `step` (None: the latest)."""
+        step = self._step(step)
+        return self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release the manager's threads."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "TrainCheckpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
