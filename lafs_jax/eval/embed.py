@@ -71,7 +71,8 @@ class Embedder:
 
     Args:
       model: a Linen module called as `model.apply(variables, images, train=False)`.
-      variables: its variables (params and, for the landmark CNN, batch_stats).
+      variables: its variables (params and, for the landmark CNN, batch_stats); None if every call
+        passes its own (a training loop evaluating its current state).
       image_size: the square input side the model expects (pixels).
       normalization, color_order: as recorded in the checkpoint metadata.
       mesh: the device mesh (default: all devices, pure data parallel).
@@ -87,7 +88,7 @@ class Embedder:
         self.mesh = _mesh_or_default(mesh)
         n = self.mesh.devices.size
         self.batch_size = -(-int(batch_size) // n) * n
-        self.variables = jax.device_put(variables, mesh_lib.replicated(self.mesh))
+        self.variables = None if variables is None else jax.device_put(variables, mesh_lib.replicated(self.mesh))
         self._fns = {}
         for flip in (False, True):
             fn = embedding_function(model, normalization=normalization, color_order=color_order, flip=flip)
@@ -106,8 +107,12 @@ class Embedder:
                    normalization=normalization or meta["normalization"],
                    color_order=color_order or meta["color_order"], mesh=mesh, batch_size=batch_size)
 
-    def embed_batch(self, images: np.ndarray, flip: bool = True) -> np.ndarray:
-        """float32 [b, D] for uint8 [b, H, W, 3] RGB images, b <= batch_size."""
+    def embed_batch(self, images: np.ndarray, flip: bool = True, variables: Any = None) -> np.ndarray:
+        """float32 [b, D] for uint8 [b, H, W, 3] RGB images, b <= batch_size (with `variables`, or the
+        Embedder's own when None)."""
+        variables = self.variables if variables is None else variables
+        if variables is None:
+            raise ValueError("Embedder: no variables (pass variables= or build the Embedder with them)")
         from lafs_jax.train import mesh as mesh_lib
 
         images = np.asarray(images)
@@ -123,10 +128,11 @@ class Embedder:
         padded[:b] = images
         per_process = self.batch_size // jax.process_count()
         local = padded[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
-        out = self._fns[bool(flip)](self.variables, mesh_lib.global_batch(local, self.mesh))
+        out = self._fns[bool(flip)](variables, mesh_lib.global_batch(local, self.mesh))
         return np.asarray(out.addressable_shards[0].data)[:b]
 
-    def embed(self, images: np.ndarray, flip: bool = True) -> np.ndarray:
+    def embed(self, images: np.ndarray, flip: bool = True, variables: Any = None) -> np.ndarray:
         """float32 [N, D] for uint8 [N, H, W, 3] RGB images, in batches of `batch_size`."""
-        out = [self.embed_batch(images[s:s + self.batch_size], flip) for s in range(0, len(images), self.batch_size)]
+        out = [self.embed_batch(images[s:s + self.batch_size], flip, variables)
+               for s in range(0, len(images), self.batch_size)]
         return np.concatenate(out, 0)
