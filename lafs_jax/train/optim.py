@@ -39,8 +39,11 @@ BLOCK_REGEX = r"(?:^|/)(?:block|blocks|layers|encoderblock)_(\d+)(?:/|$)"
 # Patch embedding, class token, positional embedding: layer id 0.
 EMBED_REGEX = (r"(?:^|/)(?:cls|cls_token|pos_embed|pos_embedding|embedding|patch_embed|patch_embedding|"
                r"patch_to_embedding|global_token)(?:/|$)")
-# The landmark CNN of Part fViT (and its output layer): layer id 0, its own weight decay.
+# The landmark CNN of Part fViT (with its output layer): layer id 0.
 LANDMARK_REGEX = r"(?:^|/)landmark_cnn(?:/|$)"
+# Tensors that get landmark_weight_decay: the landmark CNN except its output layer `landmark_head`
+# (official: `stn.*` gets 0.05, the output layer `output_layer.*` the main 0.1).
+LANDMARK_WD_REGEX = r"(?:^|/)landmark_cnn/(?!landmark_head(?:/|$))"
 # DINO head's weight-normalised last layer, frozen during the first epoch(s) of pretraining.
 LAST_LAYER_REGEX = r"(?:^|/)last_layer(?:/|$)"
 # Top-level key of the class-centre matrix in fine-tuning params ({'backbone': ..., 'centers': W}).
@@ -79,7 +82,8 @@ def optim_config(preset: str = "finetune") -> ml_collections.ConfigDict:
     c.weight_decay = 0.04 if pre else 0.1
     c.weight_decay_schedule = "cosine" if pre else "constant"  # 'constant' | 'cosine' (to weight_decay_end)
     c.weight_decay_end = 0.4 if pre else 0.1  # end value of the cosine weight-decay schedule
-    # Fine-tuning: weight decay of the landmark CNN's ndim >= 2 tensors (official 0.05).
+    # Fine-tuning: weight decay of the landmark CNN's ndim >= 2 tensors matching landmark_wd_regex
+    # (official 0.05 on `stn.*`; its output layer keeps weight_decay).
     c.landmark_weight_decay = 0.05
     # Fine-tuning: layer-wise lr decay, lr_scale = layer_decay^(depth + 1 - layer_id). 0.58 is the
     # paper's value and is applied; 1.0 reproduces the official code, which never applies it.
@@ -97,11 +101,12 @@ def optim_config(preset: str = "finetune") -> ml_collections.ConfigDict:
     # Pretraining: epochs during which the params matching last_layer_regex are frozen (official 1).
     c.freeze_last_layer_epochs = 1 if pre else 0
     c.last_layer_regex = LAST_LAYER_REGEX
-    # Layer ids for layer-wise decay (regexes on 'a/b/c' parameter paths): blocks -> index + 1,
-    # embeddings -> 0, landmark CNN -> 0 (and landmark_weight_decay); everything else -> depth + 1.
+    # Layer ids for layer-wise decay (regexes on 'a/b/c' parameter paths): landmark CNN -> 0,
+    # blocks -> index + 1 (group 1 of block_regex), embeddings -> 0; everything else -> depth + 1.
     c.block_regex = BLOCK_REGEX
     c.embed_regex = EMBED_REGEX
     c.landmark_regex = LANDMARK_REGEX
+    c.landmark_wd_regex = LANDMARK_WD_REGEX  # which tensors get landmark_weight_decay
     return c
 
 
@@ -139,7 +144,7 @@ def validate_optim_config(cfg: ml_collections.ConfigDict, prefix: str = "optim")
     check(isinstance(cfg.accum_steps, int) and cfg.accum_steps >= 1, key("accum_steps"), cfg.accum_steps,
           "an int >= 1")
     check(cfg.freeze_last_layer_epochs >= 0, key("freeze_last_layer_epochs"), cfg.freeze_last_layer_epochs, ">= 0")
-    for k in ("last_layer_regex", "block_regex", "embed_regex", "landmark_regex"):
+    for k in ("last_layer_regex", "block_regex", "embed_regex", "landmark_regex", "landmark_wd_regex"):
         try:
             re.compile(cfg[k])
         except re.error as e:
@@ -386,8 +391,8 @@ def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
     The top-level 'centers' subtree is updated by `centers_tx` (required when present; e.g. the
     Partial FC helper's optimizer, built with `schedules(...)['learning_rate']` if it should follow
     the same lr). Everything else: scale_by_adam(b1, b2, eps) -> + weight_decay * p on ndim >= 2
-    non-bias tensors outside the landmark CNN, + landmark_weight_decay * p on the landmark CNN's
-    ndim >= 2 tensors -> x layer_decay^(depth + 1 - layer_id) -> x -lr(step). Clipping (cfg.clip_mode)
+    non-bias tensors, except those matching landmark_wd_regex, which get landmark_weight_decay * p
+    -> x layer_decay^(depth + 1 - layer_id) -> x -lr(step). Clipping (cfg.clip_mode)
     acts on the whole gradient tree first; `accum_steps > 1` wraps all of it in optax.MultiSteps.
     The current lr and weight decay are readable with `current_hyperparams(opt_state)`.
     """
@@ -411,10 +416,10 @@ def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
             groups.append((value, _multiplier_mask(value, cfg.layer_decay, depth, regexes)))
 
     def main_mask(p):
-        return decay_mask(p, exclude_regex=cfg.landmark_regex)
+        return decay_mask(p, exclude_regex=cfg.landmark_wd_regex)
 
     def landmark_mask(p):
-        return decay_mask(p, only_regex=cfg.landmark_regex)
+        return decay_mask(p, only_regex=cfg.landmark_wd_regex)
 
     def backbone_chain(learning_rate, weight_decay, landmark_weight_decay):
         return optax.chain(

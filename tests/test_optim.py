@@ -1,0 +1,426 @@
+"""Optimizers and schedules against hand formulas, NumPy, and torch.optim.AdamW with param groups."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from lafs_jax.config import ConfigError
+from lafs_jax.train import optim
+from lafs_jax.train.mesh import path_str
+
+
+def hand_warmup_cosine(step, peak, total, warmup, floor):
+    if step < warmup:
+        return peak * step / warmup
+    step = min(step, total)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def dino_cosine_table(start, end, total):
+    """DINO utils.cosine_scheduler without warmup, as a NumPy table."""
+    iters = np.arange(total)
+    return end + 0.5 * (start - end) * (1 + np.cos(np.pi * iters / len(iters)))
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules
+# ---------------------------------------------------------------------------------------------
+
+def test_warmup_cosine_values_python_and_jit():
+    peak, total, warmup, floor = 1e-3, 100, 10, 1e-6
+    sched = optim.warmup_cosine(peak, total, warmup, floor)
+    jitted = jax.jit(sched)
+    for s in (0, 1, 5, 9, 10, 11, 37, 55, 99, 100, 150):
+        want = hand_warmup_cosine(s, peak, total, warmup, floor)
+        assert float(sched(s)) == pytest.approx(want, rel=1e-5, abs=1e-12), s
+        assert float(jitted(jnp.int32(s))) == pytest.approx(want, rel=1e-5, abs=1e-12), s
+    assert float(sched(55)) == pytest.approx(floor + (peak - floor) / 2, rel=1e-5)
+
+
+def test_warmup_cosine_matches_torch_cosine_annealing():
+    """After warmup, the official CosineAnnealingLR(T_max = total - warmup, eta_min = floor)."""
+    peak, total, warmup, floor = 2e-3, 40, 8, 1e-5
+    sched = optim.warmup_cosine(peak, total, warmup, floor)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=peak)
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup, eta_min=floor)
+    for s in range(warmup, total + 1):
+        assert float(sched(s)) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-5), s
+        opt.step()
+        cos.step()
+
+
+def test_warmup_cosine_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        optim.warmup_cosine(1.0, 10, 10, 0.0)
+
+
+@pytest.mark.parametrize("start,end", [(0.04, 0.4), (0.996, 1.0), (0.0, 1.0), (0.1, 0.1)])
+def test_cosine_schedule_equals_dino_table(start, end):
+    total = 37
+    sched = optim.cosine_schedule(start, end, total)
+    table = dino_cosine_table(start, end, total)
+    got = np.array([float(sched(s)) for s in range(total)])
+    np.testing.assert_allclose(got, table, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(sched))(jnp.arange(total))), table, rtol=1e-6, atol=1e-7)
+    assert float(sched(total + 5)) == pytest.approx(end)
+
+
+def test_schedules_count_optimizer_updates_with_accumulation():
+    cfg = optim.optim_config("finetune")
+    cfg.epochs, cfg.warmup_epochs, cfg.accum_steps, cfg.lr, cfg.min_lr = 4, 1.0, 3, 1e-3, 1e-6
+    s = optim.schedules(cfg, steps_per_epoch=30)  # 10 optimizer updates per epoch
+    for step in (0, 5, 10, 25, 40):
+        assert float(s["learning_rate"](step)) == pytest.approx(hand_warmup_cosine(step, 1e-3, 40, 10, 1e-6), rel=1e-5)
+    assert float(s["weight_decay"](17)) == pytest.approx(0.1)
+
+
+def test_peak_lr_scaling():
+    cfg = optim.optim_config("pretrain")  # 5e-4 x batch / 256, as the official pretraining
+    assert optim.peak_lr(cfg, 164) == pytest.approx(3.203125e-4)
+    cfg.lr_scaling = "sqrt"
+    assert optim.peak_lr(cfg, 1024) == pytest.approx(1e-3)
+    cfg.lr_scaling = "linear"
+    with pytest.raises(ValueError, match="lr_scaling"):
+        optim.peak_lr(cfg, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter groups
+# ---------------------------------------------------------------------------------------------
+
+def part_fvit_like_params(depth=2, dim=8, key=0):
+    """A params tree with the names of lafs_jax.models (Part fViT + classifier centres), tiny shapes."""
+    rng = np.random.default_rng(key)
+
+    def r(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    vit = {"patch_embedding": {"kernel": r(6, dim), "bias": r(dim)}, "cls_token": r(1, 1, dim),
+           "pos_embedding": r(1, 4, dim), "head_norm": {"scale": r(dim), "bias": r(dim)},
+           "encoder": {f"block_{i}": {"attention_norm": {"scale": r(dim), "bias": r(dim)},
+                                      "attention": {"qkv": {"kernel": r(dim, 3 * dim)},
+                                                    "out": {"kernel": r(dim, dim), "bias": r(dim)}},
+                                      "mlp": {"fc1": {"kernel": r(dim, 2 * dim), "bias": r(2 * dim)}}}
+                       for i in range(depth)}}
+    landmark = {"stem_conv": {"kernel": r(3, 3, 3, 4)}, "stem_bn": {"scale": r(4), "bias": r(4)},
+                "bottleneck_1": {"expand_conv": {"kernel": r(1, 1, 4, 4)}},
+                "landmark_head": {"kernel": r(4, 6), "bias": r(6)}}
+    return {"backbone": {"landmark_cnn": landmark, "vit": vit}, "centers": r(10, dim)}
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("backbone/vit/patch_embedding/kernel", 0),
+    ("backbone/vit/cls_token", 0),
+    ("backbone/vit/pos_embedding", 0),
+    ("backbone/vit/encoder/block_0/attention/qkv/kernel", 1),
+    ("backbone/vit/encoder/block_11/mlp/fc2/bias", 12),
+    ("vit/encoder/layers_4/mlp/kernel", 5),
+    ("backbone/vit/head_norm/scale", 13),
+    ("head/dense_0/kernel", 13),
+    ("backbone/landmark_cnn/stem_conv/kernel", 0),
+    ("backbone/landmark_cnn/block_3/kernel", 0),  # landmark CNN wins over the block pattern
+    ("backbone/landmark_cnn/landmark_head/kernel", 0),
+])
+def test_layer_id_base_depth(path, expected):
+    assert optim.layer_id(path, 12) == expected
+
+
+def test_layer_id_custom_block_regex_and_range_error():
+    assert optim.layer_id("Transformer/encoderblock_2/x", 4, block_regex=r"encoderblock_(\d+)") == 3
+    assert optim.layer_id("t/stage3/x", 4, block_regex=r"stage(\d+)") == 4
+    with pytest.raises(ValueError, match="block_12"):
+        optim.layer_id("vit/block_12/kernel", 12)
+
+
+def test_lr_multipliers_base_depth_12():
+    params = part_fvit_like_params(depth=12, dim=4)["backbone"]
+    assert optim.model_depth(params) == 12
+    mult = optim.lr_multipliers(params, 0.58)
+    flat = {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(mult)[0]}
+    assert flat["vit/cls_token"] == pytest.approx(0.58 ** 13)  # 8.41e-4 as the reference notes
+    assert flat["vit/cls_token"] == pytest.approx(8.41e-4, rel=1e-3)
+    assert flat["landmark_cnn/stem_conv/kernel"] == pytest.approx(0.58 ** 13)
+    for i in range(12):
+        assert flat[f"vit/encoder/block_{i}/attention/qkv/kernel"] == pytest.approx(0.58 ** (12 - i))
+    assert flat["vit/encoder/block_0/attention/qkv/kernel"] == pytest.approx(1.45e-3, rel=2e-3)
+    assert flat["vit/head_norm/scale"] == 1.0
+    ones = optim.lr_multipliers(params, 1.0)
+    assert set(jax.tree.leaves(ones)) == {1.0}
+
+
+def test_decay_masks():
+    params = part_fvit_like_params()
+    flat = {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]}
+    assert flat["backbone/vit/cls_token"] and flat["backbone/vit/pos_embedding"]
+    assert flat["backbone/vit/encoder/block_1/attention/qkv/kernel"]
+    assert not flat["backbone/vit/encoder/block_1/attention/out/bias"]
+    assert not flat["backbone/vit/head_norm/scale"] and not flat["backbone/landmark_cnn/stem_bn/scale"]
+    lm = {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(
+        optim.decay_mask(params, only_regex=optim.LANDMARK_WD_REGEX))[0]}
+    assert lm["backbone/landmark_cnn/stem_conv/kernel"] and lm["backbone/landmark_cnn/bottleneck_1/expand_conv/kernel"]
+    assert not lm["backbone/landmark_cnn/landmark_head/kernel"]  # the output layer keeps the main decay
+    assert not lm["backbone/vit/cls_token"] and not lm["backbone/landmark_cnn/stem_bn/scale"]
+
+
+def test_clip_per_tensor_matches_numpy():
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.normal(size=(5, 3)) * 10, "b": rng.normal(size=(4,)) * 0.01, "c": rng.normal(size=(2, 2, 2))}
+    grads = {k: v.astype(np.float32) for k, v in grads.items()}
+    tx = optim.clip_per_tensor(3.0)
+    got, _ = jax.jit(tx.update)(jax.tree.map(jnp.asarray, grads), tx.init(grads))
+    for k, g in grads.items():
+        norm = np.sqrt((g.astype(np.float64) ** 2).sum())
+        coef = 3.0 / (norm + 1e-6)
+        want = g * coef if coef < 1 else g
+        np.testing.assert_allclose(np.asarray(got[k]), want, rtol=1e-6)
+    assert np.linalg.norm(np.asarray(got["a"])) == pytest.approx(3.0, rel=1e-5)
+    np.testing.assert_array_equal(np.asarray(got["b"]), grads["b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning optimizer vs torch AdamW param groups
+# ---------------------------------------------------------------------------------------------
+
+def torch_finetune_groups(params_np, cfg, depth):
+    """BEiT/MAE-style param_groups_lrd with lr_scale *applied*; the official wd groups."""
+    groups, tensors = [], {}
+    for path, value in params_np.items():
+        t = torch.nn.Parameter(torch.tensor(value, dtype=torch.float64))
+        tensors[path] = t
+        if path.startswith("centers"):
+            continue  # updated by the caller's transform (plain SGD in the test)
+        if value.ndim < 2 or path.endswith("/bias"):
+            wd = 0.0
+        elif path.startswith("backbone/landmark_cnn/") and "landmark_head" not in path:
+            wd = cfg.landmark_weight_decay
+        else:
+            wd = cfg.weight_decay
+        scale = cfg.layer_decay ** (depth + 1 - optim.layer_id(path, depth))
+        groups.append({"params": [t], "weight_decay": wd, "lr_scale": scale, "name": path})
+    return groups, tensors
+
+
+@pytest.mark.parametrize("layer_decay", [0.58, 1.0])
+def test_finetune_optimizer_equals_torch_adamw_groups(layer_decay):
+    depth, steps_per_epoch, n_steps = 2, 2, 5
+    cfg = optim.optim_config("finetune")
+    cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.min_lr, cfg.layer_decay = 4, 1.0, 1e-2, 1e-4, layer_decay
+    params = part_fvit_like_params(depth=depth)
+    centers_lr = 0.5
+    tx = optim.finetune_optimizer(params, cfg, steps_per_epoch, centers_tx=optax.sgd(centers_lr))
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+
+    params_np = {path_str(kp): np.asarray(v, np.float64) for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    groups, tensors = torch_finetune_groups(params_np, cfg, depth)
+    topt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
+    rng = np.random.default_rng(1)
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    for k in range(n_steps):
+        grads_np = {p: rng.normal(size=v.shape) for p, v in params_np.items()}
+        grads = jax.tree_util.tree_unflatten(jax.tree.structure(params),
+                                             [jnp.asarray(grads_np[path_str(kp)], jnp.float32)
+                                              for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]])
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        lr_k = hand_warmup_cosine(k, cfg.lr, total, warmup, cfg.min_lr)
+        assert float(optim.current_hyperparams(state)["learning_rate"]) == pytest.approx(lr_k, rel=1e-5)
+        for g in topt.param_groups:
+            g["lr"] = lr_k * g["lr_scale"]
+        for path, t in tensors.items():
+            t.grad = torch.tensor(grads_np[path], dtype=torch.float64)
+        topt.step()
+        with torch.no_grad():
+            tensors["centers"] -= centers_lr * tensors["centers"].grad
+    got = {path_str(kp): np.asarray(v) for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, t in tensors.items():
+        np.testing.assert_allclose(got[path], t.detach().numpy(), rtol=2e-5, atol=2e-6, err_msg=path)
+    # the groups really differ: an early block moved far less than the head under decay 0.58
+    moved = {p: np.abs(got[p] - params_np[p]).mean() for p in got}
+    ratio = moved["backbone/vit/encoder/block_0/attention/qkv/kernel"] / moved["backbone/vit/head_norm/bias"]
+    if layer_decay == 1.0:
+        assert 0.3 < ratio < 3
+    else:
+        assert ratio < 0.58 ** 2 * 3
+
+
+def test_finetune_optimizer_requires_centers_tx_and_valid_config():
+    params = part_fvit_like_params()
+    cfg = optim.optim_config()
+    with pytest.raises(ValueError, match="centers"):
+        optim.finetune_optimizer(params, cfg, 10)
+    with pytest.raises(ValueError, match="centers"):
+        optim.finetune_optimizer(params["backbone"], cfg, 10, centers_tx=optax.sgd(1.0))
+    cfg.clip_mode = "tensor"
+    with pytest.raises(ConfigError, match=r"optim\.clip_mode"):
+        optim.finetune_optimizer(params, cfg, 10, centers_tx=optax.sgd(1.0))
+    cfg = optim.optim_config()
+    cfg.block_regex = r"nothing_(\d+)"
+    with pytest.raises(ValueError, match="block regex"):
+        optim.finetune_optimizer(params, cfg, 10, centers_tx=optax.sgd(1.0))
+    cfg = optim.optim_config()
+    cfg.warmup_epochs = 40.0
+    with pytest.raises(ConfigError, match=r"optim\.warmup_epochs"):
+        optim.finetune_optimizer(params, cfg, 10, centers_tx=optax.sgd(1.0))
+
+
+def test_gradient_accumulation_equals_big_batch_step():
+    """3 micro-batches with MultiSteps == one update with the mean gradient (the big batch)."""
+    cfg = optim.optim_config()
+    cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.clip_mode = 3, 1.0, 1e-2, "global_norm"
+    cfg.clip_norm = 0.5  # active: the mean gradient's norm is above it
+    rng = np.random.default_rng(0)
+    params = part_fvit_like_params(depth=2)["backbone"]
+    x = jnp.asarray(rng.normal(size=(12, 6)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(12, 8)), jnp.float32)
+
+    def loss(p, xb, yb):
+        h = xb @ p["vit"]["patch_embedding"]["kernel"] + p["vit"]["patch_embedding"]["bias"]
+        h = h @ p["vit"]["encoder"]["block_1"]["attention"]["out"]["kernel"] * p["vit"]["head_norm"]["scale"]
+        return jnp.mean((h - yb) ** 2) + 1e-3 * sum(jnp.sum(v ** 2) for v in jax.tree.leaves(p))
+
+    grad = jax.jit(jax.grad(loss))
+    big = optim.finetune_optimizer(params, cfg, steps_per_epoch=4)
+    cfg_acc = optim.optim_config()
+    cfg_acc.update(cfg.to_dict())
+    cfg_acc.accum_steps = 3
+    small = optim.finetune_optimizer(params, cfg_acc, steps_per_epoch=12)  # same 4 updates per epoch
+    p_big, s_big = params, big.init(params)
+    p_small, s_small = params, small.init(params)
+    big_update, small_update = jax.jit(big.update), jax.jit(small.update)
+    for update_index in range(3):
+        g = grad(p_big, x, y)  # the big batch: all 12 examples; below the same 12 in 3 micro-batches of 4
+        u, s_big = big_update(g, s_big, p_big)
+        p_big = jax.tree.map(jnp.add, p_big, u)
+        for m in range(3):
+            before = p_small
+            g = grad(p_small, x[4 * m:4 * m + 4], y[4 * m:4 * m + 4])
+            u, s_small = small_update(g, s_small, p_small)
+            p_small = jax.tree.map(jnp.add, p_small, u)
+            if m < 2:  # no parameter change before the 3rd micro-batch
+                jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), before, p_small)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
+                     p_big, p_small)
+    assert update_index == 2 and float(optim.current_hyperparams(s_small)["learning_rate"]) > 0
+
+
+def test_finetune_optimizer_on_sharded_params():
+    """jit with params sharded over 8 devices: the optimizer state follows the parameter shardings."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from lafs_jax.train import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh(None)
+    params = part_fvit_like_params()
+    params = jax.device_put(params, jax.tree.map(lambda _: NamedSharding(mesh, P()), params))
+    params["centers"] = jax.device_put(jnp.zeros((16, 8)), NamedSharding(mesh, P(("data", "model"))))
+    tx = optim.finetune_optimizer(params, optim.optim_config(), 4, centers_tx=optax.adam(1e-3))
+    state = jax.jit(tx.init)(params)
+    updates, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
+    assert updates["centers"].sharding.is_equivalent_to(params["centers"].sharding, 2)
+    assert not updates["centers"].sharding.is_fully_replicated
+    assert np.isfinite(np.asarray(updates["centers"])).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# pretraining optimizer vs DINO's torch loop (clip_gradients, cancel_gradients_last_layer, AdamW)
+# ---------------------------------------------------------------------------------------------
+
+def student_like_params(key=0):
+    rng = np.random.default_rng(key)
+
+    def r(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    return {"backbone": {"patch_embedding": {"kernel": r(6, 8), "bias": r(8)}, "cls_token": r(1, 1, 8),
+                         "encoder": {"block_0": {"mlp": {"fc1": {"kernel": r(8, 8), "bias": r(8)}}}},
+                         "head_norm": {"scale": r(8), "bias": r(8)}},
+            "head": {"dense_0": {"kernel": r(8, 8), "bias": r(8)}, "last_layer": {"kernel": r(8, 12)}}}
+
+
+@pytest.mark.parametrize("clip_mode", ["per_tensor", "global_norm"])
+def test_pretrain_optimizer_equals_dino_torch_loop(clip_mode):
+    steps_per_epoch, n_steps = 3, 8
+    cfg = optim.optim_config("pretrain")
+    cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.clip_mode, cfg.clip_norm = 4, 1.0, 5e-2, clip_mode, 3.0
+    params = student_like_params()
+    tx = optim.pretrain_optimizer(params, cfg, steps_per_epoch, global_batch_size=512)  # peak 1e-1
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+
+    total, warmup, peak = cfg.epochs * steps_per_epoch, steps_per_epoch, 0.1
+    wd_table = dino_cosine_table(cfg.weight_decay, cfg.weight_decay_end, total)
+    flat0 = {path_str(kp): np.asarray(v, np.float64) for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    tensors = {p: torch.nn.Parameter(torch.tensor(v)) for p, v in flat0.items()}
+    regularized = [t for p, t in tensors.items() if not p.endswith("bias") and t.ndim > 1]
+    not_regularized = [t for p, t in tensors.items() if p.endswith("bias") or t.ndim <= 1]
+    topt = torch.optim.AdamW([{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}],
+                             betas=(0.9, 0.999), eps=1e-8)
+    rng = np.random.default_rng(2)
+    history = []
+    for it in range(n_steps):
+        grads_np = {p: rng.normal(size=v.shape) * 3 for p, v in flat0.items()}
+        grads = jax.tree_util.tree_unflatten(jax.tree.structure(params), [
+            jnp.asarray(grads_np[path_str(kp)], jnp.float32) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]])
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        history.append(np.asarray(params["head"]["last_layer"]["kernel"]))
+        hp = optim.current_hyperparams(state)
+        assert float(hp["weight_decay"]) == pytest.approx(wd_table[it], rel=1e-5)
+        # the DINO loop, in torch
+        for i, g in enumerate(topt.param_groups):
+            g["lr"] = hand_warmup_cosine(it, peak, total, warmup, cfg.min_lr)
+            if i == 0:
+                g["weight_decay"] = wd_table[it]
+        for p, t in tensors.items():
+            t.grad = torch.tensor(grads_np[p])
+        if clip_mode == "per_tensor":  # utils.clip_gradients
+            for t in tensors.values():
+                coef = 3.0 / (t.grad.norm(2) + 1e-6)
+                if coef < 1:
+                    t.grad.mul_(coef)
+        else:
+            torch.nn.utils.clip_grad_norm_(list(tensors.values()), 3.0)
+        if it < steps_per_epoch:  # cancel_gradients_last_layer in epoch 0
+            tensors["head/last_layer/kernel"].grad = None
+        topt.step()
+    got = {path_str(kp): np.asarray(v) for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for p, t in tensors.items():
+        # float32 (optax) vs float64 (torch) over 8 steps of size ~lr = 0.1
+        np.testing.assert_allclose(got[p], t.detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=p)
+    # frozen during epoch 0 (bit-identical), moving afterwards
+    for it in range(steps_per_epoch):
+        np.testing.assert_array_equal(history[it], np.asarray(flat0["head/last_layer/kernel"], np.float32))
+    assert np.abs(history[steps_per_epoch] - history[steps_per_epoch - 1]).max() > 1e-3
+
+
+def test_pretrain_optimizer_errors_name_config_keys():
+    params = student_like_params()
+    cfg = optim.optim_config("pretrain")
+    cfg.last_layer_regex = "no_such_layer"
+    with pytest.raises(ConfigError, match=r"optim\.last_layer_regex"):
+        optim.pretrain_optimizer(params, cfg, 3, global_batch_size=64)
+    cfg = optim.optim_config("pretrain")
+    cfg.layer_decay = 0.5
+    with pytest.raises(ConfigError, match=r"optim\.layer_decay"):
+        optim.pretrain_optimizer(params, cfg, 3, global_batch_size=64)
+    cfg = optim.optim_config("pretrain")
+    with pytest.raises(ValueError, match="global batch"):
+        optim.pretrain_optimizer(params, cfg, 3)
+
+
+def test_optim_config_presets_have_same_fields_and_validate():
+    a, b = optim.optim_config("finetune"), optim.optim_config("pretrain")
+    assert set(a.keys()) == set(b.keys())
+    optim.validate_optim_config(a)
+    optim.validate_optim_config(b)
+    assert (a.layer_decay, a.weight_decay, a.landmark_weight_decay, a.min_lr) == (0.58, 0.1, 0.05, 1e-6)
+    assert (b.weight_decay, b.weight_decay_end, b.clip_mode, b.clip_norm, b.freeze_last_layer_epochs) == (
+        0.04, 0.4, "per_tensor", 3.0, 1)
+    with pytest.raises(ValueError, match="preset"):
+        optim.optim_config("other")
