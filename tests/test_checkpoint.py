@@ -1,0 +1,145 @@
+"""Training checkpoints (orbax + Grain iterator state) and variables directories, on 8 CPU devices."""
+import json
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lafs_jax.train import checkpoint as ckpt_lib
+from lafs_jax.train import mesh as mesh_lib
+from lafs_jax.train.checkpoint import TrainCheckpointer, abstract_like
+
+
+def train_state(mesh, seed=0):
+    """params (one tensor sharded by rows), Adam state, step, typed and raw PRNG keys, an EMA centre."""
+    rng = np.random.default_rng(seed)
+    params = {"w": jnp.asarray(rng.normal(size=(16, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+    rows, rep = NamedSharding(mesh, P(mesh.axis_names)), NamedSharding(mesh, P())
+    params = {"w": jax.device_put(params["w"], rows), "b": jax.device_put(params["b"], rep)}
+    opt_state = optax.adamw(1e-3).init(params)
+    opt_state = jax.tree.map(lambda x: jax.device_put(x, rows if x.shape == (16, 4) else rep), opt_state)
+    return {"params": params, "opt_state": opt_state, "step": jnp.int32(7 + seed), "rng": jax.random.key(seed),
+            "raw_rng": jax.random.PRNGKey(seed + 1), "center": jnp.full((1, 5), 0.5 + seed, jnp.float32)}
+
+
+def assert_trees_equal(a, b):
+    a = jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, a)
+    b = jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def iterator(seed=3):
+    """A real Grain MapDataset pipeline: shuffle, random map, batch, iterate."""
+    ds = (grain.MapDataset.range(64).seed(seed).shuffle()
+          .random_map(lambda x, rng: (x, int(rng.integers(0, 1000))))
+          .batch(4, drop_remainder=True))
+    return iter(ds.to_iter_dataset())
+
+
+def test_round_trip_sharded_state(tmp_path):
+    mesh = mesh_lib.make_mesh(None)
+    state = train_state(mesh)
+    with TrainCheckpointer(str(tmp_path / "ckpt"), keep=2, save_every=1) as ck:
+        assert ck.save(7, state)
+    restored = TrainCheckpointer(str(tmp_path / "ckpt")).restore(7, abstract_like(state))
+    assert_trees_equal(state, restored)
+    assert restored["params"]["w"].sharding.is_equivalent_to(state["params"]["w"].sharding, 2)
+    assert restored["opt_state"][0].mu["w"].sharding.is_equivalent_to(state["params"]["w"].sharding, 2)
+    assert jnp.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(np.asarray(jax.random.normal(restored["rng"], (3,))),
+                                  np.asarray(jax.random.normal(state["rng"], (3,))))
+
+
+def test_restore_onto_4_devices_from_8(tmp_path):
+    state = train_state(mesh_lib.make_mesh(None), seed=1)
+    with TrainCheckpointer(str(tmp_path), keep=1) as ck:
+        ck.save(1, state)
+    mesh4 = mesh_lib.make_mesh(None, devices=jax.devices()[:4])
+    rows4, rep4 = NamedSharding(mesh4, P(mesh4.axis_names)), NamedSharding(mesh4, P())
+    shardings = jax.tree.map(lambda x: rows4 if x.shape == (16, 4) else rep4, state)
+    with TrainCheckpointer(str(tmp_path)) as ck:
+        restored = ck.restore(None, abstract_like(state, shardings))
+    assert_trees_equal(state, restored)
+    w = restored["params"]["w"]
+    assert len(w.sharding.device_set) == 4 and w.addressable_shards[0].data.shape == (4, 4)
+    assert restored["step"].sharding.device_set == set(jax.devices()[:4])
+
+
+def test_iterator_state_restored_gives_same_next_elements(tmp_path):
+    it = iterator()
+    for _ in range(3):
+        next(it)
+    state = {"step": jnp.int32(3)}
+    with TrainCheckpointer(str(tmp_path), async_save=True) as ck:
+        ck.save(3, state, data_iterator=it)
+        expected = [next(it) for _ in range(4)]  # consumed while the save may still be writing
+    fresh = iterator()
+    assert not np.array_equal(next(iterator())[0], expected[0][0])  # a new iterator starts elsewhere
+    with TrainCheckpointer(str(tmp_path)) as ck:
+        ck.restore(3, abstract_like(state), data_iterator=fresh)
+    for want in expected:
+        got = next(fresh)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_keep_last_n_save_every_and_restart(tmp_path):
+    mesh = mesh_lib.make_mesh(None)
+    directory = str(tmp_path / "ck")
+    config = ml_collections.ConfigDict({"model": {"dim": 8, "kind": "part_fvit"}, "crop": (112, 112)})
+    metadata = {"config": config, "normalization": "[-1,1]", "color_order": "rgb"}
+    ck = TrainCheckpointer(directory, keep=2, save_every=2, metadata=metadata)
+    saved = [s for s in range(1, 8) if ck.save(s, train_state(mesh, seed=s))]
+    assert saved == [2, 4, 6]
+    assert not ck.should_save(7) and ck.should_save(8)
+    assert ck.save(7, train_state(mesh, seed=7), force=True)  # e.g. on SIGTERM
+    assert not ck.save(7, train_state(mesh, seed=7), force=True)  # the same step again is skipped
+    ck.close()
+    assert sorted(int(d) for d in os.listdir(directory) if d.isdigit()) == [6, 7]
+
+    again = TrainCheckpointer(directory, keep=2, save_every=2)  # a restarted run
+    assert again.latest_step() == 7 and again.all_steps() == [6, 7]
+    template = train_state(mesh)
+    assert_trees_equal(again.restore(None, abstract_like(template)), train_state(mesh, seed=7))
+    assert_trees_equal(again.restore(6, abstract_like(template)), train_state(mesh, seed=6))
+    meta = again.read_metadata()
+    assert meta == {"config": {"model": {"dim": 8, "kind": "part_fvit"}, "crop": [112, 112]},
+                    "normalization": "[-1,1]", "color_order": "rgb"}
+    assert again.read_metadata(6) == meta
+    with pytest.raises(FileNotFoundError, match="step 2"):
+        again.restore(2, abstract_like(template))
+    with pytest.raises(FileNotFoundError, match="data iterator"):
+        again.restore(7, abstract_like(template), data_iterator=iterator())
+    again.close()
+
+
+def test_empty_directory_and_bad_arguments(tmp_path):
+    with TrainCheckpointer(str(tmp_path / "empty")) as ck:
+        assert ck.latest_step() is None
+        with pytest.raises(FileNotFoundError, match="no training checkpoint"):
+            ck.restore()
+    with pytest.raises(ValueError, match="keep"):
+        TrainCheckpointer(str(tmp_path / "x"), keep=0)
+    with pytest.raises(TypeError):
+        TrainCheckpointer(str(tmp_path / "y"), metadata={"f": object()})
+
+
+def test_variables_directory_round_trip(tmp_path):
+    mesh = mesh_lib.make_mesh(None)
+    variables = {"params": train_state(mesh)["params"], "batch_stats": {"mean": jnp.arange(3.0)}}
+    ckpt_lib.save_variables(str(tmp_path / "v"), variables, {"kind": "part_fvit", "normalization": "[-1,1]"})
+    assert json.load(open(tmp_path / "v" / "metadata.json"))["kind"] == "part_fvit"
+    mesh4 = mesh_lib.make_mesh(None, devices=jax.devices()[4:])
+    loaded, meta = ckpt_lib.load_variables(str(tmp_path / "v"), abstract_like(variables, NamedSharding(mesh4, P())))
+    assert meta["normalization"] == "[-1,1]"
+    assert_trees_equal(variables, loaded)
+    assert loaded["params"]["w"].sharding.device_set == set(jax.devices()[4:])
+    with pytest.raises(FileNotFoundError, match="save_variables"):
+        ckpt_lib.load_variables(str(tmp_path / "missing"))
