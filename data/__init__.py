@@ -1,0 +1,1 @@
+"""Data set preparation: `python -m data.prepare <command>` (see data/README.md)."""
