@@ -143,3 +143,42 @@ def test_variables_directory_round_trip(tmp_path):
     assert loaded["params"]["w"].sharding.device_set == set(jax.devices()[4:])
     with pytest.raises(FileNotFoundError, match="save_variables"):
         ckpt_lib.load_variables(str(tmp_path / "missing"))
+
+
+def test_optimizer_states_of_the_builders_resume_exactly(tmp_path):
+    """finetune (partition + masks + MultiSteps + injected centres optimizer) and pretrain (frozen
+    last layer) states survive save/restore: the resumed updates equal the uninterrupted ones."""
+    from lafs_jax.train import optim
+
+    rng = np.random.default_rng(0)
+    params = {"backbone": {"vit": {"cls_token": jnp.asarray(rng.normal(size=(1, 1, 4)), jnp.float32),
+                                   "encoder": {"block_0": {"mlp": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}},
+                                   "head_norm": {"scale": jnp.ones(4)}}},
+              "centers": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}
+    cfg = optim.optim_config("finetune")
+    cfg.accum_steps, cfg.epochs, cfg.warmup_epochs = 2, 3, 1.0
+    centers_tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
+    ft = optim.finetune_optimizer(params, cfg, 4, centers_tx=centers_tx)
+    student = {"body": {"kernel": jnp.ones((4, 4))}, "head": {"last_layer": {"kernel": jnp.ones((4, 3))}}}
+    pt = optim.pretrain_optimizer(student, optim.optim_config("pretrain"), 2, global_batch_size=256)
+    grads = [jax.tree.map(lambda x, i=i: jnp.full_like(x, 0.1 * (i + 1)), (params, student)) for i in range(6)]
+
+    def run(state, grads_seq):
+        upd_ft, upd_pt = jax.jit(ft.update), jax.jit(pt.update)
+        for g in grads_seq:
+            (p, s), (q, t) = state["ft"], state["pt"]
+            u, s = upd_ft(g[0], s, p)
+            v, t = upd_pt(g[1], t, q)
+            state = {"ft": (optax.apply_updates(p, u), s), "pt": (optax.apply_updates(q, v), t)}
+        return state
+
+    start = {"ft": (params, ft.init(params)), "pt": (student, pt.init(student))}
+    straight = run(start, grads)
+    half = run(start, grads[:3])
+    with TrainCheckpointer(str(tmp_path)) as ck:
+        ck.save(3, half)
+    with TrainCheckpointer(str(tmp_path)) as ck:
+        resumed = run(ck.restore(3, abstract_like(half)), grads[3:])
+    assert_trees_equal(straight, resumed)
+    hp = optim.current_hyperparams(resumed["ft"][1])
+    assert set(hp) >= {"learning_rate", "weight_decay", "centers/learning_rate", "momentum"}

@@ -173,7 +173,9 @@ def warmup_cosine(peak: float, total_steps: int, warmup_steps: int, floor: float
 
     value(s) = peak * s / warmup_steps                                    for s < warmup_steps
              = floor + (peak - floor) * (1 + cos(pi * (s - w) / (T - w))) / 2   for w <= s <= T
-    (torch's GradualWarmupScheduler + CosineAnnealingLR; DINO's numpy table within one step).
+    This is the official fine-tuning's GradualWarmupScheduler + CosineAnnealingLR. DINO's numpy
+    table (`cosine_scheduler`) has the same cosine part; its warmup is linspace(0, peak, w), which
+    reaches the peak one step earlier (peak * s / (w - 1)).
     """
     total_steps, warmup_steps = int(total_steps), int(warmup_steps)
     if warmup_steps < 0 or total_steps <= warmup_steps:
