@@ -1,0 +1,124 @@
+"""The 'evaluate' task on a tiny backbone: .bin verification, IJB, export; config errors name the key."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import evaluate as evaluate_recipe
+from lafs_jax.config import ConfigError
+from lafs_jax.eval import embed, evaluate, export, ijb, verification
+from lafs_jax.input.synthetic import face_like_image
+from lafs_jax.input.verification_bin import save_bin
+from lafs_jax.models import presets
+from lafs_jax.train import checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    """A randomly initialised tiny Part fViT saved as fine-tuning saves its backbone."""
+    d = str(tmp_path_factory.mktemp("backbone") / "backbone")
+    cfg = presets.model_config("tiny")
+    variables = jax.jit(lambda k: presets.init_variables(cfg, k))(jax.random.key(0))
+    checkpoint.save_variables(d, variables, {"model": checkpoint.to_json_dict(cfg), "normalization": "[-1,1]",
+                                             "color_order": "rgb", "image_size": 112})
+    return d, cfg, variables
+
+
+def _write_bin(path, pairs=6):
+    images, issame = [], []
+    for k in range(pairs):
+        same = k % 2 == 0
+        images += [face_like_image(k, 0), face_like_image(k if same else k + 50, 1)]
+        issame.append(same)
+    save_bin(path, np.stack(images), issame)
+
+
+def _write_ijb(root):
+    """4 templates (2 identities x 2), 1-2 images each, all pairs; faces already in template position."""
+    os.makedirs(os.path.join(root, "meta"))
+    os.makedirs(os.path.join(root, "loose_crop"))
+    tm, lm, img = [], [], 0
+    for t in range(4):
+        for j in range(1 + t % 2):
+            img += 1
+            Image.fromarray(face_like_image(t // 2, img)).save(os.path.join(root, "loose_crop", f"{img}.png"))
+            tm.append(f"{img}.png {t + 1} {10 * (t + 1) + j}")
+            lm.append(f"{img}.png " + " ".join(f"{v:.4f}" for v in ijb.ARCFACE_TEMPLATE.reshape(-1)) + " 0.9")
+    pairs = [f"{a} {b} {int((a - 1) // 2 == (b - 1) // 2)}" for a in range(1, 5) for b in range(a + 1, 5)]
+    for name, rows in (("face_tid_mid", tm), ("name_5pts_score", lm), ("template_pair_label", pairs)):
+        open(os.path.join(root, "meta", f"ijbc_{name}.txt"), "w").write("\n".join(rows) + "\n")
+
+
+def test_evaluate_task_matches_direct_computation(tmp_path, tiny_backbone):
+    backbone, cfg, variables = tiny_backbone
+    bin_path = str(tmp_path / "pairs.bin")
+    _write_bin(bin_path)
+    _write_ijb(str(tmp_path / "IJBC"))
+    config = evaluate_recipe.get_config("tiny")
+    config.evaluate.checkpoint = backbone
+    config.evaluate.bins = (bin_path,)
+    config.evaluate.ijbc_root = str(tmp_path / "IJBC")
+    config.evaluate.batch_size = 8
+    config.evaluate.nfolds = 3
+    out = evaluate.run(config, str(tmp_path / "work"))
+
+    # Independent computation: the plain (unsharded, unpadded) embedding function on the same images.
+    model = presets.build_model(cfg)
+    fn = jax.jit(embed.embedding_function(model, flip=True))
+    from lafs_jax.input.verification_bin import load_bin
+
+    images, issame = load_bin(bin_path, 112)
+    want = verification.evaluate_pairs_embeddings(np.asarray(fn(variables, images)), issame, nfolds=3)
+    got = json.load(open(tmp_path / "work" / "verification.json"))["pairs"]
+    np.testing.assert_allclose(got["fold_accuracies"], want["fold_accuracies"], atol=1e-12)
+    assert "| pairs | 6 |" in open(tmp_path / "work" / "verification.md").read()
+
+    want_ijb = ijb.evaluate_target(lambda b, flip: np.asarray(fn(variables, b)), str(tmp_path / "IJBC"), "IJBC",
+                                   batch_size=3)
+    for far, tar in want_ijb["tar_at_far"].items():
+        assert out["ijb"]["IJBC"][f"{far:g}"] == pytest.approx(tar, abs=1e-12)
+    assert os.path.isfile(tmp_path / "work" / "ijb_roc.png")
+
+    assert out["export"]["max_abs_diff"] < 1e-3
+    _, meta = export.load_exported(out["export"]["path"])
+    assert meta["normalization"] == "[-1,1]" and meta["flip"] is True and meta["input_shape"][0] == "b"
+
+
+def test_metadata_override_changes_the_input_range(tmp_path, tiny_backbone):
+    backbone, cfg, variables = tiny_backbone
+    e = embed.Embedder.from_variables_dir(backbone, normalization="[-0.5,0.5]", batch_size=8)
+    assert (e.normalization, e.color_order, e.image_size) == ("[-0.5,0.5]", "rgb", 112)
+    images = np.stack([face_like_image(1, i) for i in range(2)])
+    model = presets.build_model(cfg)
+    x = images.astype(np.float32) / 255.0 - 0.5
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+    want = apply(variables, x) + apply(variables, x[:, :, ::-1])
+    np.testing.assert_allclose(e.embed(images), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_config_errors_name_the_key(tmp_path, tiny_backbone):
+    backbone, _, _ = tiny_backbone
+    config = evaluate_recipe.get_config("tiny")
+    with pytest.raises(ConfigError, match=r"evaluate\.checkpoint"):
+        evaluate.validate(config, str(tmp_path / "empty"))
+    config.evaluate.checkpoint = backbone
+    with pytest.raises(ConfigError, match=r"evaluate\.bins\[0\]"):
+        config.evaluate.bins = (str(tmp_path / "missing.bin"),)
+        evaluate.validate(config, str(tmp_path))
+    config.evaluate.bins = ()
+    config.evaluate.normalization = "[0,1]"
+    with pytest.raises(ConfigError, match=r"evaluate\.normalization"):
+        evaluate.validate(config, str(tmp_path))
+    config.evaluate.normalization = ""
+    config.evaluate.ijbb_root = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"evaluate\.ijbb_root"):
+        evaluate.validate(config, str(tmp_path))
+    config.evaluate.ijbb_root = ""
+    config.evaluate.export = False
+    with pytest.raises(ConfigError, match="nothing to do"):
+        evaluate.validate(config, str(tmp_path))
+    with pytest.raises(ValueError, match="unknown variant"):
+        evaluate_recipe.get_config("huge")
