@@ -86,8 +86,8 @@ def adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
     """Rotate the hue by hue_factor (in [-0.5, 0.5] of a full turn), as torchvision's PIL path."""
     h, s, v = image.convert("HSV").split()
     shift = int(hue_factor * 255)  # C cast semantics: truncation towards zero
-    np_h = ((np.asarray(h, np.int16) + shift) % 256).astype(np.uint8)
-    return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert("RGB")
+    h = h.point([(i + shift) % 256 for i in range(256)])  # uint8 hue wraps around
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
 
 
 def color_jitter(image: Image.Image, rng: np.random.Generator, brightness: float = 0.0, contrast: float = 0.0,
