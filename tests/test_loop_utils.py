@@ -1,6 +1,5 @@
 """Metric writer (TensorBoard events + jsonl), progress / ETA, step timer, NaN guard, SIGTERM guard."""
 import glob
-import json
 import math
 import os
 import signal
