@@ -1,0 +1,281 @@
+"""Model sizes as ml_collections presets, and the builders that turn a model config into Linen modules.
+
+Recipes embed `model_config(preset)` as `config.model` and may override any field; the builders read
+only these fields. `validate_model_config` raises lafs_jax.config.ConfigError naming `config.model.<key>`.
+
+Presets:
+  tiny          CPU tests and the demo on 112x112 faces: 49 landmarks, 4-block landmark trunk,
+                ViT dim 96 / depth 2 / 3 heads x 32 (231,226 parameters).
+  small         ViT-S-like Part fViT: full MobileNetV3 trunk, 196 landmarks, dim 384, depth 12, 6 x 64.
+  base          the official Part fViT: 196 landmarks, dim 768, depth 12, 11 heads x 64, MLP 2048,
+                patch 8; 66,955,616 parameters without a classifier (ViT 64,082,688, trunk 2,809,816).
+  insightface_t / insightface_s / insightface_b
+                InsightFace ViT-T/S/B as LVFace uses them (patch 9, no class token, ReLU6, mask 0.1).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lafs_jax.config import ConfigError, check
+from lafs_jax.models.heads import DINOHead
+from lafs_jax.models.landmarks import MOBILENET_V3_LARGE, LandmarkCNN, check_blocks
+from lafs_jax.models.part_fvit import PartFViT
+from lafs_jax.models.vit import (ACTIVATIONS, ATTENTION_SCALES, DROP_PATH_SCHEDULES, FViT, InsightFaceViT,
+                                 TokenViT)
+
+KINDS = ("part_fvit", "fvit", "insightface_vit")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PRESETS = ("tiny", "small", "base", "insightface_t", "insightface_s", "insightface_b")
+
+# A 4-block trunk for 112x112 inputs: 56 -> 28 -> 14 -> 7 -> 4, like the large trunk's resolution path.
+TINY_LANDMARK_BLOCKS = (
+    (3, 16, 16, False, "RE", 2),
+    (3, 48, 24, False, "RE", 2),
+    (5, 72, 40, True, "HS", 2),
+    (5, 96, 48, True, "HS", 2),
+)
+
+
+def _base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.preset = "base"  # the preset these values started from (informational)
+    c.kind = "part_fvit"  # 'part_fvit' (landmark patches) | 'fvit' (grid patches) | 'insightface_vit' (LVFace)
+    c.image_size = 112  # input side in pixels (square images)
+    c.channels = 3  # input channels
+    c.patch_size = 8  # P: patch side in pixels; tokens are P*P*channels long
+    c.num_landmarks = 196  # R: landmarks = tokens of Part fViT (fViT uses (image_size // patch_size)**2)
+    c.dim = 768  # transformer width D (= the embedding size of Part fViT / fViT)
+    c.depth = 12  # transformer blocks
+    c.heads = 11  # attention heads
+    c.head_dim = 64  # width per head; heads * head_dim may differ from dim (official 704 vs 768)
+    c.mlp_dim = 2048  # hidden width of the transformer MLP
+    c.attention_scale = "dim"  # 'dim': dim**-0.5 (official fViT) | 'head_dim': head_dim**-0.5
+    c.mlp_activation = "gelu"  # 'gelu' exact erf (official) | 'gelu_tanh' | 'relu6' (InsightFace)
+    c.layer_norm_eps = 1e-5  # LayerNorm epsilon (torch default)
+    c.drop_path_rate = 0.1  # stochastic depth rate per residual branch
+    c.drop_path_schedule = "constant"  # 'constant' (official: every block the same) | 'linear' (0 -> rate)
+    c.dropout = 0.1  # dropout after attention output and in the MLP
+    c.emb_dropout = 0.1  # dropout after adding the position embeddings
+    c.qkv_bias = False  # bias in the packed q|k|v projection
+    c.pool = "cls"  # 'cls' class token (official) | 'mean' over all tokens
+    c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' | 'float16'; parameters stay float32
+    c.attention_implementation = ""  # '' or 'xla' (portable) | 'cudnn' (GPU fused attention)
+
+    c.landmark = ml_collections.ConfigDict()
+    # bottleneck table: (kernel, expansion, out channels, squeeze-excite, 'RE'|'HS', stride) per block
+    c.landmark.blocks = MOBILENET_V3_LARGE
+    c.landmark.stem_features = 16  # channels of the 3x3/2 stem convolution
+    c.landmark.dropout = 0.5  # dropout before the landmark Linear
+    c.landmark.bn_momentum = 0.9  # BatchNorm running-average momentum (torch momentum 0.1)
+    c.landmark.bn_eps = 1e-5  # BatchNorm epsilon
+
+    c.dino_head = ml_collections.ConfigDict()
+    c.dino_head.out_dim = 100000  # prototypes K (LAFS 100000; DINO 65536)
+    c.dino_head.hidden_dim = 2048  # MLP hidden width
+    c.dino_head.bottleneck_dim = 256  # width before L2 normalisation and the weight-normalised layer
+    c.dino_head.num_layers = 3  # Linear layers before normalisation
+    c.dino_head.use_bn = False  # BatchNorm after hidden Linear layers
+    c.dino_head.norm_last_layer = True  # weight-norm scale g fixed to 1 (not trained)
+
+    c.insightface = ml_collections.ConfigDict()
+    c.insightface.mask_ratio = 0.1  # fraction of tokens dropped during training (insightface_vit only)
+    c.insightface.embedding_size = 512  # output of the feature head (insightface_vit only)
+    c.insightface.bn_eps = 2e-5  # BatchNorm epsilon of the feature head
+    return c
+
+
+def model_config(preset: str = "base") -> ml_collections.ConfigDict:
+    """The model ConfigDict of a preset (see the module docstring), unlocked so recipes can override."""
+    if preset not in PRESETS:
+        raise ConfigError(f"model preset {preset!r} is not valid; choose one of {list(PRESETS)}")
+    c = _base()
+    c.preset = preset
+    if preset == "tiny":
+        c.num_landmarks = 49
+        c.dim, c.depth, c.heads, c.head_dim, c.mlp_dim = 96, 2, 3, 32, 256
+        c.landmark.blocks = TINY_LANDMARK_BLOCKS
+        c.dino_head.out_dim, c.dino_head.hidden_dim, c.dino_head.bottleneck_dim = 1024, 256, 64
+    elif preset == "small":
+        c.dim, c.depth, c.heads, c.head_dim, c.mlp_dim = 384, 12, 6, 64, 1536
+        c.dino_head.out_dim = 65536
+    elif preset.startswith("insightface_"):
+        c.kind = "insightface_vit"
+        c.patch_size = 9
+        c.dim, c.depth = {"insightface_t": (256, 12), "insightface_s": (512, 12), "insightface_b": (512, 24)}[preset]
+        c.heads = 8
+        c.head_dim = c.dim // c.heads
+        c.mlp_dim = 4 * c.dim
+        c.attention_scale = "head_dim"
+        c.mlp_activation = "relu6"
+        c.drop_path_schedule = "linear"
+        c.dropout = 0.0
+        c.emb_dropout = 0.0
+    return c
+
+
+def validate_model_config(cfg: Any, prefix: str = "model") -> None:
+    """Raise ConfigError naming `config.<prefix>.<key>` for a missing key or a bad value."""
+
+    def key(name):
+        return f"{prefix}.{name}"
+
+    def get(name):
+        node = cfg
+        for i, part in enumerate(name.split(".")):
+            if part not in node:
+                raise ConfigError(f"config.{key('.'.join(name.split('.')[:i + 1]))} is missing")
+            node = node[part]
+        return node
+
+    def choice(name, choices):
+        check(get(name) in choices, key(name), get(name), f"choose one of {sorted(choices)}")
+
+    choice("kind", KINDS)
+    for name in ("image_size", "channels", "patch_size", "num_landmarks", "dim", "depth", "heads", "head_dim",
+                 "mlp_dim", "landmark.stem_features", "dino_head.out_dim", "dino_head.hidden_dim",
+                 "dino_head.bottleneck_dim", "dino_head.num_layers", "insightface.embedding_size"):
+        v = get(name)
+        check(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1, key(name), v, "an int >= 1")
+    for name in ("drop_path_rate", "dropout", "emb_dropout", "landmark.dropout", "insightface.mask_ratio",
+                 "landmark.bn_momentum"):
+        v = get(name)
+        check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0, key(name), v,
+              "a number in [0, 1)")
+    for name in ("layer_norm_eps", "landmark.bn_eps", "insightface.bn_eps"):
+        v = get(name)
+        check(isinstance(v, (int, float)) and v > 0, key(name), v, "a positive number")
+    for name in ("qkv_bias", "dino_head.use_bn", "dino_head.norm_last_layer"):
+        check(isinstance(get(name), bool), key(name), get(name), "True or False")
+    choice("attention_scale", ATTENTION_SCALES)
+    choice("mlp_activation", ACTIVATIONS)
+    choice("drop_path_schedule", DROP_PATH_SCHEDULES)
+    choice("pool", ("cls", "mean"))
+    choice("dtype", DTYPES)
+    choice("attention_implementation", ("", "xla", "cudnn"))
+    try:
+        check_blocks(get("landmark.blocks"), f"config.{key('landmark.blocks')}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    kind = get("kind")
+    if kind == "fvit":
+        check(get("image_size") % get("patch_size") == 0, key("patch_size"), get("patch_size"),
+              f"fvit needs image_size={get('image_size')} to be a multiple of patch_size")
+    if kind == "insightface_vit":
+        check(get("heads") * get("head_dim") == get("dim"), key("head_dim"), get("head_dim"),
+              f"insightface_vit needs heads * head_dim == dim={get('dim')}")
+        check(get("patch_size") <= get("image_size"), key("patch_size"), get("patch_size"),
+              "must not exceed image_size")
+
+
+def compute_dtype(cfg) -> Any:
+    """The jnp dtype named by cfg.dtype."""
+    return DTYPES[cfg.dtype]
+
+
+def _attention_impl(cfg) -> str | None:
+    return cfg.attention_implementation or None
+
+
+def build_landmark_cnn(cfg) -> LandmarkCNN:
+    """LandmarkCNN of a model config (its `landmark` section, num_landmarks, dtype)."""
+    validate_model_config(cfg)
+    lm = cfg.landmark
+    return LandmarkCNN(num_landmarks=cfg.num_landmarks, blocks=tuple(tuple(b) for b in lm.blocks),
+                       stem_features=lm.stem_features, dropout=lm.dropout, bn_momentum=lm.bn_momentum,
+                       bn_eps=lm.bn_eps, dtype=compute_dtype(cfg))
+
+
+def grid_tokens(cfg) -> int:
+    """Number of grid patches of an image_size image: (image_size // patch_size)**2."""
+    return (cfg.image_size // cfg.patch_size) ** 2
+
+
+def build_token_vit(cfg, num_positions: int | None = None) -> TokenViT:
+    """TokenViT of a model config. Position rows: num_positions, else num_landmarks (part_fvit) or
+    the grid patch count (fvit)."""
+    validate_model_config(cfg)
+    if num_positions is None:
+        num_positions = grid_tokens(cfg) if cfg.kind == "fvit" else cfg.num_landmarks
+    return TokenViT(num_positions=num_positions, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                    head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, attention_scale=cfg.attention_scale,
+                    mlp_activation=cfg.mlp_activation, layer_norm_eps=cfg.layer_norm_eps,
+                    drop_path_rate=cfg.drop_path_rate, drop_path_schedule=cfg.drop_path_schedule,
+                    dropout=cfg.dropout, emb_dropout=cfg.emb_dropout, qkv_bias=cfg.qkv_bias, pool=cfg.pool,
+                    dtype=compute_dtype(cfg), attention_implementation=_attention_impl(cfg))
+
+
+def build_dino_head(cfg) -> DINOHead:
+    """DINOHead of a model config (its `dino_head` section)."""
+    validate_model_config(cfg)
+    h = cfg.dino_head
+    return DINOHead(out_dim=h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
+                    num_layers=h.num_layers, use_bn=h.use_bn, norm_last_layer=h.norm_last_layer,
+                    dtype=compute_dtype(cfg))
+
+
+def build_model(cfg):
+    """The backbone of `cfg.kind`: PartFViT (-> (embedding, landmarks)), FViT or InsightFaceViT (-> embedding).
+
+    All take (images [B, H, W, C] normalised, train: bool).
+    """
+    validate_model_config(cfg)
+    if cfg.kind == "part_fvit":
+        return PartFViT(landmark_cnn=build_landmark_cnn(cfg), vit=build_token_vit(cfg), patch_size=cfg.patch_size)
+    if cfg.kind == "fvit":
+        return FViT(vit=build_token_vit(cfg), patch_size=cfg.patch_size)
+    return InsightFaceViT(image_size=cfg.image_size, patch_size=cfg.patch_size, dim=cfg.dim, depth=cfg.depth,
+                          heads=cfg.heads, mlp_dim=cfg.mlp_dim, mlp_activation=cfg.mlp_activation,
+                          attention_scale=cfg.attention_scale, layer_norm_eps=cfg.layer_norm_eps,
+                          drop_path_rate=cfg.drop_path_rate, drop_path_schedule=cfg.drop_path_schedule,
+                          dropout=cfg.dropout, qkv_bias=cfg.qkv_bias, mask_ratio=cfg.insightface.mask_ratio,
+                          embedding_size=cfg.insightface.embedding_size, bn_eps=cfg.insightface.bn_eps,
+                          dtype=compute_dtype(cfg), attention_implementation=_attention_impl(cfg))
+
+
+def dummy_images(cfg, batch: int = 1) -> jax.Array:
+    """Zeros [batch, image_size, image_size, channels] float32, for init and shape inference."""
+    return jnp.zeros((batch, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+
+
+def init_variables(cfg, key: jax.Array, batch: int = 1) -> dict:
+    """Variables of build_model(cfg) ('params', and 'batch_stats' where BatchNorm is used)."""
+    return build_model(cfg).init({"params": key}, dummy_images(cfg, batch), train=False)
+
+
+def abstract_variables(cfg) -> dict:
+    """Shapes and dtypes of init_variables(cfg, ...) without computing anything (jax.eval_shape)."""
+    return jax.eval_shape(lambda k: init_variables(cfg, k), jax.random.key(0))
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays or ShapeDtypeStructs."""
+    return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def model_config_from_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A validated model config from a plain dict (e.g. checkpoint metadata['model']).
+
+    Starts from the preset named by values['preset'] (default 'base') and overrides every given key;
+    an unknown key raises ConfigError naming it.
+    """
+    cfg = model_config(values.get("preset", "base"))
+
+    def update(node, vals, path):
+        for k, v in vals.items():
+            if k not in node:
+                raise ConfigError(f"config.model.{path}{k} is not a model config key")
+            if isinstance(node[k], ml_collections.ConfigDict):
+                update(node[k], v, f"{path}{k}.")
+            elif k == "blocks":
+                node[k] = tuple(tuple(b) for b in v)
+            else:
+                node[k] = v
+
+    update(cfg, dict(values), "")
+    validate_model_config(cfg)
+    return cfg
