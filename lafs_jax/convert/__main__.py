@@ -1,0 +1,102 @@
+"""Command line: official PyTorch checkpoint (.pth) -> lafs_jax variables directory.
+
+    python -m lafs_jax.convert --kind part_fvit --src Backbone_VIT_land_8_....pth --out runs/pfvit_ms1mv3
+    python -m lafs_jax.convert --kind lafs_ssl --src checkpoint0040.pth --out runs/lafs_teacher [--which student]
+    python -m lafs_jax.convert --kind fvit --src fvit.pth --out runs/fvit --drop-head
+
+Options: --preset (model size, default base), --drop-head (drop the classifier / the DINO head),
+--normalization and --color-order (recorded in metadata.json for evaluation to use; the supervised
+checkpoints were trained on RGB in [-1, 1]; LAFS SSL on WebFace4M saw BGR-ordered content, see
+reference/lafs.md §4.2), --strict (unexpected keys are errors), --unsafe-load (torch.load with
+weights_only=False, only for checkpoints you trust).
+
+torch is needed only here, imported when the command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from lafs_jax.convert import mapping
+
+
+def load_torch_checkpoint(path: str, unsafe: bool = False) -> Any:
+    """torch.load on CPU, tensors converted to numpy (nested dicts/lists kept).
+
+    The LAFS SSL container holds an argparse.Namespace; it is allowed explicitly so the safe
+    weights_only loader works. `unsafe` uses weights_only=False (arbitrary pickle: trusted files only).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--src {path}: no such file")
+    try:
+        import torch
+    except ImportError as e:
+        raise SystemExit("reading .pth checkpoints needs PyTorch (CPU is enough): pip install torch "
+                         f"(see requirements-test.txt); import failed with: {e}") from None
+    try:
+        if unsafe:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a bad or foreign pickle
+        hint = "" if unsafe else " (if you trust the file, retry with --unsafe-load)"
+        raise SystemExit(f"--src {path}: torch.load failed{hint}: {type(e).__name__}: {e}") from None
+
+    def to_numpy(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().cpu().float().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+        if isinstance(x, dict):
+            return {k: to_numpy(v) for k, v in x.items()}
+        return x
+
+    return to_numpy(obj)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lafs_jax.convert", description=__doc__.split("\n")[0])
+    p.add_argument("--kind", required=True, choices=mapping.KINDS, help="checkpoint family")
+    p.add_argument("--src", required=True, help="official .pth file")
+    p.add_argument("--out", required=True, help="variables directory to write")
+    p.add_argument("--preset", default="base", help="model preset of lafs_jax.models.presets (default base)")
+    p.add_argument("--drop-head", action="store_true", help="drop the classifier (loss.weight) / DINO head")
+    p.add_argument("--which", default="teacher", choices=mapping.WHICH, help="lafs_ssl: network to take")
+    p.add_argument("--normalization", default="[-1,1]", choices=["[-1,1]", "[-0.5,0.5]"],
+                   help="input normalisation recorded in the metadata")
+    p.add_argument("--color-order", default="rgb", choices=["rgb", "bgr"], help="colour order recorded in metadata")
+    p.add_argument("--strict", action="store_true", help="fail on source keys the target does not use")
+    p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")
+    return p.parse_args(argv)
+
+
+def convert_file(args: argparse.Namespace) -> tuple[dict, dict, mapping.ConversionReport]:
+    """Read --src, convert, write --out; returns (variables, metadata, report)."""
+    from lafs_jax.train.checkpoint import save_variables
+
+    checkpoint = load_torch_checkpoint(args.src, args.unsafe_load)
+    try:
+        state, extras = mapping.select_state_dict(checkpoint, args.kind, args.which)
+        cfg = mapping.target_model_config(args.kind, args.preset)
+        variables, report = mapping.convert_state_dict(state, args.kind, cfg, drop_head=args.drop_head,
+                                                       extras=extras, strict=args.strict)
+    except mapping.ConversionError as e:
+        raise SystemExit(f"--src {args.src}: {e}") from None
+    meta = mapping.metadata(args.kind, cfg, os.path.abspath(args.src), normalization=args.normalization,
+                            color_order=args.color_order, which=args.which if args.kind == "lafs_ssl" else None,
+                            report=report)
+    save_variables(args.out, variables, meta)
+    return variables, meta, report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    _, _, report = convert_file(args)
+    print(report.summary())
+    print(f"wrote {os.path.abspath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Official PyTorch state dicts (numpy arrays) -> Flax variables of lafs_jax models. Pure: no torch, no files.
+
+Key names and shapes of the official checkpoints: shared/reference/lafs.md §1.7. Rules:
+  - Linear weight (out, in) -> kernel (in, out); Conv OIHW -> HWIO (a depthwise (C, 1, k, k) becomes
+    (k, k, 1, C), the layout of a grouped Flax convolution); LayerNorm/BatchNorm weight -> scale;
+    BatchNorm running_mean / running_var -> 'batch_stats' mean / var; num_batches_tracked is dropped;
+  - the packed to_qkv stays packed: our `qkv` splits q|k|v and heads the same way;
+  - patch_to_embedding rows need no permutation: `sample_patches` produces the official
+    (x-offset, y-offset, channel) token layout and `patchify` the plain fViT (row, col, channel) one;
+  - the DINO head's weight-normalised layer: weight_v (out, bottleneck) -> kernel (bottleneck, out);
+    weight_g (out, 1) -> scale (out,), or, with norm_last_layer (g frozen at 1), checked to be 1 and dropped;
+  - the supervised classifier `loss.weight` (num_class, D) becomes variables['centers'] (the row layout of
+    the Partial FC class-centre matrix), or is dropped with drop_head; the SSL backbones' loss.weight was
+    never trained and is always dropped.
+
+Output trees (see lafs_jax/INTERFACES.md, models):
+  part_fvit: {'params': {'landmark_cnn', 'vit'}, 'batch_stats': {'landmark_cnn'}, ['centers']}
+  fvit:      {'params': {'vit'}, ['centers']}
+  lafs_ssl:  {'params': {'vit', ['dino_head']}, ['dino_center' [1, out_dim]]}
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from lafs_jax.models import presets
+
+KINDS = ("part_fvit", "fvit", "lafs_ssl")
+WHICH = ("teacher", "student")
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the target model: the message names the key(s) and shapes."""
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What happened to every source key."""
+
+    converted: list[str] = dataclasses.field(default_factory=list)
+    dropped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (key, reason)
+    unexpected: list[str] = dataclasses.field(default_factory=list)  # source keys with no target
+    missing: list[str] = dataclasses.field(default_factory=list)  # target paths no source key filled
+
+    def summary(self) -> str:
+        lines = [f"converted {len(self.converted)} tensors; dropped {len(self.dropped)}; "
+                 f"unexpected {len(self.unexpected)}; missing {len(self.missing)}"]
+        reasons: dict[str, int] = {}
+        for _, why in self.dropped:
+            reasons[why] = reasons.get(why, 0) + 1
+        lines += [f"  dropped ({n}): {why}" for why, n in sorted(reasons.items())]
+        lines += [f"  unexpected: {k}" for k in self.unexpected]
+        lines += [f"  missing: {k}" for k in self.missing]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+def linear_kernel(w: np.ndarray) -> np.ndarray:
+    """torch Linear (out, in) -> Flax Dense kernel (in, out)."""
+    return np.ascontiguousarray(w.T)
+
+
+def conv_kernel(w: np.ndarray) -> np.ndarray:
+    """torch Conv2d OIHW (depthwise: C,1,k,k) -> Flax HWIO (depthwise: k,k,1,C)."""
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def identity(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def flatten(w: np.ndarray) -> np.ndarray:
+    return w.reshape(-1)
+
+
+Target = tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray]]
+
+_NORM = {"weight": ("params", "scale"), "bias": ("params", "bias"), "running_mean": ("batch_stats", "mean"),
+         "running_var": ("batch_stats", "var")}
+_BOTTLENECK_CONV = {"0": "expand_conv", "3": "depthwise_conv", "7": "project_conv"}
+_BOTTLENECK_BN = {"1": "expand_bn", "4": "depthwise_bn", "8": "project_bn"}
+
+
+def _norm(root: tuple[str, ...], module: str, field: str) -> Target:
+    collection, leaf = _NORM[field]
+    return (collection, *root, module, leaf), identity
+
+
+def _dense(root: tuple[str, ...], module: str, field: str) -> Target:
+    return (("params", *root, module, "kernel"), linear_kernel) if field == "weight" else \
+        (("params", *root, module, "bias"), identity)
+
+
+def landmark_target(key: str, root=("landmark_cnn",)) -> Target | None:
+    """Target of an official `stn.*` / `output_layer.*` key (prefixes already stripped), or None."""
+    if m := re.fullmatch(r"stn\.features\.0\.0\.weight", key):
+        return ("params", *root, "stem_conv", "kernel"), conv_kernel
+    if m := re.fullmatch(r"stn\.features\.0\.1\.(weight|bias|running_mean|running_var)", key):
+        return _norm(root, "stem_bn", m[1])
+    if m := re.fullmatch(r"stn\.features\.(\d+)\.conv\.([037])\.weight", key):
+        return ("params", *root, f"bottleneck_{m[1]}", _BOTTLENECK_CONV[m[2]], "kernel"), conv_kernel
+    if m := re.fullmatch(r"stn\.features\.(\d+)\.conv\.([148])\.(weight|bias|running_mean|running_var)", key):
+        return _norm((*root, f"bottleneck_{m[1]}"), _BOTTLENECK_BN[m[2]], m[3])
+    if m := re.fullmatch(r"stn\.features\.(\d+)\.conv\.5\.fc\.([02])\.weight", key):
+        return ("params", *root, f"bottleneck_{m[1]}", "se", "reduce" if m[2] == "0" else "expand",
+                "kernel"), linear_kernel
+    if m := re.fullmatch(r"output_layer\.1\.(weight|bias)", key):
+        return _dense(root, "landmark_head", m[1])
+    return None
+
+
+def vit_target(key: str, root=("vit",)) -> Target | None:
+    """Target of an official ViT key (cls_token, pos_embedding, patch_to_embedding, transformer, mlp_head)."""
+    if key in ("cls_token", "pos_embedding"):
+        return ("params", *root, key), identity
+    if m := re.fullmatch(r"patch_to_embedding\.(weight|bias)", key):
+        return _dense(root, "patch_embedding", m[1])
+    if m := re.fullmatch(r"mlp_head\.0\.(weight|bias)", key):
+        return _norm(root, "head_norm", m[1])
+    m = re.fullmatch(r"transformer\.layers\.(\d+)\.([01])\.fn\.(.+)", key)
+    if not m:
+        return None
+    block = (*root, "encoder", f"block_{m[1]}")
+    branch, rest = m[2], m[3]
+    if n := re.fullmatch(r"norm\.(weight|bias)", rest):
+        return _norm(block, "attention_norm" if branch == "0" else "mlp_norm", n[1])
+    if branch == "0" and rest == "fn.to_qkv.weight":
+        return ("params", *block, "attention", "qkv", "kernel"), linear_kernel
+    if branch == "0" and (n := re.fullmatch(r"fn\.to_out\.0\.(weight|bias)", rest)):
+        return _dense((*block, "attention"), "out", n[1])
+    if branch == "1" and (n := re.fullmatch(r"fn\.net\.([03])\.(weight|bias)", rest)):
+        return _dense((*block, "mlp"), "fc1" if n[1] == "0" else "fc2", n[2])
+    return None
+
+
+def dino_head_target(key: str, use_bn: bool, norm_last_layer: bool, root=("dino_head",)) -> Target | None:
+    """Target of an official DINOHead key (`mlp.{i}.*`, `last_layer.weight_g|weight_v`), or None.
+
+    weight_g with norm_last_layer maps to the pseudo-path ('check_ones',), handled by the caller.
+    """
+    stride = 3 if use_bn else 2  # mlp = [Linear, (BN), GELU] * (n-1) + [Linear]
+    if m := re.fullmatch(r"mlp\.(\d+)\.(weight|bias|running_mean|running_var)", key):
+        index = int(m[1])
+        if index % stride == 0:
+            return _dense(root, f"dense_{index // stride}", m[2]) if m[2] in ("weight", "bias") else None
+        if use_bn and index % stride == 1:
+            return _norm(root, f"bn_{index // stride}", m[2])
+        return None
+    if key == "last_layer.weight_v":
+        return ("params", *root, "last_layer", "kernel"), linear_kernel
+    if key == "last_layer.weight_g":
+        return (("check_ones",), flatten) if norm_last_layer else (("params", *root, "last_layer", "scale"), flatten)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- containers
+def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Remove `prefix` from every key that has it (keys without it are kept as they are)."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def select_state_dict(checkpoint: Mapping[str, Any], kind: str, which: str = "teacher"):
+    """(flat state dict, extras) from a loaded official checkpoint object.
+
+    part_fvit / fvit: a bare state dict (DDP 'module.' prefixes stripped); also accepts {'state_dict': ...}.
+    lafs_ssl: checkpoint[which] with 'module.' stripped (student); extras = {'dino_center': center} when the
+    container has dino_loss.center.
+    """
+    if kind not in KINDS:
+        raise ConversionError(f"--kind {kind!r} is not valid; choose one of {list(KINDS)}")
+    if not isinstance(checkpoint, Mapping):
+        raise ConversionError(f"checkpoint is a {type(checkpoint).__name__}, expected a dict (state dict or "
+                              f"LAFS container)")
+    extras: dict[str, Any] = {}
+    if kind == "lafs_ssl":
+        if which not in WHICH:
+            raise ConversionError(f"--which {which!r} is not valid; choose one of {list(WHICH)}")
+        missing = [k for k in WHICH if k not in checkpoint]
+        if missing:
+            raise ConversionError(f"not a LAFS SSL checkpoint: keys {missing} are missing (top-level keys: "
+                                  f"{sorted(checkpoint)[:10]})")
+        state = strip_prefix(checkpoint[which], "module.")
+        center = (checkpoint.get("dino_loss") or {}).get("center")
+        if center is not None:
+            extras["dino_center"] = np.asarray(center, np.float32)
+        return state, extras
+    if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
+        checkpoint = checkpoint["state_dict"]
+    if "student" in checkpoint or "teacher" in checkpoint:
+        raise ConversionError("this is a LAFS SSL container (student/teacher); use --kind lafs_ssl")
+    return strip_prefix(checkpoint, "module."), extras
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+def target_model_config(kind: str, preset_or_cfg: Any = "base"):
+    """The model config a conversion targets: a preset name or a config, with `kind` set for the backbone."""
+    cfg = presets.model_config(preset_or_cfg) if isinstance(preset_or_cfg, str) else \
+        presets.model_config_from_dict(preset_or_cfg.to_dict() if hasattr(preset_or_cfg, "to_dict") else
+                                       dict(preset_or_cfg))
+    cfg.kind = "fvit" if kind == "fvit" else "part_fvit"
+    presets.validate_model_config(cfg)
+    return cfg
+
+
+def expected_shapes(kind: str, cfg, drop_head: bool) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{path: shape} of every leaf the converted variables must contain (computed with jax.eval_shape)."""
+    key = jax.random.key(0)
+    if kind == "lafs_ssl":
+        vit = presets.build_token_vit(cfg)
+        tokens = np.zeros((1, cfg.num_landmarks, cfg.patch_size ** 2 * cfg.channels), np.float32)
+        tree = {"params": {"vit": jax.eval_shape(lambda: vit.init(key, tokens, train=False))["params"]}}
+        if not drop_head:
+            head = presets.build_dino_head(cfg)
+            tree["params"]["dino_head"] = jax.eval_shape(
+                lambda: head.init(key, np.zeros((1, cfg.dim), np.float32)))["params"]
+    else:
+        tree = presets.abstract_variables(cfg)
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        flat[tuple(p.key for p in path)] = tuple(leaf.shape)
+    return flat
+
+
+def _route(key: str, kind: str, cfg, drop_head: bool):
+    """(target, reason): target (path, transform) for a source key, or None with a drop reason or None."""
+    if key.endswith("num_batches_tracked"):
+        return None, "BatchNorm step counter (not used by Flax)"
+    if kind == "lafs_ssl":
+        if key.startswith("backbone."):
+            sub = key[len("backbone."):]
+            if sub == "loss.weight":
+                return None, "classifier of the SSL backbone (never trained)"
+            return vit_target(sub), None
+        if key.startswith("head."):
+            if drop_head:
+                return None, "DINO head (--drop-head)"
+            return dino_head_target(key[len("head."):], cfg.dino_head.use_bn, cfg.dino_head.norm_last_layer), None
+        return None, None
+    if key == "loss.weight":
+        return (None, "classifier (--drop-head)") if drop_head else ((("centers",), identity), None)
+    if kind == "part_fvit" and (target := landmark_target(key)) is not None:
+        return target, None
+    return vit_target(key), None
+
+
+def _nest(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], kind: str, model_cfg: Any = "base", *,
+                       drop_head: bool = False, extras: Mapping[str, np.ndarray] | None = None,
+                       strict: bool = False) -> tuple[dict, ConversionReport]:
+    """Map an official state dict (prefixes stripped; numpy arrays) to Flax variables.
+
+    Args:
+      state_dict: {official key: array}. For lafs_ssl, the teacher/student dict (`backbone.*`, `head.*`).
+      kind: 'part_fvit' | 'fvit' | 'lafs_ssl'.
+      model_cfg: a preset name or a model config; the target shapes come from it.
+      drop_head: drop the classifier (part_fvit/fvit) or the DINO head and centre (lafs_ssl).
+      extras: from select_state_dict (the DINO centre).
+      strict: raise on unexpected source keys instead of only reporting them.
+    Returns:
+      (variables, report). Raises ConversionError for a wrong shape (naming the key and both shapes), a
+      missing target leaf, a weight_g that is not 1 under norm_last_layer, or (strict) unexpected keys.
+    """
+    if kind not in KINDS:
+        raise ConversionError(f"kind {kind!r} is not valid; choose one of {list(KINDS)}")
+    cfg = target_model_config(kind, model_cfg)
+    expected = expected_shapes(kind, cfg, drop_head)
+    report = ConversionReport()
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    for key in sorted(state_dict):
+        value = np.asarray(state_dict[key])
+        target, reason = _route(key, kind, cfg, drop_head)
+        if target is None:
+            if reason is None:
+                report.unexpected.append(key)
+            else:
+                report.dropped.append((key, reason))
+            continue
+        path, transform = target
+        if path == ("check_ones",):
+            if not np.allclose(value, 1.0):
+                raise ConversionError(f"{key}: weight_g is not 1 (range {value.min():.4g}..{value.max():.4g}) but "
+                                      f"model.dino_head.norm_last_layer=True would fix it to 1; convert with "
+                                      f"norm_last_layer=False")
+            report.dropped.append((key, "weight_g fixed to 1 (norm_last_layer)"))
+            continue
+        converted = transform(value)
+        if path == ("centers",):
+            if converted.ndim != 2 or converted.shape[1] != cfg.dim:
+                raise ConversionError(f"{key}: shape {value.shape} does not fit class centres [num_class, "
+                                      f"dim={cfg.dim}]")
+            flat[path] = converted.astype(np.float32)
+            report.converted.append(key)
+            continue
+        if path not in expected:
+            report.unexpected.append(key)
+            continue
+        if tuple(converted.shape) != expected[path]:
+            raise ConversionError(f"{key}: source shape {tuple(value.shape)} -> {tuple(converted.shape)} does not "
+                                  f"match the target {'/'.join(path)} of shape {expected[path]} (model preset "
+                                  f"{cfg.preset!r}: check --preset)")
+        if path in sources:
+            raise ConversionError(f"{key} and {sources[path]} both map to {'/'.join(path)}")
+        flat[path] = converted.astype(np.float32)
+        sources[path] = key
+        report.converted.append(key)
+    report.missing = ['/'.join(p) for p in expected if p not in flat]
+    if report.missing:
+        raise ConversionError(f"{len(report.missing)} target variables have no source key, e.g. "
+                              f"{report.missing[:5]}\n{report.summary()}")
+    if strict and report.unexpected:
+        raise ConversionError(f"unexpected source keys (strict): {report.unexpected[:10]}")
+    if kind == "lafs_ssl" and not drop_head and extras and "dino_center" in extras:
+        center = np.asarray(extras["dino_center"], np.float32)
+        if center.shape != (1, cfg.dino_head.out_dim):
+            raise ConversionError(f"dino_loss.center: shape {center.shape} does not match (1, "
+                                  f"model.dino_head.out_dim={cfg.dino_head.out_dim})")
+        flat[("dino_center",)] = center
+    return _nest(flat), report
+
+
+def metadata(kind: str, cfg, source: str, *, normalization: str = "[-1,1]", color_order: str = "rgb",
+             which: str | None = None, report: ConversionReport | None = None) -> dict:
+    """The metadata.json of a converted variables directory."""
+    meta = {"kind": kind, "model": cfg.to_dict(), "normalization": normalization, "color_order": color_order,
+            "source": source, "converter": "lafs_jax.convert"}
+    if which is not None:
+        meta["which"] = which
+    if report is not None:
+        meta["conversion"] = {"converted": len(report.converted), "dropped": [k for k, _ in report.dropped],
+                              "unexpected": report.unexpected}
+    return meta
