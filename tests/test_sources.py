@@ -45,9 +45,32 @@ def test_insightface_layout_bytes_and_reading(face_rec):
         np.testing.assert_array_equal(item["image"], flat[i])
         assert item["label"] == src.labels[i]
     assert src.describe(3).endswith("train.rec: record key 4")
+    fast = src._identity_ranges_fast(7, 10)  # one read of the consecutive identity records...
+    assert fast is not None
+    for a, b in zip(fast, src._identity_ranges(7, 10)):  # ...equals reading them one by one
+        np.testing.assert_array_equal(a, b)
     # the same source from 'train.rec' or the folder
     assert len(sources.FaceRecordSource(prefix + ".rec")) == 6
     assert len(sources.FaceRecordSource(os.path.dirname(prefix))) == 6
+
+
+def test_identity_records_in_any_order_and_image_ranges_out_of_key_order(tmp_path):
+    """Identity records not consecutive on disk (one header read each) and class 0's images after class 1's."""
+    prefix = str(tmp_path / "shuffled")
+    ims = {k: np.full((4, 4, 3), 10 * k, np.uint8) for k in range(1, 5)}
+    classes = {1: 1, 2: 1, 3: 0, 4: 0}
+    with recordio.RecordWriter(prefix + ".rec") as w:
+        w.write(0, recordio.pack((0, [5.0, 7.0], 0, 0), b""))
+        w.write(6, recordio.pack((0, [1.0, 3.0], 0, 0), b""))  # identity 1: keys 1, 2
+        for k in (3, 1, 4, 2):
+            w.write(k, recordio.pack((0, float(classes[k]), k, 0), image_lib.encode_image(ims[k], "PNG")))
+        w.write(5, recordio.pack((0, [3.0, 5.0], 0, 0), b""))  # identity 0: keys 3, 4
+    src = sources.FaceRecordSource(prefix)
+    np.testing.assert_array_equal(src.keys, [3, 4, 1, 2])
+    np.testing.assert_array_equal(src.labels, [0, 0, 1, 1])
+    for i, k in enumerate([3, 4, 1, 2]):
+        np.testing.assert_array_equal(src[i]["image"], ims[k])
+        assert src.describe(i).endswith(f"record key {k}")
 
 
 def test_bgr_color_order_swaps_channels(face_rec):

@@ -251,24 +251,29 @@ class RecordFile:
         if self.idx_path is not None:
             if not os.path.isfile(self.idx_path):
                 raise FileNotFoundError(f"RecordIO index file not found: {self.idx_path}")
-            self._keys, self._offsets = parse_idx(self.idx_path, self.file_size)
+            keys, self._offsets = parse_idx(self.idx_path, self.file_size)
         else:
             self._offsets = scan_offsets(self.rec_path)
-            self._keys = np.arange(len(self._offsets), dtype=np.int64)
-        n = len(self._keys)
-        self._first_key = int(self._keys[0]) if n else 0
-        self._contiguous = bool(n == 0 or np.array_equal(self._keys, np.arange(self._first_key, self._first_key + n)))
-        if not self._contiguous:
-            self._sort = np.argsort(self._keys, kind="stable")
-            self._sorted_keys = self._keys[self._sort]
+            keys = np.arange(len(self._offsets), dtype=np.int64)
+        self._len = len(keys)
+        self._first_key = int(keys[0]) if self._len else 0
+        # The usual .idx lists keys first_key, first_key+1, ...: then no key array is kept (it would
+        # be pickled into every Grain worker: 8 bytes per record).
+        contiguous = np.array_equal(keys, np.arange(self._first_key, self._first_key + self._len))
+        self._keys = None if contiguous else keys
+        if not contiguous:
+            self._sort = np.argsort(keys, kind="stable")
+            self._sorted_keys = keys[self._sort]
         self._fd = None
         self._pid = None
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._len
 
     def keys(self) -> np.ndarray:
         """Record keys, int64, in .idx order."""
+        if self._keys is None:
+            return np.arange(self._first_key, self._first_key + self._len, dtype=np.int64)
         return self._keys
 
     def __contains__(self, key) -> bool:
@@ -276,9 +281,9 @@ class RecordFile:
 
     def _position(self, key, raise_missing: bool = True) -> int | None:
         key = int(key)
-        if self._contiguous:
+        if self._keys is None:
             pos = key - self._first_key
-            if 0 <= pos < len(self._keys):
+            if 0 <= pos < self._len:
                 return pos
         else:
             pos = int(np.searchsorted(self._sorted_keys, key))
@@ -292,6 +297,19 @@ class RecordFile:
     def offset(self, key) -> int:
         """Byte offset in the .rec of record `key`."""
         return int(self._offsets[self._position(key)])
+
+    def offsets_of(self, keys: np.ndarray) -> np.ndarray | None:
+        """int64 byte offsets of many records at once, or None if any key is missing."""
+        keys = np.asarray(keys, np.int64)
+        if self._keys is None:
+            pos = keys - self._first_key
+            if len(pos) and (pos.min() < 0 or pos.max() >= self._len):
+                return None
+            return self._offsets[pos]
+        at = np.minimum(np.searchsorted(self._sorted_keys, keys), len(self._sorted_keys) - 1)
+        if not np.array_equal(self._sorted_keys[at], keys):
+            return None
+        return self._offsets[self._sort[at]]
 
     def _file(self) -> int:
         if self._fd is None or self._pid != os.getpid():

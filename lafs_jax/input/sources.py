@@ -105,8 +105,10 @@ class FaceRecordSource(FaceSource):
       prefix: 'dir/train' (or 'dir/train.rec', or 'dir' holding train.rec).
       color_order: 'rgb' or 'bgr' (see images.apply_color_order).
       skip_undecodable: give None (and log) for undecodable images instead of raising.
-    Attributes: `keys` (int64 [N], the image record keys), `labels` (int64 [N]), `num_classes`,
+    Attributes: `keys` (int64 [N], the image record keys), `labels` (int32 [N]), `num_classes`,
       `identity_layout` (True when record 0 is a header with identity records).
+    The per-image index is kept small (it is pickled into every Grain worker): the usual contiguous
+    image keys are not stored, labels are int32, offsets int64 (12 bytes per image in all).
     """
 
     def __init__(self, prefix: str, color_order: str = "rgb", skip_undecodable: bool = False):
@@ -120,50 +122,95 @@ class FaceRecordSource(FaceSource):
         if len(self.file) == 0:
             raise DataSourceError(f"{rec_path}: the RecordIO file has no records")
         self.identity_layout = False
+        self._keys: np.ndarray | None = None  # None: image keys are _key_start, _key_start + 1, ...
+        self._key_start = 1
         header0 = self.file.read_header(0) if 0 in self.file else None
         if header0 is not None and header0.flag > 0:
-            self.keys, self._labels, self.num_classes = self._identity_layout(header0)
+            self._labels, self.num_classes = self._identity_layout(header0)
         else:
-            self.keys = self.file.keys().copy()
-            self._labels = self._labels_from_image_headers(self.keys)
-            self.num_classes = int(self._labels.max()) + 1 if len(self._labels) else 0
-        if len(self.keys) == 0:
+            keys = self.file.keys()
+            self._key_start = int(keys[0])
+            if not np.array_equal(keys, np.arange(self._key_start, self._key_start + len(keys))):
+                self._keys = keys.copy()
+            self._labels = self._labels_from_image_headers(keys)
+            self.num_classes = int(self._labels.max()) + 1
+        if len(self._labels) == 0:
             raise DataSourceError(f"{rec_path}: no image records (header record 0 says id range "
                                   f"{header0.label if header0 is not None else None})")
 
-    def _identity_layout(self, header0: recordio.IRHeader) -> tuple[np.ndarray, np.ndarray, int]:
+    @property
+    def keys(self) -> np.ndarray:
+        """int64 [N]: the record key of every item."""
+        if self._keys is None:
+            return np.arange(self._key_start, self._key_start + len(self._labels), dtype=np.int64)
+        return self._keys
+
+    def _key(self, index: int) -> int:
+        return self._key_start + index if self._keys is None else int(self._keys[index])
+
+    def _identity_layout(self, header0: recordio.IRHeader) -> tuple[np.ndarray, int]:
         if header0.flag < 2:
             raise DataSourceError(f"{self.rec_path}: record key 0 is a header with {header0.flag} label(s); "
                                   f"expected [id_lo, id_hi]")
         id_lo, id_hi = int(header0.label[0]), int(header0.label[1])
         if not 1 <= id_lo <= id_hi:
             raise DataSourceError(f"{self.rec_path}: record key 0: identity range [{id_lo}, {id_hi}) is invalid")
-        image_keys = np.arange(1, id_lo, dtype=np.int64)
         missing = [k for k in (1, id_lo - 1) if id_lo > 1 and k not in self.file]
         if missing:
             raise DataSourceError(f"{self.rec_path}: record key {missing[0]} (an image record by the header's "
                                   f"range 1..{id_lo - 1}) is not in the .idx")
         if id_hi == id_lo:  # header without identity records: labels from the image headers
-            labels = self._labels_from_image_headers(image_keys)
-            return image_keys, labels, int(labels.max()) + 1 if len(labels) else 0
+            labels = self._labels_from_image_headers(np.arange(1, id_lo, dtype=np.int64))
+            return labels, int(labels.max()) + 1 if len(labels) else 0
         self.identity_layout = True
-        keys, labels = [], []
-        for cls, id_key in enumerate(range(id_lo, id_hi)):
+        ranges = self._identity_ranges_fast(id_lo, id_hi)
+        lo, hi = ranges if ranges is not None else self._identity_ranges(id_lo, id_hi)
+        bad = np.nonzero(~((1 <= lo) & (lo <= hi) & (hi <= id_lo)))[0]
+        if bad.size:
+            j = int(bad[0])
+            raise DataSourceError(f"{self.rec_path}: identity record key {id_lo + j}: image range [{lo[j]}, {hi[j]}) "
+                                  f"is outside the image records 1..{id_lo - 1}")
+        counts = hi - lo
+        labels = np.repeat(np.arange(len(lo), dtype=np.int32), counts)
+        if not (lo[0] == 1 and np.array_equal(lo[1:], hi[:-1]) and hi[-1] == id_lo):
+            starts = np.cumsum(counts) - counts
+            self._keys = np.repeat(lo - starts, counts) + np.arange(len(labels), dtype=np.int64)
+        self._check_labels_match_headers(labels)
+        return labels, id_hi - id_lo
+
+    def _identity_ranges(self, id_lo: int, id_hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(img_lo, img_hi) int64 arrays of the identity records, one header read each."""
+        lo, hi = np.empty(id_hi - id_lo, np.int64), np.empty(id_hi - id_lo, np.int64)
+        for j, id_key in enumerate(range(id_lo, id_hi)):
             if id_key not in self.file:
                 raise DataSourceError(f"{self.rec_path}: identity record key {id_key} is not in the .idx")
             h = self.file.read_header(id_key)
             if h.flag < 2:
                 raise DataSourceError(f"{self.rec_path}: identity record key {id_key} has no [img_lo, img_hi) "
                                       f"label (flag {h.flag})")
-            lo, hi = int(h.label[0]), int(h.label[1])
-            if not 1 <= lo <= hi <= id_lo:
-                raise DataSourceError(f"{self.rec_path}: identity record key {id_key}: image range [{lo}, {hi}) "
-                                      f"is outside the image records 1..{id_lo - 1}")
-            keys.append(np.arange(lo, hi, dtype=np.int64))
-            labels.append(np.full(hi - lo, cls, np.int64))
-        keys, labels = np.concatenate(keys), np.concatenate(labels)
-        self._check_labels_match_headers(keys, labels)
-        return keys, labels, id_hi - id_lo
+            lo[j], hi[j] = int(h.label[0]), int(h.label[1])
+        return lo, hi
+
+    _IDENTITY_RECORD = np.dtype([("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"),
+                                 ("id", "<u8"), ("id2", "<u8"), ("lo", "<f4"), ("hi", "<f4")])  # 40 bytes
+
+    def _identity_ranges_fast(self, id_lo: int, id_hi: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The identity ranges in one read when the identity records are the usual consecutive
+        40-byte chunks (flag 2, no split); None otherwise (then `_identity_ranges` reads them one by one)."""
+        n = id_hi - id_lo
+        size = self._IDENTITY_RECORD.itemsize
+        offsets = self.file.offsets_of(np.arange(id_lo, id_hi))
+        if offsets is None or not np.array_equal(offsets, offsets[0] + size * np.arange(n)):
+            return None
+        if offsets[0] + size * n > self.file.file_size:
+            return None
+        with open(self.rec_path, "rb") as f:
+            f.seek(int(offsets[0]))
+            records = np.frombuffer(f.read(size * n), self._IDENTITY_RECORD)
+        if not (np.all(records["magic"] == recordio.MAGIC) and np.all(records["lrec"] == 32)
+                and np.all(records["flag"] == 2)):
+            return None
+        return records["lo"].astype(np.int64), records["hi"].astype(np.int64)
 
     def _labels_from_image_headers(self, keys: np.ndarray) -> np.ndarray:
         labels = np.empty(len(keys), np.int64)
@@ -172,25 +219,25 @@ class FaceRecordSource(FaceSource):
         if len(labels) and labels.min() < 0:
             bad = int(np.argmin(labels))
             raise DataSourceError(f"{self.rec_path}: record key {keys[bad]} has negative label {labels[bad]}")
-        return labels
+        return labels.astype(np.int32)
 
-    def _check_labels_match_headers(self, keys: np.ndarray, labels: np.ndarray) -> None:
+    def _check_labels_match_headers(self, labels: np.ndarray) -> None:
         """The identity ranges and the image headers must agree; checked on a few records, cheaply."""
-        for i in sorted({0, len(keys) // 2, len(keys) - 1}):
-            own = int(recordio.scalar_label(self.file.read_header(keys[i])))
+        for i in sorted({0, len(labels) // 2, len(labels) - 1}):
+            own = int(recordio.scalar_label(self.file.read_header(self._key(i))))
             if own != labels[i]:
-                raise DataSourceError(f"{self.rec_path}: record key {keys[i]} has label {own} in its header "
+                raise DataSourceError(f"{self.rec_path}: record key {self._key(i)} has label {own} in its header "
                                       f"but lies in the image range of class {labels[i]}")
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._labels)
 
     def describe(self, index: int) -> str:
-        return f"{self.rec_path}: record key {int(self.keys[index])}"
+        return f"{self.rec_path}: record key {self._key(int(index))}"
 
     def record(self, index: int) -> tuple[recordio.IRHeader, bytes]:
         """(IRHeader, encoded image bytes) of item `index`, undecoded."""
-        return recordio.unpack(self.file.read(self.keys[index]), self.describe(index))
+        return recordio.unpack(self.file.read(self._key(int(index))), self.describe(index))
 
     def __getitem__(self, index: int) -> dict | None:
         index = int(index)

@@ -73,14 +73,15 @@ def rec_to_arrayrecord(source, out_path: str, progress: Callable[[int], None] | 
 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     writer = ArrayRecordWriter(os.fspath(out_path), "group_size:1")
+    keys, labels = source.keys, source.labels
     try:
         for i in range(len(source)):
             _, payload = source.record(i)
-            writer.write(recordio.pack((0, float(source.labels[i]), int(source.keys[i]), 0), payload))
+            writer.write(recordio.pack((0, float(labels[i]), int(keys[i]), 0), payload))
             if progress is not None:
                 progress(1)
     finally:
         writer.close()
-    np.savez(out_path + ARRAYRECORD_LABELS_SUFFIX, labels=np.asarray(source.labels, np.int64),
+    np.savez(out_path + ARRAYRECORD_LABELS_SUFFIX, labels=np.asarray(labels, np.int64),
              num_classes=np.int64(source.num_classes))
     return {"num_images": len(source), "num_classes": int(source.num_classes)}
