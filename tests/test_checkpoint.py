@@ -182,3 +182,83 @@ def test_optimizer_states_of_the_builders_resume_exactly(tmp_path):
     assert_trees_equal(straight, resumed)
     hp = optim.current_hyperparams(resumed["ft"][1])
     assert set(hp) >= {"learning_rate", "weight_decay", "centers/learning_rate", "momentum"}
+
+
+# ---------------------------------------------------------------------------------------------
+# two real processes (jax.distributed): one sharded state, one Grain iterator per process
+# ---------------------------------------------------------------------------------------------
+
+def _multiprocess_worker(address: str, pid: int, directory: str) -> dict:
+    """Runs in each of two processes (2 CPU devices each): save, restore in a new manager, compare."""
+    from lafs_jax.train import loop_utils
+
+    jax.distributed.initialize(address, 2, pid)
+    mesh = mesh_lib.make_mesh(None)  # 4 devices over 2 processes
+    rows = NamedSharding(mesh, P(mesh.axis_names))
+    full = np.arange(32, dtype=np.float32).reshape(8, 4)
+    w = jax.make_array_from_callback(full.shape, rows, lambda idx: full[idx])
+    replicated = NamedSharding(mesh, P())
+    state = {"w": w, "step": jax.device_put(np.int32(5), replicated),
+             "rng": jax.jit(lambda: jax.random.key(3), out_shardings=replicated)()}
+
+    def process_iterator():  # this process's slice of the data, as the input pipelines shard by process
+        return iter(grain.MapDataset.range(40)[pid::2].seed(7).shuffle().batch(2).to_iter_dataset())
+
+    it = process_iterator()
+    for _ in range(pid + 1):  # the processes stand at different positions
+        next(it)
+    with TrainCheckpointer(directory, keep=1) as ck:
+        try:
+            ck.save(4, {**state, "rng": jax.random.key(3)})  # a process-local key: refused, naming it
+            local_error = ""
+        except ValueError as e:
+            local_error = str(e)
+        assert ck.save(5, state, data_iterator=it)
+        expected = [next(it).tolist() for _ in range(2)]
+    fresh = process_iterator()
+    with TrainCheckpointer(directory, keep=1) as ck:
+        restored = ck.restore(None, abstract_like(state), data_iterator=fresh)
+    got = [next(fresh).tolist() for _ in range(2)]
+    local_ok = all(np.array_equal(np.asarray(s.data), full[s.index]) for s in restored["w"].addressable_shards)
+
+    guard = loop_utils.PreemptionGuard()
+    quiet = guard.sync_requested()
+    guard.requested = pid == 1  # only process 1 got SIGTERM
+    anyone = guard.sync_requested()
+    result = {"pid": pid, "devices": jax.device_count(), "expected": expected, "got": got, "local_ok": local_ok,
+              "files": sorted(os.listdir(os.path.join(directory, "5", "data"))), "quiet": quiet, "anyone": anyone,
+              "local_error": local_error}
+    jax.distributed.shutdown()
+    return result
+
+
+def test_two_processes_save_and_restore_their_own_iterator_state(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), address, str(i), str(tmp_path / "ck")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    for r in results:
+        assert r["devices"] == 4 and r["local_ok"]
+        assert r["got"] == r["expected"]
+        assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(r["files"])
+        assert (r["quiet"], r["anyone"]) == (False, True)
+        assert "state leaf 'rng' is a process-local jax.Array" in r["local_error"]
+    assert results[0]["expected"] != results[1]["expected"]  # each process resumed its own stream
+
+
+if __name__ == "__main__":  # a worker of test_two_processes_save_and_restore_their_own_iterator_state
+    import sys
+
+    print(json.dumps(_multiprocess_worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])))

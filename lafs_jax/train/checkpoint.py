@@ -87,6 +87,18 @@ def abstract_like(state: Any, shardings: Any = None) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+def _check_global(state: Any) -> None:
+    """In a multi-process run every jax.Array of the state must be a global array (on the mesh)."""
+    from lafs_jax.train.mesh import path_str
+
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
+            raise ValueError(f"state leaf '{path_str(keypath)}' is a process-local jax.Array ({leaf.sharding}); in a "
+                             f"multi-process run every state array must live on the mesh: create it with "
+                             f"jax.jit(..., out_shardings=NamedSharding(mesh, P())) or "
+                             f"jax.device_put(numpy_value, NamedSharding(mesh, P()))")
+
+
 class TrainCheckpointer:
     """Training checkpoints in `directory`: train state + Grain iterator state + JSON metadata.
 
@@ -142,6 +154,8 @@ class TrainCheckpointer:
         step = int(step)
         if step in self._manager.all_steps():
             return False
+        if jax.process_count() > 1:
+            _check_global(state)
         items = {STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(self.metadata)}
         if data_iterator is not None:
             items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
