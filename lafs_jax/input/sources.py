@@ -1,7 +1,7 @@
 """Grain random-access sources of face images: InsightFace .rec/.idx, ArrayRecord, image folder, TFDS.
 
 Every source has `len()`, `source[i] -> {'image': uint8 [H, W, 3] RGB, 'label': int}`, `num_classes`,
-`labels` (int64 [N], the label of every item, read without decoding images where the format allows)
+`labels` (int [N], the label of every item, read without decoding images where the format allows)
 and `describe(i)` (which file / record item i is, for error messages). With `skip_undecodable=True`
 an image that does not decode gives `None` instead of an error (the pipelines drop it) and a warning
 with the running count of skipped records. All sources are picklable, for Grain worker processes.
@@ -52,7 +52,7 @@ class FaceSource(abc.ABC):
 
     @property
     def labels(self) -> np.ndarray:
-        """int64 [N]: the label of every item, in item order."""
+        """int [N] (int32 or int64): the label of every item, in item order."""
         return self._labels
 
     @abc.abstractmethod

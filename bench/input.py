@@ -1,0 +1,147 @@
+"""Input pipeline throughput: images/s of each Grain pipeline for several worker counts.
+
+    python -m bench.input [--workers 0,1,2,4] [--pipelines decode_flip,finetune,dino,lafs,eval]
+                          [--num-images 2048] [--batch-size 64] [--seconds 6] [--write-results]
+
+Generates an InsightFace-layout .rec of 112x112 face-like JPEGs (lafs_jax.input.synthetic) in a
+temporary folder, then, per (pipeline, workers), builds the pipeline, waits for its first batch
+(worker start-up) and counts the batches it delivers in the following `--seconds`. Prints one JSON
+line per result. `images_per_s` counts source images (one sample of DINO/LAFS is many views:
+`views_per_s`). `workers 0` runs in the main process with `--read-threads` reader threads (0 = a
+single thread: one core), which is the per-core number. With --write-results the numbers and the
+command go into the `## Input pipeline` section of bench/RESULTS.md.
+
+Pipelines: decode_flip = decode + random flip + normalise (every other augmentation off);
+finetune = the fine-tuning defaults (flip, RandAugment m=1, crop 0.9-1, jitter 0.1, erasing 0.5,
+mixup 0.1); dino = 2x112 + 8x48 multi-crop; lafs = 2 + 8 (clean, augmented) 112-px view pairs;
+eval = decode + normalise, padded batches.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from lafs_jax.input import pipelines as P
+from lafs_jax.input import sources, synthetic
+
+VIEWS = {"decode_flip": 1, "finetune": 1, "dino": 10, "lafs": 20, "eval": 1}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+SECTION = "## Input pipeline"
+
+
+def build(name: str, source, dc, batch_size: int, seed: int = 0):
+    kw = dict(batch_size=batch_size, process_index=0, process_count=1)
+    if name == "decode_flip":
+        f = dc.finetune
+        f.random_resized_crop = f.randaugment = False
+        f.color_jitter = f.random_erasing_prob = f.mixup_prob = 0.0
+        return P.finetune_batches(source, dc, seed=seed, **kw)
+    if name == "finetune":
+        return P.finetune_batches(source, dc, seed=seed, **kw)
+    if name == "dino":
+        return P.dino_batches(source, dc, seed=seed, **kw)
+    if name == "lafs":
+        return P.lafs_batches(source, dc, seed=seed, **kw)
+    if name == "eval":
+        return P.eval_batches(source, dc, **kw)
+    raise ValueError(f"unknown pipeline {name!r}; choose from {sorted(VIEWS)}")
+
+
+def measure(name: str, source, workers: int, batch_size: int, seconds: float, read_threads: int) -> dict:
+    dc = P.data_config()
+    dc.workers = workers
+    dc.read_threads = read_threads
+    dc.worker_buffer_size = 2
+    t0 = time.perf_counter()
+    it = build(name, source, dc, batch_size)
+    next(it)
+    startup = time.perf_counter() - t0
+    batches, elapsed, start = 0, 0.0, time.perf_counter()
+    while True:
+        try:
+            next(it)
+        except StopIteration:  # eval is one pass: start a new one, its start-up not timed
+            elapsed += time.perf_counter() - start
+            it.close()
+            it = build(name, source, dc, batch_size)
+            next(it)
+            start = time.perf_counter()
+            continue
+        batches += 1
+        if batches >= 2 and elapsed + time.perf_counter() - start >= seconds:
+            break
+    elapsed += time.perf_counter() - start
+    it.close()
+    images = batches * batch_size / elapsed
+    return {"name": f"input/{name}", "pipeline": name, "workers": workers, "read_threads": read_threads,
+            "batch_size": batch_size, "images_per_s": round(images, 1), "views_per_s": round(images * VIEWS[name], 1),
+            "batch_ms": round(1000 * elapsed / batches, 1), "startup_s": round(startup, 2), "batches": batches,
+            "device": "cpu", "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def write_results(results: list[dict], command: str, note: str) -> None:
+    """Replace (or add) the `## Input pipeline` section of bench/RESULTS.md; other sections stay."""
+    rows = ["| pipeline | workers | images/s | views/s | batch ms | load avg |", "|---|---|---|---|---|---|"]
+    rows += [f"| {r['pipeline']} | {r['workers']} | {r['images_per_s']} | {r['views_per_s']} | {r['batch_ms']} | "
+             f"{r['load_avg_1m']} |" for r in results]
+    section = "\n".join([
+        SECTION, "",
+        f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"Python {platform.python_version()}; generated 112x112 JPEGs (about 4.4 KB each), batch "
+        f"{results[0]['batch_size']}.", "",
+        "Command:", "", "```", command, "```", "",
+        *rows, "",
+        note, ""])
+    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(RESULTS, "w") as f:
+        f.write(text.rstrip("\n") + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", default="0,1,2,4", help="comma-separated worker counts")
+    parser.add_argument("--pipelines", default="decode_flip,finetune,dino,lafs,eval")
+    parser.add_argument("--num-images", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per result")
+    parser.add_argument("--read-threads", type=int, default=0, help="reader threads per process (0 = one thread)")
+    parser.add_argument("--data", default=None, help="an existing .rec prefix instead of generated images")
+    parser.add_argument("--write-results", action="store_true")
+    parser.add_argument("--note", default="", help="text appended to the RESULTS.md section")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = args.data
+        if prefix is None:
+            prefix = os.path.join(tmp, "train")
+            per_class = 16
+            synthetic.write_synthetic_rec(prefix, max(1, args.num_images // per_class), per_class, size=112)
+        source = sources.FaceRecordSource(prefix)
+        results = []
+        for name in args.pipelines.split(","):
+            for workers in (int(w) for w in args.workers.split(",")):
+                r = measure(name, source, workers, args.batch_size, args.seconds, args.read_threads)
+                print(json.dumps(r), flush=True)
+                results.append(r)
+    if args.write_results:
+        write_results(results, "python -m bench.input " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      args.note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
