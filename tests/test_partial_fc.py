@@ -374,3 +374,19 @@ def test_margin_helpers_agree_with_dense_formula():
     f = target_cosine(c, 1.0, 0.5, 0.0)
     np.testing.assert_allclose(f, np.cos(np.arccos(np.asarray(c, np.float64)) + 0.5), atol=2e-6)
     assert math.isclose(pfc.num_sampled(125000, 0.1), 12500) and pfc.num_sampled(5, 0.01) == 1
+
+
+def test_full_step_keeps_w_and_moments_split_in_the_compiled_program():
+    """The jitted step (loss + grads + AdamW on W) holds only 1/N of W and its moments per device."""
+    from bench.partial_fc import compile_step, layout_check, memory
+
+    mesh = mesh_of()
+    c, d = 20001, 32  # -> 20008 rows, 2501 per device
+    compiled, _, rows, _ = compile_step(mesh, c, 0.1, d, 16, 8)
+    layout = layout_check(compiled, rows, 8)
+    assert rows == 20008 and layout["w_like_inputs"] == 3 and layout["unsplit_inputs"] == []
+    assert layout["w_and_state_bytes_per_device"] == rows * d * 3 * 4 // 8
+    assert layout["full_size_arrays_in_hlo"] == 0 and layout["local_size_arrays_in_hlo"] > 0
+    mem = memory(compiled)
+    assert rows * d * 3 * 4 // 8 <= mem["argument"] < rows * d * 3 * 4 // 8 + 2 ** 16
+    assert mem["temp"] < rows * d * 4  # less than one replicated copy of W
