@@ -48,20 +48,20 @@ def _fake_landmark_fn(images):
 
 def test_landmark_views_use_clean_for_landmarks_and_aug_for_patches():
     rng = np.random.default_rng(1)
-    v, b, s = 2, 3, 48
-    clean = jnp.asarray(rng.uniform(-1, 1, size=(v, b, s, s, 3)), jnp.float32)
-    aug = jnp.asarray(rng.uniform(-1, 1, size=(v, b, s, s, 3)), jnp.float32)
+    b, v, s = 3, 2, 48
+    clean = jnp.asarray(rng.uniform(-1, 1, size=(b, v, s, s, 3)), jnp.float32)
+    aug = jnp.asarray(rng.uniform(-1, 1, size=(b, v, s, s, 3)), jnp.float32)
     tokens = views.landmark_views(_fake_landmark_fn, clean, aug, jax.random.key(0), noise_std=0.0,
                                   num_selected=None, patch_size=4)
-    assert tokens.shape == (v, b, 81, 4 * 4 * 3)
-    flat_clean, flat_aug = clean.reshape(v * b, s, s, 3), aug.reshape(v * b, s, s, 3)
+    assert tokens.shape == (b, v, 81, 4 * 4 * 3)
+    flat_clean, flat_aug = clean.reshape(b * v, s, s, 3), aug.reshape(b * v, s, s, 3)
     expected = sample_patches(flat_aug, _fake_landmark_fn(flat_clean), 4).reshape(tokens.shape)
     np.testing.assert_allclose(np.asarray(tokens), np.asarray(expected), atol=1e-6)
     wrong = sample_patches(flat_aug, _fake_landmark_fn(flat_aug), 4).reshape(tokens.shape)
     assert not np.allclose(np.asarray(tokens), np.asarray(wrong), atol=1e-3)
     local = views.landmark_views(_fake_landmark_fn, clean, aug, jax.random.key(0), noise_std=5.0,
                                  num_selected=36, patch_size=4)
-    assert local.shape == (v, b, 36, 48)
+    assert local.shape == (b, v, 36, 48)
 
 
 def test_landmark_views_give_no_gradient_to_the_landmark_function():
@@ -105,3 +105,379 @@ def test_grid_tokens_resize_and_errors():
     with pytest.raises(ValueError, match="clean"):
         views.landmark_views(_fake_landmark_fn, jnp.ones((1, 2, 8, 8, 3)), jnp.ones((1, 2, 8, 9, 3)),
                              jax.random.key(0), noise_std=0.0, num_selected=None, patch_size=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# The pretraining step and run(): a very small model (32 px views, depth 1) on 8 CPU devices.
+# ------------------------------------------------------------------------------------------------
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import ml_collections  # noqa: E402
+
+from lafs_jax.config import ConfigError  # noqa: E402
+from lafs_jax.train import checkpoint as ckpt_lib  # noqa: E402
+from lafs_jax.train import loop_utils  # noqa: E402
+from lafs_jax.train import mesh as mesh_lib  # noqa: E402
+from lafs_jax.train import optim as optim_lib  # noqa: E402
+from lafs_jax.train import pretrain  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 32  # view side in the tests (px)
+
+
+def _recipe(method: str) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(f"recipe_{method}", os.path.join(ROOT, "configs", f"{method}_pretrain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("tiny")
+
+
+def _small_config(method: str, data_path: str = "") -> ml_collections.ConfigDict:
+    """The :tiny recipe shrunk further: 32 px views, depth-1 ViT, 64 prototypes, batch 8."""
+    c = _recipe(method)
+    c.unlock()
+    m = c.model
+    m.image_size, m.num_landmarks, m.dim, m.depth, m.heads, m.head_dim, m.mlp_dim = SIZE, 16, 48, 1, 2, 24, 96
+    m.dino_head.out_dim, m.dino_head.hidden_dim, m.dino_head.bottleneck_dim = 64, 64, 32
+    c.data.path = data_path
+    c.data.lafs.view_size, c.data.lafs.local_views = SIZE, 2
+    c.data.dino.global_size, c.data.dino.local_size, c.data.dino.local_crops = SIZE, 16, 2
+    m.landmark.blocks = m.landmark.blocks[:2]  # 32 -> 16 -> 8 -> 4 px
+    c.batch_size = 8
+    c.optim.epochs, c.optim.warmup_epochs = 4, 1.0
+    c.dino.warmup_teacher_temp_epochs = 2
+    if method == "lafs":
+        c.lafs.num_local_landmarks = 4
+    c.log_every = 1
+    c.checkpoint.every_steps = 2
+    c.lock()
+    return c
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory):
+    from lafs_jax.input.synthetic import write_synthetic_rec
+
+    prefix = str(tmp_path_factory.mktemp("pretrain_data") / "train")
+    write_synthetic_rec(prefix, num_classes=4, per_class=8, size=48)  # 32 images -> 4 steps per epoch at batch 8
+    return prefix
+
+
+def _batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    b = config.batch_size
+    if config.method == "dino":
+        d = config.data.dino
+        return {"global": rng.uniform(-1, 1, (b, d.global_crops, d.global_size, d.global_size, 3)).astype(np.float32),
+                "local": rng.uniform(-1, 1, (b, d.local_crops, d.local_size, d.local_size, 3)).astype(np.float32)}
+    v = config.data.lafs
+    out = {}
+    for kind, n in (("global", v.global_views), ("local", v.local_views)):
+        clean = rng.uniform(-1, 1, (b, n, v.view_size, v.view_size, 3)).astype(np.float32)
+        out[f"{kind}_clean"] = clean
+        out[f"{kind}_aug"] = np.clip(clean + rng.normal(0, 0.2, clean.shape), -1, 1).astype(np.float32)
+    return out
+
+
+def _init_landmarks(networks, seed):
+    return jax.jit(lambda k: networks.landmark_cnn.init({"params": k}, jnp.zeros((1, SIZE, SIZE, 3)),
+                                                       train=False))(jax.random.key(seed))
+
+
+class Trainer:
+    """Networks, optimizer, initial state and jitted step of a config on a mesh (for step-level tests)."""
+
+    def __init__(self, config, mesh, steps_per_epoch=4, total_steps=16):
+        self.config, self.mesh = config, mesh
+        self.networks = pretrain.build_networks(config)
+        abstract_student = jax.eval_shape(lambda k: pretrain.init_student(self.networks, config, k), jax.random.key(0))
+        self.tx = optim_lib.pretrain_optimizer(abstract_student, config.optim, steps_per_epoch, total_steps=total_steps,
+                                               global_batch_size=config.batch_size)
+        lm = None
+        if config.method == "lafs":
+            lm = jax.device_get(_init_landmarks(self.networks, 7))
+        init_fn = lambda key, lm_: pretrain.init_state(self.networks, config, self.tx, key, lm_)
+        abstract = jax.eval_shape(init_fn, jax.random.key(0), lm)
+        self.shardings = pretrain.state_shardings(abstract, config, mesh)
+        self.init = lambda: jax.jit(init_fn, out_shardings=self.shardings)(jax.random.key(0), lm)
+        self.step_fn = pretrain.make_train_step(self.networks, config, self.tx, steps_per_epoch=steps_per_epoch,
+                                                total_steps=total_steps)
+        self.step = pretrain.jit_step(self.step_fn, self.shardings, mesh)
+
+    def run(self, state, batch, rng):
+        return self.step(state, mesh_lib.global_batch(batch, self.mesh), rng)
+
+
+def _host(tree):
+    """numpy copies (typed PRNG keys as their key data)."""
+    def one(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.array(jax.device_get(x))
+    return jax.tree.map(one, tree)
+
+
+def _no_dropout(c):
+    """Dropout and drop-path off: a smaller program to compile (the resume test keeps them on)."""
+    c.model.dropout = c.model.emb_dropout = c.model.drop_path_rate = 0.0
+
+
+def _fixed_batch_config(method):
+    """No warmup, no frozen last layer, a constant teacher temperature, deterministic teacher."""
+    c = _small_config(method)
+    c.unlock()
+    c.optim.warmup_epochs, c.optim.freeze_last_layer_epochs, c.optim.lr = 0.0, 0, 2e-3
+    c.dino.teacher_train_mode = False
+    c.dino.warmup_teacher_temp = c.dino.teacher_temp = 0.04
+    _no_dropout(c)
+    c.lock()
+    return c
+
+
+@pytest.fixture(scope="module")
+def lafs_trainer():
+    return Trainer(_fixed_batch_config("lafs"), mesh_lib.make_mesh(None))
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    """Fixed batch, fixed step key, teacher and centre held still (momenta 1): the targets are fixed, so
+    the student's cross-entropy to them must fall."""
+    c = _fixed_batch_config("lafs")
+    c.unlock()
+    c.dino.teacher_momentum = c.dino.teacher_momentum_end = c.dino.center_momentum = 1.0
+    c.lock()
+    trainer = Trainer(c, mesh_lib.make_mesh(None))
+    batch = _batch(c)
+    state = trainer.init()
+    losses = []
+    for _ in range(6):
+        state, metrics = trainer.run(state, batch, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.05 and min(losses) == losses[-1], losses
+
+
+def test_teacher_is_the_ema_of_the_student_and_center_is_updated(lafs_trainer):
+    t = lafs_trainer
+    batch = _batch(t.config, seed=1)
+    state = t.init()
+    state, _ = t.run(state, batch, jax.random.key(0))  # a first step so the centre is not zero
+    before = _host(state)
+    rng = jax.random.key(5)
+    after, metrics = t.run(state, batch, rng)
+    after = _host(after)
+    m = np.float32(optim_lib.cosine_schedule(0.996, 1.0, 16)(1))
+    np.testing.assert_allclose(float(metrics["momentum"]), m, rtol=1e-7)
+    expected = jax.tree.map(lambda te, st: te * m + (np.float32(1) - m) * st, before["teacher"], after["student"])
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(after["teacher"])[0], jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-7 * max(1.0, float(np.abs(want).max())),
+                                   err_msg=mesh_lib.path_str(path))
+    assert not np.array_equal(after["student"]["head"]["dense_0"]["kernel"], before["student"]["head"]["dense_0"]["kernel"])
+    # centre: 0.9 * old + 0.1 * mean of this step's teacher logits (deterministic teacher in this config)
+    k_views, _, k_teacher = pretrain.step_keys(rng)
+    views = pretrain.make_views(t.networks, t.config, jax.tree.map(jnp.asarray, batch), before["landmark_cnn"], k_views)
+    logits = np.asarray(pretrain.head_logits(t.networks, before["teacher"], views, k_teacher, train=False,
+                                             names=("global",)))
+    want_center = before["center"] * np.float32(0.9) + logits.reshape(-1, logits.shape[-1]).mean(0) * np.float32(0.1)
+    np.testing.assert_allclose(after["center"], want_center, rtol=1e-5, atol=1e-6)
+    # the frozen landmark CNN rides through the step unchanged, bit for bit
+    for a, b in zip(jax.tree.leaves(after["landmark_cnn"]), jax.tree.leaves(before["landmark_cnn"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_view_token_counts():
+    for local_views, n in (("landmarks", 4), ("grid", 16)):
+        c = _small_config("lafs")
+        c.unlock()
+        c.lafs.local_views, c.lafs.grid_size = local_views, SIZE
+        c.lock()
+        nets = pretrain.build_networks(c)
+        lm = _init_landmarks(nets, 0)
+        v = pretrain.make_views(nets, c, jax.tree.map(jnp.asarray, _batch(c)), lm, jax.random.key(0))
+        assert v["global"].shape == (8, 2, 16, 192)
+        assert v["local"].shape == (8, 2, n, 192)
+    c = _small_config("dino")
+    v = pretrain.make_views(pretrain.build_networks(c), c, jax.tree.map(jnp.asarray, _batch(c)), None, jax.random.key(0))
+    assert v["global"].shape == (8, 2, 16, 192) and v["local"].shape == (8, 2, 4, 192)
+
+
+def test_one_device_and_eight_devices_agree(lafs_trainer):
+    batch = _batch(lafs_trainer.config, seed=2)
+    results = []
+    for trainer in (lafs_trainer, Trainer(lafs_trainer.config, mesh_lib.make_mesh(None, devices=jax.devices()[:1]))):
+        state = trainer.init()
+        for i in range(2):
+            state, metrics = trainer.run(state, batch, jax.random.key(10 + i))
+        results.append((float(metrics["loss"]), _host(state["student"]), _host(state["center"])))
+    (l8, s8, c8), (l1, s1, c1) = results
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    np.testing.assert_allclose(c8, c1, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(s8), jax.tree.leaves(s1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_config_values_name_the_key():
+    c = _small_config("lafs")
+    c.unlock()
+    c.lafs.num_local_landmarks = 99
+    with pytest.raises(ConfigError, match="lafs.num_local_landmarks"):
+        pretrain.validate_config(c)
+    c = _small_config("dino")
+    c.unlock()
+    c.model.kind = "part_fvit"
+    with pytest.raises(ConfigError, match="model.kind"):
+        pretrain.validate_config(c)
+    c = _small_config("lafs")
+    c.unlock()
+    c.method = "mae"
+    with pytest.raises(ConfigError, match="method"):
+        pretrain.validate_config(c)
+
+
+def test_landmark_checkpoint_with_wrong_shapes_names_the_parameter(tmp_path):
+    c = _small_config("lafs")
+    nets = pretrain.build_networks(c)
+    other = ml_collections.ConfigDict(c.model.to_dict())
+    other.num_landmarks = 9
+    from lafs_jax.models import presets
+
+    wrong = jax.jit(lambda k: presets.build_landmark_cnn(other).init({"params": k}, jnp.zeros((1, SIZE, SIZE, 3)),
+                                                                     train=False))(jax.random.key(0))
+    ckpt_lib.save_variables(str(tmp_path / "lm"), jax.device_get(wrong))
+    c.unlock()
+    c.lafs.landmark_path = str(tmp_path / "lm")
+    with pytest.raises(ConfigError, match=r"parameter 'landmark_head/(bias|kernel)' has shape \(.*18,\)"):
+        pretrain.landmark_variables(c, nets, str(tmp_path))
+
+
+# ---- run(): resume, SIGTERM, NaN guard, outputs ----
+
+_CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
+                  "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA compilation cache shared by the run() tests and their subprocess: runs of the
+    same config compile their step once (a speed measure only; results do not depend on it)."""
+    from jax._src import compilation_cache
+
+    options = dict(_CACHE_OPTIONS, jax_compilation_cache_dir=str(tmp_path_factory.mktemp("xla_cache")))
+    previous = {name: getattr(jax.config, name) for name in options}
+    for name, value in options.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield options
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+def _main_env(cache_options):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # XLA_FLAGS (8 CPU devices) as set by conftest
+    env.update({name.upper(): str(value) for name, value in cache_options.items()})
+    return env
+
+
+def _restore_state(workdir, step):
+    with ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+        assert ckpt.latest_step() == step, ckpt.all_steps()
+        return ckpt.restore(step)
+
+
+def test_sigterm_then_resume_in_a_new_process_equals_a_straight_run(tmp_path, data_prefix, compile_cache):
+    """A subprocess (main.py) is stopped by SIGTERM at some step k: it saves and exits 0. This process
+    resumes from that checkpoint to step k + 3; a straight run to k + 3 gives the same losses and state."""
+    total = 400  # schedules span 400 steps; both runs stop early at the same step
+    work_b = str(tmp_path / "b")
+    cfg_path = str(tmp_path / "small_lafs.py")
+    with open(cfg_path, "w") as f:  # the test's small config as a recipe file main.py can load
+        f.write("import sys\nsys.path.insert(0, %r)\nfrom test_pretrain import _small_config\n"
+                "def get_config(arg=None):\n    return _small_config('lafs', %r)\n" % (os.path.join(ROOT, "tests"),
+                                                                                   data_prefix))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), f"--config={cfg_path}",
+                             f"--config.total_steps={total}", f"--workdir={work_b}"], cwd=ROOT, env=_main_env(compile_cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics_file = os.path.join(work_b, loop_utils.METRICS_FILE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics_file) and len(open(metrics_file).read().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted" in out
+    k = loop_utils.read_metrics(work_b)[-1]["step"]
+    assert 2 <= k < total
+    with ckpt_lib.TrainCheckpointer(os.path.join(work_b, "checkpoints")) as ckpt:
+        assert ckpt.latest_step() == k
+
+    end = k + 3
+    config = _small_config("lafs", data_prefix)
+    config.unlock()
+    config.total_steps, config.stop_at_step = total, end
+    config.lock()
+    pretrain.run(config, work_b)  # resumes from step k (the landmark CNN comes from work_b's init dir)
+    work_a = str(tmp_path / "a")
+    pretrain.run(config, work_a)
+
+    losses_a = {r["step"]: r["loss"] for r in loop_utils.read_metrics(work_a)}
+    losses_b = {r["step"]: r["loss"] for r in loop_utils.read_metrics(work_b)}
+    assert sorted(losses_a) == list(range(1, end + 1)) and sorted(losses_b) == list(range(1, end + 1))
+    for s in range(1, end + 1):
+        assert losses_a[s] == losses_b[s], (s, losses_a[s], losses_b[s])
+    state_a, state_b = _restore_state(work_a, end), _restore_state(work_b, end)
+    for name in ("student", "teacher", "center", "opt_state", "landmark_cnn"):
+        for x, y in zip(jax.tree.leaves(state_a[name]), jax.tree.leaves(state_b[name])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    # the landmark CNN in the state is bit-identical to the one the run started from
+    init_lm, _ = ckpt_lib.load_variables(os.path.join(work_a, pretrain.LANDMARK_INIT_DIR))
+    for x, y in zip(jax.tree.leaves(state_a["landmark_cnn"]), jax.tree.leaves(init_lm)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not os.path.exists(os.path.join(work_a, pretrain.TEACHER_BACKBONE_DIR))  # stopped early: no final export
+
+
+def test_full_run_writes_teacher_backbone_and_scalars(tmp_path, data_prefix):
+    config = _small_config("dino", data_prefix)
+    config.unlock()
+    config.total_steps, config.optim.warmup_epochs = 3, 0.25
+    _no_dropout(config)
+    config.lock()
+    work = str(tmp_path / "w")
+    result = pretrain.run(config, work)
+    assert result["step"] == 3 and np.isfinite(result["loss"])
+    rows = loop_utils.read_metrics(work)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("loss", "learning_rate", "weight_decay", "momentum", "teacher_temp"):
+        assert key in rows[-1]
+    assert "img_per_sec" in rows[-1] and "step_time_ms" in rows[-1]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(work))
+    variables, meta = ckpt_lib.load_variables(os.path.join(work, pretrain.TEACHER_BACKBONE_DIR))
+    assert meta["kind"] == "token_vit" and meta["normalization"] == "[-1,1]" and meta["color_order"] == "rgb"
+    assert meta["model"]["kind"] == "fvit" and meta["model"]["dim"] == 48
+    state = _restore_state(work, 3)
+    for x, y in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state["teacher"]["backbone"]["vit"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nan_loss_stops_naming_step_and_metric_and_keeps_last_good_checkpoint(tmp_path, data_prefix):
+    config = _small_config("lafs", data_prefix)
+    config.unlock()
+    config.total_steps, config.checkpoint.every_steps = 6, 1
+    config.optim.warmup_epochs, config.optim.freeze_last_layer_epochs, config.optim.lr = 0.0, 0, 1e36
+    config.optim.lr_scaling = "none"
+    _no_dropout(config)
+    config.lock()
+    work = str(tmp_path / "nan")
+    with pytest.raises(loop_utils.NonFiniteError, match=r"step 2: metric 'loss' is nan"):
+        pretrain.run(config, work)
+    with ckpt_lib.TrainCheckpointer(os.path.join(work, "checkpoints")) as ckpt:
+        assert ckpt.all_steps() == [1]

@@ -1,10 +1,10 @@
 """Token views for self-supervised pretraining: LAFS landmark views and grid-patch views.
 
-Layouts. Pipelines hand views as `[B, V, S, S, 3]` (batch-major); the pretraining step works
-views-major, `[V, B, ...]`, so that a view's outputs are one contiguous block as in DINO's
-multi-crop loss. Tokens are `[V, B, N, P*P*C]` in the Part fViT token layout (x-offset, y-offset,
-channel) that `lafs_jax.models.sampling.sample_patches` produces, so landmark tokens and grid tokens
-go through the same patch embedding.
+Layouts. Pipelines hand views batch-major, `[B, V, S, S, 3]`, and the views stay batch-major here
+(`[B, V, N, T]` tokens): flattening `[B, V] -> [B*V]` keeps the batch axis, which is the axis split
+over devices, leading, so no data moves between devices. Tokens are in the Part fViT token layout
+(x-offset, y-offset, channel) that `lafs_jax.models.sampling.sample_patches` produces, so landmark
+tokens and grid tokens go through the same patch embedding.
 
 LAFS landmark views (reference/lafs.md §2.3): a frozen landmark CNN predicts R landmarks on each
 *clean* crop; Gaussian noise (σ = 5 px) is added to every coordinate; global views keep all R
@@ -28,11 +28,6 @@ import jax
 import jax.numpy as jnp
 
 from lafs_jax.models.sampling import sample_patches
-
-
-def views_major(x: jax.Array) -> jax.Array:
-    """[B, V, ...] -> [V, B, ...]."""
-    return jnp.swapaxes(x, 0, 1)
 
 
 def perturb_and_select(landmarks: jax.Array, key: jax.Array, *, noise_std: float,
@@ -67,20 +62,20 @@ def landmark_views(landmark_fn: Callable[[jax.Array], jax.Array], clean: jax.Arr
     Args:
       landmark_fn: images [N, S, S, 3] -> landmarks [N, R, 2] (pixel (x, y)); the frozen landmark
         CNN in eval mode. Its output is treated as a constant (stop_gradient).
-      clean, aug: [V, B, S, S, 3] the clean crops and their colour-augmented twins (same geometry).
+      clean, aug: [B, V, S, S, 3] the clean crops and their colour-augmented twins (same geometry).
       key: PRNG key for the noise and the landmark resampling.
       noise_std, num_selected: see `perturb_and_select`.
       patch_size: P, side of each sampled patch in pixels.
     Returns:
-      tokens [V, B, n, P*P*3] with n = R (num_selected None) or num_selected.
+      tokens [B, V, n, P*P*3] with n = R (num_selected None) or num_selected.
     """
     if clean.shape != aug.shape or clean.ndim != 5:
-        raise ValueError(f"landmark_views: clean {clean.shape} and aug {aug.shape} must both be [V, B, S, S, 3]")
-    v, b = clean.shape[:2]
-    landmarks = landmark_fn(clean.reshape(v * b, *clean.shape[2:]))
+        raise ValueError(f"landmark_views: clean {clean.shape} and aug {aug.shape} must both be [B, V, S, S, 3]")
+    b, v = clean.shape[:2]
+    landmarks = landmark_fn(clean.reshape(b * v, *clean.shape[2:]))
     centers = perturb_and_select(landmarks, key, noise_std=noise_std, num_selected=num_selected)
-    tokens = sample_patches(aug.reshape(v * b, *aug.shape[2:]), centers.astype(aug.dtype), patch_size)
-    return tokens.reshape(v, b, *tokens.shape[1:])
+    tokens = sample_patches(aug.reshape(b * v, *aug.shape[2:]), centers.astype(aug.dtype), patch_size)
+    return tokens.reshape(b, v, *tokens.shape[1:])
 
 
 def grid_tokens(images: jax.Array, *, grid_size: int, patch_size: int) -> jax.Array:

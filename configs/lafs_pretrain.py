@@ -1,0 +1,106 @@
+"""LAFS self-supervised pretraining of Part fViT's ViT on landmark views (CVPR 2024; reference/lafs.md §2).
+
+Launch (WebFace4M .rec, 2 GPUs' worth of global batch as the official run):
+
+    python main.py --config configs/lafs_pretrain.py --workdir runs/lafs_webface4m \\
+        --config.data.path=/data/webface4m/train --config.data.color_order=bgr \\
+        --config.lafs.landmark_path=runs/convert/part_fvit_webface4m
+
+`lafs.landmark_path` is a variables directory of a supervised Part fViT (`python -m lafs_jax.convert
+--kind part_fvit ...` of the released checkpoint, or `workdir/backbone` of our fine-tuning); its
+landmark CNN is used frozen. `color_order=bgr` reproduces the official WebFace4M .rec, whose JPEGs
+hold channel-swapped content (§4.2); MS1MV3 is `rgb`. The "mixed views" ablation:
+`--config.lafs.local_views=grid --config.data.lafs.local_scale='(0.05,0.4)'`.
+
+Tiny CPU demo (ORL faces from `python -m data.prepare orl --out runs/demo/data`, an untrained tiny
+landmark CNN, a few hundred steps):
+
+    python main.py --config configs/lafs_pretrain.py:tiny --workdir runs/demo/lafs_pretrain
+
+The teacher backbone lands in `WORKDIR/teacher_backbone` (fine-tuning: `configs/finetune.py` with
+`--config.init.backbone=WORKDIR/teacher_backbone`).
+
+Expected downstream numbers (after fine-tuning; TAR@FAR=1e-4), from the official README
+(reference/lafs.md §4.5), not re-measured here: LAFS-pretrained + fine-tuned on WebFace4M gives
+IJB-B 96.28, IJB-C 97.58 (supervised Part fViT alone: IJB-B 96.05, IJB-C 97.40). The paper's
+few-shot tables (supplement Tables 6-7) are not reproduced in this repository's references.
+Official compute: about 2-3 days on 2 x A100-40GB for 41 epochs.
+"""
+import ml_collections
+
+from lafs_jax.config import base_config
+from lafs_jax.input.pipelines import data_config
+from lafs_jax.models.presets import model_config
+from lafs_jax.train.optim import optim_config
+
+VARIANTS = ("base", "tiny")
+
+
+def get_config(arg=None):
+    variant = arg or "base"
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/lafs_pretrain.py:{variant}: choose one of {list(VARIANTS)}")
+    tiny = variant == "tiny"
+    c = base_config()
+    c.task = "pretrain"
+    c.method = "lafs"  # 'lafs' (landmark views, Part fViT's TokenViT) | 'dino' (multi-crop on fViT)
+
+    # Part fViT (official: 196 landmarks, dim 768, depth 12, 11 heads x 64, MLP 2048, dropout and
+    # drop-path 0.1; DINO head 768 -> 2048 -> 2048 -> 256 -> 100000, last layer weight-normalised, g = 1).
+    c.model = model_config("tiny" if tiny else "base")
+
+    # Input: LAFS views (§2.2): 2 global + 8 local (clean, colour-augmented) pairs, all 112 px crops
+    # with the global scale range (0.4, 1) as the official code; normalised to [-1, 1].
+    c.data = data_config()
+    c.data.path = "runs/demo/data/train" if tiny else ""  # .rec prefix (DIR/train for DIR/train.rec + .idx)
+    if tiny:
+        c.data.lafs.local_views = 4  # fewer local views keep the CPU demo fast
+        c.data.workers = 0  # in-process input for the demo and tests
+        c.data.read_threads = 1
+
+    # AdamW (§2.5): peak lr 5e-4 x global batch / 256 after 10 warmup epochs, cosine to 1e-6; weight
+    # decay cosine 0.04 -> 0.4 on ndim >= 2 non-bias tensors; per-tensor clip 3.0; last layer frozen
+    # in epoch 0; 41 epochs.
+    c.optim = optim_config("pretrain")
+    if tiny:
+        c.optim.epochs = 20  # ORL: 300 images / batch 32 = 9 steps per epoch -> 180 steps
+        c.optim.warmup_epochs = 2.0
+        c.optim.lr = 1e-3  # x 32 / 256
+
+    c.batch_size = 32 if tiny else 164  # global batch (official: 82 per GPU x 2 GPUs)
+    c.steps_per_epoch = -1  # -1: data set size // batch_size (drop_last)
+    c.total_steps = -1  # -1: optim.epochs x steps_per_epoch; the schedules span this many steps
+    c.stop_at_step = -1  # stop (saving a checkpoint) at this step though the schedules go on; -1: never
+    c.precision = "auto"  # compute dtype: 'auto' (bf16 on GPU/TPU, fp32 on CPU) | 'float32' | 'bfloat16'
+
+    # DINO loss and teacher (§2.5).
+    c.dino = ml_collections.ConfigDict()
+    c.dino.student_temp = 0.1  # student softmax temperature
+    c.dino.warmup_teacher_temp = 0.07  # teacher temperature at epoch 0 (LAFS 0.07; DINO 0.04)
+    c.dino.teacher_temp = 0.04  # teacher temperature after the warmup (LAFS 0.04; DINO boost 0.07)
+    c.dino.warmup_teacher_temp_epochs = 2 if tiny else 30  # epochs of linear temperature warmup
+    c.dino.center_momentum = 0.9  # EMA momentum of the centre (teacher output mean, global batch)
+    c.dino.teacher_momentum = 0.996  # teacher EMA momentum at step 0, cosine to teacher_momentum_end
+    c.dino.teacher_momentum_end = 1.0  # teacher EMA momentum at the last step
+    c.dino.teacher_train_mode = True  # teacher applies dropout / drop-path (official LAFS: never .eval())
+
+    # Landmark views (§2.3).
+    c.lafs = ml_collections.ConfigDict()
+    # Variables directory of a supervised Part fViT (or a landmark CNN alone); '' = initialise an
+    # untrained one from `seed` (demo and tests only; saved in WORKDIR/landmark_cnn_init).
+    c.lafs.landmark_path = ""
+    c.lafs.noise_std = 5.0  # σ of the Gaussian noise on every landmark coordinate (pixels)
+    c.lafs.num_local_landmarks = 36  # landmarks drawn with replacement per local view (6x6 mosaic)
+    # 'landmarks' (official) | 'grid': mixed views, DINO-style local views = the augmented local crop
+    # resized to grid_size px and cut into a regular patch grid ((grid_size / patch_size)**2 tokens)
+    c.lafs.local_views = "landmarks"
+    c.lafs.grid_size = 48  # side of the resized local crop of 'grid' local views (px)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 3  # training checkpoints kept (the latest)
+    c.checkpoint.every_steps = 50 if tiny else 2000  # save every this many steps (and at the end / SIGTERM)
+    c.checkpoint.async_save = True  # write checkpoints in the background
+
+    c.log_every = 10 if tiny else 100  # progress line and TensorBoard scalars every this many steps
+    c.lock()
+    return c
