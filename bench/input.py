@@ -5,7 +5,9 @@
 
 Generates an InsightFace-layout .rec of 112x112 face-like JPEGs (lafs_jax.input.synthetic) in a
 temporary folder, then, per (pipeline, workers), builds the pipeline, waits for its first batch
-(worker start-up) and counts the batches it delivers in the following `--seconds`. Prints one JSON
+(worker start-up) and `--warmup-batches` more, and counts the batches it delivers in the following
+`--seconds` (the evaluation pipeline runs over 50 back-to-back copies of the data so that one pass
+outlasts the measurement). Prints one JSON
 line per result. `images_per_s` counts source images (one sample of DINO/LAFS is many views:
 `views_per_s`). `workers 0` runs in the main process with `--read-threads` reader threads (0 = a
 single thread: one core), which is the per-core number. With --write-results the numbers and the
@@ -38,6 +40,19 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 SECTION = "## Input pipeline"
 
 
+class Repeated:
+    """`times` copies of a source back to back (a long evaluation pass without restarts). Picklable."""
+
+    def __init__(self, source, times: int):
+        self.source, self.times = source, times
+
+    def __len__(self) -> int:
+        return len(self.source) * self.times
+
+    def __getitem__(self, i: int):
+        return self.source[i % len(self.source)]
+
+
 def build(name: str, source, dc, batch_size: int, seed: int = 0):
     kw = dict(batch_size=batch_size, process_index=0, process_count=1)
     if name == "decode_flip":
@@ -52,11 +67,12 @@ def build(name: str, source, dc, batch_size: int, seed: int = 0):
     if name == "lafs":
         return P.lafs_batches(source, dc, seed=seed, **kw)
     if name == "eval":
-        return P.eval_batches(source, dc, **kw)
+        return P.eval_batches(Repeated(source, 50), dc, **kw)
     raise ValueError(f"unknown pipeline {name!r}; choose from {sorted(VIEWS)}")
 
 
-def measure(name: str, source, workers: int, batch_size: int, seconds: float, read_threads: int) -> dict:
+def measure(name: str, source, workers: int, batch_size: int, seconds: float, read_threads: int,
+            warmup_batches: int = 3) -> dict:
     dc = P.data_config()
     dc.workers = workers
     dc.read_threads = read_threads
@@ -65,6 +81,8 @@ def measure(name: str, source, workers: int, batch_size: int, seconds: float, re
     it = build(name, source, dc, batch_size)
     next(it)
     startup = time.perf_counter() - t0
+    for _ in range(warmup_batches):  # workers reach their steady state
+        next(it)
     batches, elapsed, start = 0, 0.0, time.perf_counter()
     while True:
         try:
@@ -85,6 +103,7 @@ def measure(name: str, source, workers: int, batch_size: int, seconds: float, re
     return {"name": f"input/{name}", "pipeline": name, "workers": workers, "read_threads": read_threads,
             "batch_size": batch_size, "images_per_s": round(images, 1), "views_per_s": round(images * VIEWS[name], 1),
             "batch_ms": round(1000 * elapsed / batches, 1), "startup_s": round(startup, 2), "batches": batches,
+            "warmup_batches": warmup_batches,
             "device": "cpu", "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -119,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per result")
     parser.add_argument("--read-threads", type=int, default=0, help="reader threads per process (0 = one thread)")
+    parser.add_argument("--warmup-batches", type=int, default=3, help="untimed batches after the first one")
     parser.add_argument("--data", default=None, help="an existing .rec prefix instead of generated images")
     parser.add_argument("--write-results", action="store_true")
     parser.add_argument("--note", default="", help="text appended to the RESULTS.md section")
@@ -134,7 +154,8 @@ def main(argv=None) -> int:
         results = []
         for name in args.pipelines.split(","):
             for workers in (int(w) for w in args.workers.split(",")):
-                r = measure(name, source, workers, args.batch_size, args.seconds, args.read_threads)
+                r = measure(name, source, workers, args.batch_size, args.seconds, args.read_threads,
+                            args.warmup_batches)
                 print(json.dumps(r), flush=True)
                 results.append(r)
     if args.write_results:
