@@ -1,0 +1,226 @@
+"""Fine-tuning: mixup targets and the landmark regulariser in the loss, initialisation, config errors,
+and a tiny end-to-end run on the ORL demo data (accuracy rises; an interrupted run resumes exactly)."""
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import finetune as finetune_recipe
+from lafs_jax.config import ConfigError
+from lafs_jax.input import pipelines
+from lafs_jax.input.synthetic import write_synthetic_rec
+from lafs_jax.losses import partial_fc
+from lafs_jax.models import presets
+from lafs_jax.train import checkpoint, finetune, loop_utils
+from lafs_jax.train import mesh as mesh_lib
+
+
+def _deterministic_tiny(config):
+    """No dropout anywhere, so a forward pass in train mode is a pure function of the inputs."""
+    m = config.model
+    m.dropout = m.emb_dropout = m.drop_path_rate = 0.0
+    m.landmark.dropout = 0.0
+    return config
+
+
+@pytest.fixture(scope="module")
+def synthetic_rec(tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("rec") / "train")
+    write_synthetic_rec(prefix, num_classes=6, per_class=4)
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def setup(synthetic_rec):
+    """Tiny deterministic Part fViT, one mixed batch, centres, the frozen landmark teacher, the loss."""
+    config = _deterministic_tiny(finetune_recipe.get_config("tiny"))
+    config.data.path = synthetic_rec
+    config.data.finetune.mixup_prob = 1.0  # every batch mixed
+    config.landmark_reg.mode = "constant"
+    mesh = mesh_lib.make_mesh()
+    model = presets.build_model(config.model)
+    lcnn = presets.build_landmark_cnn(config.model)
+    variables = jax.jit(lambda k: presets.init_variables(config.model, k))(jax.random.key(0))
+    source = pipelines.make_source(config.data)
+    batch = next(pipelines.finetune_batches(source, config.data, batch_size=8, seed=3))
+    centers = partial_fc.init_centers(jax.random.key(1), source.num_classes, config.model.dim, mesh)
+    params = {"backbone": variables["params"], "centers": centers}
+    teacher = finetune.landmark_teacher_variables(config, jax.tree.map(np.asarray, variables))
+    loss_fn = finetune.make_loss_fn(model, lcnn, config, mesh, source.num_classes)
+    loss = jax.jit(loss_fn)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0])
+    return dict(config=config, model=model, lcnn=lcnn, variables=variables, batch=batch, params=params,
+                teacher=teacher, loss_fn=loss_fn, loss=loss, forward=forward, num_classes=source.num_classes)
+
+
+def _dense_cosface(emb, centers, batch, num_classes, s, m):
+    """Official soft-target CosFace: s * (cos - m * target), cross-entropy against the soft target."""
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    w = centers[:num_classes] / np.linalg.norm(centers[:num_classes], axis=1, keepdims=True)
+    cos = e @ w.T
+    lam = batch["lam"][:, None]
+    target = lam * np.eye(num_classes)[batch["label"]] + (1 - lam) * np.eye(num_classes)[batch["label2"]]
+    logits = s * (cos - m * target)
+    logp = logits - logits.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    return float(np.mean(-(target * logp).sum(1)))
+
+
+def test_mixup_targets_reach_the_loss(setup):
+    S = setup
+    batch, config = S["batch"], S["config"]
+    assert np.all(batch["lam"] < 1) and np.any(batch["label2"] != batch["label"])  # the pipeline mixed
+    _, (metrics, _) = S["loss"](S["params"], S["variables"]["batch_stats"], S["teacher"], batch, jax.random.key(2),
+                                np.float32(0))
+    emb, _ = S["forward"](S["variables"], batch["image"])
+    want = _dense_cosface(np.asarray(emb, np.float64), np.asarray(S["params"]["centers"], np.float64),
+                          {k: np.asarray(v) for k, v in batch.items()}, S["num_classes"], config.loss.s,
+                          config.loss.m3)
+    assert float(metrics["cls_loss"]) == pytest.approx(want, rel=1e-4)
+    unmixed = dict(batch, label2=batch["label"], lam=np.ones_like(batch["lam"]))
+    _, (metrics_unmixed, _) = S["loss"](S["params"], S["variables"]["batch_stats"], S["teacher"], unmixed,
+                                        jax.random.key(2), np.float32(0))
+    assert abs(float(metrics_unmixed["cls_loss"]) - float(metrics["cls_loss"])) > 1e-3  # label2 / lam matter
+
+
+def test_landmark_regulariser_value_and_frozen_teacher(setup):
+    S = setup
+    batch, variables, params, teacher = S["batch"], S["variables"], S["params"], S["teacher"]
+    loss, (metrics, _) = S["loss"](params, variables["batch_stats"], teacher, batch, jax.random.key(2),
+                                   np.float32(0.5))
+    _, lms = S["forward"](variables, batch["image"])
+    target = jax.jit(lambda v, x: S["lcnn"].apply(v, x, train=False))(teacher, batch["image"])
+    want = np.mean(np.square((np.asarray(lms) - np.asarray(target)) / 111.0))
+    assert float(metrics["landmark_loss"]) == pytest.approx(float(want), rel=1e-4)
+    assert float(metrics["landmark_loss"]) > 0  # train-mode BN statistics differ from the running ones
+    assert float(loss) == pytest.approx(float(metrics["cls_loss"]) + 0.5 * float(want), rel=1e-4)
+    # The regulariser's gradient reaches the landmark CNN; the teacher is an input, never a parameter.
+    grad = jax.jit(jax.grad(lambda p, w: S["loss_fn"](p, variables["batch_stats"], teacher, batch,
+                                                      jax.random.key(2), w)[0]))
+    g, g0 = grad(params, np.float32(1e3)), grad(params, np.float32(0))
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), g["backbone"]["landmark_cnn"],
+                        g0["backbone"]["landmark_cnn"])
+    assert max(jax.tree.leaves(diff)) > 0
+
+
+def test_landmark_weight_schedule():
+    reg = finetune_recipe.get_config("tiny").landmark_reg
+    reg.mode = "schedule"
+    got = [finetune.landmark_weight(reg, e) for e in (0, 7, 8, 13, 14, 20, 21, 27, 28, 40)]
+    assert got == [1000.0, 1000.0, 100.0, 100.0, 1.0, 1.0, 0.11, 0.11, 0.0, 0.0]
+    reg.mode = "constant"
+    assert finetune.landmark_weight(reg, 3) == 0.1
+    reg.mode = "none"
+    assert finetune.landmark_weight(reg, 3) == 0.0
+
+
+def test_initialisation_from_variables_directories(tmp_path):
+    config = finetune_recipe.get_config("tiny")
+    init = jax.jit(lambda k: presets.init_variables(config.model, k))
+    variables = jax.tree.map(np.asarray, init(jax.random.key(0)))
+    other = jax.tree.map(np.asarray, init(jax.random.key(5)))
+    # a pretraining teacher: TokenViT params only
+    checkpoint.save_variables(str(tmp_path / "teacher"), {"params": other["params"]["vit"]}, {})
+    # a full backbone (e.g. converted official checkpoint) providing the landmark CNN
+    checkpoint.save_variables(str(tmp_path / "full"), other, {})
+    config.init.backbone = str(tmp_path / "teacher")
+    out, origin = finetune.initial_variables(config, variables)
+    assert origin.startswith("token_vit")
+    jax.tree.map(np.testing.assert_array_equal, out["params"]["vit"], other["params"]["vit"])
+    jax.tree.map(np.testing.assert_array_equal, out["params"]["landmark_cnn"], variables["params"]["landmark_cnn"])
+    config.init.landmark_cnn = str(tmp_path / "full")
+    out, _ = finetune.initial_variables(config, variables)
+    jax.tree.map(np.testing.assert_array_equal, out["params"]["landmark_cnn"], other["params"]["landmark_cnn"])
+    jax.tree.map(np.testing.assert_array_equal, out["batch_stats"], other["batch_stats"])
+    # a mismatching shape names the parameter
+    bad = jax.tree.map(np.copy, other["params"]["vit"])
+    bad["patch_embedding"]["kernel"] = np.zeros((5, 5), np.float32)
+    checkpoint.save_variables(str(tmp_path / "bad"), {"params": bad}, {})
+    config.init.landmark_cnn = ""
+    config.init.backbone = str(tmp_path / "bad")
+    with pytest.raises(ValueError, match="patch_embedding/kernel' has shape"):
+        finetune.initial_variables(config, variables)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    def expect(key, **changes):
+        config = finetune_recipe.get_config("tiny")
+        config.eval.bins = ()
+        for path, value in changes.items():
+            node = config
+            parts = path.split("__")
+            for p in parts[:-1]:
+                node = node[p]
+            node[parts[-1]] = value
+        with pytest.raises(ConfigError, match=key):
+            finetune.validate(config)
+
+    expect(r"loss\.sample_rate", loss__sample_rate=0.0)
+    expect(r"landmark_reg\.mode", landmark_reg__mode="schedule", model__kind="fvit")
+    expect(r"landmark_reg\.weights", landmark_reg__weights=(1.0, 2.0))
+    expect(r"landmark_reg\.boundaries", landmark_reg__boundaries=(7, 5, 20, 27))
+    expect(r"init\.backbone", init__backbone=str(tmp_path / "nope"))
+    expect(r"init\.kind", init__kind="weird")
+    expect(r"eval\.bins\[0\]", eval__bins=(str(tmp_path / "missing.bin"),))
+    expect(r"total_steps", total_steps=0)
+    expect(r"loss\.centers_optimizer", loss__centers_optimizer="lamb")
+    with pytest.raises(ValueError, match="unknown subset"):
+        finetune_recipe.get_config("webface4m,3pct")
+    c = finetune_recipe.get_config("ms1mv3,1pct")
+    assert (c.data.subset.kind, c.data.subset.fraction, c.data.finetune.mixup_prob) == ("identities", 0.01, 0.2)
+
+
+class _SigtermAt:
+    """Wraps the real preemption guard; sends SIGTERM to this process when polled for the n-th time."""
+
+    def __init__(self, guard, at):
+        self.guard, self.at, self.polls = guard, at, 0
+
+    @property
+    def requested(self):
+        self.polls += 1
+        if self.polls == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.guard.requested
+
+    def sync_requested(self):
+        return self.requested
+
+
+def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monkeypatch):
+    from data.prepare import build_orl
+
+    build_orl(str(tmp_path / "data"))
+    config = finetune_recipe.get_config("tiny")
+    config.data.path = str(tmp_path / "data" / "train")
+    config.eval.bins = (str(tmp_path / "data" / "verification.bin"),)
+    config.total_steps = 24
+    config.eval.every_steps = 1000  # at the start and the last step only
+    config.checkpoint.every_steps = 1000
+    full = finetune.run(config, str(tmp_path / "full"))
+    assert full["verification"]["verification"] > full["initial_verification"]["verification"] + 0.05
+
+    real_guard = loop_utils.preemption_guard
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard_with_kill():
+        with real_guard() as g:
+            yield _SigtermAt(g, at=11)
+
+    config.eval.bins = ()
+    monkeypatch.setattr(loop_utils, "preemption_guard", guard_with_kill)
+    first = finetune.run(config, str(tmp_path / "resumed"))
+    assert first["preempted"] and first["step"] == 11
+    monkeypatch.setattr(loop_utils, "preemption_guard", real_guard)
+    second = finetune.run(config, str(tmp_path / "resumed"))
+    assert not second["preempted"] and second["step"] == 24
+    assert second["final_metrics"]["loss"] == full["final_metrics"]["loss"]
+    a, meta = checkpoint.load_variables(str(tmp_path / "full" / "backbone"))
+    b, _ = checkpoint.load_variables(str(tmp_path / "resumed" / "backbone"))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert meta["normalization"] == "[-1,1]" and meta["color_order"] == "rgb" and meta["model"]["preset"] == "tiny"
