@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 from lafs_jax.input import pipelines as P
 from lafs_jax.input import sources, synthetic

@@ -16,7 +16,6 @@ import sys
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from lafs_jax.input import images as image_lib
@@ -259,8 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "orl":
         result = build_orl(args.out, args.seed, args.train_people, args.image_size, args.orl_root)
-        result = {k: v for k, v in result.items()}
-        for part in ("train", "verification"):
+        for part in ("train", "verification"):  # the JSON line gives counts; the manifest names the people
             result[part] = {k: v for k, v in result[part].items() if k != "identities"}
     elif args.command == "folder":
         result = folder_to_rec(args.root, args.out, args.image_size, args.quality)

@@ -19,6 +19,7 @@ flag > 0, `flag` float32 labels (the scalar label field is then 0), then the ima
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import struct
@@ -346,10 +347,8 @@ class RecordFile:
         return state
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown `os` may already be gone
             self.close()
-        except Exception:  # interpreter shutdown: os may already be gone
-            pass
 
     def __repr__(self) -> str:
         return f"RecordFile({self.rec_path!r}, {len(self)} records)"
