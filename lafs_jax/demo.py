@@ -1,0 +1,191 @@
+"""task 'demo': the whole method on real faces (ORL / AT&T Laboratories Cambridge), on a CPU.
+
+Chain, each stage skipped when its output is already in the workdir (and resumed from its last
+checkpoint when it was interrupted):
+
+1. `data/`: the ORL demo set (`data.prepare.build_orl`): 30 training people (.rec/.idx), a
+   verification .bin of the 10 other people.
+2. `stage1/`: a tiny supervised Part fViT (Partial FC, all 30 identities). Its landmark CNN is the
+   one LAFS needs, as in the paper (LAFS's landmark CNN comes from a supervised Part fViT).
+3. `pretrain/`: LAFS pretraining of a tiny Part fViT's ViT on the training images, no labels,
+   landmark views from stage 1's frozen landmark CNN.
+4. `finetune_scratch/` and `finetune_lafs/`: fine-tuning with the sharded margin head (sample rate
+   < 1, all local devices), same budget and the same stage-1 landmark CNN, the ViT from random
+   init or from the LAFS teacher.
+5. Verification on the 10 held-out people for raw pixels (cosine of the normalised images) and
+   both fine-tuned models: `results.md`, `results.json`, `roc.png`, `landmarks.png`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from lafs_jax.train.checkpoint import METADATA_FILE
+
+FARS = (1e-2, 1e-1)
+METHODS = ("raw pixels", "fine-tuned from scratch", "fine-tuned from LAFS")
+
+
+def _done(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, METADATA_FILE))
+
+
+def _stage(name: str, output: str, fn, *args) -> float:
+    """Run `fn(*args)` unless `output` exists; returns the seconds it took (0 when skipped)."""
+    if _done(output):
+        logging.info("demo: %s already done (%s), skipped", name, output)
+        print(f"[demo] {name}: done before, skipped", flush=True)
+        return 0.0
+    print(f"[demo] {name} ...", flush=True)
+    t0 = time.time()
+    fn(*args)
+    took = time.time() - t0
+    print(f"[demo] {name}: {took:.0f} s", flush=True)
+    return took
+
+
+def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, ml_collections.ConfigDict]:
+    """The four sub-run configs with the demo's paths filled in (copies; `config` is unchanged)."""
+    data_dir = config.data_dir or os.path.join(workdir, "data")
+    train, vbin = os.path.join(data_dir, "train"), os.path.join(data_dir, "verification.bin")
+    stage1_backbone = os.path.join(workdir, "stage1", "backbone")
+    out = {}
+    for name in ("stage1", "pretrain", "finetune_scratch", "finetune_lafs"):
+        src = config.pretrain if name == "pretrain" else (config.stage1 if name == "stage1" else config.finetune)
+        c = ml_collections.ConfigDict(src.to_dict())
+        c.seed, c.mesh = config.seed, ml_collections.ConfigDict(config.mesh.to_dict())
+        c.data.path = train
+        if name == "pretrain":
+            c.lafs.landmark_path = stage1_backbone
+        else:
+            c.eval.bins = (vbin,)
+        if name.startswith("finetune_"):
+            c.init.landmark_cnn = stage1_backbone
+            c.init.backbone = os.path.join(workdir, "pretrain", "teacher_backbone") if name == "finetune_lafs" else ""
+        c.lock()
+        out[name] = c
+    return out
+
+
+def raw_pixel_embeddings(images: np.ndarray) -> np.ndarray:
+    """[N, H*W*3] float32: each image scaled to [-1, 1] and flattened (the no-learning baseline)."""
+    return (images.reshape(len(images), -1).astype(np.float32) / 127.5) - 1.0
+
+
+def _pair_scores(embeddings: np.ndarray) -> np.ndarray:
+    e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-12)
+    return np.sum(e[0::2] * e[1::2], axis=1)
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    head = ("| method | accuracy (%) | " + " | ".join(f"TAR@FAR={f:g} (%)" for f in FARS) + " |\n"
+            + "|---|---|" + "---|" * len(FARS))
+    rows = [head]
+    for name, r in results.items():
+        tars = " | ".join("n/a" if r["tar_at_far"].get(f) is None else f"{100 * r['tar_at_far'][f]:.2f}" for f in FARS)
+        rows.append(f"| {name} | {100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f} | {tars} |")
+    return "\n".join(rows)
+
+
+def plot_roc(scores: dict[str, np.ndarray], issame: np.ndarray, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    for name, s in scores.items():
+        fpr, tpr, _ = roc_curve(issame.astype(int), s)
+        ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title("ORL held-out identities (10 people)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_landmarks(backbone_dir: str, images: np.ndarray, path: str) -> None:
+    """Landmarks the fine-tuned Part fViT predicts on a few held-out faces, drawn over them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lafs_jax.eval import embed as embed_lib
+    from lafs_jax.eval import export as export_lib
+
+    model, variables, meta = export_lib.load_backbone(backbone_dir)
+    x = embed_lib.preprocess(images, meta["normalization"], meta["color_order"])
+    _, landmarks = model.apply(variables, x, train=False)
+    landmarks = np.asarray(landmarks)
+    fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.4))
+    for ax, img, lm in zip(np.atleast_1d(axes), images, landmarks):
+        ax.imshow(img)
+        ax.scatter(lm[:, 0], lm[:, 1], s=6, c=np.arange(len(lm)), cmap="viridis")
+        ax.set_axis_off()
+    fig.suptitle("patch centres predicted by the fine-tuned landmark CNN", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run the chain; returns {'results': {method: verification dict}, 'seconds': {stage: s}}."""
+    from data.prepare import build_orl
+    from lafs_jax.eval import embed as embed_lib
+    from lafs_jax.eval import verification
+    from lafs_jax.input.verification_bin import load_bin
+    from lafs_jax.train import finetune, pretrain
+
+    t_start = time.time()
+    workdir = os.path.abspath(workdir)
+    data_dir = config.data_dir or os.path.join(workdir, "data")
+    seconds = {}
+    if os.path.exists(os.path.join(data_dir, "manifest.json")):
+        print("[demo] ORL demo set: done before, skipped", flush=True)
+    else:
+        print("[demo] building the ORL demo set ...", flush=True)
+        build_orl(data_dir, seed=config.seed)
+    configs = stage_configs(config, workdir)
+    path = {name: os.path.join(workdir, name) for name in configs}
+    seconds["stage1"] = _stage("stage 1: supervised tiny Part fViT (landmark CNN for LAFS)",
+                               os.path.join(path["stage1"], "backbone"), finetune.run, configs["stage1"], path["stage1"])
+    seconds["pretrain"] = _stage("LAFS pretraining (no labels)", os.path.join(path["pretrain"], "teacher_backbone"),
+                                 pretrain.run, configs["pretrain"], path["pretrain"])
+    for name in ("finetune_scratch", "finetune_lafs"):
+        seconds[name] = _stage(f"fine-tuning ({name.split('_')[1]})", os.path.join(path[name], "backbone"),
+                               finetune.run, configs[name], path[name])
+
+    images, issame = load_bin(os.path.join(data_dir, "verification.bin"), 112)
+    embeddings = {"raw pixels": raw_pixel_embeddings(images)}
+    for method, name in zip(METHODS[1:], ("finetune_scratch", "finetune_lafs")):
+        embedder = embed_lib.Embedder.from_variables_dir(os.path.join(path[name], "backbone"))
+        embeddings[method] = embedder.embed(images, flip=True)
+    results = {m: verification.evaluate(embeddings[m][0::2], embeddings[m][1::2], issame, fars=FARS)
+               for m in METHODS}
+
+    table = markdown_table(results)
+    seconds["total"] = time.time() - t_start
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write("# lafs_jax demo: verification on 10 held-out ORL people "
+                f"({int(issame.sum())} genuine + {int((~issame).sum())} impostor pairs)\n\n{table}\n")
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump({"results": {m: {k: v for k, v in r.items()} for m, r in results.items()},
+                   "seconds": seconds}, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    plot_roc({m: _pair_scores(embeddings[m]) for m in METHODS}, issame, os.path.join(workdir, "roc.png"))
+    plot_landmarks(os.path.join(path["finetune_lafs"], "backbone"), images[0:12:2][:6],
+                   os.path.join(workdir, "landmarks.png"))
+    print("\n" + table + "\n", flush=True)
+    print(f"[demo] wrote results.md, results.json, roc.png, landmarks.png in {workdir} "
+          f"(TensorBoard logs in its stage folders); {seconds['total']:.0f} s", flush=True)
+    return {"results": results, "seconds": seconds}
