@@ -1,12 +1,14 @@
 """Part fViT throughput: JAX (this package) vs the PyTorch mirror of the official model, same weights, same run.
 
-    python bench/model.py                       # tiny (batch 32) and base (batch 4) on this machine
+    python bench/model.py --threads 1           # tiny (batch 32) and base (batch 4), one CPU thread each
     python bench/model.py --presets base --batch-base 64 --iters 10    # e.g. on a GPU
 
 For each preset and mode (forward in eval mode; forward+backward in train mode: dropout, drop path,
 BatchNorm batch statistics, gradient of a scalar loss w.r.t. every parameter) it prints one JSON line per
 framework: images/s, ms per step, and for JAX the FLOPs per image from XLA's cost analysis of the compiled
-step and the compile time; the JAX line carries jax_over_torch = JAX img/s / PyTorch img/s. The PyTorch
+step and the compile time; the JAX line carries jax_over_torch = JAX img/s / PyTorch img/s. On a CPU shared
+with other jobs, run with --threads 1: both frameworks then use one thread, and img_per_cpu_s (images per
+second of this process's CPU time) stays meaningful under load; jax_over_torch_cpu compares those. The PyTorch
 model is tests/torch_mirror.py (the official module tree), its weights converted with lafs_jax.convert, so
 both compute the same function. Not a test: nothing is asserted.
 """
@@ -18,10 +20,30 @@ import os
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
+
+def _threads_from_argv(argv) -> int | None:
+    """--threads must act before jax and torch start their thread pools."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return None
+
+
+THREADS = _threads_from_argv(sys.argv[1:])
+if THREADS == 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+if THREADS:
+    torch.set_num_threads(THREADS)
+    torch.set_num_interop_threads(THREADS)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -43,13 +65,17 @@ def mirror_and_variables(cfg, seed: int = 0):
     return mirror, jax.device_put(variables)
 
 
-def timed(fn, iters: int) -> float:
-    """Seconds per call after one warm-up call; fn must block until its result is ready."""
+def timed(fn, iters: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per call after one warm-up call; fn must block until ready."""
     fn()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(iters):
         fn()
-    return (time.perf_counter() - start) / iters
+    return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters
+
+
+def rates(batch: int, wall: float, cpu: float) -> dict:
+    return {"step_ms": 1e3 * wall, "img_per_s": batch / wall, "img_per_cpu_s": batch / cpu}
 
 
 def flops_of(compiled) -> float | None:
@@ -76,9 +102,9 @@ def bench_jax(cfg, variables, batch: int, iters: int, mode: str) -> dict:
     start = time.perf_counter()
     compiled = jax.jit(step).lower(v, images, jax.random.key(1)).compile()
     compile_s = time.perf_counter() - start
-    seconds = timed(lambda: jax.block_until_ready(compiled(v, images, jax.random.key(1))), iters)
+    wall, cpu = timed(lambda: jax.block_until_ready(compiled(v, images, jax.random.key(1))), iters)
     flops = flops_of(compiled)
-    return {"step_ms": 1e3 * seconds, "img_per_s": batch / seconds, "compile_s": compile_s,
+    return {**rates(batch, wall, cpu), "compile_s": compile_s,
             "gflops_per_img": None if flops is None else flops / batch / 1e9}
 
 
@@ -105,8 +131,7 @@ def bench_torch(mirror, cfg, batch: int, iters: int, mode: str, device: str) -> 
             emb, _ = mirror(images)
             (emb ** 2).mean().backward()
             sync()
-    seconds = timed(run, iters)
-    return {"step_ms": 1e3 * seconds, "img_per_s": batch / seconds}
+    return rates(batch, *timed(run, iters))
 
 
 def main(argv=None) -> int:
@@ -116,11 +141,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-base", type=int, default=4)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--modes", default="forward,forward_backward")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for both frameworks (default: theirs)")
     args = p.parse_args(argv)
     jax_device = jax.devices()[0]
     torch_device = "cuda" if torch.cuda.is_available() and jax_device.platform == "gpu" else "cpu"
     common = {"jax_device": jax_device.device_kind, "torch_device": torch_device,
-              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+              "torch_threads": torch.get_num_threads(), "jax_threads": THREADS or "default",
+              "cpu_count": os.cpu_count()}
     for name in args.presets.split(","):
         cfg = presets.model_config(name)
         batch = args.batch_tiny if name == "tiny" else args.batch_base
@@ -132,7 +159,9 @@ def main(argv=None) -> int:
             j = bench_jax(cfg, variables, batch, args.iters, mode)
             j = {k: (None if v is None else round(v, 3)) for k, v in j.items()}
             print(json.dumps({**base, "framework": "jax", **j,
-                              "jax_over_torch": round(j["img_per_s"] / t["img_per_s"], 3)}), flush=True)
+                              "jax_over_torch": round(j["img_per_s"] / t["img_per_s"], 3),
+                              "jax_over_torch_cpu": round(j["img_per_cpu_s"] / t["img_per_cpu_s"], 3)}),
+                  flush=True)
     return 0
 
 
