@@ -38,7 +38,6 @@ if THREADS == 1:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 if THREADS:

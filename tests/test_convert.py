@@ -216,8 +216,8 @@ def test_wrong_shape_names_the_key_and_both_shapes(tiny):
     state["transformer.layers.1.1.fn.fn.net.0.weight"] = np.zeros((128, 96), np.float32)
     with pytest.raises(mapping.ConversionError,
                        match=r"transformer\.layers\.1\.1\.fn\.fn\.net\.0\.weight: source shape \(128, 96\) -> "
-                             r"\(96, 128\) does not match the target params/vit/encoder/block_1/mlp/fc1/kernel of shape "
-                             r"\(96, 256\)"):
+                             r"\(96, 128\) does not match the target params/vit/encoder/block_1/mlp/fc1/kernel "
+                             r"of shape \(96, 256\)"):
         mapping.convert_state_dict(state, "part_fvit", "tiny")
 
 

@@ -322,7 +322,8 @@ def supervised_checkpoint(model: PartFViT) -> dict:
 
 def lafs_ssl_checkpoint(student: BackboneWithHead, teacher: BackboneWithHead, center: torch.Tensor,
                         epoch: int = 41) -> dict:
-    """The LAFS SSL container: student (DDP, 'module.'), teacher (plain), optimizer, epoch, args, dino_loss, fp16_scaler."""
+    """The LAFS SSL container: student (DDP, 'module.'), teacher (plain), optimizer, epoch, args (an
+    argparse.Namespace), dino_loss (its center), fp16_scaler."""
     return {
         "student": {"module." + k: v.detach().clone() for k, v in student.state_dict().items()},
         "teacher": {k: v.detach().clone() for k, v in teacher.state_dict().items()},
