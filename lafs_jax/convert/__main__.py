@@ -60,7 +60,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kind", required=True, choices=mapping.KINDS, help="checkpoint family")
     p.add_argument("--src", required=True, help="official .pth file")
     p.add_argument("--out", required=True, help="variables directory to write")
-    p.add_argument("--preset", default="base", help="model preset of lafs_jax.models.presets (default base)")
+    p.add_argument("--preset", default="base", choices=["tiny", "small", "base"],
+                   help="model preset of lafs_jax.models.presets giving the target shapes (default base)")
     p.add_argument("--drop-head", action="store_true", help="drop the classifier (loss.weight) / DINO head")
     p.add_argument("--which", default="teacher", choices=mapping.WHICH, help="lafs_ssl: network to take")
     p.add_argument("--normalization", default="[-1,1]", choices=["[-1,1]", "[-0.5,0.5]"],
