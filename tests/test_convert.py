@@ -159,9 +159,9 @@ def ssl_case(tmp_path_factory):
     vit, head = presets.build_token_vit(cfg), presets.build_dino_head(cfg)
 
     @jax.jit
-    def flax_forward(params, x):
-        e = vit.apply({"params": params["vit"]}, x, train=False)
-        return e, head.apply({"params": params["dino_head"]}, e)
+    def flax_forward(variables, x):
+        e = vit.apply({"params": variables["params"]}, x, train=False)
+        return e, head.apply({"params": variables["dino_head"]}, e)
 
     return cfg, student, teacher, center, path, tokens, flax_forward
 
@@ -177,10 +177,10 @@ def test_cli_lafs_ssl_backbone_and_dino_head(ssl_case, tmp_path, which):
     main(argv + ([] if which == "teacher" else ["--which", "student"]))
     variables, meta = load_variables(str(tmp_path / "out"))
     assert meta["which"] == which and "backbone.loss.weight" in meta["conversion"]["dropped"]
-    assert set(variables["params"]) == {"vit", "dino_head"} and "scale" not in variables["params"]["dino_head"][
-        "last_layer"]
+    assert set(variables) == {"params", "dino_head", "dino_center"}
+    assert "encoder" in variables["params"] and "scale" not in variables["dino_head"]["last_layer"]
     np.testing.assert_array_equal(variables["dino_center"], center.numpy())
-    out_emb, out_logits = flax_forward(variables["params"], jnp.asarray(tokens.numpy()))
+    out_emb, out_logits = flax_forward(variables, jnp.asarray(tokens.numpy()))
     np.testing.assert_allclose(np.asarray(out_emb), emb.numpy(), atol=TOL)
     np.testing.assert_allclose(np.asarray(out_logits), logits.numpy(), atol=TOL)
 
@@ -189,7 +189,7 @@ def test_cli_lafs_ssl_drop_head(ssl_case, tmp_path):
     path = ssl_case[4]
     main(["--kind", "lafs_ssl", "--src", str(path), "--out", str(tmp_path / "out"), "--preset", "tiny", "--drop-head"])
     variables, _ = load_variables(str(tmp_path / "out"))
-    assert set(variables) == {"params"} and set(variables["params"]) == {"vit"}
+    assert set(variables) == {"params"} and "cls_token" in variables["params"]
 
 
 def test_trainable_weight_g_converts_and_fixed_g_must_be_one(ssl_case):
@@ -202,12 +202,15 @@ def test_trainable_weight_g_converts_and_fixed_g_must_be_one(ssl_case):
     with pytest.raises(mapping.ConversionError, match="head.last_layer.weight_g: weight_g is not 1"):
         mapping.convert_state_dict(state, "lafs_ssl", cfg)
     cfg = presets.model_config("tiny")
-    cfg.dino_head.norm_last_layer = False
+    cfg.dino_head.use_bn = True
+    with pytest.raises(mapping.ConversionError, match="use_bn=True"):
+        mapping.convert_state_dict(state, "lafs_ssl", cfg)
+    cfg.dino_head.use_bn, cfg.dino_head.norm_last_layer = False, False
     variables, _ = mapping.convert_state_dict(state, "lafs_ssl", cfg)
-    np.testing.assert_array_equal(variables["params"]["dino_head"]["last_layer"]["scale"],
+    np.testing.assert_array_equal(variables["dino_head"]["last_layer"]["scale"],
                                   state["head.last_layer.weight_g"].reshape(-1))
     head = presets.build_dino_head(cfg)
-    out = head.apply({"params": variables["params"]["dino_head"]}, jnp.asarray(emb.numpy()))
+    out = head.apply({"params": variables["dino_head"]}, jnp.asarray(emb.numpy()))
     np.testing.assert_allclose(np.asarray(out), logits.numpy(), atol=TOL)
 
 

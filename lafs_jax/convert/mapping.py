@@ -16,7 +16,10 @@ Key names and shapes of the official checkpoints: shared/reference/lafs.md §1.7
 Output trees (see lafs_jax/INTERFACES.md, models):
   part_fvit: {'params': {'landmark_cnn', 'vit'}, 'batch_stats': {'landmark_cnn'}, ['centers']}
   fvit:      {'params': {'vit'}, ['centers']}
-  lafs_ssl:  {'params': {'vit', ['dino_head']}, ['dino_center' [1, out_dim]]}
+  lafs_ssl:  {'params': <TokenViT params>, ['dino_head': <DINOHead params>], ['dino_center' [1, out_dim]]}
+             'params' is the TokenViT tree at its root, the layout of the teacher backbone that pretraining
+             saves, so fine-tuning loads either into PartFViT's `vit`; the head is its own entry (apply it
+             with {'params': variables['dino_head']}).
 """
 from __future__ import annotations
 
@@ -137,7 +140,7 @@ def vit_target(key: str, root=("vit",)) -> Target | None:
     return None
 
 
-def dino_head_target(key: str, use_bn: bool, norm_last_layer: bool, root=("dino_head",)) -> Target | None:
+def dino_head_target(key: str, use_bn: bool, norm_last_layer: bool, root=()) -> Target | None:
     """Target of an official DINOHead key (`mlp.{i}.*`, `last_layer.weight_g|weight_v`), or None.
 
     weight_g with norm_last_layer maps to the pseudo-path ('check_ones',), handled by the caller.
@@ -212,10 +215,10 @@ def expected_shapes(kind: str, cfg, drop_head: bool) -> dict[tuple[str, ...], tu
     if kind == "lafs_ssl":
         vit = presets.build_token_vit(cfg)
         tokens = np.zeros((1, cfg.num_landmarks, cfg.patch_size ** 2 * cfg.channels), np.float32)
-        tree = {"params": {"vit": jax.eval_shape(lambda: vit.init(key, tokens, train=False))["params"]}}
+        tree = {"params": jax.eval_shape(lambda: vit.init(key, tokens, train=False))["params"]}
         if not drop_head:
             head = presets.build_dino_head(cfg)
-            tree["params"]["dino_head"] = jax.eval_shape(
+            tree["dino_head"] = jax.eval_shape(
                 lambda: head.init(key, np.zeros((1, cfg.dim), np.float32)))["params"]
     else:
         tree = presets.abstract_variables(cfg)
@@ -234,11 +237,14 @@ def _route(key: str, kind: str, cfg, drop_head: bool):
             sub = key[len("backbone."):]
             if sub == "loss.weight":
                 return None, "classifier of the SSL backbone (never trained)"
-            return vit_target(sub), None
+            return vit_target(sub, root=()), None
         if key.startswith("head."):
             if drop_head:
                 return None, "DINO head (--drop-head)"
-            return dino_head_target(key[len("head."):], cfg.dino_head.use_bn, cfg.dino_head.norm_last_layer), None
+            target = dino_head_target(key[len("head."):], cfg.dino_head.use_bn, cfg.dino_head.norm_last_layer)
+            if target is not None and target[0][0] != "check_ones":  # the head is its own top-level entry
+                target = (("dino_head", *target[0][1:]), target[1])
+            return target, None
         return None, None
     if key == "loss.weight":
         return (None, "classifier (--drop-head)") if drop_head else ((("centers",), identity), None)
@@ -276,6 +282,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], kind: str, model_cf
     if kind not in KINDS:
         raise ConversionError(f"kind {kind!r} is not valid; choose one of {list(KINDS)}")
     cfg = target_model_config(kind, model_cfg)
+    if kind == "lafs_ssl" and not drop_head and cfg.dino_head.use_bn:
+        raise ConversionError("a DINO head with BatchNorm (model.dino_head.use_bn=True) is not supported by the "
+                              "converter; LAFS uses use_bn=False (or convert with --drop-head)")
     expected = expected_shapes(kind, cfg, drop_head)
     report = ConversionReport()
     flat: dict[tuple[str, ...], np.ndarray] = {}
