@@ -73,7 +73,7 @@ def test_pure_mapping_without_files(tiny):
                                   sd["stn.features.4.conv.8.running_var"].numpy())
     np.testing.assert_array_equal(p["landmark_cnn"]["bottleneck_4"]["se"]["reduce"]["kernel"],
                                   sd["stn.features.4.conv.5.fc.0.weight"].numpy().T)
-    np.testing.assert_array_equal(variables["centers"], sd["loss.weight"].numpy())
+    np.testing.assert_array_equal(variables["classifier"]["centers"], sd["loss.weight"].numpy())
     out_emb, out_lm = apply(backbone_variables(variables), nhwc(images))
     np.testing.assert_allclose(np.asarray(out_lm), landmarks, atol=TOL)
     np.testing.assert_allclose(np.asarray(out_emb), emb, atol=TOL)
@@ -89,15 +89,15 @@ def test_cli_part_fvit_tiny_with_and_without_head(tiny, tmp_path):
     assert meta["kind"] == "part_fvit" and meta["normalization"] == "[-1,1]" and meta["color_order"] == "bgr"
     assert meta["source"] == os.path.abspath(src) and meta["model"]["preset"] == "tiny"
     assert presets.model_config_from_dict(meta["model"]).num_landmarks == 49
-    np.testing.assert_array_equal(variables["centers"], mirror.state_dict()["loss.weight"].numpy())
-    out_emb, out_lm = apply(backbone_variables(variables), nhwc(images))
+    np.testing.assert_array_equal(variables["classifier"]["centers"], mirror.state_dict()["loss.weight"].numpy())
+    out_emb, out_lm = apply(variables, nhwc(images))  # the whole tree: Flax ignores the 'classifier' entry
     np.testing.assert_allclose(np.asarray(out_lm), landmarks, atol=TOL)
     np.testing.assert_allclose(np.asarray(out_emb), emb, atol=TOL)
 
     main(["--kind", "part_fvit", "--src", str(src), "--out", str(tmp_path / "nohead"), "--preset", "tiny",
           "--drop-head"])
     variables, meta = load_variables(str(tmp_path / "nohead"))
-    assert "centers" not in variables and "loss.weight" in meta["conversion"]["dropped"]
+    assert "classifier" not in variables and "loss.weight" in meta["conversion"]["dropped"]
 
 
 def test_cli_part_fvit_base_parity(tmp_path):
@@ -177,9 +177,9 @@ def test_cli_lafs_ssl_backbone_and_dino_head(ssl_case, tmp_path, which):
     main(argv + ([] if which == "teacher" else ["--which", "student"]))
     variables, meta = load_variables(str(tmp_path / "out"))
     assert meta["which"] == which and "backbone.loss.weight" in meta["conversion"]["dropped"]
-    assert set(variables) == {"params", "dino_head", "dino_center"}
+    assert set(variables) == {"params", "dino_head", "dino_loss"}
     assert "encoder" in variables["params"] and "scale" not in variables["dino_head"]["last_layer"]
-    np.testing.assert_array_equal(variables["dino_center"], center.numpy())
+    np.testing.assert_array_equal(variables["dino_loss"]["center"], center.numpy())
     out_emb, out_logits = flax_forward(variables, jnp.asarray(tokens.numpy()))
     np.testing.assert_allclose(np.asarray(out_emb), emb.numpy(), atol=TOL)
     np.testing.assert_allclose(np.asarray(out_logits), logits.numpy(), atol=TOL)

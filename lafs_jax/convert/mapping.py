@@ -9,14 +9,16 @@ Key names and shapes of the official checkpoints: shared/reference/lafs.md §1.7
     (x-offset, y-offset, channel) token layout and `patchify` the plain fViT (row, col, channel) one;
   - the DINO head's weight-normalised layer: weight_v (out, bottleneck) -> kernel (bottleneck, out);
     weight_g (out, 1) -> scale (out,), or, with norm_last_layer (g frozen at 1), checked to be 1 and dropped;
-  - the supervised classifier `loss.weight` (num_class, D) becomes variables['centers'] (the row layout of
-    the Partial FC class-centre matrix), or is dropped with drop_head; the SSL backbones' loss.weight was
+  - the supervised classifier `loss.weight` (num_class, D) becomes variables['classifier']['centers'] (the
+    row layout of the Partial FC class-centre matrix), or is dropped with drop_head; the SSL backbones' loss.weight was
     never trained and is always dropped.
 
 Output trees (see lafs_jax/INTERFACES.md, models):
-  part_fvit: {'params': {'landmark_cnn', 'vit'}, 'batch_stats': {'landmark_cnn'}, ['centers']}
-  fvit:      {'params': {'vit'}, ['centers']}
-  lafs_ssl:  {'params': <TokenViT params>, ['dino_head': <DINOHead params>], ['dino_center' [1, out_dim]]}
+  part_fvit: {'params': {'landmark_cnn', 'vit'}, 'batch_stats': {'landmark_cnn'}, ['classifier': {'centers'}]}
+  fvit:      {'params': {'vit'}, ['classifier': {'centers'}]}
+  lafs_ssl:  {'params': <TokenViT params>, ['dino_head': <DINOHead params>], ['dino_loss': {'center' [1, K]}]}
+             Every entry is a dict, so the whole tree can be passed to `model.apply` (Flax ignores the
+             collections the model does not use).
              'params' is the TokenViT tree at its root, the layout of the teacher backbone that pretraining
              saves, so fine-tuning loads either into PartFViT's `vit`; the head is its own entry (apply it
              with {'params': variables['dino_head']}).
@@ -247,7 +249,7 @@ def _route(key: str, kind: str, cfg, drop_head: bool):
             return target, None
         return None, None
     if key == "loss.weight":
-        return (None, "classifier (--drop-head)") if drop_head else ((("centers",), identity), None)
+        return (None, "classifier (--drop-head)") if drop_head else ((("classifier", "centers"), identity), None)
     if kind == "part_fvit" and (target := landmark_target(key)) is not None:
         return target, None
     return vit_target(key), None
@@ -307,7 +309,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], kind: str, model_cf
             report.dropped.append((key, "weight_g fixed to 1 (norm_last_layer)"))
             continue
         converted = transform(value)
-        if path == ("centers",):
+        if path == ("classifier", "centers"):
             if converted.ndim != 2 or converted.shape[1] != cfg.dim:
                 raise ConversionError(f"{key}: shape {value.shape} does not fit class centres [num_class, "
                                       f"dim={cfg.dim}]")
@@ -337,7 +339,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], kind: str, model_cf
         if center.shape != (1, cfg.dino_head.out_dim):
             raise ConversionError(f"dino_loss.center: shape {center.shape} does not match (1, "
                                   f"model.dino_head.out_dim={cfg.dino_head.out_dim})")
-        flat[("dino_center",)] = center
+        flat[("dino_loss", "center")] = center
     return _nest(flat), report
 
 
