@@ -240,9 +240,18 @@ def _fixed_batch_config(method):
     return c
 
 
+# The step tests run on a ('data' 4, 'model' 2) mesh with the MLP kernels split over 'model' by
+# config.sharding_rules (the batch is still split over all 8 devices); the 1-device test compares.
+MLP_RULES = ((r"mlp/fc1/kernel$", (None, "model")), (r"mlp/fc2/kernel$", ("model", None)))
+
+
 @pytest.fixture(scope="module")
 def lafs_trainer():
-    return Trainer(_fixed_batch_config("lafs"), mesh_lib.make_mesh(None))
+    c = _fixed_batch_config("lafs")
+    c.unlock()
+    c.mesh.data, c.mesh.model, c.sharding_rules = 4, 2, MLP_RULES
+    c.lock()
+    return Trainer(c, mesh_lib.make_mesh(c.mesh))
 
 
 def test_loss_decreases_on_a_fixed_batch(lafs_trainer):
@@ -310,6 +319,19 @@ def test_view_token_counts():
 
 
 def test_one_device_and_eight_devices_agree(lafs_trainer):
+    """8 devices (batch split 8 ways, MLP kernels and their Adam moments split over 'model') vs 1."""
+    from jax.sharding import PartitionSpec as P
+
+    fc1 = ("encoder", "block_0", "mlp", "fc1", "kernel")
+    sh = lafs_trainer.shardings
+    for tree in (sh["student"]["backbone"]["vit"], sh["teacher"]["backbone"]["vit"]):
+        node = tree
+        for k in fc1:
+            node = node[k]
+        assert node.spec == P(None, "model")
+    split = [mesh_lib.path_str(kp) for kp, s_ in jax.tree_util.tree_flatten_with_path(sh["opt_state"])[0]
+             if s_.spec == P(None, "model")]
+    assert split and all(p.endswith("mlp/fc1/kernel") for p in split)
     batch = _batch(lafs_trainer.config, seed=2)
     results = []
     for trainer in (lafs_trainer, Trainer(lafs_trainer.config, mesh_lib.make_mesh(None, devices=jax.devices()[:1]))):
