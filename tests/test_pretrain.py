@@ -1,10 +1,24 @@
 """Pretraining: LAFS landmark views and grid views (lafs_jax.train.views), the pretraining step and run()."""
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from lafs_jax.config import ConfigError
 from lafs_jax.models.sampling import sample_patches
+from lafs_jax.train import checkpoint as ckpt_lib
+from lafs_jax.train import loop_utils
+from lafs_jax.train import mesh as mesh_lib
+from lafs_jax.train import optim as optim_lib
+from lafs_jax.train import pretrain
 from lafs_jax.train import views
 
 
@@ -110,23 +124,6 @@ def test_grid_tokens_resize_and_errors():
 # ------------------------------------------------------------------------------------------------
 # The pretraining step and run(): a very small model (32 px views, depth 1) on 8 CPU devices.
 # ------------------------------------------------------------------------------------------------
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import ml_collections  # noqa: E402
-
-from lafs_jax.config import ConfigError  # noqa: E402
-from lafs_jax.train import checkpoint as ckpt_lib  # noqa: E402
-from lafs_jax.train import loop_utils  # noqa: E402
-from lafs_jax.train import mesh as mesh_lib  # noqa: E402
-from lafs_jax.train import optim as optim_lib  # noqa: E402
-from lafs_jax.train import pretrain  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32  # view side in the tests (px)
 

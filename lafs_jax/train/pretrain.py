@@ -153,6 +153,7 @@ class Networks(NamedTuple):
 
 
 def build_networks(config: ml_collections.ConfigDict) -> Networks:
+    """TokenViT + DINOHead (compute dtype per config.precision), and the fp32 landmark CNN for LAFS."""
     model = resolved_model_config(config)
     vit = presets.build_token_vit(model)
     head = presets.build_dino_head(model)
