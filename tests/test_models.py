@@ -125,13 +125,15 @@ def test_token_vit_uses_the_first_n_plus_1_positions():
         vit.apply({"params": params}, jnp.zeros((1, 50, 12)), train=False)
 
 
-def test_class_token_and_positions_are_initialised_standard_normal():
-    vit = TokenViT(num_positions=196, dim=768, depth=1, heads=2, head_dim=8, mlp_dim=8)
+@pytest.mark.parametrize("std", [1.0, 0.02])
+def test_class_token_and_positions_are_initialised_normal_with_token_init_std(std):
+    vit = TokenViT(num_positions=196, dim=768, depth=1, heads=2, head_dim=8, mlp_dim=8, token_init_std=std)
     shapes = jax.eval_shape(lambda: vit.init(jax.random.key(0), jnp.zeros((1, 4, 12)), train=False))
     assert shapes["params"]["pos_embedding"].shape == (1, 197, 768)
     params = jax.jit(lambda k: vit.init(k, jnp.zeros((1, 4, 12)), train=False))(jax.random.key(0))["params"]
-    assert np.std(np.asarray(params["pos_embedding"])) == pytest.approx(1.0, abs=0.01)
-    assert np.std(np.asarray(params["cls_token"])) == pytest.approx(1.0, abs=0.1)
+    assert np.std(np.asarray(params["pos_embedding"])) == pytest.approx(std, rel=0.01)
+    assert np.std(np.asarray(params["cls_token"])) == pytest.approx(std, rel=0.1)
+    assert presets.model_config("base").token_init_std == 1.0  # torch.randn, as the official fViT
 
 
 def test_drop_path_drops_whole_samples():
@@ -341,6 +343,7 @@ def test_every_preset_builds(tiny):
     ("landmark.blocks", ((3, 16, 16, False, "RE", 1), (3, 16, 16, False, "XX", 1)),
      r"config.model.landmark.blocks\[1\]"),
     ("dino_head.out_dim", -1, "config.model.dino_head.out_dim"),
+    ("token_init_std", 0.0, "config.model.token_init_std=0.0"),
 ])
 def test_bad_model_config_names_the_key(key, value, message):
     cfg = presets.model_config("tiny")

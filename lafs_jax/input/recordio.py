@@ -19,7 +19,6 @@ flag > 0, `flag` float32 labels (the scalar label field is then 0), then the ima
 """
 from __future__ import annotations
 
-import contextlib
 import numbers
 import os
 import struct
@@ -347,8 +346,10 @@ class RecordFile:
         return state
 
     def __del__(self):
-        with contextlib.suppress(Exception):  # at interpreter shutdown `os` may already be gone
+        try:
             self.close()
+        except (OSError, TypeError, AttributeError):  # at interpreter shutdown `os` may already be None
+            self._fd = None
 
     def __repr__(self) -> str:
         return f"RecordFile({self.rec_path!r}, {len(self)} records)"

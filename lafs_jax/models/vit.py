@@ -192,6 +192,7 @@ class TokenViT(nn.Module):
     emb_dropout: float = 0.1
     qkv_bias: bool = False
     pool: str = "cls"
+    token_init_std: float = 1.0
     dtype: Any = jnp.float32
     attention_implementation: str | None = None
 
@@ -205,8 +206,9 @@ class TokenViT(nn.Module):
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"TokenViT: pool={self.pool!r} is not valid; choose 'cls' or 'mean'")
         x = nn.Dense(self.dim, kernel_init=torch_linear_init, dtype=self.dtype, name="patch_embedding")(tokens)
-        cls = self.param("cls_token", nn.initializers.normal(1.0), (1, 1, self.dim))
-        pos = self.param("pos_embedding", nn.initializers.normal(1.0), (1, self.num_positions + 1, self.dim))
+        init = nn.initializers.normal(self.token_init_std)
+        cls = self.param("cls_token", init, (1, 1, self.dim))
+        pos = self.param("pos_embedding", init, (1, self.num_positions + 1, self.dim))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.dim)), x], axis=1)
         x = x + pos[:, : n + 1].astype(x.dtype)
         x = nn.Dropout(self.emb_dropout, deterministic=not train)(x)
