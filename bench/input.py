@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -35,6 +34,9 @@ from lafs_jax.input import pipelines as P
 from lafs_jax.input import sources, synthetic
 
 VIEWS = {"decode_flip": 1, "finetune": 1, "dino": 10, "lafs": 20, "eval": 1}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
+import results_md  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 SECTION = "## Input pipeline"
 
@@ -119,14 +121,7 @@ def write_results(results: list[dict], command: str, note: str) -> None:
         "Command:", "", "```", command, "```", "",
         *rows, "",
         note, ""])
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(RESULTS, "w") as f:
-        f.write(text.rstrip("\n") + "\n")
+    results_md.write_section(section, RESULTS)
 
 
 def main(argv=None) -> int:

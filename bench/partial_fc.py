@@ -64,6 +64,9 @@ import optax  # noqa: E402
 from lafs_jax.losses import partial_fc as pfc  # noqa: E402
 from lafs_jax.train.mesh import batch_sharding, make_mesh, replicated  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
+import results_md  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 SECTION = "## Partial FC"
 
@@ -195,14 +198,7 @@ def write_results(lines: list[dict], command: str, note: str) -> None:
     if note:
         parts += ["", note]
     section = "\n".join(parts)
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(RESULTS, "w") as f:
-        f.write(text.rstrip("\n") + "\n")
+    results_md.write_section(section, RESULTS)
 
 
 def main(args) -> list[dict]:

@@ -36,6 +36,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
+import results_md  # noqa: E402
+
 RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
 SECTION = "## Pretraining"
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
@@ -181,14 +184,7 @@ def write_results(lines: list[dict], command: str, peak_note: str, note: str) ->
         parts += ["", note]
     parts += ["", "JSON lines:", "", "```"] + [json.dumps(r) for r in lines] + ["```"]
     section = "\n".join(parts)
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(RESULTS, "w") as f:
-        f.write(text.rstrip("\n") + "\n")
+    results_md.write_section(section, RESULTS)
 
 
 def main(argv) -> list[dict]:
