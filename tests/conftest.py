@@ -1,4 +1,5 @@
-"""Test harness: 8 CPU devices so every sharding path is exercised without accelerators."""
+"""Test harness: 8 CPU devices so every sharding path is exercised without accelerators, and one
+persistent XLA compilation cache for the session."""
 import os
 import sys
 
@@ -9,3 +10,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
 assert jax.device_count() == 8, f"conftest expected 8 CPU devices, got {jax.device_count()}"
+
+import pytest  # noqa: E402
+
+_CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
+                  "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A persistent XLA compilation cache shared by every test of the session (and by the
+    subprocesses a test starts with these options in its environment): the same program built by
+    different jit wrappers (the demo's three fine-tuning runs, a resumed run, orbax's many small copy
+    programs) is compiled once. Speed only; results do not depend on it. Yields the options."""
+    from jax._src import compilation_cache
+
+    options = dict(_CACHE_OPTIONS, jax_compilation_cache_dir=str(tmp_path_factory.mktemp("xla_cache")))
+    previous = {name: getattr(jax.config, name) for name in options}
+    for name, value in options.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield options
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()

@@ -379,29 +379,6 @@ def test_landmark_checkpoint_with_wrong_shapes_names_the_parameter(tmp_path):
 
 # ---- run(): resume, SIGTERM, NaN guard, outputs ----
 
-_CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
-                  "jax_persistent_cache_min_entry_size_bytes": 0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent XLA compilation cache for this module's tests and their subprocess: runs of the
-    same config compile their step once, and the many small programs orbax compiles to copy each
-    replicated array off the devices are compiled once per shape (speed only; results do not depend
-    on it). The previous settings are restored afterwards."""
-    from jax._src import compilation_cache
-
-    options = dict(_CACHE_OPTIONS, jax_compilation_cache_dir=str(tmp_path_factory.mktemp("xla_cache")))
-    previous = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield options
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-
 def _main_env(cache_options):
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # XLA_FLAGS (8 CPU devices) as set by conftest
     env.update({name.upper(): str(value) for name, value in cache_options.items()})
