@@ -13,6 +13,14 @@ from configs import finetune, lafs_pretrain
 from lafs_jax.config import base_config
 
 
+def _light_augmentation(c):
+    """Flip, crop and colour jitter only: with 300 images and a few hundred steps, the tiny ViT fits
+    too slowly under RandAugment, random erasing and mixup (measured: README, "The demo")."""
+    c.data.finetune.randaugment = False
+    c.data.finetune.random_erasing_prob = 0.0
+    c.data.finetune.mixup_prob = 0.0
+
+
 def get_config(arg=None):
     del arg
     c = base_config()
@@ -24,6 +32,7 @@ def get_config(arg=None):
     c.stage1.total_steps = 90  # 90 x 32 images (about 10 epochs of 300 images)
     c.stage1.eval.every_steps = 90  # verify once, at the end
     c.stage1.eval.at_start = False
+    _light_augmentation(c.stage1)
 
     # LAFS pretraining of the tiny ViT on landmark views of the same images, no labels.
     c.pretrain = lafs_pretrain.get_config("tiny")
@@ -31,9 +40,10 @@ def get_config(arg=None):
 
     # Fine-tuning (both the scratch and the LAFS run): same budget, Partial FC with sampled negatives.
     c.finetune = finetune.get_config("tiny")
-    c.finetune.total_steps = 90
+    c.finetune.total_steps = 240  # about 26 epochs of 300 images
     c.finetune.loss.sample_rate = 0.5  # each device's shard keeps its positives + half its classes
-    c.finetune.eval.every_steps = 45
+    c.finetune.eval.every_steps = 120
+    _light_augmentation(c.finetune)
     c.finetune.eval.at_start = False
     c.lock()
     return c

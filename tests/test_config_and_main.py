@@ -25,6 +25,19 @@ def test_info_task_reports_mesh_with_overrides(tmp_path):
     assert info["mesh"] == {"data": 4, "model": 2}
 
 
+def test_recipe_argument_after_colon_selects_the_variant(tmp_path):
+    r = _main("--config=configs/finetune.py:tiny", "--config.task=info", "--config.batch_size=16", workdir=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.load(open(tmp_path / "info.json"))["config"]
+    assert (config["model"]["dim"], config["batch_size"], config["loss"]["s"]) == (96, 16, 32.0)
+    r = _main("--config=configs/finetune.py:ms1mv3,10pct", "--config.task=info", workdir=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.load(open(tmp_path / "info.json"))["config"]
+    assert (config["model"]["dim"], config["data"]["subset"]["fraction"]) == (768, 0.1)
+    r = _main("--config=configs/finetune.py:bogus", workdir=tmp_path)
+    assert r.returncode != 0 and "bogus" in r.stderr
+
+
 def test_unknown_key_names_the_key(tmp_path):
     r = _main("--config", "configs/demo.py", "--config.nonexistent=1", workdir=tmp_path)
     assert r.returncode != 0

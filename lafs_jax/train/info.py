@@ -24,8 +24,10 @@ def describe(config) -> dict:
 
 
 def run(config, workdir: str) -> dict:
+    """Print the launch description; write it with the resolved config to WORKDIR/info.json."""
     info = describe(config)
     print(json.dumps(info, indent=1))
+    info["config"] = json.loads(config.to_json_best_effort())
     with open(os.path.join(workdir, "info.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
