@@ -60,14 +60,13 @@ def assumed_peak_tflops(device) -> tuple[float, str]:
     """(peak TFLOP/s per device, how it was derived)."""
     if device.platform == "cpu":
         cores = os.cpu_count() or 1
-        mhz = 0.0
         try:
             with open("/proc/cpuinfo") as f:
-                mhz = max(float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", f.read()))
-        except (OSError, ValueError):
-            pass
-        ghz = mhz / 1e3 if mhz else 2.5
-        return cores * ghz * 32 / 1e3, f"{cores} cores x {ghz:.2f} GHz x 32 FP32 FLOP/cycle"
+                ghz = max(float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", f.read())) / 1e3
+            source = ""
+        except (OSError, ValueError) as e:  # no /proc/cpuinfo or no MHz line: assume 2.5 GHz and say so
+            ghz, source = 2.5, f" (clock assumed: /proc/cpuinfo unreadable: {e})"
+        return cores * ghz * 32 / 1e3, f"{cores} cores x {ghz:.2f} GHz x 32 FP32 FLOP/cycle{source}"
     for name, tflops in GPU_PEAK_TFLOPS.items():
         if name in device.device_kind:
             return tflops, f"{device.device_kind} dense bf16"
