@@ -21,6 +21,16 @@ def _light_augmentation(c):
     c.data.finetune.mixup_prob = 0.0
 
 
+def _demo_model(m):
+    """The tiny Part fViT as trained from scratch on 300 faces: landmarks start on a grid of 16 px
+    patches (a random landmark CNN scatters them, so Part fViT would start worse than a grid fViT),
+    small token init, no dropout (README, "The demo")."""
+    m.patch_size = 16
+    m.landmark.head_init = "grid"
+    m.token_init_std = 0.02
+    m.dropout = m.emb_dropout = m.drop_path_rate = 0.0
+
+
 def get_config(arg=None):
     del arg
     c = base_config()
@@ -29,14 +39,16 @@ def get_config(arg=None):
 
     # Stage 1: supervised tiny Part fViT on the 30 training identities (full softmax is fine at 30).
     c.stage1 = finetune.get_config("tiny")
-    c.stage1.total_steps = 90  # 90 x 32 images (about 10 epochs of 300 images)
-    c.stage1.eval.every_steps = 90  # verify once, at the end
+    c.stage1.total_steps = 240  # 240 x 32 images (about 26 epochs of 300 images)
+    c.stage1.eval.every_steps = 240  # verify once, at the end
     c.stage1.eval.at_start = False
     _light_augmentation(c.stage1)
+    _demo_model(c.stage1.model)
 
     # LAFS pretraining of the tiny ViT on landmark views of the same images, no labels.
     c.pretrain = lafs_pretrain.get_config("tiny")
     c.pretrain.optim.epochs = 12  # x 9 steps of 32 images
+    _demo_model(c.pretrain.model)
 
     # Fine-tuning (both the scratch and the LAFS run): same budget, Partial FC with sampled negatives.
     c.finetune = finetune.get_config("tiny")
@@ -44,6 +56,7 @@ def get_config(arg=None):
     c.finetune.loss.sample_rate = 0.5  # each device's shard keeps its positives + half its classes
     c.finetune.eval.every_steps = 120
     _light_augmentation(c.finetune)
+    _demo_model(c.finetune.model)
     c.finetune.eval.at_start = False
     c.lock()
     return c

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # (kernel, expansion channels, output channels, squeeze-excite, nonlinearity 'RE'|'HS', stride)
 BlockSpec = tuple[int, int, int, bool, str, int]
@@ -187,6 +188,24 @@ def minmax_to_pixels(theta: jax.Array, image_size: int) -> jax.Array:
     return scaled.reshape(theta.shape[0], -1, 2)
 
 
+HEAD_INITS = ("default", "grid")
+
+
+def grid_bias_init(key, shape, dtype=jnp.float32):
+    """Bias [2R] of a landmark head that outputs a regular sqrt(R) x sqrt(R) grid, row-major, (x, y).
+
+    After the min-max rescale the grid spans [0, H - 1] evenly: with a zero kernel, landmark
+    n = r * g + c starts at (c, r) * (H - 1) / (g - 1), the patch layout of a grid-patch fViT.
+    """
+    del key
+    (n,) = shape
+    g = int(round((n // 2) ** 0.5))
+    if n % 2 or g * g != n // 2 or g < 2:
+        raise ValueError(f"LandmarkCNN: head_init='grid' needs a square number >= 4 of landmarks, got {n // 2}")
+    rows, cols = np.divmod(np.arange(g * g), g)
+    return jnp.asarray(np.stack([cols, rows], axis=1).reshape(-1), dtype)
+
+
 class LandmarkCNN(nn.Module):
     """images [B, H, W, 3] (normalised) -> landmarks [B, R, 2] pixel (x, y) in [0, H - 1], float32.
 
@@ -205,6 +224,10 @@ class LandmarkCNN(nn.Module):
     bn_eps: float = 1e-5
     dtype: Any = jnp.float32
     depthwise_implementation: str = "auto"
+    # 'default': torch's Linear init (official; landmarks start scattered at random). 'grid': zero
+    # kernel and a grid bias, so the model starts as a grid-patch fViT and learns to move the patches
+    # (trains far faster from scratch on small data; see grid_bias_init).
+    head_init: str = "default"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -221,5 +244,10 @@ class LandmarkCNN(nn.Module):
                            self.bn_eps, self.dtype, self.depthwise_implementation, name=f"bottleneck_{b}")(x, train)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
-        theta = nn.Dense(2 * self.num_landmarks, kernel_init=linear_init, name="landmark_head")(pooled)
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"LandmarkCNN: head_init={self.head_init!r} is not valid; choose one of {HEAD_INITS}")
+        grid = self.head_init == "grid"
+        theta = nn.Dense(2 * self.num_landmarks, name="landmark_head",
+                         kernel_init=nn.initializers.zeros if grid else linear_init,
+                         bias_init=grid_bias_init if grid else nn.initializers.zeros)(pooled)
         return minmax_to_pixels(theta, images.shape[1])

@@ -23,7 +23,7 @@ import numpy as np
 
 from lafs_jax.config import ConfigError, check
 from lafs_jax.models.heads import DINOHead
-from lafs_jax.models.landmarks import MOBILENET_V3_LARGE, LandmarkCNN, check_blocks
+from lafs_jax.models.landmarks import HEAD_INITS, MOBILENET_V3_LARGE, LandmarkCNN, check_blocks
 from lafs_jax.models.part_fvit import PartFViT
 from lafs_jax.models.vit import (ACTIVATIONS, ATTENTION_SCALES, DROP_PATH_SCHEDULES, FViT, InsightFaceViT,
                                  TokenViT)
@@ -76,6 +76,9 @@ def _base() -> ml_collections.ConfigDict:
     c.landmark.dropout = 0.5  # dropout before the landmark Linear
     c.landmark.bn_momentum = 0.9  # BatchNorm running-average momentum (torch momentum 0.1)
     c.landmark.bn_eps = 1e-5  # BatchNorm epsilon
+    # init of the landmark Linear: 'default' (official, scattered landmarks) | 'grid' (zero kernel, grid
+    # bias: starts as grid patches; for training from scratch on small data)
+    c.landmark.head_init = "default"
 
     c.dino_head = ml_collections.ConfigDict()
     c.dino_head.out_dim = 100000  # prototypes K (LAFS 100000; DINO 65536)
@@ -160,6 +163,11 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
     choice("pool", ("cls", "mean"))
     choice("dtype", DTYPES)
     choice("attention_implementation", ("", "xla", "cudnn"))
+    choice("landmark.head_init", HEAD_INITS)
+    if get("landmark.head_init") == "grid":
+        r = get("num_landmarks")
+        check(int(round(r ** 0.5)) ** 2 == r and r >= 4, key("num_landmarks"), r,
+              "a square number >= 4 with landmark.head_init='grid'")
     try:
         check_blocks(get("landmark.blocks"), f"config.{key('landmark.blocks')}")
     except ValueError as e:
@@ -190,7 +198,7 @@ def build_landmark_cnn(cfg) -> LandmarkCNN:
     lm = cfg.landmark
     return LandmarkCNN(num_landmarks=cfg.num_landmarks, blocks=tuple(tuple(b) for b in lm.blocks),
                        stem_features=lm.stem_features, dropout=lm.dropout, bn_momentum=lm.bn_momentum,
-                       bn_eps=lm.bn_eps, dtype=compute_dtype(cfg))
+                       bn_eps=lm.bn_eps, dtype=compute_dtype(cfg), head_init=lm.head_init)
 
 
 def grid_tokens(cfg) -> int:
