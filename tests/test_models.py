@@ -233,6 +233,35 @@ def test_part_fvit_trains_the_landmark_cnn_through_the_sampler_and_accepts_landm
     assert isinstance(model, PartFViT)
 
 
+def test_grid_head_init_starts_every_image_on_the_same_grid_and_still_learns():
+    cfg = presets.model_config("tiny")  # 49 landmarks: a 7 x 7 grid
+    cfg.landmark.head_init = "grid"
+    lm = presets.build_landmark_cnn(cfg)
+    images = jax.random.normal(jax.random.key(0), (3, 112, 112, 3))
+    variables = lm.init(jax.random.key(1), images, train=False)
+    out = np.asarray(lm.apply(variables, images, train=False))
+    step = 111.0 / 6
+    rows, cols = np.divmod(np.arange(49), 7)
+    expected = np.stack([cols * step, rows * step], axis=1)  # landmark r*7+c at (x=c, y=r) grid units
+    for b in range(3):
+        np.testing.assert_allclose(out[b], expected, atol=1e-4)
+
+    def loss(params):  # any loss of the landmark positions: the zero kernel must still get a gradient
+        pts = lm.apply({**variables, "params": params}, images, train=False)
+        return jnp.sum(pts[:, :, 0] * jnp.arange(49.0))
+
+    grads = jax.grad(loss)(variables["params"])
+    assert float(jnp.abs(grads["landmark_head"]["kernel"]).max()) > 0
+    assert float(jnp.abs(grads["landmark_head"]["bias"]).max()) > 0
+
+    cfg.num_landmarks = 50
+    with pytest.raises(ConfigError, match="config.model.num_landmarks=50"):
+        presets.build_model(cfg)
+    cfg.num_landmarks, cfg.landmark.head_init = 49, "uniform"
+    with pytest.raises(ConfigError, match="config.model.landmark.head_init='uniform'"):
+        presets.build_model(cfg)
+
+
 # ------------------------------------------------------------------------------------------ fViT, InsightFace ViT
 def test_patchify_is_the_official_einops_layout():
     images = np.random.default_rng(0).standard_normal((2, 16, 24, 3)).astype(np.float32)
