@@ -224,7 +224,7 @@ class LandmarkCNN(nn.Module):
     bn_eps: float = 1e-5
     dtype: Any = jnp.float32
     depthwise_implementation: str = "auto"
-    # 'default': torch's Linear init (official; landmarks start scattered at random). 'grid': zero
+    # 'default': the official init (kernel N(0, 0.01), zero bias; landmarks start scattered). 'grid': zero
     # kernel and a grid bias, so the model starts as a grid-patch fViT and learns to move the patches
     # (trains far faster from scratch on small data; see grid_bias_init).
     head_init: str = "default"
