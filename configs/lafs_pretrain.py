@@ -80,6 +80,10 @@ def get_config(arg=None):
     c.dino.teacher_temp = 0.04  # teacher temperature after the warmup (LAFS 0.04; DINO boost 0.07)
     c.dino.warmup_teacher_temp_epochs = 2 if tiny else 30  # epochs of linear temperature warmup
     c.dino.center_momentum = 0.9  # EMA momentum of the centre (teacher output mean, global batch)
+    # Teacher centring: 'center' (official: minus the running centre) | 'sinkhorn' (DINOv2's Sinkhorn-Knopp
+    # equipartition over the global batch; the centre is then unused)
+    c.dino.centering = "center"
+    c.dino.sinkhorn_iterations = 3  # Sinkhorn-Knopp iterations of 'sinkhorn' (DINOv2: 3)
     c.dino.teacher_momentum = 0.996  # teacher EMA momentum at step 0, cosine to teacher_momentum_end
     c.dino.teacher_momentum_end = 1.0  # teacher EMA momentum at the last step
     c.dino.teacher_train_mode = True  # teacher applies dropout / drop-path (official LAFS: never .eval())

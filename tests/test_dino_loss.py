@@ -103,3 +103,58 @@ def test_bad_shapes_raise_clear_errors():
         dino.dino_loss(jnp.zeros((4, 2, 8)), jnp.zeros((2, 3, 8)), jnp.zeros(8), teacher_temp=0.04)
     with pytest.raises(ValueError, match="views, batch"):
         dino.update_center(jnp.zeros(8), jnp.zeros((4, 8)))
+
+
+def _torch_sinkhorn(teacher_cat, teacher_temp, iterations):
+    """DINOv2's sinkhorn_knopp_teacher on one process: linear-domain rescaling of a [N, K] tensor."""
+    q = torch.exp(teacher_cat / teacher_temp).t()  # [K, N]
+    n, k = q.shape[1], q.shape[0]
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / n
+    return (q * n).t()
+
+
+@pytest.mark.parametrize("iterations", [1, 3, 10])
+def test_sinkhorn_targets_match_the_dinov2_algorithm(iterations):
+    rng = np.random.default_rng(3)
+    vt, b, k = 2, 6, 20
+    t = rng.uniform(-1, 1, size=(vt, b, k)).astype(np.float32)  # cosine logits, as the weight-normed head gives
+    got = np.asarray(dino.sinkhorn_targets(jnp.asarray(t), 0.07, iterations))
+    ref = _torch_sinkhorn(torch.tensor(t.reshape(vt * b, k), dtype=torch.float64), 0.07, iterations).numpy()
+    np.testing.assert_allclose(got.reshape(vt * b, k), ref, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-5)  # every row a distribution
+
+
+def test_sinkhorn_spreads_a_teacher_that_prefers_one_prototype_and_survives_sharp_temperatures():
+    rng = np.random.default_rng(4)
+    vt, b, k = 2, 32, 16
+    # every sample prefers prototype 0 (a teacher drifting to one dimension), with per-sample variation
+    t = np.linspace(1.0, -1.0, k).astype(np.float32) + 0.3 * rng.normal(size=(vt, b, k)).astype(np.float32)
+    plain = np.asarray(dino.teacher_targets(jnp.asarray(t), jnp.zeros(k), 0.1))
+    assert plain.reshape(-1, k)[:, 0].sum() > 4 * vt * b / k  # uncentred: prototype 0 takes > 4x its share
+    sk = np.asarray(dino.sinkhorn_targets(jnp.asarray(t), 0.1, 50))
+    # equipartition: every prototype gets N / K of the mass, every row is still a distribution
+    np.testing.assert_allclose(sk.reshape(-1, k).sum(0), vt * b / k, rtol=1e-3)
+    np.testing.assert_allclose(sk.sum(-1), 1.0, rtol=1e-5)
+    # temperature 0.01 on cosines 2 apart: exp underflows in fp32, the log-domain version does not
+    sharp = np.asarray(dino.sinkhorn_targets(jnp.asarray(t), 0.01, 3))
+    assert np.all(np.isfinite(sharp)) and np.allclose(sharp.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_sinkhorn_over_a_batch_sharded_on_eight_devices_equals_one_device():
+    rng = np.random.default_rng(5)
+    t = rng.uniform(-1, 1, size=(2, 16, 12)).astype(np.float32)
+    s = rng.normal(size=(4, 16, 12)).astype(np.float32)
+    mesh = mesh_lib.make_mesh(None)
+    spec = NamedSharding(mesh, P(None, mesh.axis_names))
+    f = jax.jit(lambda s_, t_: dino.dino_loss(s_, t_, jnp.zeros(12), teacher_temp=0.05, centering="sinkhorn")[0])
+    sharded = f(jax.device_put(s, spec), jax.device_put(t, spec))
+    single = dino.dino_loss(jnp.asarray(s), jnp.asarray(t), jnp.zeros(12), teacher_temp=0.05, centering="sinkhorn")[0]
+    np.testing.assert_allclose(float(sharded), float(single), rtol=1e-5)
+
+
+def test_unknown_centering_is_named():
+    with pytest.raises(ValueError, match="centering='mean'"):
+        dino.dino_loss(jnp.zeros((3, 2, 4)), jnp.zeros((2, 2, 4)), jnp.zeros(4), teacher_temp=0.04, centering="mean")

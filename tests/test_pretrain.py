@@ -359,6 +359,11 @@ def test_bad_config_values_name_the_key():
     c.method = "mae"
     with pytest.raises(ConfigError, match="method"):
         pretrain.validate_config(c)
+    c = _small_config("lafs")
+    c.unlock()
+    c.dino.centering = "mean"
+    with pytest.raises(ConfigError, match="dino.centering"):
+        pretrain.validate_config(c)
 
 
 def test_landmark_checkpoint_with_wrong_shapes_names_the_parameter(tmp_path):

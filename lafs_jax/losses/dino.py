@@ -38,14 +38,41 @@ def _check_views(student_logits: jax.Array, teacher_logits: jax.Array, center: j
         raise ValueError(f"dino_loss: center has shape {center.shape}, expected ({k},)")
 
 
+CENTERINGS = ("center", "sinkhorn")
+
+
 def teacher_targets(teacher_logits: jax.Array, center: jax.Array, teacher_temp) -> jax.Array:
     """softmax((teacher_logits - center) / teacher_temp) over the last axis, float32, no gradient."""
     t = (teacher_logits.astype(jnp.float32) - center.astype(jnp.float32)) / teacher_temp
     return jax.lax.stop_gradient(jax.nn.softmax(t, axis=-1))
 
 
+def sinkhorn_targets(teacher_logits: jax.Array, teacher_temp, iterations: int = 3) -> jax.Array:
+    """Sinkhorn-Knopp teacher targets (DINOv2's centring): [Vt, B, K] logits -> [Vt, B, K] targets.
+
+    Alternately rescales Q = exp(teacher_logits / teacher_temp), over all Vt * B rows of the global
+    batch, so that every prototype gets the same total mass (1/K) and every row the same (1/N); the
+    returned rows sum to 1. Equipartition over the batch replaces the running centre: a teacher that
+    maps every image to the same output cannot satisfy it, so neither collapse (one dimension, or
+    uniform after centring) can take hold, which matters with small batches and few images.
+
+    Computed in the log domain (a logsumexp per rescaling), so sharp temperatures cannot underflow a
+    whole prototype to zero. Inside jit with the batch axis sharded, the sums over rows are global.
+    """
+    if iterations < 1:
+        raise ValueError(f"sinkhorn_targets: iterations={iterations} must be >= 1")
+    vt, b, k = teacher_logits.shape
+    n = vt * b
+    log_q = teacher_logits.astype(jnp.float32).reshape(n, k) / teacher_temp
+    for _ in range(iterations):
+        log_q = log_q - jax.nn.logsumexp(log_q, axis=0, keepdims=True) - jnp.log(k)  # prototypes: 1/K each
+        log_q = log_q - jax.nn.logsumexp(log_q, axis=1, keepdims=True) - jnp.log(n)  # rows: 1/N each
+    return jax.lax.stop_gradient(jnp.exp(log_q + jnp.log(n)).reshape(vt, b, k))
+
+
 def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array, *,
-              student_temp: float = 0.1, teacher_temp) -> tuple[jax.Array, dict]:
+              student_temp: float = 0.1, teacher_temp, centering: str = "center",
+              sinkhorn_iterations: int = 3) -> tuple[jax.Array, dict]:
     """(loss, metrics) of DINO's multi-crop cross-entropy.
 
     Args:
@@ -54,6 +81,9 @@ def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.
       center: [K] running centre of the teacher outputs.
       student_temp: student softmax temperature (0.1 in DINO and LAFS).
       teacher_temp: teacher softmax temperature; a float or a traced scalar (see `teacher_temp_at`).
+      centering: 'center' (DINO / LAFS: subtract the running `center`, softmax) or 'sinkhorn'
+        (DINOv2: `sinkhorn_targets` over the batch; `center` is then not used).
+      sinkhorn_iterations: Sinkhorn-Knopp iterations of 'sinkhorn' (DINOv2: 3).
 
     Returns:
       loss: scalar float32, mean over the (teacher view, student view) pairs with different views of
@@ -63,7 +93,12 @@ def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.
     """
     _check_views(student_logits, teacher_logits, center)
     vs, vt = student_logits.shape[0], teacher_logits.shape[0]
-    targets = teacher_targets(teacher_logits, center, teacher_temp)  # [Vt, B, K]
+    if centering == "center":
+        targets = teacher_targets(teacher_logits, center, teacher_temp)  # [Vt, B, K]
+    elif centering == "sinkhorn":
+        targets = sinkhorn_targets(teacher_logits, teacher_temp, sinkhorn_iterations)
+    else:
+        raise ValueError(f"dino_loss: centering={centering!r} is not one of {CENTERINGS}")
     log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)  # [Vs, B, K]
     # cross[t, s] = batch mean of -sum_k q_t log p_s
     cross = -jnp.einsum("tbk,sbk->ts", targets, log_probs) / student_logits.shape[1]

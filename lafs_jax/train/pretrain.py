@@ -98,6 +98,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check(isinstance(d.warmup_teacher_temp_epochs, int) and 0 <= d.warmup_teacher_temp_epochs,
           "dino.warmup_teacher_temp_epochs", d.warmup_teacher_temp_epochs, "an int >= 0")
     check(0 <= d.center_momentum <= 1, "dino.center_momentum", d.center_momentum, "in [0, 1] (1: centre held at 0)")
+    check(d.centering in dino_lib.CENTERINGS, "dino.centering", d.centering, f"one of {dino_lib.CENTERINGS}")
+    check(isinstance(d.sinkhorn_iterations, int) and d.sinkhorn_iterations >= 1, "dino.sinkhorn_iterations",
+          d.sinkhorn_iterations, "an int >= 1")
     for key in ("teacher_momentum", "teacher_momentum_end"):
         check(0 <= d[key] <= 1, f"dino.{key}", d[key], "in [0, 1]")
     check(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, ">= 1")
@@ -290,7 +293,8 @@ def make_train_step(networks: Networks, config: ml_collections.ConfigDict, tx: o
         def loss_fn(params):
             student_out = jnp.swapaxes(head_logits(networks, params, views, k_student, train=True), 0, 1)
             return dino_lib.dino_loss(student_out, teacher_out, state["center"], student_temp=d.student_temp,
-                                      teacher_temp=temp)
+                                      teacher_temp=temp, centering=d.centering,
+                                      sinkhorn_iterations=d.sinkhorn_iterations)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["student"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["student"])
