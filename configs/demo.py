@@ -52,9 +52,13 @@ def get_config(arg=None):
 
     # Fine-tuning (both the scratch and the LAFS run): same budget, Partial FC with sampled negatives.
     c.finetune = finetune.get_config("tiny")
-    c.finetune.total_steps = 240  # about 26 epochs of 300 images
+    c.finetune.total_steps = 480  # about 51 epochs of 300 images
+    # lr 2e-3, not the tiny recipe's 5e-3: 5e-3 first wrecks a pretrained init (LAFS features at step
+    # 120 below those at step 0) and, from scratch, fits the 30 people at the cost of the held-out ones
+    # (README, "The demo": 80.6 % -> 86.6 % from scratch, TAR@FAR=0.01 28 % -> 58 %)
+    c.finetune.optim.lr = 2e-3
     c.finetune.loss.sample_rate = 0.5  # each device's shard keeps its positives + half its classes
-    c.finetune.eval.every_steps = 120
+    c.finetune.eval.every_steps = 240
     _light_augmentation(c.finetune)
     _demo_model(c.finetune.model)
     c.finetune.eval.at_start = False
