@@ -87,6 +87,10 @@ def get_config(arg=None):
     c.batch_size = 32 if tiny else 400  # global images per step (micro-batch); x accum_steps per update
     c.total_steps = 90 if tiny else -1  # -1 = optim.epochs x (training images // batch_size)
     c.log_every_steps = 10 if tiny else 100  # train metrics, progress line with img/s and ETA
+    # Exponential moving average of the backbone's parameters (BatchNorm statistics are the live
+    # model's). 0 = off, as the official code; otherwise the decay at update t is
+    # min(ema_decay, (1 + t) / (10 + t)), and verification and WORKDIR/backbone use the average.
+    c.ema_decay = 0.0
 
     c.init = ml_collections.ConfigDict()
     # Variables directory to start from ('' = random init): a LAFS / DINO pretraining teacher

@@ -107,6 +107,42 @@ def test_landmark_regulariser_value_and_frozen_teacher(setup):
     assert max(jax.tree.leaves(diff)) > 0
 
 
+def test_parameter_average_follows_its_formula_and_leaves_training_alone():
+    """ema_{t} = d_t ema_{t-1} + (1 - d_t) params_t with d_t = min(decay, (1+t)/(10+t)), replayed in numpy;
+    the trained params are those of a run without the average."""
+    params = {"backbone": {"w": jnp.array([1.0, -2.0, 3.0])}, "centers": jnp.ones((2, 3))}
+    target = np.array([0.5, 0.5, -1.0], np.float32)
+
+    def loss_fn(p, batch_stats, teacher_vars, batch, key, reg_weight):
+        loss = jnp.sum(jnp.square(p["backbone"]["w"] * batch["x"] - target)) + jnp.sum(p["centers"] ** 2)
+        return loss, ({"loss": loss}, batch_stats)
+
+    tx = __import__("optax").sgd(0.1)
+    batches = [{"x": np.float32(1.0 + 0.1 * i)} for i in range(30)]
+
+    def train(ema_decay):
+        step = jax.jit(finetune.make_train_step(loss_fn, tx, jax.random.key(0), ema_decay))
+        state = {"step": jnp.int32(0), "params": params, "batch_stats": {}, "opt_state": tx.init(params)}
+        if ema_decay:
+            state["ema"] = params["backbone"]
+        history = []
+        for b in batches:
+            state, _ = step(state, {}, b, np.float32(0))
+            history.append(np.asarray(state["params"]["backbone"]["w"]))
+        return state, history
+
+    state, history = train(0.9)
+    plain, plain_history = train(0.0)
+    assert "ema" not in plain
+    np.testing.assert_array_equal(np.stack(history), np.stack(plain_history))
+    ema = np.array([1.0, -2.0, 3.0])
+    for t, w in enumerate(history, start=1):
+        d = min(0.9, (1 + t) / (10 + t))
+        ema = d * ema + (1 - d) * w
+    np.testing.assert_allclose(np.asarray(state["ema"]["w"]), ema, rtol=1e-5)
+    assert np.max(np.abs(ema - history[-1])) > 1e-3  # the average lags the params: the check can fail
+
+
 def test_landmark_weight_schedule():
     reg = finetune_recipe.get_config("tiny").landmark_reg
     reg.mode = "schedule"
@@ -168,6 +204,7 @@ def test_config_errors_name_the_key(tmp_path):
     expect(r"eval\.bins\[0\]", eval__bins=(str(tmp_path / "missing.bin"),))
     expect(r"total_steps", total_steps=0)
     expect(r"loss\.centers_optimizer", loss__centers_optimizer="lamb")
+    expect(r"ema_decay", ema_decay=1.0)
     with pytest.raises(ValueError, match="unknown subset"):
         finetune_recipe.get_config("webface4m,3pct")
     c = finetune_recipe.get_config("ms1mv3,1pct")
@@ -207,6 +244,7 @@ def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monke
     config.total_steps = 24
     config.eval.every_steps = 1000  # at the start and the last step only
     config.checkpoint.every_steps = 1000
+    config.ema_decay = 0.9  # the parameter average is part of the resumed state and is what is saved
     full = finetune.run(config, str(tmp_path / "full"))
     assert full["verification"]["pairs"] > full["initial_verification"]["pairs"] + 0.05, full
 
@@ -231,3 +269,8 @@ def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monke
     b, _ = checkpoint.load_variables(str(tmp_path / "resumed" / "backbone"))
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert meta["normalization"] == "[-1,1]" and meta["color_order"] == "rgb" and meta["model"]["preset"] == "tiny"
+    assert meta["ema_decay"] == 0.9
+    with checkpoint.TrainCheckpointer(str(tmp_path / "full" / "checkpoints")) as ckpt:
+        last = ckpt.restore(24)
+    jax.tree.map(np.testing.assert_array_equal, a["params"], last["ema"])  # the output is the average
+    assert not np.array_equal(a["params"]["vit"]["head_norm"]["scale"], last["params"]["backbone"]["vit"]["head_norm"]["scale"])

@@ -21,6 +21,8 @@ One linear function, `run(config, workdir)`, in big_vision's style (reference/la
               config.sharding_rules, W by rows); 10-fold verification on the configured `.bin`
               sets every `eval.every_steps`; TensorBoard + metrics.jsonl; progress with ETA; NaN
               guard; SIGTERM saves and exits; checkpoints (state + Grain iterator) resume exactly.
+  average     optional exponential moving average of the backbone's parameters (`ema_decay`), kept
+              in the train state; verification and the output use it when it is on.
   output      `workdir/backbone`: the backbone's variables with metadata (model config,
               normalisation, colour order, image size), what evaluation and export read.
 
@@ -68,6 +70,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "eval.every_steps", "eval.nfolds"):
         v = config_lib.get_path(config, key)
         check(isinstance(v, int) and v >= 1, key, v, "an int >= 1")
+    check(isinstance(config.ema_decay, float) and 0.0 <= config.ema_decay < 1.0, "ema_decay", config.ema_decay,
+          "a float in [0, 1) (0 = no parameter average)")
     check(isinstance(config.total_steps, int) and (config.total_steps == -1 or config.total_steps >= 1),
           "total_steps", config.total_steps, "-1 (optim.epochs x steps per epoch) or an int >= 1")
     check_choice(config, "init.kind", INIT_KINDS)
@@ -242,8 +246,16 @@ def make_loss_fn(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDic
     return loss_fn
 
 
-def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Array):
-    """step(state, batch, reg_weight) -> (state, metrics); state = {'step', 'params', 'batch_stats', 'opt_state'}."""
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """Decay of the parameter average at update `step` (1-based): min(decay, (1 + step) / (10 + step)),
+    so the first updates are not dominated by the random or pretrained initial weights."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Array, ema_decay: float = 0.0):
+    """step(state, batch, reg_weight) -> (state, metrics); state = {'step', 'params', 'batch_stats', 'opt_state'}
+    and, when ema_decay > 0, 'ema' (the moving average of params['backbone'])."""
 
     def step(state, teacher_vars, batch, reg_weight):
         key = jax.random.fold_in(base_key, state["step"])
@@ -256,6 +268,10 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Arr
         if "learning_rate" in hyper:
             metrics["learning_rate"] = hyper["learning_rate"]
         new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+        if ema_decay > 0:
+            decay = ema_decay_at(ema_decay, state["step"] + 1)
+            new_state["ema"] = optax.incremental_update(params["backbone"], state["ema"], 1.0 - decay)
+            metrics["ema_decay"] = decay
         return new_state, metrics
 
     return step
@@ -287,14 +303,18 @@ def like_params_shardings(tree: Any, params: Any, param_shardings: Any, default:
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def state_shardings(tx, params: Any, batch_stats: Any, mesh: Any, rules) -> dict:
-    """Shardings of the train state: backbone by rules, W by rows, optimizer state like its params."""
+def state_shardings(tx, params: Any, batch_stats: Any, mesh: Any, rules, ema: bool = False) -> dict:
+    """Shardings of the train state: backbone (and its average) by rules, W by rows, optimizer state
+    like its params."""
     replicated = mesh_lib.replicated(mesh)
     p_shard = {"backbone": mesh_lib.param_shardings(params["backbone"], rules, mesh),
                "centers": partial_fc.centers_sharding(mesh)}
     abstract_opt = jax.eval_shape(tx.init, params)
-    return {"step": replicated, "params": p_shard, "batch_stats": jax.tree.map(lambda _: replicated, batch_stats),
-            "opt_state": like_params_shardings(abstract_opt, params, p_shard, replicated)}
+    out = {"step": replicated, "params": p_shard, "batch_stats": jax.tree.map(lambda _: replicated, batch_stats),
+           "opt_state": like_params_shardings(abstract_opt, params, p_shard, replicated)}
+    if ema:
+        out["ema"] = p_shard["backbone"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,18 +372,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx = optim.finetune_optimizer(params, config.optim, steps_per_epoch, centers_tx=_centers_tx(config, scheds),
                                   total_steps=total_steps, global_batch_size=global_bs)
 
-    shardings = state_shardings(tx, params, batch_stats, mesh, config.sharding_rules)
+    use_ema = config.ema_decay > 0
+    shardings = state_shardings(tx, params, batch_stats, mesh, config.sharding_rules, ema=use_ema)
     replicated = mesh_lib.replicated(mesh)
     params = jax.device_put(params, shardings["params"])
     state = {"step": jax.device_put(jnp.zeros([], jnp.int32), replicated), "params": params,
              "batch_stats": jax.device_put(batch_stats, shardings["batch_stats"]),
              "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)}
+    if use_ema:
+        state["ema"] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["ema"])(params["backbone"])
     teacher_vars = jax.device_put(teacher_np, replicated)
 
     # ------------------------------------------------------------------ step
     loss_fn = make_loss_fn(model, landmark_cnn, config, mesh, num_classes)
     batch_shard = mesh_lib.batch_sharding(mesh)
-    step_fn = jax.jit(make_train_step(loss_fn, tx, jax.random.key(config.seed + 1)),
+    step_fn = jax.jit(make_train_step(loss_fn, tx, jax.random.key(config.seed + 1), config.ema_decay),
                       in_shardings=(shardings, replicated, batch_shard, replicated),
                       out_shardings=(shardings, replicated), donate_argnums=(0,))
 
@@ -385,10 +408,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         color_order=config.eval.color_order, mesh=mesh,
         batch_size=config.eval.batch_size) if eval_sets else None
 
-    def evaluate(state) -> dict:
-        variables = {"params": state["params"]["backbone"]}
+    def backbone_variables(state) -> dict:
+        """What evaluation and the output use: the parameter average when it is on, else the params."""
+        variables = {"params": state["ema"] if use_ema else state["params"]["backbone"]}
         if batch_stats:
             variables["batch_stats"] = state["batch_stats"]
+        return variables
+
+    def evaluate(state) -> dict:
+        variables = backbone_variables(state)
         out = {}
         for name, (images, issame) in eval_sets.items():
             emb = embedder.embed(images, flip=config.eval.flip, variables=variables)
@@ -443,11 +471,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
 
     # ------------------------------------------------------------------ output
-    final = {"params": state["params"]["backbone"]}
-    if batch_stats:
-        final["batch_stats"] = state["batch_stats"]
-    ckpt_lib.save_variables(os.path.join(workdir, "backbone"), final,
-                            backbone_metadata(config, step=int(state["step"]), init=origin, num_classes=num_classes))
+    ckpt_lib.save_variables(os.path.join(workdir, "backbone"), backbone_variables(state),
+                            backbone_metadata(config, step=int(state["step"]), init=origin, num_classes=num_classes,
+                                              ema_decay=float(config.ema_decay)))
     logging.info("saved the backbone to %s", os.path.join(workdir, "backbone"))
     return {"step": int(state["step"]), "preempted": False, "final_metrics": _host(metrics),
             "verification": {n: r["accuracy"] for n, r in results.items()},
