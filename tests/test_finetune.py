@@ -6,6 +6,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import finetune as finetune_recipe
@@ -15,7 +16,7 @@ from lafs_jax.input.synthetic import write_synthetic_rec
 from lafs_jax.input.verification_bin import load_bin, save_bin
 from lafs_jax.losses import partial_fc
 from lafs_jax.models import presets
-from lafs_jax.train import checkpoint, finetune, loop_utils
+from lafs_jax.train import checkpoint, finetune, loop_utils, optim
 from lafs_jax.train import mesh as mesh_lib
 
 
@@ -117,7 +118,7 @@ def test_parameter_average_follows_its_formula_and_leaves_training_alone():
         loss = jnp.sum(jnp.square(p["backbone"]["w"] * batch["x"] - target)) + jnp.sum(p["centers"] ** 2)
         return loss, ({"loss": loss}, batch_stats)
 
-    tx = __import__("optax").sgd(0.1)
+    tx = optax.sgd(0.1)
     batches = [{"x": np.float32(1.0 + 0.1 * i)} for i in range(30)]
 
     def train(ema_decay):
@@ -141,6 +142,23 @@ def test_parameter_average_follows_its_formula_and_leaves_training_alone():
         ema = d * ema + (1 - d) * w
     np.testing.assert_allclose(np.asarray(state["ema"]["w"]), ema, rtol=1e-5)
     assert np.max(np.abs(ema - history[-1])) > 1e-3  # the average lags the params: the check can fail
+
+
+def test_lr_scaling_counts_the_images_of_one_update():
+    """With accumulation, linear lr scaling uses batch x accum_steps (the images behind one AdamW update)."""
+    config = finetune_recipe.get_config("tiny")
+    config.batch_size, config.optim.accum_steps = 32, 3
+    config.optim.lr, config.optim.lr_scaling, config.optim.lr_base_batch_size = 1e-3, "linear", 256
+    config.optim.warmup_epochs = 0.0
+    variables = presets.init_variables(config.model, jax.random.key(0))
+    params = {"backbone": variables["params"], "centers": jnp.zeros((8, config.model.dim))}
+    tx = finetune.make_optimizer(config, params, steps_per_epoch=9, total_steps=90)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(3):  # one optimizer update
+        _, state = tx.update(grads, state, params)
+    got = float(optim.current_hyperparams(state)["learning_rate"])
+    assert got == pytest.approx(1e-3 * 96 / 256, rel=1e-5)
 
 
 def test_landmark_weight_schedule():

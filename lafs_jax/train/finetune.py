@@ -284,6 +284,16 @@ def _centers_tx(config, schedules_: dict) -> optax.GradientTransformation:
                                         b2=config.optim.b2, lazy=config.loss.centers_lazy)
 
 
+def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epoch: int,
+                   total_steps: int) -> optax.GradientTransformation:
+    """The backbone's AdamW (layer decay, schedules) with W's optimizer inside. `steps_per_epoch` and
+    `total_steps` count micro-batches; lr scaling sees the images of one update (batch x accum_steps)."""
+    update_batch = config.batch_size * config.optim.accum_steps
+    scheds = optim.schedules(config.optim, steps_per_epoch, total_steps=total_steps, global_batch_size=update_batch)
+    return optim.finetune_optimizer(params, config.optim, steps_per_epoch, centers_tx=_centers_tx(config, scheds),
+                                    total_steps=total_steps, global_batch_size=update_batch)
+
+
 def like_params_shardings(tree: Any, params: Any, param_shardings: Any, default: Any) -> Any:
     """Shardings for an optimizer state: a leaf whose key path ends with a parameter's path and has
     that parameter's shape (Adam moments, momenta) takes the parameter's sharding; the rest (step
@@ -368,9 +378,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     emb_dim = embedding_dim(model, variables, config.model)
     params = {"backbone": variables["params"], "centers": partial_fc.init_centers(centers_key, num_classes, emb_dim, mesh)}
     batch_stats = variables.get("batch_stats", {})
-    scheds = optim.schedules(config.optim, steps_per_epoch, total_steps=total_steps, global_batch_size=global_bs)
-    tx = optim.finetune_optimizer(params, config.optim, steps_per_epoch, centers_tx=_centers_tx(config, scheds),
-                                  total_steps=total_steps, global_batch_size=global_bs)
+    tx = make_optimizer(config, params, steps_per_epoch, total_steps)
 
     use_ema = config.ema_decay > 0
     shardings = state_shardings(tx, params, batch_stats, mesh, config.sharding_rules, ema=use_ema)
