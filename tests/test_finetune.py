@@ -161,6 +161,31 @@ def test_lr_scaling_counts_the_images_of_one_update():
     assert got == pytest.approx(1e-3 * 96 / 256, rel=1e-5)
 
 
+def test_frozen_landmark_cnn_gives_eval_mode_landmarks_and_no_gradient(setup):
+    """freeze_landmark_cnn: the patches sit where the landmark CNN in eval mode puts them, its params get
+    a zero gradient and its BatchNorm statistics are returned unchanged."""
+    S = setup
+    config = S["config"].copy_and_resolve_references()
+    config.freeze_landmark_cnn, config.landmark_reg.mode = True, "none"
+    loss_fn = finetune.make_loss_fn(S["model"], S["lcnn"], config, mesh_lib.make_mesh(), S["num_classes"])
+    batch, variables, params = S["batch"], S["variables"], S["params"]
+    (loss, (metrics, stats)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        params, variables["batch_stats"], {}, batch, jax.random.key(2), np.float32(0))
+    lm_eval = S["lcnn"].apply({k: v["landmark_cnn"] for k, v in variables.items()}, batch["image"], train=False)
+    emb, _ = jax.jit(lambda v, x, lm: S["model"].apply(v, x, train=True, landmarks=lm, mutable=["batch_stats"])[0])(
+        variables, batch["image"], lm_eval)
+    want = _dense_cosface(np.asarray(emb, np.float64), np.asarray(params["centers"], np.float64),
+                          {k: np.asarray(v) for k, v in batch.items()}, S["num_classes"], config.loss.s, config.loss.m3)
+    assert float(metrics["cls_loss"]) == pytest.approx(want, rel=1e-4)
+    assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree.leaves(grads["backbone"]["landmark_cnn"]))
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["backbone"]["vit"])) > 0
+    jax.tree.map(np.testing.assert_array_equal, stats, variables["batch_stats"])
+    # unfrozen, the landmarks come from train mode (batch statistics) and do get a gradient
+    (_, (metrics_live, _)), grads_live = jax.jit(jax.value_and_grad(S["loss_fn"], has_aux=True))(
+        params, variables["batch_stats"], S["teacher"], batch, jax.random.key(2), np.float32(0))
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_live["backbone"]["landmark_cnn"])) > 0
+
+
 def test_landmark_weight_schedule():
     reg = finetune_recipe.get_config("tiny").landmark_reg
     reg.mode = "schedule"
@@ -223,6 +248,8 @@ def test_config_errors_name_the_key(tmp_path):
     expect(r"total_steps", total_steps=0)
     expect(r"loss\.centers_optimizer", loss__centers_optimizer="lamb")
     expect(r"ema_decay", ema_decay=1.0)
+    expect(r"freeze_landmark_cnn", freeze_landmark_cnn=True, model__kind="fvit")
+    expect(r"landmark_reg\.mode", freeze_landmark_cnn=True, landmark_reg__mode="constant")
     with pytest.raises(ValueError, match="unknown subset"):
         finetune_recipe.get_config("webface4m,3pct")
     c = finetune_recipe.get_config("ms1mv3,1pct")

@@ -249,6 +249,23 @@ def test_finetune_optimizer_equals_torch_adamw_groups(layer_decay):
         assert ratio < 0.58 ** 2 * 3
 
 
+def test_finetune_optimizer_frozen_regex_keeps_those_params_exactly():
+    """Frozen params get no Adam step and no weight decay, even with gradients; the others still move."""
+    cfg = optim.optim_config("finetune")
+    cfg.epochs, cfg.warmup_epochs, cfg.lr = 4, 0.0, 1e-2
+    params = part_fvit_like_params()
+    tx = optim.finetune_optimizer(params, cfg, 2, centers_tx=optax.sgd(0.5), frozen_regex=optim.LANDMARK_REGEX)
+    state, new = tx.init(params), params
+    for _ in range(3):
+        updates, state = tx.update(jax.tree.map(jnp.ones_like, new), state, new)
+        new = optax.apply_updates(new, updates)
+    jax.tree.map(np.testing.assert_array_equal, new["backbone"]["landmark_cnn"], params["backbone"]["landmark_cnn"])
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new["backbone"]["vit"], params["backbone"]["vit"])
+    assert min(jax.tree.leaves(moved)) > 0
+    with pytest.raises(ValueError, match="frozen_regex"):
+        optim.finetune_optimizer(params, cfg, 2, centers_tx=optax.sgd(0.5), frozen_regex="^nothing_like_this$")
+
+
 def test_finetune_optimizer_requires_centers_tx_and_valid_config():
     params = part_fvit_like_params()
     cfg = optim.optim_config()

@@ -74,6 +74,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "a float in [0, 1) (0 = no parameter average)")
     check(isinstance(config.total_steps, int) and (config.total_steps == -1 or config.total_steps >= 1),
           "total_steps", config.total_steps, "-1 (optim.epochs x steps per epoch) or an int >= 1")
+    check(isinstance(config.freeze_landmark_cnn, bool), "freeze_landmark_cnn", config.freeze_landmark_cnn,
+          "True or False")
+    if config.freeze_landmark_cnn:
+        check(config.model.kind == "part_fvit", "freeze_landmark_cnn", True,
+              f"a landmark CNN to freeze: model.kind='part_fvit' (got {config.model.kind!r})")
+        check(config.landmark_reg.mode == "none", "landmark_reg.mode", config.landmark_reg.mode,
+              "'none' when freeze_landmark_cnn is on (frozen landmarks need no regulariser)")
     check_choice(config, "init.kind", INIT_KINDS)
     for key in ("init.backbone", "init.landmark_cnn", "landmark_reg.teacher"):
         path = config_lib.get_path(config, key)
@@ -217,6 +224,7 @@ def make_loss_fn(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDic
     """
     loss_cfg = config.loss
     use_reg = config.landmark_reg.mode != "none"
+    frozen = config.freeze_landmark_cnn
     scale = float(config.model.image_size - 1)
 
     def loss_fn(params, batch_stats, teacher_vars, batch, key, reg_weight):
@@ -226,7 +234,12 @@ def make_loss_fn(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDic
         if batch_stats:
             variables["batch_stats"] = batch_stats
             mutable = ["batch_stats"]
-        out, new_state = model.apply(variables, batch["image"], train=True, rngs={"dropout": k_drop}, mutable=mutable)
+        landmarks = None
+        if frozen:
+            lm_vars = {k: v["landmark_cnn"] for k, v in variables.items() if "landmark_cnn" in v}
+            landmarks = jax.lax.stop_gradient(landmark_cnn.apply(lm_vars, batch["image"], train=False))
+        out, new_state = model.apply(variables, batch["image"], train=True, landmarks=landmarks,
+                                     rngs={"dropout": k_drop}, mutable=mutable)
         emb, landmarks = out if isinstance(out, tuple) else (out, None)
         labels = {k: batch[k] for k in ("label", "label2", "lam")}
         cls_loss, metrics = partial_fc.partial_fc_loss(
@@ -241,7 +254,8 @@ def make_loss_fn(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDic
             metrics["landmark_loss"] = reg
             metrics["landmark_weight"] = reg_weight
         metrics["loss"] = loss
-        return loss, (metrics, new_state.get("batch_stats", batch_stats) if batch_stats else batch_stats)
+        # a frozen landmark CNN is not run in train mode, so its statistics are not in new_state
+        return loss, (metrics, {**batch_stats, **new_state.get("batch_stats", {})} if batch_stats else batch_stats)
 
     return loss_fn
 
@@ -291,7 +305,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epo
     update_batch = config.batch_size * config.optim.accum_steps
     scheds = optim.schedules(config.optim, steps_per_epoch, total_steps=total_steps, global_batch_size=update_batch)
     return optim.finetune_optimizer(params, config.optim, steps_per_epoch, centers_tx=_centers_tx(config, scheds),
-                                    total_steps=total_steps, global_batch_size=update_batch)
+                                    total_steps=total_steps, global_batch_size=update_batch,
+                                    frozen_regex=config.optim.landmark_regex if config.freeze_landmark_cnn else "")
 
 
 def like_params_shardings(tree: Any, params: Any, param_shardings: Any, default: Any) -> Any:

@@ -386,7 +386,7 @@ def _accumulate(tx: optax.GradientTransformation, accum_steps: int) -> optax.Gra
 
 def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_epoch: int, *,
                        centers_tx: optax.GradientTransformation | None = None, total_steps: int | None = None,
-                       global_batch_size: int | None = None) -> optax.GradientTransformation:
+                       global_batch_size: int | None = None, frozen_regex: str = "") -> optax.GradientTransformation:
     """AdamW with layer-wise lr decay, weight-decay groups and warmup + cosine, for fine-tuning.
 
     params: the trainable tree (arrays or ShapeDtypeStructs), e.g. {'backbone': ..., 'centers': W}.
@@ -396,6 +396,7 @@ def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
     non-bias tensors, except those matching landmark_wd_regex, which get landmark_weight_decay * p
     -> x layer_decay^(depth + 1 - layer_id) -> x -lr(step). Clipping (cfg.clip_mode)
     acts on the whole gradient tree first; `accum_steps > 1` wraps all of it in optax.MultiSteps.
+    Backbone params matching `frozen_regex` (e.g. LANDMARK_REGEX) are never changed: no step, no decay.
     The current lr and weight decay are readable with `current_hyperparams(opt_state)`.
     """
     validate_optim_config(cfg)
@@ -408,6 +409,8 @@ def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
         raise ValueError(f"centers_tx was given but params has no top-level '{CENTERS_KEY}' entry "
                          f"(keys: {sorted(params) if isinstance(params, dict) else type(params).__name__})")
     backbone = ({k: v for k, v in params.items() if k != CENTERS_KEY} if has_centers else params)
+    if frozen_regex and not any(jax.tree.leaves(regex_mask(backbone, frozen_regex))):
+        raise ValueError(f"finetune_optimizer: frozen_regex={frozen_regex!r} matches no backbone parameter")
 
     regexes = dict(block_regex=cfg.block_regex, embed_regex=cfg.embed_regex, landmark_regex=cfg.landmark_regex)
     groups: list[tuple[float, Callable]] = []  # (lr multiplier, mask fn) for multipliers != 1
@@ -430,6 +433,7 @@ def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
             optax.add_decayed_weights(landmark_weight_decay, mask=landmark_mask),
             *[optax.masked(optax.scale(value), mask) for value, mask in groups],
             optax.scale_by_learning_rate(learning_rate),
+            *([optax.masked(optax.set_to_zero(), lambda p: regex_mask(p, frozen_regex))] if frozen_regex else []),
         )
 
     backbone_tx = optax.inject_hyperparams(backbone_chain)(
