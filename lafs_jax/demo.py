@@ -133,7 +133,7 @@ def plot_landmarks(backbone_dir: str, images: np.ndarray, path: str) -> None:
         ax.imshow(img)
         ax.scatter(lm[:, 0], lm[:, 1], s=6, c=np.arange(len(lm)), cmap="viridis")
         ax.set_axis_off()
-    fig.suptitle("patch centres predicted by the fine-tuned landmark CNN", fontsize=9)
+    fig.suptitle("patch centres predicted by the model's landmark CNN", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
