@@ -6,12 +6,17 @@ cluster that jax.distributed auto-detects (SLURM, Open MPI, TPU pods).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from lafs_jax import config as config_lib
+from lafs_jax import sharding as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py[:arg].",
                                           lock_config=True)
@@ -28,8 +33,6 @@ _CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
 
 
 def _maybe_initialize_distributed() -> None:
-    import jax
-
     if _COORDINATOR.value or (_NUM_PROCESSES.value or 0) > 1:
         missing = [n for n, v in (("coordinator_address", _COORDINATOR.value),
                                   ("num_processes", _NUM_PROCESSES.value),
@@ -55,8 +58,6 @@ def _unknown_override(argv: list[str]) -> str | None:
     path, _, arg = config_arg.partition(":")
     if not os.path.isfile(path):
         return f"--config: no recipe file at {path!r}"
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("_recipe", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -87,8 +88,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from lafs_jax import config as config_lib
-
     config = _CONFIG.value
     try:
         config_lib.validate_common(config)
@@ -97,9 +96,6 @@ def main(argv):
         raise app.UsageError(str(e)) from None
 
     _maybe_initialize_distributed()
-    import jax
-    from lafs_jax.train import mesh as mesh_lib
-
     mesh = mesh_lib.make_mesh(config.mesh)
     logging.info("JAX %s | process %d/%d | %d local / %d global devices (%s)", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),

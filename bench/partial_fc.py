@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from lafs_jax.losses import partial_fc as pfc  # noqa: E402
-from lafs_jax.train.mesh import batch_sharding, make_mesh, replicated  # noqa: E402
+from lafs_jax.sharding import batch_sharding, make_mesh, replicated  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
 import results_md  # noqa: E402

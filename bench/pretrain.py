@@ -105,7 +105,7 @@ def measure(method: str, preset: str, per_device_batch: int, steps: int, peak_tf
     import jax
     import numpy as np
 
-    from lafs_jax.train import mesh as mesh_lib
+    from lafs_jax import sharding as mesh_lib
     from lafs_jax.train import optim as optim_lib
     from lafs_jax.train import pretrain
 

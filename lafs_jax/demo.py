@@ -26,7 +26,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lafs_jax.train.checkpoint import METADATA_FILE
+from data.prepare import build_orl
+from lafs_jax.eval import embed as embed_lib
+from lafs_jax.eval import verification
+from lafs_jax.input.verification_bin import load_bin
+from lafs_jax.train import finetune, pretrain
+from lafs_jax.variables import METADATA_FILE
 
 FARS = (1e-2, 1e-1)
 METHODS = ("raw pixels", "fine-tuned from scratch", "fine-tuned from LAFS")
@@ -121,10 +126,7 @@ def plot_landmarks(backbone_dir: str, images: np.ndarray, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lafs_jax.eval import embed as embed_lib
-    from lafs_jax.eval import export as export_lib
-
-    model, variables, meta = export_lib.load_backbone(backbone_dir)
+    model, variables, meta = embed_lib.load_backbone(backbone_dir)
     x = embed_lib.preprocess(images, meta["normalization"], meta["color_order"])
     _, landmarks = model.apply(variables, x, train=False)
     landmarks = np.asarray(landmarks)
@@ -141,12 +143,6 @@ def plot_landmarks(backbone_dir: str, images: np.ndarray, path: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run the chain; returns {'results': {method: verification dict}, 'seconds': {stage: s}}."""
-    from data.prepare import build_orl
-    from lafs_jax.eval import embed as embed_lib
-    from lafs_jax.eval import verification
-    from lafs_jax.input.verification_bin import load_bin
-    from lafs_jax.train import finetune, pretrain
-
     t_start = time.time()
     workdir = os.path.abspath(workdir)
     data_dir = config.data_dir or os.path.join(workdir, "data")

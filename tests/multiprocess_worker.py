@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, sys.argv[4])
-from lafs_jax.train import mesh as mesh_lib  # noqa: E402
+from lafs_jax import sharding as mesh_lib  # noqa: E402
 
 
 def main(address: str, num: int, pid: int) -> None:

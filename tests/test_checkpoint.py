@@ -11,8 +11,9 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lafs_jax import sharding as mesh_lib
+from lafs_jax import variables as variables_lib
 from lafs_jax.train import checkpoint as ckpt_lib
-from lafs_jax.train import mesh as mesh_lib
 from lafs_jax.train.checkpoint import TrainCheckpointer, abstract_like
 
 
@@ -134,15 +135,15 @@ def test_empty_directory_and_bad_arguments(tmp_path):
 def test_variables_directory_round_trip(tmp_path):
     mesh = mesh_lib.make_mesh(None)
     variables = {"params": train_state(mesh)["params"], "batch_stats": {"mean": jnp.arange(3.0)}}
-    ckpt_lib.save_variables(str(tmp_path / "v"), variables, {"kind": "part_fvit", "normalization": "[-1,1]"})
+    variables_lib.save_variables(str(tmp_path / "v"), variables, {"kind": "part_fvit", "normalization": "[-1,1]"})
     assert json.load(open(tmp_path / "v" / "metadata.json"))["kind"] == "part_fvit"
     mesh4 = mesh_lib.make_mesh(None, devices=jax.devices()[4:])
-    loaded, meta = ckpt_lib.load_variables(str(tmp_path / "v"), abstract_like(variables, NamedSharding(mesh4, P())))
+    loaded, meta = variables_lib.load_variables(str(tmp_path / "v"), abstract_like(variables, NamedSharding(mesh4, P())))
     assert meta["normalization"] == "[-1,1]"
     assert_trees_equal(variables, loaded)
     assert loaded["params"]["w"].sharding.device_set == set(jax.devices()[4:])
     with pytest.raises(FileNotFoundError, match="save_variables"):
-        ckpt_lib.load_variables(str(tmp_path / "missing"))
+        variables_lib.load_variables(str(tmp_path / "missing"))
 
 
 def test_optimizer_states_of_the_builders_resume_exactly(tmp_path):

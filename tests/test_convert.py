@@ -15,7 +15,7 @@ import torch_mirror
 from lafs_jax.convert import mapping
 from lafs_jax.convert.__main__ import load_torch_checkpoint, main
 from lafs_jax.models import presets
-from lafs_jax.train.checkpoint import load_variables
+from lafs_jax.variables import load_variables
 
 TOL = 1e-4
 

@@ -9,7 +9,7 @@ import torch
 from lafs_jax.config import ConfigError
 from lafs_jax.losses import curriculum as cur
 from lafs_jax.losses import partial_fc as pfc
-from lafs_jax.train.mesh import make_mesh
+from lafs_jax.sharding import make_mesh
 
 C, D, B = 61, 8, 16  # 61 classes -> 64 rows, R = 8 per device
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lafs_jax import sharding as mesh_lib
 from lafs_jax.losses import dino
-from lafs_jax.train import mesh as mesh_lib
 
 
 def _torch_dino_loss(student_cat, teacher_cat, center, ncrops, nglobal, student_temp, teacher_temp):

@@ -8,12 +8,12 @@ import pytest
 from PIL import Image
 
 from configs import evaluate as evaluate_recipe
+from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError
 from lafs_jax.eval import embed, evaluate, export, ijb, verification
 from lafs_jax.input.synthetic import face_like_image
 from lafs_jax.input.verification_bin import save_bin
 from lafs_jax.models import presets
-from lafs_jax.train import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def tiny_backbone(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("backbone") / "backbone")
     cfg = presets.model_config("tiny")
     variables = jax.jit(lambda k: presets.init_variables(cfg, k))(jax.random.key(0))
-    checkpoint.save_variables(d, variables, {"model": checkpoint.to_json_dict(cfg), "normalization": "[-1,1]",
-                                             "color_order": "rgb", "image_size": 112})
+    variables_lib.save_variables(d, variables, {"model": variables_lib.to_json_dict(cfg), "normalization": "[-1,1]",
+                                                 "color_order": "rgb", "image_size": 112})
     return d, cfg, variables
 
 

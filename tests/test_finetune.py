@@ -10,6 +10,8 @@ import optax
 import pytest
 
 from configs import finetune as finetune_recipe
+from lafs_jax import sharding as mesh_lib
+from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError
 from lafs_jax.input import pipelines
 from lafs_jax.input.synthetic import write_synthetic_rec
@@ -17,7 +19,6 @@ from lafs_jax.input.verification_bin import load_bin, save_bin
 from lafs_jax.losses import partial_fc
 from lafs_jax.models import presets
 from lafs_jax.train import checkpoint, finetune, loop_utils, optim
-from lafs_jax.train import mesh as mesh_lib
 
 
 def _deterministic_tiny(config):
@@ -203,9 +204,9 @@ def test_initialisation_from_variables_directories(tmp_path):
     variables = jax.tree.map(np.asarray, init(jax.random.key(0)))
     other = jax.tree.map(np.asarray, init(jax.random.key(5)))
     # a pretraining teacher: TokenViT params only
-    checkpoint.save_variables(str(tmp_path / "teacher"), {"params": other["params"]["vit"]}, {})
+    variables_lib.save_variables(str(tmp_path / "teacher"), {"params": other["params"]["vit"]}, {})
     # a full backbone (e.g. converted official checkpoint) providing the landmark CNN
-    checkpoint.save_variables(str(tmp_path / "full"), other, {})
+    variables_lib.save_variables(str(tmp_path / "full"), other, {})
     config.init.backbone = str(tmp_path / "teacher")
     out, origin = finetune.initial_variables(config, variables)
     assert origin.startswith("token_vit")
@@ -218,7 +219,7 @@ def test_initialisation_from_variables_directories(tmp_path):
     # a mismatching shape names the parameter
     bad = jax.tree.map(np.copy, other["params"]["vit"])
     bad["patch_embedding"]["kernel"] = np.zeros((5, 5), np.float32)
-    checkpoint.save_variables(str(tmp_path / "bad"), {"params": bad}, {})
+    variables_lib.save_variables(str(tmp_path / "bad"), {"params": bad}, {})
     config.init.landmark_cnn = ""
     config.init.backbone = str(tmp_path / "bad")
     with pytest.raises(ValueError, match="patch_embedding/kernel' has shape"):
@@ -310,8 +311,8 @@ def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monke
     second = finetune.run(config, str(tmp_path / "resumed"))
     assert not second["preempted"] and second["step"] == 24
     assert second["final_metrics"]["loss"] == full["final_metrics"]["loss"]
-    a, meta = checkpoint.load_variables(str(tmp_path / "full" / "backbone"))
-    b, _ = checkpoint.load_variables(str(tmp_path / "resumed" / "backbone"))
+    a, meta = variables_lib.load_variables(str(tmp_path / "full" / "backbone"))
+    b, _ = variables_lib.load_variables(str(tmp_path / "resumed" / "backbone"))
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert meta["normalization"] == "[-1,1]" and meta["color_order"] == "rgb" and meta["model"]["preset"] == "tiny"
     assert meta["ema_decay"] == 0.9

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from lafs_jax.train import mesh as mesh_lib
+from lafs_jax import sharding as mesh_lib
 
 
 @pytest.mark.parametrize("data,model,expected", [(-1, 1, (8, 1)), (-1, 2, (4, 2)), (2, -1, (2, 4)), (8, 1, (8, 1))])

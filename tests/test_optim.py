@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lafs_jax.config import ConfigError
+from lafs_jax.sharding import path_str
 from lafs_jax.train import optim
-from lafs_jax.train.mesh import path_str
 
 
 def hand_warmup_cosine(step, peak, total, warmup, floor):
@@ -330,7 +330,7 @@ def test_finetune_optimizer_on_sharded_params():
     """jit with params sharded over 8 devices: the optimizer state follows the parameter shardings."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from lafs_jax.train import mesh as mesh_lib
+    from lafs_jax import sharding as mesh_lib
 
     mesh = mesh_lib.make_mesh(None)
     params = part_fvit_like_params()

@@ -11,8 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from lafs_jax.losses import partial_fc as pfc
 from lafs_jax.losses.margin import margin_logits, target_cosine
-from lafs_jax.train.checkpoint import load_variables, save_variables
-from lafs_jax.train.mesh import make_mesh
+from lafs_jax.sharding import make_mesh
+from lafs_jax.variables import load_variables, save_variables
 
 C, D, B = 37, 8, 16  # 37 classes: not a multiple of 8, so 3 padding rows
 

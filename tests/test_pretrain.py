@@ -12,11 +12,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from lafs_jax import sharding as mesh_lib
+from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError
 from lafs_jax.models.sampling import sample_patches
 from lafs_jax.train import checkpoint as ckpt_lib
 from lafs_jax.train import loop_utils
-from lafs_jax.train import mesh as mesh_lib
 from lafs_jax.train import optim as optim_lib
 from lafs_jax.train import pretrain
 from lafs_jax.train import views
@@ -375,7 +376,7 @@ def test_landmark_checkpoint_with_wrong_shapes_names_the_parameter(tmp_path):
 
     wrong = jax.jit(lambda k: presets.build_landmark_cnn(other).init({"params": k}, jnp.zeros((1, SIZE, SIZE, 3)),
                                                                      train=False))(jax.random.key(0))
-    ckpt_lib.save_variables(str(tmp_path / "lm"), jax.device_get(wrong))
+    variables_lib.save_variables(str(tmp_path / "lm"), jax.device_get(wrong))
     c.unlock()
     c.lafs.landmark_path = str(tmp_path / "lm")
     with pytest.raises(ConfigError, match=r"parameter 'landmark_head/(bias|kernel)' has shape \(.*18,\)"):
@@ -444,7 +445,7 @@ def test_sigterm_then_resume_in_a_new_process_equals_a_straight_run(tmp_path, da
         for x, y in zip(jax.tree.leaves(state_a[name]), jax.tree.leaves(state_b[name])):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
     # the landmark CNN in the state is bit-identical to the one the run started from
-    init_lm, _ = ckpt_lib.load_variables(os.path.join(work_a, pretrain.LANDMARK_INIT_DIR))
+    init_lm, _ = variables_lib.load_variables(os.path.join(work_a, pretrain.LANDMARK_INIT_DIR))
     for x, y in zip(jax.tree.leaves(state_a["landmark_cnn"]), jax.tree.leaves(init_lm)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert not os.path.exists(os.path.join(work_a, pretrain.TEACHER_BACKBONE_DIR))  # stopped early: no final export
@@ -465,7 +466,7 @@ def test_full_run_writes_teacher_backbone_and_scalars(tmp_path, data_prefix):
         assert key in rows[-1]
     assert "img_per_sec" in rows[-1] and "step_time_ms" in rows[-1]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(work))
-    variables, meta = ckpt_lib.load_variables(os.path.join(work, pretrain.TEACHER_BACKBONE_DIR))
+    variables, meta = variables_lib.load_variables(os.path.join(work, pretrain.TEACHER_BACKBONE_DIR))
     assert meta["kind"] == "token_vit" and meta["normalization"] == "[-1,1]" and meta["color_order"] == "rgb"
     assert meta["model"]["kind"] == "fvit" and meta["model"]["dim"] == 48
     state = _restore_state(work, 3)

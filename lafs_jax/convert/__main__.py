@@ -20,6 +20,7 @@ import sys
 from typing import Any, Sequence
 
 from lafs_jax.convert import mapping
+from lafs_jax.variables import save_variables
 
 
 def load_torch_checkpoint(path: str, unsafe: bool = False) -> Any:
@@ -31,7 +32,7 @@ def load_torch_checkpoint(path: str, unsafe: bool = False) -> Any:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--src {path}: no such file")
     try:
-        import torch
+        import torch  # optional heavy dependency, needed only to read .pth files
     except ImportError as e:
         raise SystemExit("reading .pth checkpoints needs PyTorch (CPU is enough): pip install torch "
                          f"(see requirements-test.txt); import failed with: {e}") from None
@@ -74,8 +75,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def convert_file(args: argparse.Namespace) -> tuple[dict, dict, mapping.ConversionReport]:
     """Read --src, convert, write --out; returns (variables, metadata, report)."""
-    from lafs_jax.train.checkpoint import save_variables
-
     checkpoint = load_torch_checkpoint(args.src, args.unsafe_load)
     try:
         state, extras = mapping.select_state_dict(checkpoint, args.kind, args.which)

@@ -6,17 +6,24 @@ normalisation as the checkpoint's metadata records them, the model in eval mode 
 statistics, no dropout), and with `flip` the sum of the embeddings of the image and its horizontal
 mirror (the "Accuracy-Flip" of the verification protocol and LAFS's IJB flip test), unnormalised.
 
-`Embedder` runs it over many images: batches padded to a fixed size (one compilation), the batch
-axis split over every device of the mesh, variables replicated; every process passes the same
-images and gets all embeddings back.
+`load_backbone` rebuilds a backbone (model, variables, metadata) from a variables directory.
+`Embedder` runs the function over many images: batches padded to a fixed size (one compilation),
+the batch axis split over every device of the mesh, variables replicated; every process passes the
+same images and gets all embeddings back.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from lafs_jax import sharding as mesh_lib
+from lafs_jax import variables as variables_lib
+from lafs_jax.models import presets
 
 NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]")
 COLOR_ORDERS = ("rgb", "bgr")
@@ -58,12 +65,33 @@ def embedding_function(model: Any, *, normalization: str = "[-1,1]", color_order
     return f
 
 
-def _mesh_or_default(mesh):
-    if mesh is not None:
-        return mesh
-    from lafs_jax.train import mesh as mesh_lib
+BACKBONE_META_KEYS = ("model", "normalization", "color_order", "image_size")
 
-    return mesh_lib.make_mesh()
+
+def load_backbone(directory: str) -> tuple[Any, Any, dict]:
+    """(Linen model, variables, metadata) of a variables directory holding a backbone.
+
+    The metadata must give the model config (`model`, a dict of `presets.model_config` fields); it
+    may give `normalization` and `color_order` (default '[-1,1]', 'rgb') and `image_size` (default
+    the model config's). The returned metadata always has all four keys.
+    """
+    variables, meta = variables_lib.load_variables(directory)
+    model_dict = meta.get("model", meta.get("model_config"))
+    if not isinstance(model_dict, dict):
+        raise ValueError(f"{os.path.join(directory, variables_lib.METADATA_FILE)}: no 'model' entry (the model "
+                         f"config dict); cannot rebuild the backbone")
+    model_config = ml_collections.ConfigDict(model_dict)
+    model = presets.build_model(model_config)
+    meta = dict(meta)
+    meta["model"] = model_dict
+    meta.setdefault("normalization", "[-1,1]")
+    meta.setdefault("color_order", "rgb")
+    meta.setdefault("image_size", int(model_dict.get("image_size", 112)))
+    return model, variables, meta
+
+
+def _mesh_or_default(mesh):
+    return mesh if mesh is not None else mesh_lib.make_mesh()
 
 
 class Embedder:
@@ -81,8 +109,6 @@ class Embedder:
 
     def __init__(self, model: Any, variables: Any, *, image_size: int, normalization: str = "[-1,1]",
                  color_order: str = "rgb", mesh: Any = None, batch_size: int = 64):
-        from lafs_jax.train import mesh as mesh_lib
-
         self.model, self.image_size = model, int(image_size)
         self.normalization, self.color_order = normalization, color_order
         self.mesh = _mesh_or_default(mesh)
@@ -100,9 +126,7 @@ class Embedder:
                            color_order: str | None = None, batch_size: int = 64) -> "Embedder":
         """An Embedder for a variables directory (fine-tuning's `workdir/backbone` or lafs_jax.convert's
         output); model config, normalisation and colour order come from its metadata unless given."""
-        from lafs_jax.eval import export as export_lib
-
-        model, variables, meta = export_lib.load_backbone(directory)
+        model, variables, meta = load_backbone(directory)
         return cls(model, variables, image_size=meta["image_size"],
                    normalization=normalization or meta["normalization"],
                    color_order=color_order or meta["color_order"], mesh=mesh, batch_size=batch_size)
@@ -113,8 +137,6 @@ class Embedder:
         variables = self.variables if variables is None else variables
         if variables is None:
             raise ValueError("Embedder: no variables (pass variables= or build the Embedder with them)")
-        from lafs_jax.train import mesh as mesh_lib
-
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"Embedder: images of shape {images.shape}, expected [b, {self.image_size}, "

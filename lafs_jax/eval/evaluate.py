@@ -20,7 +20,10 @@ import numpy as np
 from absl import logging
 
 from lafs_jax import config as config_lib
+from lafs_jax import sharding as mesh_lib
 from lafs_jax.config import check, check_choice
+from lafs_jax.eval import embed, export, ijb, verification
+from lafs_jax.input.verification_bin import load_bin
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -50,13 +53,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluate and export; returns {'verification': {...}, 'ijb': {...}, 'export': {...}}."""
-    from lafs_jax.eval import embed, export, ijb, verification
-
     checkpoint = validate(config, workdir)
     e = config.evaluate
     os.makedirs(workdir, exist_ok=True)
-    from lafs_jax.train import mesh as mesh_lib
-
     mesh = mesh_lib.make_mesh(config.mesh)
     embedder = embed.Embedder.from_variables_dir(checkpoint, mesh=mesh, normalization=e.normalization or None,
                                                  color_order=e.color_order or None, batch_size=e.batch_size)
@@ -107,8 +106,6 @@ def _probe_images(bins, image_size: int) -> np.ndarray:
     """A few uint8 images to compare the exported function with: the first pairs of the first .bin,
     else a seeded random batch."""
     if bins:
-        from lafs_jax.input.verification_bin import load_bin
-
         images, _ = load_bin(bins[0], image_size)
         return images[:4]
     return np.random.default_rng(0).integers(0, 256, (4, image_size, image_size, 3)).astype(np.uint8)

@@ -1,4 +1,4 @@
-"""Serialise the embedding function with `jax.export` for deployment, and load backbones for evaluation.
+"""Serialise the embedding function with `jax.export` for deployment.
 
 `export_function` exports any jittable function of one array with a symbolic batch dimension
 (`jax.export.symbolic_shape`), so one artefact serves every batch size. `export_backbone` exports a
@@ -25,34 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKBONE_META_KEYS = ("model", "normalization", "color_order", "image_size")
-
-
-def load_backbone(directory: str) -> tuple[Any, Any, dict]:
-    """(Linen model, variables, metadata) of a variables directory holding a backbone.
-
-    The metadata must give the model config (`model`, a dict of `presets.model_config` fields); it
-    may give `normalization` and `color_order` (default '[-1,1]', 'rgb') and `image_size` (default
-    the model config's). The returned metadata always has all four keys.
-    """
-    import ml_collections
-
-    from lafs_jax.models import presets
-    from lafs_jax.train import checkpoint
-
-    variables, meta = checkpoint.load_variables(directory)
-    model_dict = meta.get("model", meta.get("model_config"))
-    if not isinstance(model_dict, dict):
-        raise ValueError(f"{os.path.join(directory, checkpoint.METADATA_FILE)}: no 'model' entry (the model "
-                         f"config dict); cannot rebuild the backbone")
-    model_config = ml_collections.ConfigDict(model_dict)
-    model = presets.build_model(model_config)
-    meta = dict(meta)
-    meta["model"] = model_dict
-    meta.setdefault("normalization", "[-1,1]")
-    meta.setdefault("color_order", "rgb")
-    meta.setdefault("image_size", int(model_dict.get("image_size", 112)))
-    return model, variables, meta
+from lafs_jax.eval import embed
 
 
 def export_function(fn: Callable[[jax.Array], jax.Array], item_shape: Sequence[int], dtype: Any = jnp.float32, *,
@@ -100,9 +73,7 @@ def load_exported(path: str) -> tuple[jax.export.Exported, dict]:
 def export_backbone(variables_dir: str, out_path: str, *, flip: bool = True, normalization: str | None = None,
                     color_order: str | None = None, platforms: Sequence[str] | None = None) -> tuple[str, str]:
     """Export the embedding function of a backbone variables directory; returns (file, sidecar)."""
-    from lafs_jax.eval import embed
-
-    model, variables, meta = load_backbone(variables_dir)
+    model, variables, meta = embed.load_backbone(variables_dir)
     normalization = normalization or meta["normalization"]
     color_order = color_order or meta["color_order"]
     fn = embed.embedding_function(model, normalization=normalization, color_order=color_order, flip=flip)

@@ -27,6 +27,9 @@ import numpy as np
 from sklearn.metrics import roc_curve
 from sklearn.model_selection import KFold
 
+from lafs_jax.eval import embed as embed_lib
+from lafs_jax.input.verification_bin import load_bin
+
 THRESHOLDS = np.arange(0.0, 4.0, 0.01)  # squared-L2 thresholds of the official protocol
 DEFAULT_FARS = (1e-3, 1e-4)
 
@@ -152,8 +155,6 @@ def run_bins(variables_dir: str, bin_paths: Sequence[str], *, batch_size: int = 
     training used); pass them to override (e.g. '[-0.5,0.5]' as the official evaluation scripts).
     Returns {set name (file stem): evaluate(...) dict}.
     """
-    from lafs_jax.eval import embed as embed_lib
-
     embedder = embed_lib.Embedder.from_variables_dir(variables_dir, mesh=mesh, normalization=normalization,
                                                      color_order=color_order, batch_size=batch_size)
     return evaluate_bins(embedder, bin_paths, flip=flip, nfolds=nfolds)
@@ -161,8 +162,6 @@ def run_bins(variables_dir: str, bin_paths: Sequence[str], *, batch_size: int = 
 
 def evaluate_bins(embedder: Any, bin_paths: Sequence[str], *, flip: bool = True, nfolds: int = 10) -> dict[str, dict]:
     """Evaluate an `embed.Embedder` on `.bin` pair sets; prints and returns {set name: evaluate dict}."""
-    from lafs_jax.input.verification_bin import load_bin
-
     results = {}
     for path in bin_paths:
         images, issame = load_bin(path, embedder.image_size)

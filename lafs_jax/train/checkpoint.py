@@ -1,17 +1,10 @@
-"""Checkpoints with orbax.
+"""Training checkpoints with orbax (a model's variables plus metadata: `lafs_jax.variables`).
 
-Two kinds live here:
-- *variables directories* (`save_variables` / `load_variables`): a model's variables (params, batch
-  stats) plus a `metadata.json` (model config, input normalisation, colour order, where they came
-  from). Written by the converter and by `export`-style steps; read by every task that initialises a
-  backbone. Restoring takes optional abstract targets with shardings, so the arrays land directly on
-  the current mesh, whatever device count wrote them.
-- *training checkpoints* (`TrainCheckpointer`, a thin wrapper over orbax's V0 `CheckpointManager`
-  with `args=`): the whole train state (any pytree of arrays: params, optimizer state, step, RNG
-  keys, EMA teacher, DINO centre), the Grain iterator state (through grain's own orbax handler,
-  one JSON file per process) and a JSON metadata dict, asynchronous, last N kept. Layout:
-  DIR/<step>/{state, data, metadata}. Moving to orbax's V1 `training.Checkpointer` later is a
-  change of this file only.
+`TrainCheckpointer`, a thin wrapper over orbax's V0 `CheckpointManager` with `args=`, saves the
+whole train state (any pytree of arrays: params, optimizer state, step, RNG keys, EMA teacher, DINO
+centre), the Grain iterator state (through grain's own orbax handler, one JSON file per process)
+and a JSON metadata dict, asynchronous, last N kept. Layout: DIR/<step>/{state, data, metadata}.
+Moving to orbax's V1 `training.Checkpointer` later is a change of this file only.
 Nothing here is written by hand beyond the wiring: orbax does the (sharded, async) array I/O and
 the retention, grain the iterator state.
 """
@@ -23,58 +16,15 @@ from typing import Any
 
 import grain
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-VARIABLES_ITEM = "variables"
-METADATA_FILE = "metadata.json"
-
-
-def save_variables(directory: str, variables: Any, metadata: dict | None = None) -> None:
-    """Write `variables` (a pytree of arrays) to DIR/variables and `metadata` to DIR/metadata.json."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    target = os.path.join(directory, VARIABLES_ITEM)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(target, variables, force=True)
-        ckptr.wait_until_finished()
-    with open(os.path.join(directory, METADATA_FILE), "w") as f:
-        json.dump(metadata or {}, f, indent=1, sort_keys=True)
-
-
-def load_variables(directory: str, abstract: Any = None) -> tuple[Any, dict]:
-    """(variables, metadata) from a directory written by `save_variables`.
-
-    `abstract` (a pytree of jax.ShapeDtypeStruct with shardings) restores onto the current mesh;
-    without it arrays come back as orbax stores them (numpy for host arrays).
-    """
-    directory = os.path.abspath(directory)
-    target = os.path.join(directory, VARIABLES_ITEM)
-    if not os.path.isdir(target):
-        raise FileNotFoundError(f"no variables checkpoint at {target} (expected a directory written by "
-                                f"lafs_jax.train.checkpoint.save_variables or lafs_jax.convert)")
-    with ocp.StandardCheckpointer() as ckptr:
-        variables = ckptr.restore(target, abstract) if abstract is not None else ckptr.restore(target)
-    meta_path = os.path.join(directory, METADATA_FILE)
-    metadata = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-    return variables, metadata
-
+from lafs_jax.sharding import path_str
+from lafs_jax.variables import to_json_dict
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 META_ITEM = "metadata"
-
-
-def to_json_dict(metadata: Any) -> Any:
-    """`metadata` with ConfigDicts turned into plain dicts and tuples into lists (JSON-able)."""
-    if isinstance(metadata, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-        return json.loads(metadata.to_json_best_effort())
-    if isinstance(metadata, dict):
-        return {str(k): to_json_dict(v) for k, v in metadata.items()}
-    if isinstance(metadata, (list, tuple)):
-        return [to_json_dict(v) for v in metadata]
-    return metadata
 
 
 def abstract_like(state: Any, shardings: Any = None) -> Any:
@@ -89,8 +39,6 @@ def abstract_like(state: Any, shardings: Any = None) -> Any:
 
 def _check_global(state: Any) -> None:
     """In a multi-process run every jax.Array of the state must be a global array (on the mesh)."""
-    from lafs_jax.train.mesh import path_str
-
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
             raise ValueError(f"state leaf '{path_str(keypath)}' is a process-local jax.Array ({leaf.sharding}); in a "

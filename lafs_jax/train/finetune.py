@@ -42,12 +42,17 @@ import optax
 from absl import logging
 
 from lafs_jax import config as config_lib
+from lafs_jax import sharding as mesh_lib
+from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError, check, check_choice
+from lafs_jax.eval import embed as embed_lib
+from lafs_jax.eval import verification
+from lafs_jax.input import pipelines
+from lafs_jax.input.verification_bin import load_bin
 from lafs_jax.losses import partial_fc
 from lafs_jax.models import presets
 from lafs_jax.train import checkpoint as ckpt_lib
 from lafs_jax.train import loop_utils
-from lafs_jax.train import mesh as mesh_lib
 from lafs_jax.train import optim
 
 INIT_KINDS = ("auto", "backbone", "token_vit")
@@ -164,7 +169,7 @@ def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tup
     stats = dict(variables.get("batch_stats", {}))
     origin = "scratch"
     if config.init.backbone:
-        loaded, _ = ckpt_lib.load_variables(config.init.backbone)
+        loaded, _ = variables_lib.load_variables(config.init.backbone)
         src_params = loaded.get("params", loaded)
         kind = config.init.kind
         if kind == "auto":
@@ -183,7 +188,7 @@ def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tup
     if config.init.landmark_cnn:
         if "landmark_cnn" not in params:
             raise ConfigError(f"config.init.landmark_cnn is set but model.kind={config.model.kind!r} has no landmark CNN")
-        loaded, _ = ckpt_lib.load_variables(config.init.landmark_cnn)
+        loaded, _ = variables_lib.load_variables(config.init.landmark_cnn)
         where = f"config.init.landmark_cnn={config.init.landmark_cnn!r}"
         src_params = loaded.get("params", loaded)
         src_params = src_params.get("landmark_cnn", src_params)
@@ -202,7 +207,7 @@ def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tup
 def landmark_teacher_variables(config: ml_collections.ConfigDict, variables: dict) -> dict:
     """Frozen landmark-CNN variables for the regulariser: `landmark_reg.teacher`, else the initial ones."""
     if config.landmark_reg.teacher:
-        loaded, _ = ckpt_lib.load_variables(config.landmark_reg.teacher)
+        loaded, _ = variables_lib.load_variables(config.landmark_reg.teacher)
         where = f"config.landmark_reg.teacher={config.landmark_reg.teacher!r}"
         out = {}
         for col in ("params", "batch_stats"):
@@ -347,10 +352,10 @@ def state_shardings(tx, params: Any, batch_stats: Any, mesh: Any, rules, ema: bo
 
 
 def backbone_metadata(config: ml_collections.ConfigDict, **extra) -> dict:
-    """What evaluation needs to rebuild and feed the backbone (see lafs_jax.eval.export.load_backbone)."""
+    """What evaluation needs to rebuild and feed the backbone (see lafs_jax.eval.embed.load_backbone)."""
     return {
         "kind": "backbone",
-        "model": ckpt_lib.to_json_dict(config.model),
+        "model": variables_lib.to_json_dict(config.model),
         "normalization": config.eval.normalization or config.data.normalization,
         "color_order": config.eval.color_order,
         "image_size": int(config.model.image_size),
@@ -361,11 +366,6 @@ def backbone_metadata(config: ml_collections.ConfigDict, **extra) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fine-tune; returns {'step', 'final_metrics', 'verification': {set: accuracy}}."""
-    from lafs_jax.eval import embed as embed_lib
-    from lafs_jax.eval import verification
-    from lafs_jax.input import pipelines
-    from lafs_jax.input.verification_bin import load_bin
-
     validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -494,9 +494,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
 
     # ------------------------------------------------------------------ output
-    ckpt_lib.save_variables(os.path.join(workdir, "backbone"), backbone_variables(state),
-                            backbone_metadata(config, step=int(state["step"]), init=origin, num_classes=num_classes,
-                                              ema_decay=float(config.ema_decay)))
+    variables_lib.save_variables(os.path.join(workdir, "backbone"), backbone_variables(state),
+                                 backbone_metadata(config, step=int(state["step"]), init=origin,
+                                                   num_classes=num_classes, ema_decay=float(config.ema_decay)))
     logging.info("saved the backbone to %s", os.path.join(workdir, "backbone"))
     return {"step": int(state["step"]), "preempted": False, "final_metrics": _host(metrics),
             "verification": {n: r["accuracy"] for n, r in results.items()},

@@ -6,7 +6,7 @@ import os
 
 import jax
 
-from lafs_jax.train import mesh as mesh_lib
+from lafs_jax import sharding as mesh_lib
 
 
 def describe(config) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from lafs_jax.config import ConfigError, check
-from lafs_jax.train.mesh import path_str
+from lafs_jax.sharding import path_str
 
 # Parameter-path patterns ('a/b/c' paths, re.search). The ViT block index is group 1 of BLOCK_REGEX.
 BLOCK_REGEX = r"(?:^|/)(?:block|blocks|layers|encoderblock)_(\d+)(?:/|$)"

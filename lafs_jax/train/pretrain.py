@@ -50,6 +50,8 @@ import numpy as np
 import optax
 from absl import logging
 
+from lafs_jax import sharding as mesh_lib
+from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError, check, check_choice
 from lafs_jax.input import pipelines
 from lafs_jax.losses import dino as dino_lib
@@ -57,7 +59,6 @@ from lafs_jax.models import presets
 from lafs_jax.models import vit as vit_lib
 from lafs_jax.train import checkpoint as ckpt_lib
 from lafs_jax.train import loop_utils
-from lafs_jax.train import mesh as mesh_lib
 from lafs_jax.train import optim as optim_lib
 from lafs_jax.train import views as views_lib
 
@@ -343,16 +344,16 @@ def landmark_variables(config: ml_collections.ConfigDict, networks: Networks, wo
     if not path:
         path = os.path.join(workdir, LANDMARK_INIT_DIR)
         where = f"the initialised landmark CNN at {path}"
-        if not os.path.isdir(os.path.join(path, ckpt_lib.VARIABLES_ITEM)):
+        if not os.path.isdir(os.path.join(path, variables_lib.VARIABLES_ITEM)):
             logging.warning("config.lafs.landmark_path is empty: using an UNTRAINED landmark CNN initialised "
                             "from seed %d (saved to %s); set it to a supervised Part fViT for real runs",
                             config.seed, path)
             init = jax.jit(lambda k: networks.landmark_cnn.init({"params": k}, jnp.zeros((1, size, size, 3)),
                                                                 train=False))(jax.random.key(config.seed))
-            ckpt_lib.save_variables(path, jax.device_get(init),
-                                    {"kind": "landmark_cnn", "model": ckpt_lib.to_json_dict(config.model),
-                                     "source": f"initialised from seed {config.seed} (untrained)"})
-    loaded, _ = ckpt_lib.load_variables(path)
+            variables_lib.save_variables(path, jax.device_get(init),
+                                         {"kind": "landmark_cnn", "model": variables_lib.to_json_dict(config.model),
+                                          "source": f"initialised from seed {config.seed} (untrained)"})
+    loaded, _ = variables_lib.load_variables(path)
     out = {}
     for collection in ("params", "batch_stats"):
         if collection not in abstract:
@@ -421,8 +422,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_fn = jit_step(make_train_step(networks, config, tx, steps_per_epoch=steps_per_epoch,
                                        total_steps=total_steps), shardings, mesh)
 
-    model_meta = ckpt_lib.to_json_dict(config.model)
-    meta = {"config": ckpt_lib.to_json_dict(config), "method": config.method, "model": model_meta,
+    model_meta = variables_lib.to_json_dict(config.model)
+    meta = {"config": variables_lib.to_json_dict(config), "method": config.method, "model": model_meta,
             "normalization": config.data.normalization, "color_order": config.data.color_order}
     ckpt = ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                       save_every=config.checkpoint.every_steps,
@@ -492,9 +493,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def save_teacher_backbone(directory: str, state: dict, config: ml_collections.ConfigDict, step: int) -> None:
     """The teacher's TokenViT variables with metadata: what fine-tuning initialises its `vit` from."""
     variables = {"params": jax.device_get(state["teacher"]["backbone"]["vit"])}
-    ckpt_lib.save_variables(directory, variables, {
+    variables_lib.save_variables(directory, variables, {
         "kind": "token_vit", "source": f"pretrain[{config.method}] teacher at step {step}",
-        "method": config.method, "model": ckpt_lib.to_json_dict(config.model),
+        "method": config.method, "model": variables_lib.to_json_dict(config.model),
         "normalization": config.data.normalization, "color_order": config.data.color_order,
         "image_size": config.model.image_size,
     })

@@ -1,5 +1,8 @@
 """The one device mesh of a run, parameter shardings from regex rules, and global batches.
 
+Shared infrastructure below models/, losses/, input/ and the tasks (train/, eval/, convert/): it
+imports nothing of lafs_jax.
+
 Axes are ('data', 'model') with Auto axis types (GSPMD-style propagation; explicit collectives only
 inside `jax.shard_map`, e.g. the Partial FC loss). The batch's leading axis is split over *all*
 devices (both axes), so a pure data-parallel run and a run with a 'model' axis feed the same batch.

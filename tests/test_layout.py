@@ -1,0 +1,114 @@
+"""The import layout of lafs_jax, read from the source with `ast` (nothing is imported, no jax).
+
+Imports run downward (lafs_jax/INTERFACES.md, "Layers"): no cycle between modules or between
+packages, and no lafs_jax import hidden inside a function or class body.
+"""
+from __future__ import annotations
+
+import ast
+import graphlib
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "lafs_jax"
+
+
+def _module_name(path: str) -> str:
+    rel = os.path.relpath(path, ROOT)[:-len(".py")].split(os.sep)
+    return ".".join(rel[:-1] if rel[-1] == "__init__" else rel)
+
+
+def _sources(folder: str) -> dict[str, str]:
+    """{dotted module name: file path} of every .py file under ROOT/folder."""
+    out = {}
+    for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                out[_module_name(path)] = path
+    return out
+
+
+MODULES = _sources(PACKAGE)
+
+
+def _imports(module: str, path: str) -> list[tuple[str, int, bool]]:
+    """(imported dotted name, line, at module level) of every import statement of `path`; relative
+    imports resolved; `from a import b` gives 'a.b' when that is a module, else 'a'."""
+    tree = ast.parse(open(path).read(), filename=path)
+    is_package = path.endswith("__init__.py")
+    out = []
+
+    def visit(node, top_level: bool):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                out.extend((a.name, child.lineno, top_level) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    parts = module.split(".")
+                    parts = parts if is_package else parts[:-1]
+                    parts = parts[:len(parts) - (child.level - 1)]
+                    base = ".".join(parts + ([base] if base else []))
+                for a in child.names:
+                    full = f"{base}.{a.name}"
+                    out.append((full if full in MODULES else base, child.lineno, top_level))
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                visit(child, False)
+            else:
+                visit(child, top_level)
+
+    visit(tree, True)
+    return out
+
+
+IMPORTS = {m: _imports(m, p) for m, p in MODULES.items()}
+
+
+def _ours(name: str) -> str | None:
+    """The lafs_jax module `name` refers to (itself or the package that holds it), else None."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name if name.startswith(PACKAGE + ".") else None
+
+
+def _package(module: str) -> str:
+    """'lafs_jax.train' for lafs_jax.train.finetune; a top-level module (lafs_jax.config) is its own."""
+    return ".".join(module.split(".")[:2])
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as e:
+        return e.args[1]
+    return None
+
+
+def test_the_parser_sees_the_package():
+    assert {"lafs_jax.sharding", "lafs_jax.variables", "lafs_jax.train.finetune", "lafs_jax.eval.embed"} <= set(MODULES)
+    assert ("lafs_jax.sharding", True) in {(_ours(n), top) for n, _, top in IMPORTS["lafs_jax.train.finetune"]}
+
+
+def test_no_import_cycle_between_modules():
+    graph = {m: {t for n, _, _ in imports if (t := _ours(n)) and t != m} for m, imports in IMPORTS.items()}
+    assert _cycle(graph) is None, f"module import cycle: {' -> '.join(_cycle(graph))}"
+
+
+def test_no_import_cycle_between_packages():
+    graph: dict[str, set[str]] = {}
+    for m, imports in IMPORTS.items():
+        deps = graph.setdefault(_package(m), set())
+        deps.update(p for n, _, _ in imports if (t := _ours(n)) and (p := _package(t)) != _package(m))
+    assert _cycle(graph) is None, f"package import cycle: {' -> '.join(_cycle(graph))}"
+
+
+def test_no_lafs_jax_import_inside_a_function():
+    hidden = [f"{os.path.relpath(MODULES[m], ROOT)}:{line} imports {n}" for m, imports in IMPORTS.items()
+              for n, line, top in imports if not top and (n == PACKAGE or n.startswith(PACKAGE + "."))]
+    assert not hidden, "imports of lafs_jax must be at module top:\n" + "\n".join(hidden)
+
+
+def test_the_floor_imports_nothing_of_lafs_jax():
+    for m in ("lafs_jax.config", "lafs_jax.sharding", "lafs_jax.variables"):
+        assert not [n for n, _, _ in IMPORTS[m] if _ours(n)], m
