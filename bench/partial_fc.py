@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -62,7 +61,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from lafs_jax.losses import partial_fc as pfc  # noqa: E402
-from lafs_jax.sharding import batch_sharding, make_mesh, replicated  # noqa: E402
+from lafs_jax.sharding import batch_sharding, compiled_memory, make_mesh, replicated  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
 import results_md  # noqa: E402
@@ -118,32 +117,6 @@ def compile_step(mesh, num_classes, rate, dim, batch, features):
     return compiled, tx, rows, shardings
 
 
-def memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
-    out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    return out
-
-
-def layout_check(compiled, rows: int, n: int) -> dict:
-    """Inputs of `rows` rows (W, its moments): bytes per device and whether each is split n ways;
-    and how many arrays of `rows` rows the partitioned HLO holds (0: nothing C·D-sized on a device)."""
-    bad, w_like, per_device = [], 0, 0
-    for info, sharding in zip(jax.tree.leaves(compiled.args_info), jax.tree.leaves(compiled.input_shardings)):
-        shape = tuple(info.shape)
-        if shape[:1] == (rows,):
-            w_like += 1
-            local = sharding.shard_shape(shape)
-            per_device += int(np.prod(local)) * np.dtype(info.dtype).itemsize
-            if local[0] != rows // n:
-                bad.append(f"input {shape} sharded {sharding}")
-    hlo = compiled.as_text()
-    return {"w_like_inputs": w_like, "w_and_state_bytes_per_device": per_device, "unsplit_inputs": bad,
-            "full_size_arrays_in_hlo": len(re.findall(rf"\[{rows},\d+\]", hlo)),
-            # The same pattern at the per-device row count shows the search does find W-shaped arrays.
-            "local_size_arrays_in_hlo": len(re.findall(rf"\[{rows // n},\d+\]", hlo))}
-
-
 def timed_run(mesh, num_classes, rate, dim, batch, features, steps) -> dict:
     compiled, tx, rows, (_, opt_shardings) = compile_step(mesh, num_classes, rate, dim, batch, features)
     params = {"backbone": {"kernel": jax.device_put(np.random.default_rng(0).normal(size=(features, dim))
@@ -164,7 +137,7 @@ def timed_run(mesh, num_classes, rate, dim, batch, features, steps) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(round(loss, 4))
     return {"step_ms": round(1000 * float(np.median(times[1:])), 1), "first_step_ms": round(1000 * times[0], 1),
-            "losses": losses, **{f"{k}_bytes": v for k, v in memory(compiled).items()}}
+            "losses": losses, **{f"{k}_bytes": v for k, v in compiled_memory(compiled).items()}}
 
 
 def write_results(lines: list[dict], command: str, note: str) -> None:
@@ -217,11 +190,11 @@ def main(args) -> list[dict]:
         c, d = (int(float(v)) for v in spec.lower().split("x"))
         for rate in [float(v) for v in args.rates.split(",") if v]:
             compiled, _, rows, _ = compile_step(mesh, c, rate, d, args.batch, args.features)
-            mem = memory(compiled)
+            mem = compiled_memory(compiled)
             r = {"kind": "analyze", "device": device, "devices": n, "num_classes": c, "dim": d, "sample_rate": rate,
                  "batch": args.batch, **{f"{k}_bytes": v for k, v in mem.items()},
                  "expected_bytes": rows * d * 3 * 4 // n, "replicated_w_bytes": rows * d * 4,
-                 **layout_check(compiled, rows, n)}
+                 **pfc.centers_layout(compiled, rows, n)}
             print(json.dumps(r), flush=True)
             lines.append(r)
     if args.write_results and lines:

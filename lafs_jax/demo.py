@@ -3,7 +3,7 @@
 Chain, each stage skipped when its output is already in the workdir (and resumed from its last
 checkpoint when it was interrupted):
 
-1. `data/`: the ORL demo set (`data.prepare.build_orl`): 30 training people (.rec/.idx), a
+1. `data/`: the ORL demo set (`lafs_jax.input.orl.build_orl`): 30 training people (.rec/.idx), a
    verification .bin of the 10 other people.
 2. `stage1/`: a tiny supervised Part fViT (Partial FC, all 30 identities). Its landmark CNN is the
    one LAFS needs, as in the paper (LAFS's landmark CNN comes from a supervised Part fViT).
@@ -26,9 +26,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from data.prepare import build_orl
 from lafs_jax.eval import embed as embed_lib
 from lafs_jax.eval import verification
+from lafs_jax.input.orl import build_orl
 from lafs_jax.input.verification_bin import load_bin
 from lafs_jax.train import finetune, pretrain
 from lafs_jax.variables import METADATA_FILE

@@ -106,6 +106,16 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
                         local_batch)
 
 
+def compiled_memory(compiled: Any) -> dict:
+    """Per-device bytes of a compiled program (`jax.jit(f).lower(...).compile()`), from XLA's
+    `memory_analysis()`: 'argument', 'output', 'temp', 'alias' (donated inputs reused as outputs) and
+    'peak' = argument + output + temp − alias."""
+    m = compiled.memory_analysis()
+    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
+    out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
 def local_batch_size(global_size: int, mesh: Mesh) -> int:
     """Rows this process must load for a global batch of `global_size` (must divide evenly)."""
     n = mesh.devices.size

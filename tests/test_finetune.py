@@ -14,6 +14,7 @@ from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError
 from lafs_jax.input import pipelines
+from lafs_jax.input.orl import build_orl
 from lafs_jax.input.synthetic import write_synthetic_rec
 from lafs_jax.input.verification_bin import load_bin, save_bin
 from lafs_jax.losses import partial_fc
@@ -275,8 +276,6 @@ class _SigtermAt:
 
 
 def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monkeypatch):
-    from data.prepare import build_orl
-
     build_orl(str(tmp_path / "data"))
     # 300 of the 900 held-out pairs (seeded), to keep the two evaluations short.
     images, issame = load_bin(str(tmp_path / "data" / "verification.bin"), 112)

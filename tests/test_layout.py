@@ -1,7 +1,8 @@
 """The import layout of lafs_jax, read from the source with `ast` (nothing is imported, no jax).
 
 Imports run downward (lafs_jax/INTERFACES.md, "Layers"): no cycle between modules or between
-packages, and no lafs_jax import hidden inside a function or class body.
+packages, no lafs_jax import hidden inside a function or class body, nothing under lafs_jax imports the
+repo-root folders (`data/`, `bench/`, `configs/`, `tests/`), and no test imports `bench/`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "lafs_jax"
+REPO_FOLDERS = ("data", "bench", "configs", "tests")
 
 
 def _module_name(path: str) -> str:
@@ -112,3 +114,15 @@ def test_no_lafs_jax_import_inside_a_function():
 def test_the_floor_imports_nothing_of_lafs_jax():
     for m in ("lafs_jax.config", "lafs_jax.sharding", "lafs_jax.variables"):
         assert not [n for n, _, _ in IMPORTS[m] if _ours(n)], m
+
+
+def test_the_package_does_not_import_repo_folders():
+    bad = [f"{os.path.relpath(MODULES[m], ROOT)}:{line} imports {n}" for m, imports in IMPORTS.items()
+           for n, line, _ in imports if n.split(".")[0] in REPO_FOLDERS]
+    assert not bad, "lafs_jax must work as a package on its own:\n" + "\n".join(bad)
+
+
+def test_no_test_imports_bench():
+    bad = [f"{os.path.relpath(p, ROOT)}:{line} imports {n}" for m, p in _sources("tests").items()
+           for n, line, _ in _imports(m, p) if n.split(".")[0] == "bench"]
+    assert not bad, "\n".join(bad)

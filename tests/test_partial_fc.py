@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from lafs_jax.losses import partial_fc as pfc
 from lafs_jax.losses.margin import margin_logits, target_cosine
-from lafs_jax.sharding import make_mesh
+from lafs_jax.sharding import batch_sharding, compiled_memory, make_mesh, replicated
 from lafs_jax.variables import load_variables, save_variables
 
 C, D, B = 37, 8, 16  # 37 classes: not a multiple of 8, so 3 padding rows
@@ -377,16 +377,39 @@ def test_margin_helpers_agree_with_dense_formula():
 
 
 def test_full_step_keeps_w_and_moments_split_in_the_compiled_program():
-    """The jitted step (loss + grads + AdamW on W) holds only 1/N of W and its moments per device."""
-    from bench.partial_fc import compile_step, layout_check, memory
-
+    """The jitted step (linear backbone + loss + grads + AdamW on W, compiled from abstract inputs, nothing
+    allocated) holds only 1/N of W and its moments per device."""
     mesh = mesh_of()
-    c, d = 20001, 32  # -> 20008 rows, 2501 per device
-    compiled, _, rows, _ = compile_step(mesh, c, 0.1, d, 16, 8)
-    layout = layout_check(compiled, rows, 8)
+    c, d, feat, b = 20001, 32, 8, 16  # -> 20008 rows, 2501 per device
+    rows = pfc.padded_rows(c, mesh)
+    tx = pfc.split_optimizer(optax.adamw(1e-3, weight_decay=0.05),
+                             pfc.centers_optimizer(1e-3, kind="adamw", weight_decay=0.05, lazy=True))
+
+    def step(params, opt_state, feats, labels, key):
+        def loss_fn(p):
+            return pfc.partial_fc_loss(feats @ p["backbone"]["kernel"], labels, p["centers"], key, mesh=mesh,
+                                       num_classes=c, sample_rate=0.1, m3=0.4)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    rep, batch = replicated(mesh), batch_sharding(mesh)
+    params = {"backbone": {"kernel": jax.ShapeDtypeStruct((feat, d), jnp.float32, sharding=rep)},
+              "centers": pfc.centers_abstract(rows, d, mesh)}
+    opt_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=(
+        pfc.centers_sharding(mesh) if x.shape[:1] == (rows,) else rep)), jax.eval_shape(tx.init, params))
+    feats = jax.ShapeDtypeStruct((b, feat), jnp.float32, sharding=batch)
+    labels = {k: jax.ShapeDtypeStruct((b,), jnp.float32 if k == "lam" else jnp.int32, sharding=batch)
+              for k in ("label", "label2", "lam")}
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+    out_shardings = jax.tree.map(lambda a: a.sharding, (params, opt_state))
+    compiled = jax.jit(step, donate_argnums=(0, 1), out_shardings=(*out_shardings, rep)).lower(
+        params, opt_state, feats, labels, key).compile()
+    layout = pfc.centers_layout(compiled, rows, 8)
     assert rows == 20008 and layout["w_like_inputs"] == 3 and layout["unsplit_inputs"] == []
     assert layout["w_and_state_bytes_per_device"] == rows * d * 3 * 4 // 8
     assert layout["full_size_arrays_in_hlo"] == 0 and layout["local_size_arrays_in_hlo"] > 0
-    mem = memory(compiled)
+    mem = compiled_memory(compiled)
     assert rows * d * 3 * 4 // 8 <= mem["argument"] < rows * d * 3 * 4 // 8 + 2 ** 16
     assert mem["temp"] < rows * d * 4  # less than one replicated copy of W

@@ -1,4 +1,5 @@
-"""data.prepare: the ORL demo set end to end, folder -> .rec, .rec -> ArrayRecord, pairs -> .bin."""
+"""data.prepare and lafs_jax.input.orl: the ORL demo set end to end, folder -> .rec, .rec -> ArrayRecord,
+pairs -> .bin."""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 
 from data import prepare
 from lafs_jax.input import images as image_lib
-from lafs_jax.input import sources, synthetic, verification_bin
+from lafs_jax.input import orl, sources, synthetic, verification_bin
 from lafs_jax.input.recordio import RecordFile, unpack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,7 @@ def test_orl_end_to_end(tmp_path):
     assert 0.3 < issame[:450].mean() < 0.7  # shuffled: 10-fold splits see both kinds
 
     # identities by content: nearest original ORL image decides whose face each stored image is
-    faces = prepare.read_orl(prepare.orl_root())
+    faces = orl.read_orl(orl.orl_root())
     names = [p for p in faces for _ in faces[p]]
     originals = _small(np.stack([im for p in faces for im in faces[p]]).astype(float)).reshape(400, -1)
 
@@ -66,14 +67,14 @@ def test_orl_end_to_end(tmp_path):
 
 
 def test_verification_pairs_are_complete_and_balanced():
-    pairs, issame = prepare.verification_pairs([3, 4, 2], seed=1)
+    pairs, issame = orl.verification_pairs([3, 4, 2], seed=1)
     genuine = {tuple(p) for p, s in zip(pairs, issame) if s}
     assert genuine == {(0, 1), (0, 2), (1, 2), (3, 4), (3, 5), (3, 6), (4, 5), (4, 6), (5, 6), (7, 8)}
     owner = np.repeat([0, 1, 2], [3, 4, 2])
     impostors = [tuple(p) for p, s in zip(pairs, issame) if not s]
     assert len(impostors) == len(set(impostors)) == 10
     assert all(owner[a] != owner[b] for a, b in impostors)
-    p2, s2 = prepare.verification_pairs([3, 4, 2], seed=1)
+    p2, s2 = orl.verification_pairs([3, 4, 2], seed=1)
     np.testing.assert_array_equal(p2, pairs)
 
 
@@ -141,7 +142,7 @@ def test_pairs_command_lfw_and_plain_formats(tmp_path):
                          "--image-size", "32"]) == 0
     images, issame = verification_bin.load_bin(out, 32)
     assert list(issame) == [True, False] and images.shape == (4, 32, 32, 3)
-    expected = prepare.square(ims[("Bob_B", 1)], 32)
+    expected = image_lib.square(ims[("Bob_B", 1)], 32)
     assert np.abs(images[3].astype(int) - expected).mean() < 8  # JPEG inside the .bin
     (tmp_path / "plain.txt").write_text("Ann_A/Ann_A_0002.jpg Bob_B/Bob_B_0001.jpg 0\n")
     prepare.main(["pairs", "--pairs", str(tmp_path / "plain.txt"), "--root", str(root), "--out", out])

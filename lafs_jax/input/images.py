@@ -59,3 +59,14 @@ def resize(image: np.ndarray, size: tuple[int, int], resample=Image.BILINEAR) ->
     if image.shape[:2] == tuple(size):
         return image
     return np.asarray(Image.fromarray(image).resize((size[1], size[0]), resample))
+
+
+def square(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [size, size, 3]: pad the short side by edge replication to a square, then resize (bilinear)."""
+    h, w = image.shape[:2]
+    if h != w:
+        extra = abs(h - w)
+        before, after = extra // 2, extra - extra // 2
+        pad = ((0, 0), (before, after), (0, 0)) if w < h else ((before, after), (0, 0), (0, 0))
+        image = np.pad(image, pad, mode="edge")
+    return resize(image, (size, size))

@@ -45,6 +45,7 @@ cross-entropies (EPL stacks the two logit sets along the batch), `'replace'` use
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -363,6 +364,30 @@ def partial_fc_loss(embeddings: jax.Array, batch_labels: Mapping[str, jax.Array]
     return fn(embeddings, jnp.asarray(batch_labels["label"], jnp.int32),
               jnp.asarray(batch_labels["label2"], jnp.int32), jnp.asarray(batch_labels["lam"], jnp.float32),
               mats, key)
+
+
+def centers_layout(compiled: Any, num_rows: int, num_devices: int) -> dict:
+    """How a compiled step (`jax.jit(...).lower(...).compile()`) lays out W and its optimiser state.
+
+    Inputs with `num_rows` (C_pad) leading rows are W-like (W, its moments): their count, their bytes
+    per device, and those not split `num_devices` ways (`unsplit_inputs`, descriptions; [] when all
+    are). `full_size_arrays_in_hlo` counts arrays of C_pad rows in the partitioned HLO (0: nothing
+    C·D-sized is replicated or gathered on a device); `local_size_arrays_in_hlo` counts those of
+    C_pad / N rows, to show the search does find W-shaped arrays.
+    """
+    bad, w_like, per_device = [], 0, 0
+    for info, sharding in zip(jax.tree.leaves(compiled.args_info), jax.tree.leaves(compiled.input_shardings)):
+        shape = tuple(info.shape)
+        if shape[:1] == (num_rows,):
+            w_like += 1
+            local = sharding.shard_shape(shape)
+            per_device += int(np.prod(local)) * np.dtype(info.dtype).itemsize
+            if local[0] != num_rows // num_devices:
+                bad.append(f"input {shape} sharded {sharding}")
+    hlo = compiled.as_text()
+    return {"w_like_inputs": w_like, "w_and_state_bytes_per_device": per_device, "unsplit_inputs": bad,
+            "full_size_arrays_in_hlo": len(re.findall(rf"\[{num_rows},\d+\]", hlo)),
+            "local_size_arrays_in_hlo": len(re.findall(rf"\[{num_rows // num_devices},\d+\]", hlo))}
 
 
 # ----------------------------------------------------------------------------- optimiser
