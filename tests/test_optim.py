@@ -137,11 +137,10 @@ def test_layer_id_custom_block_regex_and_range_error():
         optim.layer_id("vit/block_12/kernel", 12)
 
 
-def test_lr_multipliers_base_depth_12():
+def test_layer_decay_lr_mults_base_depth_12():
     params = part_fvit_like_params(depth=12, dim=4)["backbone"]
     assert optim.model_depth(params) == 12
-    mult = optim.lr_multipliers(params, 0.58)
-    flat = {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(mult)[0]}
+    flat = optim.match_mults(params, optim.layer_decay_mults(params, 0.58), 1.0)
     assert flat["vit/cls_token"] == pytest.approx(0.58 ** 13)  # 8.41e-4 as the reference notes
     assert flat["vit/cls_token"] == pytest.approx(8.41e-4, rel=1e-3)
     assert flat["landmark_cnn/stem_conv/kernel"] == pytest.approx(0.58 ** 13)
@@ -149,22 +148,25 @@ def test_lr_multipliers_base_depth_12():
         assert flat[f"vit/encoder/block_{i}/attention/qkv/kernel"] == pytest.approx(0.58 ** (12 - i))
     assert flat["vit/encoder/block_0/attention/qkv/kernel"] == pytest.approx(1.45e-3, rel=2e-3)
     assert flat["vit/head_norm/scale"] == 1.0
-    ones = optim.lr_multipliers(params, 1.0)
-    assert set(jax.tree.leaves(ones)) == {1.0}
+    assert optim.layer_decay_mults(params, 1.0) == []
 
 
-def test_decay_masks():
+def test_weight_decay_mults_of_finetuning():
+    """wd factors x the schedule: 1 on ndim >= 2 non-bias tensors, landmark_weight_decay / weight_decay
+    on the landmark CNN except its output layer, 0 on biases and ndim < 2 tensors."""
     params = part_fvit_like_params()
-    flat = {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]}
-    assert flat["backbone/vit/cls_token"] and flat["backbone/vit/pos_embedding"]
-    assert flat["backbone/vit/encoder/block_1/attention/qkv/kernel"]
-    assert not flat["backbone/vit/encoder/block_1/attention/out/bias"]
-    assert not flat["backbone/vit/head_norm/scale"] and not flat["backbone/landmark_cnn/stem_bn/scale"]
-    lm = {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(
-        optim.decay_mask(params, only_regex=optim.LANDMARK_WD_REGEX))[0]}
-    assert lm["backbone/landmark_cnn/stem_conv/kernel"] and lm["backbone/landmark_cnn/bottleneck_1/expand_conv/kernel"]
-    assert not lm["backbone/landmark_cnn/landmark_head/kernel"]  # the output layer keeps the main decay
-    assert not lm["backbone/vit/cls_token"] and not lm["backbone/landmark_cnn/stem_bn/scale"]
+    cfg = optim.optim_config("finetune")
+    _, wd_mults = optim.finetune_mults(params, cfg)
+    flat = optim.match_mults(params, wd_mults, 0.0)
+    assert flat["backbone/vit/cls_token"] == 1.0 and flat["backbone/vit/pos_embedding"] == 1.0
+    assert flat["backbone/vit/encoder/block_1/attention/qkv/kernel"] == 1.0
+    assert flat["backbone/vit/encoder/block_1/attention/out/bias"] == 0.0
+    assert flat["backbone/vit/head_norm/scale"] == 0.0 and flat["backbone/landmark_cnn/stem_bn/scale"] == 0.0
+    # landmark_weight_decay 0.05 = 0.5 x weight_decay 0.1
+    assert flat["backbone/landmark_cnn/stem_conv/kernel"] == 0.5
+    assert flat["backbone/landmark_cnn/bottleneck_1/expand_conv/kernel"] == 0.5
+    assert flat["backbone/landmark_cnn/landmark_head/kernel"] == 1.0  # the output layer keeps the main decay
+    assert flat["backbone/landmark_cnn/landmark_head/bias"] == 0.0
 
 
 def test_clip_per_tensor_matches_numpy():
