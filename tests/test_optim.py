@@ -137,11 +137,10 @@ def test_layer_id_custom_block_regex_and_range_error():
         optim.layer_id("vit/block_12/kernel", 12)
 
 
-def test_lr_multipliers_base_depth_12():
+def test_layer_decay_lr_mults_base_depth_12():
     params = part_fvit_like_params(depth=12, dim=4)["backbone"]
     assert optim.model_depth(params) == 12
-    mult = optim.lr_multipliers(params, 0.58)
-    flat = {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(mult)[0]}
+    flat = optim.match_mults(params, optim.layer_decay_mults(params, 0.58), 1.0)
     assert flat["vit/cls_token"] == pytest.approx(0.58 ** 13)  # 8.41e-4 as the reference notes
     assert flat["vit/cls_token"] == pytest.approx(8.41e-4, rel=1e-3)
     assert flat["landmark_cnn/stem_conv/kernel"] == pytest.approx(0.58 ** 13)
@@ -149,22 +148,25 @@ def test_lr_multipliers_base_depth_12():
         assert flat[f"vit/encoder/block_{i}/attention/qkv/kernel"] == pytest.approx(0.58 ** (12 - i))
     assert flat["vit/encoder/block_0/attention/qkv/kernel"] == pytest.approx(1.45e-3, rel=2e-3)
     assert flat["vit/head_norm/scale"] == 1.0
-    ones = optim.lr_multipliers(params, 1.0)
-    assert set(jax.tree.leaves(ones)) == {1.0}
+    assert optim.layer_decay_mults(params, 1.0) == []
 
 
-def test_decay_masks():
+def test_weight_decay_mults_of_finetuning():
+    """wd factors x the schedule: 1 on ndim >= 2 non-bias tensors, landmark_weight_decay / weight_decay
+    on the landmark CNN except its output layer, 0 on biases and ndim < 2 tensors."""
     params = part_fvit_like_params()
-    flat = {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]}
-    assert flat["backbone/vit/cls_token"] and flat["backbone/vit/pos_embedding"]
-    assert flat["backbone/vit/encoder/block_1/attention/qkv/kernel"]
-    assert not flat["backbone/vit/encoder/block_1/attention/out/bias"]
-    assert not flat["backbone/vit/head_norm/scale"] and not flat["backbone/landmark_cnn/stem_bn/scale"]
-    lm = {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(
-        optim.decay_mask(params, only_regex=optim.LANDMARK_WD_REGEX))[0]}
-    assert lm["backbone/landmark_cnn/stem_conv/kernel"] and lm["backbone/landmark_cnn/bottleneck_1/expand_conv/kernel"]
-    assert not lm["backbone/landmark_cnn/landmark_head/kernel"]  # the output layer keeps the main decay
-    assert not lm["backbone/vit/cls_token"] and not lm["backbone/landmark_cnn/stem_bn/scale"]
+    cfg = optim.optim_config("finetune")
+    _, wd_mults = optim.finetune_mults(params, cfg)
+    flat = optim.match_mults(params, wd_mults, 0.0)
+    assert flat["backbone/vit/cls_token"] == 1.0 and flat["backbone/vit/pos_embedding"] == 1.0
+    assert flat["backbone/vit/encoder/block_1/attention/qkv/kernel"] == 1.0
+    assert flat["backbone/vit/encoder/block_1/attention/out/bias"] == 0.0
+    assert flat["backbone/vit/head_norm/scale"] == 0.0 and flat["backbone/landmark_cnn/stem_bn/scale"] == 0.0
+    # landmark_weight_decay 0.05 = 0.5 x weight_decay 0.1
+    assert flat["backbone/landmark_cnn/stem_conv/kernel"] == 0.5
+    assert flat["backbone/landmark_cnn/bottleneck_1/expand_conv/kernel"] == 0.5
+    assert flat["backbone/landmark_cnn/landmark_head/kernel"] == 1.0  # the output layer keeps the main decay
+    assert flat["backbone/landmark_cnn/landmark_head/bias"] == 0.0
 
 
 def test_clip_per_tensor_matches_numpy():
@@ -247,6 +249,122 @@ def test_finetune_optimizer_equals_torch_adamw_groups(layer_decay):
         assert 0.3 < ratio < 3
     else:
         assert ratio < 0.58 ** 2 * 3
+
+
+# Layer ids of part_fvit_like_params(depth=2), written out by hand (prefix -> id; depth + 1 = 3 for the head).
+HAND_LAYER_IDS = {"backbone/landmark_cnn/": 0, "backbone/vit/patch_embedding/": 0, "backbone/vit/cls_token": 0,
+                  "backbone/vit/pos_embedding": 0, "backbone/vit/encoder/block_0/": 1,
+                  "backbone/vit/encoder/block_1/": 2, "backbone/vit/head_norm/": 3}
+
+
+def hand_weight_decay(path, value):
+    """The official fine-tuning groups: no decay on biases / ndim < 2, 0.05 on the landmark CNN (not its
+    output layer), 0.1 elsewhere."""
+    if value.ndim < 2 or path.endswith("/bias"):
+        return 0.0
+    if path.startswith("backbone/landmark_cnn/") and "/landmark_head/" not in path:
+        return 0.05
+    return 0.1
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_finetune_optimizer_equals_numpy_float32_adamw_with_per_tensor_factors(frozen):
+    """Each tensor: update = -lr(t) x 0.58^(3 - layer id) x (adam(g) + wd x p) in float32 NumPy, wd from the
+    official groups, the landmark CNN zero when frozen; centres by SGD. Equal to float32 rounding: at most
+    1e-6 of the tensor's largest update (measured: 3.4e-7, i.e. a few ulps where XLA's fused kernels round
+    differently from NumPy); the frozen tensors bit-exactly zero."""
+    cfg = optim.optim_config("finetune")
+    cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.min_lr, cfg.layer_decay = 4, 1.0, 1e-2, 1e-4, 0.58
+    params = part_fvit_like_params(depth=2)
+    tx = optim.finetune_optimizer(params, cfg, 2, centers_tx=optax.sgd(0.5),
+                                  frozen_regex=optim.LANDMARK_REGEX if frozen else "")
+    state, update = tx.init(params), jax.jit(tx.update)
+    treedef = jax.tree.structure(params)
+    paths = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    ref = {p: np.asarray(v) for p, v in zip(paths, jax.tree.leaves(params))}
+    mu = {p: np.zeros_like(v) for p, v in ref.items()}
+    nu = {p: np.zeros_like(v) for p, v in ref.items()}
+    f32, rng = np.float32, np.random.default_rng(0)
+    for t in range(1, 6):
+        grads = {p: rng.normal(size=v.shape).astype(f32) for p, v in ref.items()}
+        updates, state = update(jax.tree_util.tree_unflatten(treedef, [jnp.asarray(grads[p]) for p in paths]),
+                                state, params)
+        params = optax.apply_updates(params, updates)
+        got = dict(zip(paths, map(np.asarray, jax.tree.leaves(updates))))
+        lr = f32(hand_warmup_cosine(t - 1, 1e-2, 8, 2, 1e-4))
+        for p, g in grads.items():
+            if p == "centers":
+                want = -f32(0.5) * g
+            elif frozen and p.startswith("backbone/landmark_cnn/"):
+                np.testing.assert_array_equal(got[p], np.zeros_like(g), err_msg=p)
+                continue
+            else:
+                mu[p] = f32(0.1) * g + f32(0.9) * mu[p]
+                nu[p] = f32(0.001) * g * g + f32(0.999) * nu[p]
+                adam = (mu[p] / (1 - f32(0.9) ** t)) / (np.sqrt(nu[p] / (1 - f32(0.999) ** t)) + f32(1e-8))
+                scale = f32(0.58 ** (3 - next(v for k, v in HAND_LAYER_IDS.items() if p.startswith(k))))
+                want = -(lr * scale) * (adam + f32(hand_weight_decay(p, g)) * ref[p])
+            ref[p] = ref[p] + want
+            assert np.abs(got[p] - want).max() <= 1e-6 * np.abs(want).max(), (t, p)
+    if frozen:  # no Adam moments are kept for the frozen tensors
+        kept = {path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+        assert not any("landmark_cnn" in k for k in kept)
+
+
+def test_adamw_groups_rules_first_match_and_frozen():
+    """param_groups: first matching rule wins, unmatched lr -> 1 and wd -> 0, None freezes, own
+    subtrees ignore the rules; one label per distinct (lr, wd, frozen_until)."""
+    params = {"a": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "b": {"kernel": jnp.ones((2, 2))},
+              "c": {"kernel": jnp.ones((2, 2))}, "w": jnp.ones((3, 2))}
+    labels, groups = optim.param_groups(
+        params, lr_mults=[("^a/bias$", None), ("^a/", 0.5), ("^b/", 0.5)], wd_mults=[("bias", 0.0), ("kernel", 1.0)],
+        frozen_until=[("^c/", 4)], own={"centers": "^w$"})
+    assert labels["a"]["bias"] == optim.FROZEN and labels["w"] == "centers"
+    assert labels["a"]["kernel"] == labels["b"]["kernel"] != labels["c"]["kernel"]
+    assert groups[labels["a"]["kernel"]] == optim.Group(0.5, 1.0, 0)
+    assert groups[labels["c"]["kernel"]] == optim.Group(1.0, 1.0, 4)
+    assert groups["centers"] is None and len(groups) == 4
+    _, groups = optim.param_groups(params, lr_mults=[], wd_mults=[])
+    assert list(groups.values()) == [optim.Group(1.0, 0.0, 0)]
+    with pytest.raises(ValueError, match=r"lr_mults\[0\]"):
+        optim.param_groups(params, lr_mults=[("(", 1.0)])
+    with pytest.raises(ValueError, match=r"wd_mults\[1\]"):
+        optim.param_groups(params, wd_mults=[("a", 1.0), ("b", None)])
+    with pytest.raises(ValueError, match="own transform 'x'"):
+        optim.param_groups(params, own={"x": "^nothing$"})
+    tx = optim.adamw(params, learning_rate=0.1, lr_mults=[("^a/", 0.5)])
+    with pytest.raises(ValueError, match="structure"):
+        tx.init({"a": params["a"]})
+
+
+def test_config_lr_mults_and_wd_mults_overrides():
+    """config.optim.lr_mults / wd_mults come before the derived rules; bad entries name their key."""
+    params = part_fvit_like_params()
+    cfg = optim.optim_config("finetune")
+    cfg.epochs, cfg.warmup_epochs, cfg.lr = 4, 0.0, 1e-2
+    cfg.lr_mults = (("head_norm/", None), ("block_1/", 2.0))
+    cfg.wd_mults = (("(?:^|/)bias$", 1.0),)
+    lr_mults, wd_mults = optim.finetune_mults(params, cfg)
+    lr, wd = optim.match_mults(params, lr_mults, 1.0), optim.match_mults(params, wd_mults, 0.0)
+    assert lr["backbone/vit/head_norm/scale"] is None and lr["backbone/vit/encoder/block_1/mlp/fc1/kernel"] == 2.0
+    assert lr["backbone/vit/encoder/block_0/mlp/fc1/kernel"] == pytest.approx(0.58 ** 2)
+    assert wd["backbone/vit/encoder/block_0/mlp/fc1/bias"] == 1.0 and wd["backbone/vit/head_norm/scale"] == 0.0
+    labels, _ = optim.param_groups(params, lr_mults=lr_mults, wd_mults=wd_mults)
+    assert labels["backbone"]["vit"]["head_norm"]["scale"] == optim.FROZEN
+    cases = [("lr_mults", (("(", 1.0),), r"optim\.lr_mults\[0\].*regex"),
+             ("lr_mults", (("cls", 0.0),), r"optim\.lr_mults\[0\].*None to freeze"),
+             ("lr_mults", ("cls",), r"optim\.lr_mults\[0\]"),
+             ("wd_mults", (("cls", None),), r"optim\.wd_mults\[0\]"),
+             ("wd_mults", (("cls", 1.0), ("no_such_tensor", 1.0)), r"optim\.wd_mults\[1\].*matches no parameter")]
+    for key, value, message in cases:
+        bad = optim.optim_config("finetune")
+        bad[key] = value
+        with pytest.raises(ConfigError, match=message):
+            optim.finetune_optimizer(params, bad, 10, centers_tx=optax.sgd(1.0))
+    bad = optim.optim_config("finetune")
+    bad.weight_decay = 0.0
+    with pytest.raises(ConfigError, match=r"optim\.landmark_weight_decay"):
+        optim.finetune_optimizer(params, bad, 10, centers_tx=optax.sgd(1.0))
 
 
 def test_finetune_optimizer_frozen_regex_keeps_those_params_exactly():

@@ -1,29 +1,39 @@
-"""Optimizers and schedules of pretraining and fine-tuning, built from optax.
+"""Optimizers and schedules of pretraining and fine-tuning: one config-driven AdamW builder on optax.
 
-Everything here is composed from optax transforms (`scale_by_adam`, `add_decayed_weights`,
-`masked`, `scale`, `partition`, `inject_hyperparams`, `MultiSteps`, `clip_by_global_norm`) and optax
-schedules. Written by hand, because optax has no equivalent:
-- `clip_per_tensor`: DINO's `utils.clip_gradients` (each gradient tensor rescaled to its own norm
-  bound), which is not `optax.clip_by_global_norm`;
-- `freeze_until`: hold a transform at its initial state and emit zero updates for the first N steps,
-  which reproduces DINO's "last layer frozen in epoch 0" (PyTorch drops those gradients, so AdamW
-  neither moves nor decays the tensor, and its Adam step count starts at 1 when the freeze ends);
-- the layer ids of layer-wise lr decay for (Part) fViT parameter paths.
+`adamw(params, learning_rate=, weight_decay=, lr_mults=, wd_mults=, frozen_until=, own=, ...)` is
+the one builder (in the manner of big_vision's `optax.make`): every parameter gets an lr factor and a
+weight-decay factor from lists of (regex, factor) rules over its 'a/b/c' path (first match wins;
+lr factor None = frozen: no update, no decay, no Adam state), the leaves are labelled once from the
+params tree, and `optax.partition` gives each distinct (lr factor, wd factor, frozen_until) group one
+chain  scale_by_adam -> + wd(step) x wd_factor x p -> x lr_factor -> x -lr(step),  inside one
+`optax.inject_hyperparams` (so the current lr / weight decay are in the state for logging).
+`finetune_optimizer` and `pretrain_optimizer` are thin wrappers that turn `config.optim` into those
+rules: layer-wise lr decay becomes generated (path, layer_decay^(depth + 1 - layer_id)) pairs, the
+weight-decay groups (no decay for biases and ndim < 2 tensors, landmark_weight_decay on the landmark
+CNN) become wd_mults, DINO's frozen last layer becomes `frozen_until`.
+
+From optax: `scale_by_adam`, `add_decayed_weights`, `scale`, `scale_by_learning_rate`, `partition`,
+`inject_hyperparams`, `conditionally_mask` (a group frozen for its first N updates: zero update,
+inner state not advanced, so Adam's step count starts at 1 when the freeze ends, as PyTorch's AdamW
+treats the tensor whose gradients DINO drops in epoch 0), `MultiSteps`, `clip_by_global_norm`, the
+schedules, `tree_utils.tree_get_all_with_path` (reading the injected hyperparameters). Written here:
+- `clip_per_tensor` (DINO's `utils.clip_gradients`); see its docstring for why no optax transform fits;
+- the layer ids of layer-wise lr decay for (Part) fViT parameter paths, and the path rules.
 
 Units: every schedule counts *optimizer updates*. With gradient accumulation (`accum_steps = k`)
 the loop calls `tx.update` once per micro-batch, and the wrapped optimizer moves the parameters once
 per k calls; `steps_per_epoch` passed to the builders is the number of `tx.update` calls (loop
 steps) per epoch, so an epoch is `steps_per_epoch // k` optimizer updates.
 
-Official behaviour (reference/lafs.md §2.5, §3.4) and the one deliberate difference: the official
-fine-tuning code computes lr_scale = decay^(num_layers + 1 - layer_id) but never applies it; here
-`layer_decay` is applied, and `layer_decay = 1.0` reproduces the official code.
+Official behaviour (LAFS fine-tuning `param_groups_lrd` / DINO `main_dino.py`) and the one deliberate
+difference: the official fine-tuning code computes lr_scale = decay^(num_layers + 1 - layer_id) but
+never applies it; here `layer_decay` is applied, and `layer_decay = 1.0` reproduces the official code.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +69,9 @@ Schedule = Callable[[Any], jax.Array]
 def optim_config(preset: str = "finetune") -> ml_collections.ConfigDict:
     """Every optimizer field with its default; recipes embed it as `config.optim`.
 
-    preset 'finetune' follows the official fine-tuning (reference/lafs.md §3.4), 'pretrain' the
-    official LAFS / DINO pretraining (§2.5). Both presets have the same fields.
+    preset 'finetune' follows the official fine-tuning (LAFS `finetune` scripts: AdamW, layer-decay
+    groups, warmup + cosine), 'pretrain' the official LAFS / DINO pretraining (DINO `main_dino.py`).
+    Both presets have the same fields.
     """
     if preset not in ("finetune", "pretrain"):
         raise ValueError(f"optim_config(preset={preset!r}): choose 'finetune' or 'pretrain'")
@@ -107,6 +118,15 @@ def optim_config(preset: str = "finetune") -> ml_collections.ConfigDict:
     c.embed_regex = EMBED_REGEX
     c.landmark_regex = LANDMARK_REGEX
     c.landmark_wd_regex = LANDMARK_WD_REGEX  # which tensors get landmark_weight_decay
+    # Extra (regex, factor) rules on 'a/b/c' parameter paths, checked before the rules the task
+    # derives from the fields above (first match wins). lr_mults: factor x the lr of the matched
+    # tensors, or None to freeze them (no update, no decay), e.g. (('landmark_cnn/', None),).
+    # wd_mults: factor x the weight-decay schedule, e.g. (('(?:^|/)bias$', 1.0),) decays biases too.
+    # Paths start at the optimised tree: 'backbone/...' (fine-tuning; the class centres 'centers' have
+    # their own optimizer, config.loss.centers_*), 'backbone/...' / 'head/...' (pretraining). A rule that
+    # matches no parameter is an error (a typo would otherwise change nothing).
+    c.lr_mults = ()
+    c.wd_mults = ()
     return c
 
 
@@ -151,6 +171,8 @@ def validate_optim_config(cfg: ml_collections.ConfigDict, prefix: str = "optim")
             raise ConfigError(f"config.{key(k)}={cfg[k]!r} is not a valid regex: {e}") from None
     check(re.compile(cfg.block_regex).groups >= 1, key("block_regex"), cfg.block_regex,
           "a regex whose first group captures the block index")
+    check_mults(cfg.lr_mults, f"config.{key('lr_mults')}", allow_none=True, error=ConfigError)
+    check_mults(cfg.wd_mults, f"config.{key('wd_mults')}", allow_none=False, error=ConfigError)
 
 
 def peak_lr(cfg: ml_collections.ConfigDict, global_batch_size: int | None = None) -> float:
@@ -231,8 +253,11 @@ def schedules(cfg: ml_collections.ConfigDict, steps_per_epoch: int, *, total_ste
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter groups
+# Parameter rules: (regex, factor) pairs on 'a/b/c' paths
 # ----------------------------------------------------------------------------------------------
+
+Mults = Sequence[tuple[str, Any]]  # ((regex, factor), ...); re.search on the path, first match wins
+
 
 def _shape(x) -> tuple:
     return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
@@ -240,6 +265,61 @@ def _shape(x) -> tuple:
 
 def _leaf_name(path: str) -> str:
     return path.rsplit("/", 1)[-1]
+
+
+def _paths(params: Any) -> list[str]:
+    return [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _exact(path: str) -> str:
+    """A regex matching exactly this path (how generated per-tensor rules are written)."""
+    return "^" + re.escape(path) + "$"
+
+
+def check_mults(rules: Any, name: str, *, allow_none: bool, error: type = ValueError) -> None:
+    """Raise `error` naming `name[i]` unless `rules` is a sequence of (valid regex, factor) pairs.
+
+    Factors: finite numbers > 0 for lr rules (None = frozen when allow_none), >= 0 for wd rules.
+    """
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise error(f"{name}={rules!r} is not valid: a sequence of (regex, factor) pairs")
+    for i, entry in enumerate(rules):
+        if isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence) or len(entry) != 2 \
+                or not isinstance(entry[0], str):
+            raise error(f"{name}[{i}]={entry!r} is not valid: a (regex, factor) pair")
+        pattern, factor = entry
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise error(f"{name}[{i}]: {pattern!r} is not a valid regex: {e}") from None
+        if factor is None and allow_none:
+            continue
+        ok = (isinstance(factor, (int, float, np.floating, np.integer)) and not isinstance(factor, bool)
+              and math.isfinite(factor) and (factor > 0 if allow_none else factor >= 0))
+        if not ok:
+            want = "a finite number > 0, or None to freeze" if allow_none else "a finite number >= 0"
+            raise error(f"{name}[{i}]: factor {factor!r} of {pattern!r} is not valid: {want}")
+
+
+def _compiled(rules: Mults) -> list[tuple[re.Pattern, Any]]:
+    return [(re.compile(p), f) for p, f in rules]
+
+
+def _first(path: str, compiled: list[tuple[re.Pattern, Any]], default: Any) -> Any:
+    return next((f for r, f in compiled if r.search(path)), default)
+
+
+def match_mults(params: Any, rules: Mults, default: Any) -> dict[str, Any]:
+    """{'a/b/c' path: factor of the first rule whose regex matches it (re.search), or `default`}
+    for every leaf of `params`."""
+    compiled = _compiled(rules)
+    return {path: _first(path, compiled, default) for path in _paths(params)}
+
+
+def unmatched_rules(params: Any, rules: Mults) -> list[int]:
+    """Indices of the rules whose regex matches no path of `params`."""
+    paths = _paths(params)
+    return [i for i, (r, _) in enumerate(_compiled(rules)) if not any(r.search(path) for path in paths)]
 
 
 def layer_id(path: str, depth: int, *, block_regex: str = BLOCK_REGEX, embed_regex: str = EMBED_REGEX,
@@ -266,8 +346,7 @@ def layer_id(path: str, depth: int, *, block_regex: str = BLOCK_REGEX, embed_reg
 def model_depth(params: Any, block_regex: str = BLOCK_REGEX, landmark_regex: str = LANDMARK_REGEX) -> int:
     """1 + the largest block index among parameter paths outside the landmark CNN (0 if none)."""
     indices = []
-    for keypath, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = path_str(keypath)
+    for path in _paths(params):
         if re.search(landmark_regex, path):
             continue
         m = re.search(block_regex, path)
@@ -276,113 +355,219 @@ def model_depth(params: Any, block_regex: str = BLOCK_REGEX, landmark_regex: str
     return max(indices) + 1 if indices else 0
 
 
-def lr_multipliers(params: Any, layer_decay: float, depth: int | None = None, *, block_regex: str = BLOCK_REGEX,
-                   embed_regex: str = EMBED_REGEX, landmark_regex: str = LANDMARK_REGEX) -> Any:
-    """Pytree of layer_decay^(depth + 1 - layer_id) floats matching `params` (depth inferred if None)."""
+def layer_decay_mults(params: Any, layer_decay: float, depth: int | None = None, *, block_regex: str = BLOCK_REGEX,
+                      embed_regex: str = EMBED_REGEX, landmark_regex: str = LANDMARK_REGEX) -> list[tuple[str, float]]:
+    """lr rules of layer-wise decay: (exact path, layer_decay^(depth + 1 - layer_id)) for every tensor
+    whose factor is not 1 (depth inferred from the block indices if None). [] for layer_decay 1."""
+    if layer_decay == 1.0:
+        return []
     if depth is None:
         depth = model_depth(params, block_regex, landmark_regex)
-    if depth == 0 and layer_decay != 1.0:
+    if depth == 0:
         raise ValueError(f"layer-wise lr decay {layer_decay}: no parameter path matches the block regex "
                          f"{block_regex!r} (set config.optim.block_regex to the model's block names)")
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, _: float(layer_decay ** (depth + 1 - layer_id(
-            path_str(kp), depth, block_regex=block_regex, embed_regex=embed_regex, landmark_regex=landmark_regex))),
-        params)
+    rules = []
+    for path in _paths(params):
+        lid = layer_id(path, depth, block_regex=block_regex, embed_regex=embed_regex, landmark_regex=landmark_regex)
+        factor = float(layer_decay ** (depth + 1 - lid))
+        if factor != 1.0:
+            rules.append((_exact(path), factor))
+    return rules
 
 
-def decay_mask(params: Any, exclude_regex: str | None = None, only_regex: str | None = None) -> Any:
-    """True for tensors that get weight decay: ndim >= 2 and not named 'bias' (official group 0).
-
-    exclude_regex drops matching paths; only_regex keeps only matching paths.
-    """
-
-    def one(kp, x):
+def no_decay_mults(params: Any) -> list[tuple[str, float]]:
+    """wd rules with factor 0 for the tensors that get no weight decay in both official recipes:
+    biases and tensors with ndim < 2 (norm scales). Class token and positions (ndim 3) are decayed."""
+    rules = [(r"(?:^|/)bias$", 0.0)]
+    for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         path = path_str(kp)
-        if len(_shape(x)) < 2 or _leaf_name(path) == "bias":
-            return False
-        if exclude_regex and re.search(exclude_regex, path):
-            return False
-        if only_regex and not re.search(only_regex, path):
-            return False
-        return True
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
-def regex_mask(params: Any, regex: str) -> Any:
-    """True for parameters whose 'a/b/c' path matches `regex` (re.search)."""
-    return jax.tree_util.tree_map_with_path(lambda kp, _: bool(re.search(regex, path_str(kp))), params)
+        if len(_shape(x)) < 2 and _leaf_name(path) != "bias":
+            rules.append((_exact(path), 0.0))
+    return rules
 
 
 # ----------------------------------------------------------------------------------------------
-# Transforms that optax does not have
+# The builder
 # ----------------------------------------------------------------------------------------------
 
-def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
-    """Each gradient tensor g scaled by max_norm / (||g||_2 + 1e-6) when that factor is below 1.
+FROZEN = "frozen"  # label of the parameters with lr factor None
 
-    DINO's `utils.clip_gradients` (per parameter tensor, not the global norm).
+
+class Group(NamedTuple):
+    """One optimizer group: the tensors sharing these factors get one AdamW chain."""
+    lr_mult: float | None  # x the lr schedule; None = frozen
+    wd_mult: float  # x the weight-decay schedule
+    frozen_until: int  # zero update (state not advanced) for the group's first N updates
+
+
+def param_groups(params: Any, *, lr_mults: Mults = (), wd_mults: Mults = (),
+                 frozen_until: Sequence[tuple[str, int]] = (),
+                 own: Mapping[str, str] | None = None) -> tuple[Any, dict[str, Group | None]]:
+    """(labels, groups): a pytree of group labels like `params`, and label -> Group.
+
+    own: label -> regex for subtrees updated by a caller's transform (label -> None in `groups`);
+    they are matched first and ignore the rules. Unmatched lr -> 1.0, unmatched wd -> 0.0 (no decay),
+    unmatched frozen_until -> 0. Labels: the `own` names, 'frozen', and 'group_<i>' for the AdamW
+    groups in sorted (lr, wd, frozen_until) order, so they depend only on the tree and the rules.
     """
+    check_mults(lr_mults, "lr_mults", allow_none=True)
+    check_mults(wd_mults, "wd_mults", allow_none=False)
+    for i, entry in enumerate(frozen_until):
+        if len(entry) != 2 or not isinstance(entry[1], (int, np.integer)) or entry[1] < 0:
+            raise ValueError(f"frozen_until[{i}]={entry!r} is not valid: a (regex, int >= 0) pair")
+    own_rules = _compiled([(regex, name) for name, regex in (own or {}).items()])
+    lr_rules, wd_rules, until_rules = _compiled(lr_mults), _compiled(wd_mults), _compiled(frozen_until)
 
-    def update_fn(updates, state, params=None):
-        del params
+    def key(path):
+        name = _first(path, own_rules, None)
+        if name is not None:
+            return name
+        lr = _first(path, lr_rules, 1.0)
+        if lr is None:
+            return FROZEN
+        return Group(float(lr), float(_first(path, wd_rules, 0.0)), int(_first(path, until_rules, 0)))
 
-        def one(g):
-            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
-            coef = max_norm / (norm + 1e-6)
-            return jnp.where(coef < 1.0, g * coef.astype(g.dtype), g)
+    keys = {path: key(path) for path in _paths(params)}
+    adam_groups = sorted({k for k in keys.values() if isinstance(k, Group)})
+    names = {g: f"group_{i}" for i, g in enumerate(adam_groups)}
+    labels = jax.tree_util.tree_map_with_path(lambda kp, _: names.get(keys[path_str(kp)], keys[path_str(kp)]),
+                                              params)
+    groups: dict[str, Group | None] = {names[g]: g for g in adam_groups}
+    present = set(keys.values()) - set(adam_groups)
+    if FROZEN in present:
+        groups[FROZEN] = Group(None, 0.0, 0)
+    for name, regex in (own or {}).items():
+        if name not in present:
+            raise ValueError(f"own transform {name!r}: its regex {regex!r} matches no parameter")
+        groups[name] = None
+    return labels, groups
 
-        return jax.tree.map(one, updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+def _group_chain(group: Group, learning_rate, weight_decay, b1: float, b2: float,
+                 eps: float) -> optax.GradientTransformation:
+    if group.lr_mult is None:
+        return optax.set_to_zero()
+    parts = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
+    if group.wd_mult:
+        parts.append(optax.add_decayed_weights(weight_decay if group.wd_mult == 1.0 else weight_decay * group.wd_mult))
+    if group.lr_mult != 1.0:
+        parts.append(optax.scale(group.lr_mult))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    tx = optax.chain(*parts)
+    if group.frozen_until:
+        tx = optax.conditionally_mask(tx, lambda step, n=group.frozen_until: step >= n)
+    return tx
 
 
-class FreezeUntilState(NamedTuple):
-    count: jax.Array  # updates seen so far (int32)
-    inner_state: Any
+def adamw(params: Any, *, learning_rate: Schedule | float, weight_decay: Schedule | float = 0.0,
+          lr_mults: Mults = (), wd_mults: Mults = (), frozen_until: Sequence[tuple[str, int]] = (),
+          own: Mapping[str, tuple[str, optax.GradientTransformation]] | None = None,
+          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          clip: optax.GradientTransformation | None = None, accum_steps: int = 1) -> optax.GradientTransformation:
+    """AdamW with per-parameter lr / weight-decay factors from path rules (see the module docstring).
 
-
-def freeze_until(inner: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
-    """Zero updates for the first `steps` updates, during which `inner` is neither run nor advanced.
-
-    Afterwards `inner` runs as if it started then (its own step count starts at 0), as PyTorch's
-    AdamW treats a tensor whose gradients were dropped.
+    params: the tree the optimizer will update (arrays or ShapeDtypeStructs); the labels are computed
+      from it once, and `init` / `update` must get a tree of the same structure.
+    learning_rate, weight_decay: schedules of the optimizer-update count (or constants); a tensor
+      with factors (l, w) is updated by  -lr(t) * l * (adam(g) + wd(t) * w * p)  (decoupled, as
+      torch.optim.AdamW with that group's lr and weight_decay).
+    lr_mults: (regex, factor | None); unmatched -> 1; None -> frozen (zero update, no state).
+    wd_mults: (regex, factor >= 0); unmatched -> 0 (no decay).
+    frozen_until: (regex, N): the matched tensors get zero updates for the first N updates, with
+      their Adam state not advanced (optax.conditionally_mask).
+    own: label -> (regex, transform) for subtrees with their own optimizer (e.g. Partial FC's class
+      centres); it runs inside the same inject_hyperparams, after `clip`.
+    clip: applied to the whole gradient tree first; accum_steps > 1 wraps everything in MultiSteps.
+    The current lr / weight decay (and the own transforms' injected values) are readable with
+    `current_hyperparams(opt_state)`.
     """
-    steps = int(steps)
+    own = dict(own or {})
+    labels, groups = param_groups(params, lr_mults=lr_mults, wd_mults=wd_mults, frozen_until=frozen_until,
+                                  own={name: regex for name, (regex, _) in own.items()})
+    structure = jax.tree.structure(params)
 
-    def init_fn(params):
-        return FreezeUntilState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+    def label_fn(tree):
+        if jax.tree.structure(tree) != structure:
+            raise ValueError(f"the optimizer was built for a params tree of structure {structure}; got {jax.tree.structure(tree)}")
+        return labels
 
-    def update_fn(updates, state, params=None):
-        def frozen(_):
-            return jax.tree.map(jnp.zeros_like, updates), state.inner_state
+    def factory(learning_rate, weight_decay):
+        transforms = {name: own[name][1] if group is None else _group_chain(group, learning_rate, weight_decay, b1, b2, eps)
+                      for name, group in groups.items()}
+        return optax.partition(transforms, label_fn)
 
-        def active(_):
-            return inner.update(updates, state.inner_state, params)
-
-        new_updates, new_inner = jax.lax.cond(state.count < steps, frozen, active, None)
-        return new_updates, FreezeUntilState(count=optax.safe_increment(state.count), inner_state=new_inner)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _clip(cfg) -> list[optax.GradientTransformation]:
-    if cfg.clip_mode == "per_tensor":
-        return [clip_per_tensor(cfg.clip_norm)]
-    if cfg.clip_mode == "global_norm":
-        return [optax.clip_by_global_norm(cfg.clip_norm)]
-    return []
-
-
-def _accumulate(tx: optax.GradientTransformation, accum_steps: int) -> optax.GradientTransformation:
+    core = optax.inject_hyperparams(factory)(learning_rate=learning_rate, weight_decay=weight_decay)
+    tx = optax.chain(clip, core) if clip is not None else core
     if accum_steps == 1:
         return tx
     return optax.MultiSteps(tx, every_k_schedule=accum_steps, use_grad_mean=True).gradient_transformation()
 
 
 # ----------------------------------------------------------------------------------------------
-# Builders
+# Clipping
 # ----------------------------------------------------------------------------------------------
+
+def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
+    """Each gradient tensor g scaled by max_norm / (||g||_2 + 1e-6) when that factor is below 1.
+
+    DINO's `utils.clip_gradients` (per parameter tensor, not the global norm). Hand-written because
+    no optax 0.2.8 transform bounds each tensor's L2 norm: `clip` is element-wise,
+    `clip_by_global_norm` uses one norm for the whole tree, `clip_by_block_rms` bounds each tensor's
+    RMS = ||g|| / sqrt(size) with one threshold (a norm bound would need a threshold per tensor
+    size), `adaptive_grad_clip` is unit-wise and relative to the parameter norm, `per_example_*`
+    need a per-example batch axis. `optax.projections.projection_l2_ball` mapped over the leaves is
+    the same clip without DINO's +1e-6: it differs by up to 3.4e-7 relative (a few fp32 ulps) on
+    clipped tensors, so it would not reproduce DINO (or this module's earlier numbers) exactly.
+    """
+
+    def one(g):
+        norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+        coef = max_norm / (norm + 1e-6)
+        return jnp.where(coef < 1.0, g * coef.astype(g.dtype), g)
+
+    return optax.stateless(lambda updates, params: jax.tree.map(one, updates))
+
+
+def _clip(cfg) -> optax.GradientTransformation | None:
+    if cfg.clip_mode == "per_tensor":
+        return clip_per_tensor(cfg.clip_norm)
+    if cfg.clip_mode == "global_norm":
+        return optax.clip_by_global_norm(cfg.clip_norm)
+    return None
+
+
+def _check_overrides(params: Any, cfg: ml_collections.ConfigDict) -> None:
+    for key in ("lr_mults", "wd_mults"):
+        missing = unmatched_rules(params, cfg[key])
+        if missing:
+            i = missing[0]
+            raise ConfigError(f"config.optim.{key}[{i}]: {cfg[key][i][0]!r} matches no parameter path "
+                              f"(paths look like {_paths(params)[0]!r})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The two recipes
+# ----------------------------------------------------------------------------------------------
+
+def finetune_mults(backbone: Any, cfg: ml_collections.ConfigDict,
+                   frozen_regex: str = "") -> tuple[list[tuple[str, Any]], list[tuple[str, float]]]:
+    """(lr_mults, wd_mults) of fine-tuning for the backbone tree (paths as `adamw` sees them).
+
+    lr: cfg.lr_mults, then (frozen_regex, None), then the layer-decay pairs.
+    wd: cfg.wd_mults, then 0 for biases / ndim < 2, then landmark_wd_regex -> landmark_weight_decay /
+    weight_decay, then 1 for everything else.
+    """
+    if cfg.landmark_weight_decay and not cfg.weight_decay:
+        raise ConfigError(f"config.optim.landmark_weight_decay={cfg.landmark_weight_decay!r} needs "
+                          f"config.optim.weight_decay > 0 (it is a multiple of the weight-decay schedule); "
+                          f"set landmark_weight_decay=0, or decay the landmark CNN with config.optim.wd_mults")
+    lr_mults = [*cfg.lr_mults, *([(frozen_regex, None)] if frozen_regex else []),
+                *layer_decay_mults(backbone, cfg.layer_decay, block_regex=cfg.block_regex,
+                                   embed_regex=cfg.embed_regex, landmark_regex=cfg.landmark_regex)]
+    landmark_factor = cfg.landmark_weight_decay / cfg.weight_decay if cfg.weight_decay else 0.0
+    wd_mults = [*cfg.wd_mults, *no_decay_mults(backbone), (cfg.landmark_wd_regex, landmark_factor), ("", 1.0)]
+    return lr_mults, wd_mults
+
 
 def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_epoch: int, *,
                        centers_tx: optax.GradientTransformation | None = None, total_steps: int | None = None,
@@ -392,12 +577,15 @@ def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
     params: the trainable tree (arrays or ShapeDtypeStructs), e.g. {'backbone': ..., 'centers': W}.
     The top-level 'centers' subtree is updated by `centers_tx` (required when present; e.g. the
     Partial FC helper's optimizer, built with `schedules(...)['learning_rate']` if it should follow
-    the same lr). Everything else: scale_by_adam(b1, b2, eps) -> + weight_decay * p on ndim >= 2
-    non-bias tensors, except those matching landmark_wd_regex, which get landmark_weight_decay * p
-    -> x layer_decay^(depth + 1 - layer_id) -> x -lr(step). Clipping (cfg.clip_mode)
-    acts on the whole gradient tree first; `accum_steps > 1` wraps all of it in optax.MultiSteps.
-    Backbone params matching `frozen_regex` (e.g. LANDMARK_REGEX) are never changed: no step, no decay.
-    The current lr and weight decay are readable with `current_hyperparams(opt_state)`.
+    the same lr). Everything else: `adamw` with
+      lr_mults = cfg.lr_mults, (frozen_regex, None), layer-decay pairs layer_decay^(depth + 1 - layer_id);
+      wd_mults = cfg.wd_mults, biases / ndim < 2 -> 0, landmark_wd_regex -> landmark_weight_decay /
+                 weight_decay, everything else -> 1 (x the weight-decay schedule).
+    So with the default constant schedule the landmark CNN's ndim >= 2 tensors decay with
+    landmark_weight_decay; under weight_decay_schedule='cosine' they follow the same cosine in that
+    ratio. Clipping (cfg.clip_mode) acts on the whole gradient tree first; `accum_steps > 1` wraps
+    all of it in optax.MultiSteps. Backbone params matching `frozen_regex` (e.g. LANDMARK_REGEX) are
+    never changed: no step, no decay, no Adam state.
     """
     validate_optim_config(cfg)
     scheds = schedules(cfg, steps_per_epoch, total_steps=total_steps, global_batch_size=global_batch_size)
@@ -409,63 +597,26 @@ def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
         raise ValueError(f"centers_tx was given but params has no top-level '{CENTERS_KEY}' entry "
                          f"(keys: {sorted(params) if isinstance(params, dict) else type(params).__name__})")
     backbone = ({k: v for k, v in params.items() if k != CENTERS_KEY} if has_centers else params)
-    if frozen_regex and not any(jax.tree.leaves(regex_mask(backbone, frozen_regex))):
+    if frozen_regex and unmatched_rules(backbone, [(frozen_regex, None)]):
         raise ValueError(f"finetune_optimizer: frozen_regex={frozen_regex!r} matches no backbone parameter")
-
-    regexes = dict(block_regex=cfg.block_regex, embed_regex=cfg.embed_regex, landmark_regex=cfg.landmark_regex)
-    groups: list[tuple[float, Callable]] = []  # (lr multiplier, mask fn) for multipliers != 1
-    if cfg.layer_decay != 1.0:
-        depth = model_depth(backbone, cfg.block_regex, cfg.landmark_regex)
-        multipliers = lr_multipliers(backbone, cfg.layer_decay, depth, **regexes)
-        for value in sorted({m for m in jax.tree.leaves(multipliers) if m != 1.0}):
-            groups.append((value, _multiplier_mask(value, cfg.layer_decay, depth, regexes)))
-
-    def main_mask(p):
-        return decay_mask(p, exclude_regex=cfg.landmark_wd_regex)
-
-    def landmark_mask(p):
-        return decay_mask(p, only_regex=cfg.landmark_wd_regex)
-
-    def backbone_chain(learning_rate, weight_decay, landmark_weight_decay):
-        return optax.chain(
-            optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-            optax.add_decayed_weights(weight_decay, mask=main_mask),
-            optax.add_decayed_weights(landmark_weight_decay, mask=landmark_mask),
-            *[optax.masked(optax.scale(value), mask) for value, mask in groups],
-            optax.scale_by_learning_rate(learning_rate),
-            *([optax.masked(optax.set_to_zero(), lambda p: regex_mask(p, frozen_regex))] if frozen_regex else []),
-        )
-
-    backbone_tx = optax.inject_hyperparams(backbone_chain)(
-        learning_rate=scheds["learning_rate"], weight_decay=scheds["weight_decay"],
-        landmark_weight_decay=cfg.landmark_weight_decay)
-    if has_centers:
-        labels = lambda p: {k: jax.tree.map(lambda _: CENTERS_KEY if k == CENTERS_KEY else "backbone", v)
-                            for k, v in p.items()}
-        core = optax.partition({"backbone": backbone_tx, CENTERS_KEY: centers_tx}, labels)
-    else:
-        core = backbone_tx
-    return _accumulate(optax.chain(*_clip(cfg), core), cfg.accum_steps)
-
-
-def _multiplier_mask(value: float, layer_decay: float, depth: int, regexes: dict) -> Callable:
-    def mask(p):
-        return jax.tree_util.tree_map_with_path(
-            lambda kp, _: layer_decay ** (depth + 1 - layer_id(path_str(kp), depth, **regexes)) == value, p)
-
-    return mask
+    _check_overrides(backbone, cfg)
+    lr_mults, wd_mults = finetune_mults(backbone, cfg, frozen_regex)
+    return adamw(params, learning_rate=scheds["learning_rate"], weight_decay=scheds["weight_decay"],
+                 lr_mults=lr_mults, wd_mults=wd_mults,
+                 own={CENTERS_KEY: (f"^{CENTERS_KEY}(?:/|$)", centers_tx)} if has_centers else None,
+                 b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, clip=_clip(cfg), accum_steps=cfg.accum_steps)
 
 
 def pretrain_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_epoch: int, *,
                        total_steps: int | None = None, global_batch_size: int | None = None
                        ) -> optax.GradientTransformation:
-    """AdamW for DINO / LAFS pretraining (reference/lafs.md §2.5).
+    """AdamW for DINO / LAFS pretraining (DINO `main_dino.py`).
 
-    clip (per-tensor 3.0 officially) -> scale_by_adam -> + wd(step) * p on ndim >= 2 non-bias
-    tensors, wd(step) cosine weight_decay -> weight_decay_end -> x -lr(step) with linear warmup then
-    cosine to min_lr. Params matching cfg.last_layer_regex are frozen for the first
-    freeze_last_layer_epochs epochs (no update, no decay, Adam state not advanced). No layer-wise
-    decay (cfg.layer_decay must be 1.0 here).
+    `adamw` with clip (per-tensor 3.0 officially), weight decay wd(step) (cosine weight_decay ->
+    weight_decay_end) on ndim >= 2 non-bias tensors, lr linear warmup then cosine to min_lr, and the
+    params matching cfg.last_layer_regex frozen for the first freeze_last_layer_epochs epochs (no
+    update, no decay, Adam state not advanced). cfg.lr_mults / wd_mults rules come first. No
+    layer-wise decay (cfg.layer_decay must be 1.0 here).
     """
     validate_optim_config(cfg)
     if cfg.layer_decay != 1.0:
@@ -473,49 +624,28 @@ def pretrain_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
                           f"decay; set it to 1.0")
     scheds = schedules(cfg, steps_per_epoch, total_steps=total_steps, global_batch_size=global_batch_size)
     freeze_steps = _epoch_steps(cfg.freeze_last_layer_epochs, steps_per_epoch, cfg.accum_steps)
-    if freeze_steps > 0 and not any(jax.tree.leaves(regex_mask(params, cfg.last_layer_regex))):
+    if freeze_steps > 0 and unmatched_rules(params, [(cfg.last_layer_regex, None)]):
         raise ConfigError(f"config.optim.last_layer_regex={cfg.last_layer_regex!r} matches no parameter, so "
                           f"freeze_last_layer_epochs={cfg.freeze_last_layer_epochs} would freeze nothing")
-
-    def frozen_labels(p):
-        return jax.tree.map(lambda m: "frozen" if m else "trained", regex_mask(p, cfg.last_layer_regex))
-
-    def chain(learning_rate, weight_decay):
-        adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-        if freeze_steps == 0:
-            return optax.chain(adam, optax.add_decayed_weights(weight_decay, mask=decay_mask),
-                               optax.scale_by_learning_rate(learning_rate))
-        return optax.chain(
-            optax.partition({"trained": adam, "frozen": freeze_until(adam, freeze_steps)}, frozen_labels),
-            optax.add_decayed_weights(weight_decay, mask=decay_mask),
-            optax.scale_by_learning_rate(learning_rate),
-            # zero the frozen tensors' weight decay too
-            optax.masked(freeze_until(optax.identity(), freeze_steps),
-                         lambda p: regex_mask(p, cfg.last_layer_regex)),
-        )
-
-    core = optax.inject_hyperparams(chain)(learning_rate=scheds["learning_rate"],
-                                           weight_decay=scheds["weight_decay"])
-    return _accumulate(optax.chain(*_clip(cfg), core), cfg.accum_steps)
+    _check_overrides(params, cfg)
+    return adamw(params, learning_rate=scheds["learning_rate"], weight_decay=scheds["weight_decay"],
+                 lr_mults=list(cfg.lr_mults), wd_mults=[*cfg.wd_mults, *no_decay_mults(params), ("", 1.0)],
+                 frozen_until=[(cfg.last_layer_regex, freeze_steps)] if freeze_steps > 0 else [],
+                 b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, clip=_clip(cfg), accum_steps=cfg.accum_steps)
 
 
 def current_hyperparams(opt_state: Any) -> dict[str, jax.Array]:
     """The injected hyperparameters of an optimizer state, e.g. {'learning_rate', 'weight_decay'}.
 
     These are the values used by the *last* update (optax.inject_hyperparams semantics). The
-    learning rate is the one of multiplier 1 (head group); layer group i trains at lr x multiplier.
+    learning rate is the one of lr factor 1 (e.g. the head); a group with factor l trains at lr x l.
     A name held by several injectors (e.g. a centres optimizer built with inject_hyperparams too)
     is prefixed with the nearest dict key above it: 'centers/learning_rate'.
     """
     found = []
-
-    def is_injected(x):
-        return isinstance(x, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
-
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_injected)[0]:
-        if is_injected(leaf):
-            label = next((str(k.key) for k in reversed(kp) if isinstance(k, jax.tree_util.DictKey)), "")
-            found.append((label, leaf.hyperparams))
+    for kp, hp in optax.tree_utils.tree_get_all_with_path(opt_state, "hyperparams"):
+        label = next((str(k.key) for k in reversed(kp) if isinstance(k, jax.tree_util.DictKey)), "")
+        found.append((label, hp))
     counts: dict[str, int] = {}
     for _, hp in found:
         for name in hp:
@@ -523,5 +653,5 @@ def current_hyperparams(opt_state: Any) -> dict[str, jax.Array]:
     out = {}
     for label, hp in found:
         for name, value in hp.items():
-            out[name if counts[name] == 1 or label in ("", "backbone") else f"{label}/{name}"] = value
+            out[name if counts[name] == 1 or not label else f"{label}/{name}"] = value
     return out
