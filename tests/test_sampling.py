@@ -1,4 +1,5 @@
-"""sample_patches against torch.nn.functional.grid_sample (values and gradients) and hand-computed taps."""
+"""sample_patches against torch.nn.functional.grid_sample (values and gradients), map_coordinates, and
+hand-computed taps."""
 import jax
 import jax.extend.core
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from jax.scipy.ndimage import map_coordinates
 
 from lafs_jax.models.sampling import patch_offsets, sample_patches
 
@@ -108,11 +110,32 @@ def count_primitive(jaxpr, name: str) -> int:
     return total
 
 
-def test_one_gather_for_any_number_of_landmarks():
-    images = jnp.zeros((2, 16, 16, 3))
-    for n in (1, 49):
-        jaxpr = jax.make_jaxpr(lambda im, ce: sample_patches(im, ce, 8))(images, jnp.zeros((2, n, 2)))
-        assert count_primitive(jaxpr.jaxpr, "gather") == 1
+def test_four_gathers_for_any_number_of_landmarks():
+    """No per-landmark loop (the official code runs one grid_sample per landmark): one gather per
+    bilinear corner, whatever the number of landmarks, batch and channels."""
+    for n, b, c in ((1, 2, 3), (49, 3, 1)):
+        jaxpr = jax.make_jaxpr(lambda im, ce: sample_patches(im, ce, 8))(jnp.zeros((b, 16, 16, c)), jnp.zeros((b, n, 2)))
+        assert count_primitive(jaxpr.jaxpr, "gather") == 4
+
+
+def test_float32_matches_map_coordinates_on_hand_derived_positions():
+    """Oracle: jax.scipy.ndimage.map_coordinates(order=1, mode='constant') per (image, landmark, tap,
+    channel) at the positions derived by hand: grid_sample(align_corners=False) with both axes
+    normalised by H samples x at (cx + o_i) * W / H - 0.5 and y at cy + o_j - 0.5 (pixel-centre units)."""
+    h, w, p = 20, 28, 4
+    images, centers = random_case(7, b=2, h=h, w=w, n=6, dtype=np.float32)
+    tokens = np.asarray(sample_patches(jnp.asarray(images), jnp.asarray(centers), p)).reshape(2, 6, p, p, 3)
+    off = np.arange(p) - p / 2
+    want = np.zeros_like(tokens)
+    for b in range(2):
+        x = (centers[b, :, 0, None] + off) * w / h - 0.5  # [N, P] along the first patch axis i
+        y = centers[b, :, 1, None] + off - 0.5  # [N, P] along the second patch axis j
+        xs, ys = np.broadcast_to(x[:, :, None], (6, p, p)), np.broadcast_to(y[:, None, :], (6, p, p))
+        for c in range(3):
+            want[b, ..., c] = map_coordinates(jnp.asarray(images[b, :, :, c]), [jnp.asarray(ys), jnp.asarray(xs)],
+                                              order=1, mode="constant", cval=0.0)
+    np.testing.assert_allclose(tokens, want, atol=1e-5, rtol=0)
+    assert np.abs(want).max() > 0.5 and (want == 0).any()  # real values, and taps entirely off the image
 
 
 def test_bfloat16_images_keep_their_dtype_and_sub_pixel_positions():

@@ -9,7 +9,13 @@
 - `check_finite`: raises `NonFiniteError` naming the step and the metric.
 - `preemption_guard`: a SIGTERM handler context whose `.requested` flag the loop polls, to save a
   checkpoint and exit cleanly (`sync_requested()` agrees across processes).
-Written by hand (thin glue over absl logging, tensorboardX, `signal`); no kept library does these.
+Thin glue over tensorboardX (event files without TensorFlow or torch at run time), absl logging and
+`signal`. Libraries that do parts of this exist: clu (google/CommonLoopUtils) has `metric_writers`
+(TensorBoard through TensorFlow's or torch's summary writer, logging / multi / async writers) and
+`periodic_actions.ReportProgress` (steps/s, ETA); multi-host preemption is
+`jax.experimental.multihost_utils.reached_preemption_sync_point` and orbax-checkpoint's
+`PreemptionCheckpointingPolicy`. clu is not a dependency here because its TensorBoard writers need
+TensorFlow or torch, and the single-host SIGTERM flag needs neither.
 """
 from __future__ import annotations
 

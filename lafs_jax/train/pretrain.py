@@ -301,7 +301,7 @@ def make_train_step(networks: Networks, config: ml_collections.ConfigDict, tx: o
         updates, opt_state = tx.update(grads, state["opt_state"], state["student"])
         student = optax.apply_updates(state["student"], updates)
         m = momentum_at(state["step"])
-        teacher = jax.tree.map(lambda t, s: t * m + (1.0 - m) * s, state["teacher"], student)
+        teacher = optax.incremental_update(student, state["teacher"], 1.0 - m)  # m * teacher + (1 - m) * student
         center = dino_lib.update_center(state["center"], teacher_out, d.center_momentum)
         hp = optim_lib.current_hyperparams(opt_state)
         metrics = {"loss": loss, **aux, "teacher_temp": temp, "momentum": m,
