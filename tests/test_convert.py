@@ -269,3 +269,22 @@ def test_metadata_is_json_and_names_the_model(tiny):
     meta = mapping.metadata("part_fvit", cfg, "/x.pth", color_order="rgb")
     restored = presets.model_config_from_dict(json.loads(json.dumps(meta))["model"])
     assert restored.landmark.blocks == cfg.landmark.blocks and restored.kind == "part_fvit"
+
+
+class _CreatesFile:
+    """Unpickling this calls open(path, 'w')."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoint_that_would_create_a_file_is_refused(tmp_path):
+    """convert's torch.load is weights_only (a restricted unpickler) unless --unsafe-load."""
+    target = tmp_path / "created_by_pickle.txt"
+    torch.save({"state_dict": {}, "payload": _CreatesFile(str(target))}, tmp_path / "evil.pth")
+    with pytest.raises(SystemExit, match=r"evil.pth: torch.load failed \(if you trust the file"):
+        load_torch_checkpoint(str(tmp_path / "evil.pth"))
+    assert not target.exists()
