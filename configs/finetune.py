@@ -112,7 +112,14 @@ def get_config(arg=None):
     c.loss.m2 = 0.0  # additive angular margin (ArcFace 0.5)
     c.loss.m3 = 0.2 if tiny else 0.4  # additive cosine margin (CosFace, official 0.4; 0.2 trains the tiny demo faster)
     c.loss.s = 32.0 if tiny else 64.0  # logit scale (official 64; 32 for the 30-class tiny demo)
+    # Where m1*theta + m2 passes pi the ArcFace logit stops falling: 'th_mm' (InsightFace's ArcFace,
+    # easy_margin=False: c - m2*sin(m2) where c <= cos(pi - m2)) | 'easy' (easy_margin=True: no margin
+    # where c <= 0, m3 included) | 'none'. 'th_mm' changes nothing when m2 = 0 (CosFace).
+    c.loss.arcface_fallback = "th_mm"
     c.loss.sample_rate = 1.0  # fraction of classes per step (Partial FC); 1.0 = full softmax as official
+    # Init of W: 'xavier_uniform' (official CosFace weight: U(-a, a), a = sqrt(6 / (C + D)); std 0.0031
+    # at 205,990 x 768) | 'normal_0.01' (InsightFace Partial FC: N(0, 0.01^2))
+    c.loss.centers_init = "xavier_uniform"
     c.loss.centers_optimizer = "adamw"  # optimizer of W: 'adamw' (official: same AdamW) | 'sgd' (momentum)
     c.loss.centers_lr = 0.0  # peak lr of W; 0 = follow the backbone's warmup + cosine schedule
     c.loss.centers_weight_decay = 0.1  # weight decay of W (official 0.1 for loss.weight)

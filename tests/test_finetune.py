@@ -6,6 +6,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 
@@ -186,6 +187,56 @@ def test_frozen_landmark_cnn_gives_eval_mode_landmarks_and_no_gradient(setup):
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_live["backbone"]["landmark_cnn"])) > 0
 
 
+class _FlatDense(nn.Module):
+    """A stand-in backbone (images -> Dense embedding) so the loss wiring compiles in a second."""
+
+    @nn.compact
+    def __call__(self, images, train, landmarks=None):
+        return nn.Dense(16)(images.reshape(images.shape[0], -1))
+
+
+def test_arcface_fallback_reaches_the_loss():
+    """loss.arcface_fallback is what the step's margin uses: with targets at theta = pi (cos -1) ArcFace's
+    th/mm fallback changes the loss, and the step's loss equals partial_fc_loss with that fallback."""
+    config = finetune_recipe.get_config("tiny")
+    config.loss.m2, config.loss.m3 = 0.5, 0.0
+    mesh = mesh_lib.make_mesh()
+    model, c = _FlatDense(), 6
+    images = np.asarray(jax.random.normal(jax.random.key(0), (8, 4, 4, 3)))
+    variables = model.init(jax.random.key(1), images, train=False)
+    emb = np.asarray(model.apply(variables, images, train=False))
+    label = np.arange(8, dtype=np.int32) % c
+    centers = np.zeros((8, 16), np.float32)
+    centers[:c] = -emb[:c]  # samples 0..c-1 sit at theta = pi from their class centre
+    params = {"backbone": variables["params"], "centers": jnp.asarray(centers)}
+    batch = {"image": images, "label": label, "label2": label, "lam": np.ones(8, np.float32)}
+    labels = {k: batch[k] for k in ("label", "label2", "lam")}
+    got = {}
+    for fallback in ("th_mm", "none"):
+        config.loss.arcface_fallback = fallback
+        loss_fn = finetune.make_loss_fn(model, None, config, mesh, c)
+        _, (metrics, _) = jax.jit(loss_fn)(params, {}, {}, batch, jax.random.key(2), np.float32(0))
+        direct = jax.jit(lambda e, w: partial_fc.partial_fc_loss(e, labels, w, jax.random.key(0), mesh=mesh,
+                                                                 num_classes=c, m2=0.5, s=config.loss.s,
+                                                                 fallback=fallback))
+        want, _ = direct(jnp.asarray(emb), params["centers"])
+        assert float(metrics["cls_loss"]) == pytest.approx(float(want), rel=1e-5)
+        got[fallback] = float(metrics["cls_loss"])
+    assert abs(got["th_mm"] - got["none"]) > 1e-2
+    assert finetune_recipe.get_config().loss.arcface_fallback == "th_mm"  # InsightFace's ArcFace
+
+
+def test_centers_init_default_is_the_official_xavier_uniform():
+    config = finetune_recipe.get_config("tiny")
+    mesh = mesh_lib.make_mesh()
+    w = np.asarray(finetune.make_centers(config, jax.random.key(0), 1001, 64, mesh))
+    assert config.loss.centers_init == "xavier_uniform"
+    assert abs(w[:1001].std() - np.sqrt(2.0 / (1001 + 64))) < 1e-3  # 0.043, not 0.01
+    config.loss.centers_init = "normal_0.01"
+    w = np.asarray(finetune.make_centers(config, jax.random.key(0), 1001, 64, mesh))
+    assert abs(w[:1001].std() - 0.01) < 5e-4
+
+
 def test_landmark_weight_schedule():
     reg = finetune_recipe.get_config("tiny").landmark_reg
     reg.mode = "schedule"
@@ -248,6 +299,9 @@ def test_config_errors_name_the_key(tmp_path):
     expect(r"total_steps", total_steps=0)
     expect(r"loss\.centers_optimizer", loss__centers_optimizer="lamb")
     expect(r"ema_decay", ema_decay=1.0)
+    expect(r"loss\.centers_init", loss__centers_init="zeros")
+    expect(r"loss\.arcface_fallback", loss__arcface_fallback="hard")
+    expect(r"loss\.arcface_fallback.*needs loss\.m1 = 1", loss__m1=2.0)
     expect(r"freeze_landmark_cnn", freeze_landmark_cnn=True, model__kind="fvit")
     expect(r"landmark_reg\.mode", freeze_landmark_cnn=True, landmark_reg__mode="constant")
     with pytest.raises(ValueError, match="unknown subset"):

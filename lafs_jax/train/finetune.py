@@ -43,7 +43,7 @@ from absl import logging
 
 from lafs_jax import config as config_lib
 from lafs_jax.config import ConfigError, check, check_choice
-from lafs_jax.losses import partial_fc
+from lafs_jax.losses import margin, partial_fc
 from lafs_jax.models import presets
 from lafs_jax.train import checkpoint as ckpt_lib
 from lafs_jax.train import loop_utils
@@ -53,6 +53,8 @@ from lafs_jax.train import optim
 INIT_KINDS = ("auto", "backbone", "token_vit")
 REG_MODES = ("none", "schedule", "constant")
 CENTERS_OPTIMIZERS = ("adamw", "sgd")
+# config.loss.centers_init -> partial_fc.init_centers arguments
+CENTERS_INITS = {"xavier_uniform": {"init": "xavier_uniform"}, "normal_0.01": {"init": "normal", "std": 0.01}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,6 +91,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(config_lib.get_path(config, key) > 0, key, config_lib.get_path(config, key), "> 0")
     check(0.0 < config.loss.sample_rate <= 1.0, "loss.sample_rate", config.loss.sample_rate, "in (0, 1]")
     check_choice(config, "loss.centers_optimizer", CENTERS_OPTIMIZERS)
+    check_choice(config, "loss.centers_init", tuple(CENTERS_INITS))
+    check_choice(config, "loss.arcface_fallback", margin.FALLBACKS)
+    check(config.loss.arcface_fallback != "th_mm" or config.loss.m1 == 1.0, "loss.arcface_fallback", "th_mm",
+          f"'th_mm' is ArcFace's fallback and needs loss.m1 = 1 (got {config.loss.m1}); use 'none' or 'easy'")
     check(config.loss.centers_lr >= 0, "loss.centers_lr", config.loss.centers_lr, ">= 0 (0 = the backbone's schedule)")
     check(config.loss.centers_weight_decay >= 0, "loss.centers_weight_decay", config.loss.centers_weight_decay, ">= 0")
     reg = config.landmark_reg
@@ -244,7 +250,8 @@ def make_loss_fn(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDic
         labels = {k: batch[k] for k in ("label", "label2", "lam")}
         cls_loss, metrics = partial_fc.partial_fc_loss(
             emb, labels, params["centers"], k_sample, mesh=mesh, num_classes=num_classes,
-            sample_rate=loss_cfg.sample_rate, m1=loss_cfg.m1, m2=loss_cfg.m2, m3=loss_cfg.m3, s=loss_cfg.s)
+            sample_rate=loss_cfg.sample_rate, m1=loss_cfg.m1, m2=loss_cfg.m2, m3=loss_cfg.m3, s=loss_cfg.s,
+            fallback=loss_cfg.arcface_fallback)
         metrics = {"cls_loss": cls_loss, **{k: v for k, v in metrics.items() if k != "loss"}}
         loss = cls_loss
         if use_reg:
@@ -289,6 +296,11 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Arr
         return new_state, metrics
 
     return step
+
+
+def make_centers(config: ml_collections.ConfigDict, key: jax.Array, num_classes: int, dim: int, mesh: Any) -> jax.Array:
+    """The class-centre matrix W[C_pad, dim] initialised per config.loss.centers_init, sharded by rows."""
+    return partial_fc.init_centers(key, num_classes, dim, mesh, **CENTERS_INITS[config.loss.centers_init])
 
 
 def _centers_tx(config, schedules_: dict) -> optax.GradientTransformation:
@@ -391,7 +403,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("backbone initialised from %s", origin)
     teacher_np = landmark_teacher_variables(config, variables) if config.landmark_reg.mode != "none" else {}
     emb_dim = embedding_dim(model, variables, config.model)
-    params = {"backbone": variables["params"], "centers": partial_fc.init_centers(centers_key, num_classes, emb_dim, mesh)}
+    params = {"backbone": variables["params"], "centers": make_centers(config, centers_key, num_classes, emb_dim, mesh)}
     batch_stats = variables.get("batch_stats", {})
     tx = make_optimizer(config, params, steps_per_epoch, total_steps)
 
