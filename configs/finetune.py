@@ -1,6 +1,7 @@
 """Supervised fine-tuning of Part fViT (or fViT) with a Partial FC CosFace head (LAFS stage 2, lafs.md §3).
 
-Variants (the `:arg` after the file name): `webface4m` (default), `ms1mv3`, `tiny`; the two large ones
+Variants (the `:arg` after the file name): `webface4m` (default), `ms1mv3`, `official` (WebFace4M as
+the official script runs it, see "Layer-wise lr decay" below), `tiny`; the large ones
 take an optional subset suffix `,1shot` `,2shot` `,4shot` `,10shot` (k images per identity) or
 `,1pct` `,10pct` (a fraction of the identities), e.g. `configs/finetune.py:webface4m,1pct`.
 
@@ -28,11 +29,20 @@ It trains a 231k-parameter Part fViT for 90 steps (about 9 epochs of 300 images)
 verification accuracy on the 900 held-out ORL pairs before and after training; expect the accuracy
 to rise above the untrained model's (measured values: bench/RESULTS.md, "Fine-tuning").
 
+Layer-wise lr decay: `webface4m` / `ms1mv3` fine-tune a *pretrained* backbone (init.backbone set)
+with layer_decay 0.58 *applied*, the paper's setting. `official` reproduces the official script,
+which computes 0.58's lr scales but never applies them (layer_decay 1.0). Training from scratch
+(init.backbone = '': the stage-1 supervised Part fViT, the from-scratch baselines, `tiny`) must use
+1.0: a layer_decay < 1 without a pretrained backbone is a config error (the landmark CNN and the
+patch embedding would train at 0.58^13 = 8.4e-4 x the lr) unless
+`optim.allow_layer_decay_from_scratch=True`; add `--config.optim.layer_decay=1.0` to the large
+variants for a from-scratch run, `--config.optim.layer_decay=0.58` to `tiny` when it starts from a
+pretraining teacher.
+
 Official settings kept here: CosFace s=64, m=0.4 over all classes (sample_rate 1.0: the official
-head is a full softmax); AdamW (wd 0.1, landmark CNN 0.05), 34 epochs, 5 warmup epochs, cosine to
-1e-6, batch 400 x 3 accumulation = 1200 images per update, peak lr 2.29e-3; layer-wise decay 0.58
-*applied* (set optim.layer_decay=1.0 to reproduce the official code, which never applies it);
-RandAugment M1 / mixup p=0.1 for WebFace4M, M2 / p=0.2 for MS1MV3. The landmark regulariser is off
+head is a full softmax), class centres xavier-uniform; AdamW (wd 0.1, landmark CNN 0.05), 34 epochs,
+5 warmup epochs, cosine to 1e-6, batch 400 x 3 accumulation = 1200 images per update, peak lr
+2.29e-3; RandAugment M1 / mixup p=0.1 for WebFace4M, M2 / p=0.2 for MS1MV3. The landmark regulariser is off
 as in the released command (`landmark_reg.mode='schedule'` is the official 1000/100/1/0.11/0 epoch
 schedule, `'constant'` with beta=0.1 is the paper's description).
 Not known: the LAFS supplement's epoch counts for the 1%/10%/k-shot subsets were not available when
@@ -46,7 +56,7 @@ from lafs_jax.models.presets import model_config
 from lafs_jax.train.optim import optim_config
 
 DEMO_DATA = "runs/demo/data"  # where `python -m data.prepare orl --out runs/demo/data` writes
-DATASETS = ("webface4m", "ms1mv3", "tiny")
+DATASETS = ("webface4m", "ms1mv3", "official", "tiny")
 SUBSETS = {"full": ("none", 1, 1.0), "1shot": ("kshot", 1, 1.0), "2shot": ("kshot", 2, 1.0),
            "4shot": ("kshot", 4, 1.0), "10shot": ("kshot", 10, 1.0), "1pct": ("identities", 1, 0.01),
            "10pct": ("identities", 1, 0.1)}
@@ -60,6 +70,8 @@ def get_config(arg=None):
     if subset not in SUBSETS or (dataset == "tiny" and subset != "full"):
         raise ValueError(f"configs/finetune.py: unknown subset {subset!r}; choose one of {sorted(SUBSETS)}")
     tiny = dataset == "tiny"
+    official = dataset == "official"
+    webface = dataset in ("webface4m", "official")
 
     c = base_config()
     c.task = "finetune"
@@ -69,7 +81,7 @@ def get_config(arg=None):
     c.data.path = f"{DEMO_DATA}/train" if tiny else ""  # .rec prefix of the training set
     # WebFace4M as packed by LAFS's img2rec.py stores swapped channels, which the official loader swaps
     # back ('bgr'); an InsightFace-packed WebFace .rec is true RGB: use 'rgb'. MS1MV3 is true RGB.
-    c.data.color_order = "bgr" if dataset == "webface4m" else "rgb"
+    c.data.color_order = "bgr" if webface else "rgb"
     c.data.normalization = "[-1,1]"  # x/255*2-1, the official fine-tuning loop
     c.data.workers = 0 if tiny else 8  # Grain worker processes
     c.data.finetune.randaugment_magnitude = 2.0 if dataset == "ms1mv3" else 1.0  # LAFS README: M2 MS1MV3, M1 WebFace4M
@@ -79,6 +91,9 @@ def get_config(arg=None):
 
     c.optim = optim_config("finetune")
     c.optim.accum_steps = 1 if tiny else 3  # official: 3 micro-batches per AdamW update
+    # 0.58 (paper) for a pretrained backbone; 1.0 from scratch (tiny's default) and for `official`,
+    # whose script never applies its lr scales (see the docstring)
+    c.optim.layer_decay = 1.0 if (tiny or official) else 0.58
     if tiny:
         c.optim.epochs = 9  # 300 ORL images / 32 = 9 steps per epoch -> 81 steps (total_steps overrides: 90)
         c.optim.warmup_epochs = 1.0

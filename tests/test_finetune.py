@@ -310,6 +310,28 @@ def test_config_errors_name_the_key(tmp_path):
     assert (c.data.subset.kind, c.data.subset.fraction, c.data.finetune.mixup_prob) == ("identities", 0.01, 0.2)
 
 
+def test_layer_decay_from_scratch_is_a_config_error(tmp_path):
+    """Layer-wise lr decay < 1 needs a pretrained backbone (or the explicit allow flag)."""
+    config = finetune_recipe.get_config("tiny")
+    config.eval.bins = ()
+    assert config.optim.layer_decay == 1.0 and config.init.backbone == ""
+    finetune.validate(config)
+    config.optim.layer_decay = 0.58
+    with pytest.raises(ConfigError, match=r"optim\.layer_decay=0\.58 .*from scratch.*allow_layer_decay_from_scratch"):
+        finetune.validate(config)
+    config.optim.allow_layer_decay_from_scratch = True
+    finetune.validate(config)
+    config.optim.allow_layer_decay_from_scratch = False
+    os.makedirs(tmp_path / "teacher")
+    config.init.backbone = str(tmp_path / "teacher")
+    finetune.validate(config)
+    # the recipes: 0.58 for the pretrained-backbone variants, 1.0 where the official script never applies it
+    assert finetune_recipe.get_config("webface4m").optim.layer_decay == 0.58
+    assert finetune_recipe.get_config("ms1mv3,1shot").optim.layer_decay == 0.58
+    official = finetune_recipe.get_config("official")
+    assert official.optim.layer_decay == 1.0 and official.data.color_order == "bgr"
+
+
 class _SigtermAt:
     """Wraps the real preemption guard; sends SIGTERM to this process when polled for the n-th time."""
 

@@ -84,6 +84,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(config.landmark_reg.mode == "none", "landmark_reg.mode", config.landmark_reg.mode,
               "'none' when freeze_landmark_cnn is on (frozen landmarks need no regulariser)")
     check_choice(config, "init.kind", INIT_KINDS)
+    check(bool(config.init.backbone) or config.optim.layer_decay == 1.0 or config.optim.allow_layer_decay_from_scratch,
+          "optim.layer_decay", config.optim.layer_decay,
+          "1.0 when training from scratch (init.backbone=''): layer-wise lr decay is for a pretrained backbone "
+          f"(at depth {config.model.depth} the landmark CNN and patch embedding would train at "
+          f"{config.optim.layer_decay ** (config.model.depth + 1):.2g} x the lr). Set init.backbone, or "
+          "optim.layer_decay=1.0, or optim.allow_layer_decay_from_scratch=True")
     for key in ("init.backbone", "init.landmark_cnn", "landmark_reg.teacher"):
         path = config_lib.get_path(config, key)
         check(path == "" or os.path.isdir(path), key, path, "'' or an existing variables directory")
