@@ -145,6 +145,38 @@ def test_parameter_average_follows_its_formula_and_leaves_training_alone():
     assert np.max(np.abs(ema - history[-1])) > 1e-3  # the average lags the params: the check can fail
 
 
+def test_parameter_average_moves_once_per_update_under_accumulation():
+    """accum_steps=2 (optax.MultiSteps): the average moves only when the parameters do, with the decay
+    of the update count t = 1, 2, ...; replayed in numpy from the parameter history."""
+    params = {"backbone": {"w": jnp.array([1.0, -2.0, 3.0])}, "centers": jnp.ones((2, 3))}
+    target = np.array([0.5, 0.5, -1.0], np.float32)
+
+    def loss_fn(p, batch_stats, teacher_vars, batch, key, reg_weight):
+        loss = jnp.sum(jnp.square(p["backbone"]["w"] * batch["x"] - target)) + jnp.sum(p["centers"] ** 2)
+        return loss, ({"loss": loss}, batch_stats)
+
+    tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2, use_grad_mean=True).gradient_transformation()
+    step = jax.jit(finetune.make_train_step(loss_fn, tx, jax.random.key(0), 0.9))
+    state = {"step": jnp.int32(0), "params": params, "batch_stats": {}, "opt_state": tx.init(params),
+             "ema": params["backbone"]}
+    ema, t = np.array([1.0, -2.0, 3.0]), 0
+    previous = np.asarray(params["backbone"]["w"])
+    for i in range(12):
+        state, metrics = step(state, {}, {"x": np.float32(1.0 + 0.1 * i)}, np.float32(0))
+        w = np.asarray(state["params"]["backbone"]["w"])
+        if i % 2 == 1:  # the inner optimizer stepped on the second micro-batch of each pair
+            assert not np.array_equal(w, previous)
+            t += 1
+            d = min(0.9, (1 + t) / (10 + t))
+            ema = d * ema + (1 - d) * w
+            assert float(metrics["ema_decay"]) == pytest.approx(d)
+        else:
+            np.testing.assert_array_equal(w, previous)
+        previous = w
+        np.testing.assert_allclose(np.asarray(state["ema"]["w"]), ema, rtol=1e-6)
+    assert t == 6
+
+
 def test_lr_scaling_counts_the_images_of_one_update():
     """With accumulation, linear lr scaling uses batch x accum_steps (the images behind one AdamW update)."""
     config = finetune_recipe.get_config("tiny")

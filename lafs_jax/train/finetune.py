@@ -280,9 +280,21 @@ def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
     return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
 
 
+def parameter_updates(opt_state: Any, micro_steps: jax.Array) -> jax.Array:
+    """Parameter updates made so far: the gradient_step of an optax.MultiSteps state (gradient
+    accumulation), else `micro_steps` (every tx.update call updates the parameters)."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.MultiStepsState))
+             if isinstance(x, optax.MultiStepsState)]
+    if len(found) > 1:
+        raise ValueError("parameter_updates: the optimizer state holds several optax.MultiSteps states")
+    return found[0].gradient_step if found else jnp.asarray(micro_steps)
+
+
 def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Array, ema_decay: float = 0.0):
     """step(state, batch, reg_weight) -> (state, metrics); state = {'step', 'params', 'batch_stats', 'opt_state'}
-    and, when ema_decay > 0, 'ema' (the moving average of params['backbone'])."""
+    and, when ema_decay > 0, 'ema' (the moving average of params['backbone']), which moves once per
+    parameter update: under gradient accumulation (optax.MultiSteps) only on the micro-batches where
+    the inner optimizer stepped, with the decay of that update's count."""
 
     def step(state, teacher_vars, batch, reg_weight):
         key = jax.random.fold_in(base_key, state["step"])
@@ -296,8 +308,11 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Arr
             metrics["learning_rate"] = hyper["learning_rate"]
         new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats, "opt_state": opt_state}
         if ema_decay > 0:
-            decay = ema_decay_at(ema_decay, state["step"] + 1)
-            new_state["ema"] = optax.incremental_update(params["backbone"], state["ema"], 1.0 - decay)
+            updates_done = parameter_updates(opt_state, state["step"] + 1)
+            stepped = updates_done != parameter_updates(state["opt_state"], state["step"])
+            decay = ema_decay_at(ema_decay, updates_done)
+            moved = optax.incremental_update(params["backbone"], state["ema"], 1.0 - decay)
+            new_state["ema"] = jax.tree.map(lambda new, old: jnp.where(stepped, new, old), moved, state["ema"])
             metrics["ema_decay"] = decay
         return new_state, metrics
 
