@@ -113,6 +113,10 @@ def get_config(arg=None):
     # a fine-tuning run's WORKDIR/backbone.
     c.init.backbone = ""
     c.init.kind = "auto"  # 'auto' | 'token_vit' (load into the model's 'vit') | 'backbone' (whole model)
+    # init.backbone's metadata records the patch layout its patch embedding learnt ('landmarks' (x, y, c)
+    # from LAFS / Part fViT, 'grid' (row, col, c) from DINO-face / fViT); a different layout than the
+    # model feeds is an error unless True (the paper's Table 7 row (4), "landmark to standard grid").
+    c.init.allow_patch_order_change = False
     # Variables directory whose landmark CNN (params + BatchNorm statistics) replaces the model's;
     # official: the stage-1 supervised Part fViT ('' = keep what init.backbone / random init gave).
     c.init.landmark_cnn = ""

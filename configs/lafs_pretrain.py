@@ -3,13 +3,17 @@
 Launch (WebFace4M .rec, 2 GPUs' worth of global batch as the official run):
 
     python main.py --config configs/lafs_pretrain.py --workdir runs/lafs_webface4m \\
-        --config.data.path=/data/webface4m/train --config.data.color_order=bgr \\
+        --config.data.path=/data/webface4m/train --config.data.color_order=rgb \\
         --config.lafs.landmark_path=runs/convert/part_fvit_webface4m
 
 `lafs.landmark_path` is a variables directory of a supervised Part fViT (`python -m lafs_jax.convert
 --kind part_fvit ...` of the released checkpoint, or `workdir/backbone` of our fine-tuning); its
-landmark CNN is used frozen. `color_order=bgr` reproduces the official WebFace4M .rec, whose JPEGs
-hold channel-swapped content (§4.2); MS1MV3 is `rgb`. The "mixed views" ablation:
+landmark CNN is used frozen. Colour order (§4.2): the official SSL loader never swaps channels, so
+on a WebFace4M .rec packed by LAFS's img2rec.py (JPEGs of channel-swapped arrays) the official run
+pretrained on swapped colours, while its fine-tuning loader swaps them back. `color_order=rgb` (no
+swap, the default) reproduces that run; `color_order=bgr` feeds true RGB, the colours fine-tuning
+sees (`configs/finetune.py:webface4m` uses 'bgr' for that file). A true-RGB .rec (MS1MV3, any
+InsightFace-packed set) is `rgb` in both stages. The "mixed views" ablation:
 `--config.lafs.local_views=grid --config.data.lafs.local_scale='(0.05,0.4)'`.
 
 Tiny CPU demo (ORL faces from `python -m data.prepare orl --out runs/demo/data`, an untrained tiny

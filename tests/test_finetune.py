@@ -308,6 +308,32 @@ def test_initialisation_from_variables_directories(tmp_path):
         finetune.initial_variables(config, variables)
 
 
+def test_patch_order_mismatch_is_refused_unless_asked_for(tmp_path):
+    """A DINO-face (grid) teacher into Part fViT names both layouts; the explicit Table 7 (4) switch
+    allows it; a LAFS teacher, and directories written before patch_order was recorded, are judged by
+    their method / model kind."""
+    config = finetune_recipe.get_config("tiny")
+    init = jax.jit(lambda k: presets.init_variables(config.model, k))
+    variables = jax.tree.map(np.asarray, init(jax.random.key(0)))
+    vit = {"params": variables["params"]["vit"]}
+    checkpoint.save_variables(str(tmp_path / "dino"), vit, {"kind": "token_vit", "method": "dino", "patch_order": "grid"})
+    checkpoint.save_variables(str(tmp_path / "old_dino"), vit, {"kind": "token_vit", "method": "dino"})
+    checkpoint.save_variables(str(tmp_path / "lafs"), vit, {"kind": "token_vit", "method": "lafs",
+                                                            "patch_order": "landmarks"})
+    for name in ("dino", "old_dino"):
+        config.init.backbone = str(tmp_path / name)
+        with pytest.raises(ConfigError, match=r"pretrained by 'dino' on 'grid' patches .* model\.kind='part_fvit' "
+                                              r"feeds 'landmarks' patches.*allow_patch_order_change"):
+            finetune.initial_variables(config, variables)
+    config.init.allow_patch_order_change = True
+    out, _ = finetune.initial_variables(config, variables)
+    jax.tree.map(np.testing.assert_array_equal, out["params"]["vit"], vit["params"])
+    config.init.allow_patch_order_change = False
+    config.init.backbone = str(tmp_path / "lafs")
+    finetune.initial_variables(config, variables)
+    assert finetune.backbone_metadata(config)["patch_order"] == "landmarks"
+
+
 def test_config_errors_name_the_key(tmp_path):
     def expect(key, **changes):
         config = finetune_recipe.get_config("tiny")

@@ -468,6 +468,7 @@ def test_full_run_writes_teacher_backbone_and_scalars(tmp_path, data_prefix):
     variables, meta = ckpt_lib.load_variables(os.path.join(work, pretrain.TEACHER_BACKBONE_DIR))
     assert meta["kind"] == "token_vit" and meta["normalization"] == "[-1,1]" and meta["color_order"] == "rgb"
     assert meta["model"]["kind"] == "fvit" and meta["model"]["dim"] == 48
+    assert (meta["method"], meta["patch_order"]) == ("dino", "grid")
     state = _restore_state(work, 3)
     for x, y in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state["teacher"]["backbone"]["vit"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -55,7 +55,8 @@ def data_config() -> ml_collections.ConfigDict:
     # channel order of the decoded images: 'rgb' (InsightFace .rec/.bin hold true-RGB JPEGs), or 'bgr'
     # (packed from channel-swapped arrays, e.g. LAFS img2rec's WebFace4M .rec: channels are swapped back)
     c.color_order = "rgb"
-    c.normalization = "[-1,1]"  # '[-1,1]' (x/255*2-1, training) or '[-0.5,0.5]' (x/255-0.5, LAFS eval scripts)
+    # '[-1,1]' (x/255*2-1, training), '[-0.5,0.5]' (x/255-0.5, LAFS eval scripts) or 'imagenet' (DINO's mean/std)
+    c.normalization = "[-1,1]"
     c.image_size = 112  # side of fine-tuning / evaluation images (px)
     c.workers = 4  # Grain worker processes; 0 = in-process (tests, demo)
     c.worker_buffer_size = 2  # batches each worker process prepares ahead

@@ -201,6 +201,16 @@ def build_landmark_cnn(cfg) -> LandmarkCNN:
                        bn_eps=lm.bn_eps, dtype=compute_dtype(cfg), head_init=lm.head_init)
 
 
+# Layout of the patch vectors a model's patch embedding reads: 'landmarks' = (x-offset, y-offset,
+# channel), Part fViT's sampler (reference/lafs.md §1.3); 'grid' = (row, col, channel), plain fViT.
+PATCH_ORDERS = ("landmarks", "grid")
+
+
+def patch_order(cfg) -> str | None:
+    """'landmarks' (part_fvit), 'grid' (fvit), or None (insightface_vit: its own patch embedding)."""
+    return {"part_fvit": "landmarks", "fvit": "grid"}.get(cfg.kind)
+
+
 def grid_tokens(cfg) -> int:
     """Number of grid patches of an image_size image: (image_size // patch_size)**2."""
     return (cfg.image_size // cfg.patch_size) ** 2

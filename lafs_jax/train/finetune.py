@@ -43,6 +43,7 @@ from absl import logging
 
 from lafs_jax import config as config_lib
 from lafs_jax.config import ConfigError, check, check_choice
+from lafs_jax.input import transforms
 from lafs_jax.losses import margin, partial_fc
 from lafs_jax.models import presets
 from lafs_jax.train import checkpoint as ckpt_lib
@@ -116,7 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(all(w >= 0 for w in weights), "landmark_reg.weights", weights, "all >= 0")
     for i, path in enumerate(config.eval.bins):
         check(os.path.isfile(path), f"eval.bins[{i}]", path, "an existing .bin file")
-    for key, choices in (("eval.normalization", ("", "[-1,1]", "[-0.5,0.5]")), ("eval.color_order", ("rgb", "bgr"))):
+    for key, choices in (("eval.normalization", ("",) + transforms.NORMALIZATIONS), ("eval.color_order", ("rgb", "bgr"))):
         check_choice(config, key, choices)
 
 
@@ -169,6 +170,40 @@ def merge_variables(target: Any, source: Any, where: str, *, allow_missing: bool
     return jax.tree_util.tree_map_with_path(pick, target)
 
 
+def source_patch_order(metadata: dict) -> tuple[str, str | None]:
+    """(pretraining method or kind, patch order) a variables directory's metadata records or implies.
+
+    Directories written before `patch_order` was recorded: a pretraining teacher by its method ('lafs'
+    -> 'landmarks', 'dino' -> 'grid'), a converted or fine-tuned backbone by its model kind; None
+    when nothing says.
+    """
+    method = metadata.get("method") or metadata.get("kind") or "unknown"
+    order = metadata.get("patch_order")
+    if order is None:
+        if metadata.get("kind") == "token_vit":
+            order = {"lafs": "landmarks", "dino": "grid"}.get(metadata.get("method"))
+        elif metadata.get("kind") == "lafs_ssl":
+            order = "landmarks"
+        elif isinstance(metadata.get("model"), dict):
+            order = {"part_fvit": "landmarks", "fvit": "grid"}.get(metadata["model"].get("kind"))
+    return str(method), order
+
+
+def check_patch_order(config: ml_collections.ConfigDict, metadata: dict, where: str) -> None:
+    """ConfigError when the loaded backbone's patch embedding was trained on another patch layout
+    than config.model feeds, unless config.init.allow_patch_order_change."""
+    method, order = source_patch_order(metadata)
+    want = presets.patch_order(config.model)
+    if order is None or want is None or order == want or config.init.allow_patch_order_change:
+        return
+    layout = {"landmarks": "(x, y, channel) landmark patches", "grid": "(row, col, channel) grid patches"}
+    raise ConfigError(
+        f"{where}: pretrained by {method!r} on {order!r} patches ({layout[order]}), but model.kind="
+        f"{config.model.kind!r} feeds {want!r} patches ({layout[want]}): its patch embedding and positions "
+        f"would see a layout they never saw. Set config.init.allow_patch_order_change=True to transfer anyway "
+        f"(the LAFS paper's Table 7 row (4), 'landmark to standard grid').")
+
+
 def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tuple[dict, str]:
     """The model's starting variables per `config.init`, and a one-line description of the source."""
     variables = jax.tree.map(np.asarray, variables)
@@ -176,12 +211,13 @@ def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tup
     stats = dict(variables.get("batch_stats", {}))
     origin = "scratch"
     if config.init.backbone:
-        loaded, _ = ckpt_lib.load_variables(config.init.backbone)
+        loaded, meta = ckpt_lib.load_variables(config.init.backbone)
         src_params = loaded.get("params", loaded)
         kind = config.init.kind
         if kind == "auto":
             kind = "token_vit" if ("vit" in params and "vit" not in src_params) else "backbone"
         where = f"config.init.backbone={config.init.backbone!r} (init.kind={kind!r})"
+        check_patch_order(config, meta or {}, where)
         if kind == "token_vit":
             if "vit" not in params:
                 raise ConfigError(f"{where}: model.kind={config.model.kind!r} has no 'vit' submodule to load a "
@@ -387,6 +423,8 @@ def backbone_metadata(config: ml_collections.ConfigDict, **extra) -> dict:
         "normalization": config.eval.normalization or config.data.normalization,
         "color_order": config.eval.color_order,
         "image_size": int(config.model.image_size),
+        "method": "supervised",
+        "patch_order": presets.patch_order(config.model),
         "source": "lafs_jax.train.finetune",
         **extra,
     }

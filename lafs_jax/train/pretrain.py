@@ -36,7 +36,9 @@ run draws the same numbers as an uninterrupted one. bf16 compute on GPU/TPU with
 
 Outputs in the workdir: checkpoints/ (last `checkpoint.keep`), TensorBoard events + metrics.jsonl,
 and at the end `teacher_backbone/`: the teacher's TokenViT variables with metadata (model config,
-normalisation, colour order), which fine-tuning loads into Part fViT's / fViT's `vit`.
+normalisation, colour order, `method` and `patch_order`: 'landmarks' (x, y, channel) patch vectors
+for LAFS, 'grid' (row, col, channel) for DINO-face), which fine-tuning loads into Part fViT's /
+fViT's `vit` (refusing a patch order the model does not feed unless told).
 """
 from __future__ import annotations
 
@@ -494,7 +496,8 @@ def save_teacher_backbone(directory: str, state: dict, config: ml_collections.Co
     variables = {"params": jax.device_get(state["teacher"]["backbone"]["vit"])}
     ckpt_lib.save_variables(directory, variables, {
         "kind": "token_vit", "source": f"pretrain[{config.method}] teacher at step {step}",
-        "method": config.method, "model": ckpt_lib.to_json_dict(config.model),
+        "method": config.method, "patch_order": presets.patch_order(config.model),
+        "model": ckpt_lib.to_json_dict(config.model),
         "normalization": config.data.normalization, "color_order": config.data.color_order,
         "image_size": config.model.image_size,
     })
