@@ -343,6 +343,29 @@ def test_one_device_and_eight_devices_agree(lafs_trainer):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_dino_face_recipe_follows_the_official_data_augmentation_dino():
+    """configs/dino_pretrain.py against DataAugmentationDINO and lafs_train.py's argparse defaults: local
+    crops at scale (0.05, 0.4), ImageNet mean/std, teacher temperature 0.07 -> 0.04 over 30 epochs, the
+    teacher in train mode; the ImageNet normalisation is what the batches and the embedder feed."""
+    from lafs_jax.eval import embed
+    from lafs_jax.input import transforms
+
+    spec = importlib.util.spec_from_file_location("recipe_dino_base", os.path.join(ROOT, "configs", "dino_pretrain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    assert tuple(c.data.dino.local_scale) == (0.05, 0.4) and tuple(c.data.dino.global_scale) == (0.4, 1.0)
+    assert (c.data.dino.global_size, c.data.dino.local_size, c.data.dino.local_crops) == (112, 48, 8)
+    assert c.data.normalization == "imagenet"
+    assert (c.dino.warmup_teacher_temp, c.dino.teacher_temp, c.dino.warmup_teacher_temp_epochs) == (0.07, 0.04, 30)
+    assert c.dino.teacher_train_mode is True
+    pretrain.validate_config(c)
+    image = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    want = (image / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(transforms.normalize(image, "imagenet"), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(embed.preprocess(jnp.asarray(image), "imagenet")), want, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_config_values_name_the_key():
     c = _small_config("lafs")
     c.unlock()
@@ -466,7 +489,7 @@ def test_full_run_writes_teacher_backbone_and_scalars(tmp_path, data_prefix):
     assert "img_per_sec" in rows[-1] and "step_time_ms" in rows[-1]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(work))
     variables, meta = ckpt_lib.load_variables(os.path.join(work, pretrain.TEACHER_BACKBONE_DIR))
-    assert meta["kind"] == "token_vit" and meta["normalization"] == "[-1,1]" and meta["color_order"] == "rgb"
+    assert meta["kind"] == "token_vit" and meta["normalization"] == "imagenet" and meta["color_order"] == "rgb"
     assert meta["model"]["kind"] == "fvit" and meta["model"]["dim"] == 48
     assert (meta["method"], meta["patch_order"]) == ("dino", "grid")
     state = _restore_state(work, 3)

@@ -92,7 +92,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.dino.global_scale = (0.4, 1.0)  # area fraction range of global crops
     c.dino.local_size = 48  # local crop side (px)
     c.dino.local_crops = 8  # number of local crops
-    c.dino.local_scale = (0.08, 0.4)  # area fraction range of local crops
+    c.dino.local_scale = (0.05, 0.4)  # area fraction range of local crops (lafs_train.py --local_crops_scale)
 
     c.lafs = ml_collections.ConfigDict()  # LAFS views, lafs.md §2.2
     c.lafs.view_size = 112  # side of every view, global and local (px)
