@@ -334,6 +334,54 @@ def test_patch_order_mismatch_is_refused_unless_asked_for(tmp_path):
     assert finetune.backbone_metadata(config)["patch_order"] == "landmarks"
 
 
+def test_standard_grid_model_feeds_grid_patches_with_coordinate_noise(tmp_path):
+    """model.kind='part_fvit_grid' (official use_standcoord): the tokens are plain-fViT grid patches of the
+    half-pixel-shifted image; in training the centres get N(0, 3^2) px noise and, with grid_shuffle, are
+    resampled with replacement; evaluation uses the plain grid; a LAFS teacher needs the Table 7 (4) switch."""
+    from lafs_jax.models import sampling, vit as vit_lib
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    centers = jnp.broadcast_to(sampling.standard_grid_centers(16, 4), (2, 16, 2))
+    assert [tuple(map(float, centers[0, n])) for n in (0, 1, 4)] == [(2.0, 2.0), (2.0, 6.0), (6.0, 2.0)]  # x-major
+    tokens = sampling.grid_layout(sampling.sample_patches(jnp.asarray(images), centers, 4), 4)
+    padded = np.pad(images, ((0, 0), (1, 0), (1, 0), (0, 0)))
+    shifted = 0.25 * (padded[:, :-1, :-1] + padded[:, :-1, 1:] + padded[:, 1:, :-1] + padded[:, 1:, 1:])
+    np.testing.assert_allclose(np.asarray(tokens), np.asarray(vit_lib.patchify(jnp.asarray(shifted), 4)), atol=1e-5)
+
+    config = finetune_recipe.get_config("tiny")
+    config.model.kind, config.model.image_size = "part_fvit_grid", 32
+    model = presets.build_model(config.model)
+    x = jnp.asarray(rng.uniform(-1, 1, (32, 32, 32, 3)), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, x[:1], train=False))(jax.random.key(0))
+    assert set(variables["params"]) == {"vit"}
+    grid = np.asarray(sampling.standard_grid_centers(32, 8))
+
+    def centres(m, train):  # the backbone's centres only (its ViT output is not needed here)
+        return np.asarray(jax.jit(lambda v: m.apply(v, x, train=train, rngs={"dropout": jax.random.key(1)})[1])(
+            variables))
+
+    np.testing.assert_array_equal(centres(model, False), np.broadcast_to(grid, (32, 16, 2)))
+    d = centres(model, True) - grid
+    assert abs(d.std() - 3.0) < 0.2 and abs(d.mean()) < 0.2
+    config.model.grid_noise_std, config.model.grid_shuffle = 0.0, True
+    shuffled = centres(presets.build_model(config.model), True)
+    index = (shuffled[..., 0] - 4) / 8 * 4 + (shuffled[..., 1] - 4) / 8  # every centre is a grid point
+    np.testing.assert_array_equal(index, np.round(index))
+    assert any(len(set(row)) < 16 for row in index.tolist())
+
+    config.eval.bins = ()
+    finetune.validate(config)
+    assert presets.patch_order(config.model) == "grid"
+    checkpoint.save_variables(str(tmp_path / "lafs"), {"params": variables["params"]["vit"]},
+                              {"kind": "token_vit", "method": "lafs", "patch_order": "landmarks"})
+    config.init.backbone = str(tmp_path / "lafs")
+    with pytest.raises(ConfigError, match="'landmarks' patches .* feeds 'grid' patches"):
+        finetune.initial_variables(config, jax.tree.map(np.asarray, variables))
+    config.init.allow_patch_order_change = True
+    finetune.initial_variables(config, jax.tree.map(np.asarray, variables))
+
+
 def test_config_errors_name_the_key(tmp_path):
     def expect(key, **changes):
         config = finetune_recipe.get_config("tiny")

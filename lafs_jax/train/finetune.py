@@ -185,7 +185,7 @@ def source_patch_order(metadata: dict) -> tuple[str, str | None]:
         elif metadata.get("kind") == "lafs_ssl":
             order = "landmarks"
         elif isinstance(metadata.get("model"), dict):
-            order = {"part_fvit": "landmarks", "fvit": "grid"}.get(metadata["model"].get("kind"))
+            order = presets.KIND_PATCH_ORDER.get(metadata["model"].get("kind"))
     return str(method), order
 
 
