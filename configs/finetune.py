@@ -1,9 +1,17 @@
 """Supervised fine-tuning of Part fViT (or fViT) with a Partial FC CosFace head (LAFS stage 2, lafs.md §3).
 
 Variants (the `:arg` after the file name): `webface4m` (default), `ms1mv3`, `official` (WebFace4M as
-the official script runs it, see "Layer-wise lr decay" below), `tiny`; the large ones
-take an optional subset suffix `,1shot` `,2shot` `,4shot` `,10shot` (k images per identity) or
-`,1pct` `,10pct` (a fraction of the identities), e.g. `configs/finetune.py:webface4m,1pct`.
+the official script runs it, see "Layer-wise lr decay" below), `tiny`. The large ones take subset
+suffixes, composed in this order (`config.data.subset`, lafs_jax/input/subsets.py):
+`,1shot` `,2shot` `,4shot` `,10shot` (k-shot: each identity's first k images in data set order),
+then `,1pct` `,10pct` (partition: the first 1 % / 10 % of the remaining images in data set order),
+e.g. `configs/finetune.py:webface4m,1shot,1pct`. Both are the official code's way: its README's
+"1% with 1-shot" is the released (pre-filtered) 1-shot .rec read with `FaceDataset(partition=0.01)`;
+with that .rec as data.path use only `,1pct`. The suffix `,random` switches to seeded random draws
+instead: k random images per identity and a random 1 % / 10 % of the *identities*
+(`subset.k_draw='random'`, `subset.identity_fraction`). Classifier: one row per identity left in
+the subset (labels remapped); the official code kept NUM_CLASS = 205,990 rows whatever the subset
+(rows of absent identities only ever act as negatives).
 
 LAFS on WebFace4M (the teacher of `configs/lafs_pretrain.py`, the landmark CNN of a supervised Part
 fViT converted with `python -m lafs_jax.convert`), on one host with 8 GPUs:
@@ -57,18 +65,34 @@ from lafs_jax.train.optim import optim_config
 
 DEMO_DATA = "runs/demo/data"  # where `python -m data.prepare orl --out runs/demo/data` writes
 DATASETS = ("webface4m", "ms1mv3", "official", "tiny")
-SUBSETS = {"full": ("none", 1, 1.0), "1shot": ("kshot", 1, 1.0), "2shot": ("kshot", 2, 1.0),
-           "4shot": ("kshot", 4, 1.0), "10shot": ("kshot", 10, 1.0), "1pct": ("identities", 1, 0.01),
-           "10pct": ("identities", 1, 0.1)}
+KSHOT = {"1shot": 1, "2shot": 2, "4shot": 4, "10shot": 10}  # subset suffix -> data.subset.k
+PERCENT = {"1pct": 0.01, "10pct": 0.1}  # subset suffix -> data.subset.partition (identity_fraction with 'random')
+SUBSETS = (*KSHOT, *PERCENT, "random")
+
+
+def subset_fields(suffixes: list[str], where: str) -> dict:
+    """data.subset fields of the variant's suffixes (k-shot, percentage, 'random'; each at most once)."""
+    unknown = [s for s in suffixes if s not in SUBSETS]
+    if unknown or len(set(suffixes)) != len(suffixes):
+        raise ValueError(f"configs/finetune.py:{where}: unknown subset {unknown[0] if unknown else suffixes!r}; "
+                         f"choose from {list(SUBSETS)}, each at most once")
+    ks = [KSHOT[s] for s in suffixes if s in KSHOT]
+    pct = [PERCENT[s] for s in suffixes if s in PERCENT]
+    if len(ks) > 1 or len(pct) > 1:
+        raise ValueError(f"configs/finetune.py:{where}: unknown subset {suffixes!r}: one k-shot and one percentage at most")
+    random = "random" in suffixes
+    fraction = pct[0] if pct else 1.0
+    return {"k": ks[0] if ks else 0, "k_draw": "random" if random else "first",
+            "partition": 1.0 if random else fraction, "identity_fraction": fraction if random else 1.0}
 
 
 def get_config(arg=None):
-    dataset, _, subset = (arg or "webface4m").partition(",")
-    subset = subset or "full"
+    dataset, *suffixes = (arg or "webface4m").split(",")
     if dataset not in DATASETS:
         raise ValueError(f"configs/finetune.py: unknown data set {dataset!r}; choose one of {DATASETS}")
-    if subset not in SUBSETS or (dataset == "tiny" and subset != "full"):
-        raise ValueError(f"configs/finetune.py: unknown subset {subset!r}; choose one of {sorted(SUBSETS)}")
+    if dataset == "tiny" and suffixes:
+        raise ValueError(f"configs/finetune.py:{arg}: unknown subset {suffixes[0]!r}: the tiny variant takes none")
+    subset = subset_fields(suffixes, arg)
     tiny = dataset == "tiny"
     official = dataset == "official"
     webface = dataset in ("webface4m", "official")
@@ -86,8 +110,7 @@ def get_config(arg=None):
     c.data.workers = 0 if tiny else 8  # Grain worker processes
     c.data.finetune.randaugment_magnitude = 2.0 if dataset == "ms1mv3" else 1.0  # LAFS README: M2 MS1MV3, M1 WebFace4M
     c.data.finetune.mixup_prob = 0.2 if dataset == "ms1mv3" else 0.1  # LAFS README: 0.2 MS1MV3, 0.1 WebFace4M
-    kind, k, fraction = SUBSETS[subset]
-    c.data.subset.kind, c.data.subset.k, c.data.subset.fraction = kind, k, fraction
+    c.data.subset.update(subset)  # '' / ',1shot' / ',1shot,1pct' / ',1pct,random' (see the docstring)
 
     c.optim = optim_config("finetune")
     c.optim.accum_steps = 1 if tiny else 3  # official: 3 micro-batches per AdamW update

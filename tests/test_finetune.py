@@ -410,10 +410,15 @@ def test_config_errors_name_the_key(tmp_path):
     expect(r"loss\.arcface_fallback.*needs loss\.m1 = 1", loss__m1=2.0)
     expect(r"freeze_landmark_cnn", freeze_landmark_cnn=True, model__kind="fvit")
     expect(r"landmark_reg\.mode", freeze_landmark_cnn=True, landmark_reg__mode="constant")
-    with pytest.raises(ValueError, match="unknown subset"):
-        finetune_recipe.get_config("webface4m,3pct")
+    for bad in ("webface4m,3pct", "webface4m,1pct,10pct", "tiny,1shot"):
+        with pytest.raises(ValueError, match="unknown subset"):
+            finetune_recipe.get_config(bad)
     c = finetune_recipe.get_config("ms1mv3,1pct")
-    assert (c.data.subset.kind, c.data.subset.fraction, c.data.finetune.mixup_prob) == ("identities", 0.01, 0.2)
+    assert (c.data.subset.partition, c.data.subset.k, c.data.finetune.mixup_prob) == (0.01, 0, 0.2)
+    s = finetune_recipe.get_config("webface4m,1shot,1pct").data.subset  # the official "1% with 1-shot"
+    assert (s.k, s.k_draw, s.partition, s.identity_fraction) == (1, "first", 0.01, 1.0)
+    s = finetune_recipe.get_config("webface4m,10shot,10pct,random").data.subset  # seeded random draws
+    assert (s.k, s.k_draw, s.partition, s.identity_fraction) == (10, "random", 1.0, 0.1)
 
 
 def test_layer_decay_from_scratch_is_a_config_error(tmp_path):
