@@ -474,11 +474,22 @@ def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monke
     config.eval.bins = (str(tmp_path / "pairs.bin"),)
     config.eval.batch_size = 120
     config.total_steps = 24
-    config.eval.every_steps = 1000  # at the start and the last step only
+    config.eval.every_steps = 12  # at the start, step 12 and the last step
     config.checkpoint.every_steps = 1000
     config.ema_decay = 0.9  # the parameter average is part of the resumed state and is what is saved
     full = finetune.run(config, str(tmp_path / "full"))
     assert full["verification"]["pairs"] > full["initial_verification"]["pairs"] + 0.05, full
+    # every evaluated step is checkpointed with its accuracy; the best one is WORKDIR/backbone_best
+    accuracy = {r["step"]: r["val/pairs/accuracy"] for r in loop_utils.read_metrics(str(tmp_path / "full"))
+                if "val/pairs/accuracy" in r and r["step"] > 0}
+    best_step = max(accuracy, key=accuracy.get)
+    best, best_meta = checkpoint.load_variables(str(tmp_path / "full" / finetune.BEST_BACKBONE_DIR))
+    assert sorted(accuracy) == [12, 24] and best_meta["step"] == best_step
+    assert best_meta["verification"]["accuracy"] == pytest.approx(accuracy[best_step])
+    with checkpoint.TrainCheckpointer(str(tmp_path / "full" / "checkpoints"),
+                                      best_fn=finetune.verification_score) as ckpt:
+        assert ckpt.all_steps() == [12, 24] and ckpt.best_step() == best_step
+        jax.tree.map(np.testing.assert_array_equal, best["params"], ckpt.restore(best_step)["ema"])
 
     real_guard = loop_utils.preemption_guard
 

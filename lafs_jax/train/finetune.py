@@ -24,7 +24,9 @@ One linear function, `run(config, workdir)`, in big_vision's style (reference/la
   average     optional exponential moving average of the backbone's parameters (`ema_decay`), kept
               in the train state; verification and the output use it when it is on.
   output      `workdir/backbone`: the backbone's variables with metadata (model config,
-              normalisation, colour order, image size), what evaluation and export read.
+              normalisation, colour order, image size), what evaluation and export read; with
+              verification sets also `workdir/backbone_best`, the evaluated step with the best mean
+              accuracy (its checkpoint is kept beside the latest ones).
 
 Randomness: every step's dropout and sampling keys are `fold_in(key(seed), step)`, so a resumed run
 draws the same numbers as an uninterrupted one.
@@ -54,6 +56,7 @@ from lafs_jax.train import optim
 INIT_KINDS = ("auto", "backbone", "token_vit")
 REG_MODES = ("none", "schedule", "constant")
 CENTERS_OPTIMIZERS = ("adamw", "sgd")
+BEST_BACKBONE_DIR = "backbone_best"  # the checkpoint with the best mean verification accuracy
 # config.loss.centers_init -> partial_fc.init_centers arguments
 CENTERS_INITS = {"xavier_uniform": {"init": "xavier_uniform"}, "normal_0.01": {"init": "normal", "std": 0.01}}
 
@@ -485,9 +488,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       out_shardings=(shardings, replicated), donate_argnums=(0,))
 
     # ------------------------------------------------------------------ checkpoint / resume
+    # with verification sets, every evaluated step is checkpointed with its accuracy, and the best one
+    # is kept beside the latest `checkpoint.keep` (WORKDIR/backbone_best at the end)
     ckpt = ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                       save_every=config.checkpoint.every_steps,
-                                      metadata={"config": config, **backbone_metadata(config)})
+                                      metadata={"config": config, **backbone_metadata(config)},
+                                      best_fn=verification_score if config.eval.bins else None)
     start = 0
     if ckpt.latest_step() is not None:
         state = ckpt.restore(None, ckpt_lib.abstract_like(state, shardings), data_iterator=train_iter)
@@ -540,20 +546,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 progress.reset(step)
             logged = step % config.log_every_steps == 0 or step == total_steps
             saving = ckpt.should_save(step) or step == total_steps
-            if logged or saving:
+            evaluated = bool(eval_sets) and (step % config.eval.every_steps == 0 or step == total_steps)
+            if logged or saving or evaluated:  # no NaN state gets checkpointed
                 loop_utils.check_finite(step, metrics, keys=("loss",))
             if logged:
                 scalars = {f"train/{k}": v for k, v in metrics.items()}
                 rates = progress.update(step, {"loss": metrics["loss"]})
                 scalars.update({f"perf/{k}": v for k, v in (rates or {}).items()})
                 writer.write_scalars(step, scalars)
-            if eval_sets and (step % config.eval.every_steps == 0 or step == total_steps):
+            if evaluated:
                 results = evaluate(state)
                 writer.write_scalars(step, {f"val/{n}/{k}": r[k] for n, r in results.items()
                                             for k in ("accuracy", "accuracy_std", "best_threshold")})
                 logging.info("step %d verification:\n%s", step, verification.format_table(results))
-            if saving:
-                ckpt.save(step, state, data_iterator=train_iter, force=step == total_steps)
+            if saving or evaluated:
+                ckpt.save(step, state, data_iterator=train_iter, force=evaluated or step == total_steps,
+                          metrics=verification_metrics(results) if evaluated else None)
             if guard.requested if single else (logged and guard.sync_requested()):
                 ckpt.save(step, state, data_iterator=train_iter, force=True)
                 ckpt.wait()
@@ -561,17 +569,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 ckpt.close()
                 writer.close()
                 return {"step": step, "preempted": True, "final_metrics": _host(metrics)}
-    ckpt.close()
-    writer.close()
-
     # ------------------------------------------------------------------ output
     ckpt_lib.save_variables(os.path.join(workdir, "backbone"), backbone_variables(state),
                             backbone_metadata(config, step=int(state["step"]), init=origin, num_classes=num_classes,
                                               ema_decay=float(config.ema_decay)))
     logging.info("saved the backbone to %s", os.path.join(workdir, "backbone"))
-    return {"step": int(state["step"]), "preempted": False, "final_metrics": _host(metrics),
+    final_step = int(state["step"])
+    ckpt.wait()
+    best = ckpt.best_step()
+    if best is not None:
+        if best != final_step:
+            abstract = ckpt_lib.abstract_like(state, shardings)
+            state = None  # free the live state's device memory before restoring the best one
+            state = ckpt.restore(best, abstract)
+        ckpt_lib.save_variables(os.path.join(workdir, BEST_BACKBONE_DIR), backbone_variables(state),
+                                backbone_metadata(config, step=best, init=origin, num_classes=num_classes,
+                                                  ema_decay=float(config.ema_decay), verification=ckpt.metrics(best)))
+        logging.info("saved the best verified backbone (step %d) to %s", best, os.path.join(workdir, BEST_BACKBONE_DIR))
+    ckpt.close()
+    writer.close()
+    return {"step": final_step, "preempted": False, "final_metrics": _host(metrics),
             "verification": {n: r["accuracy"] for n, r in results.items()},
             "initial_verification": {n: r["accuracy"] for n, r in initial.items()}}
+
+
+def verification_metrics(results: dict) -> dict:
+    """Checkpoint metrics of one evaluation: {'accuracy': mean over the sets, '<set>/accuracy': ...}."""
+    accuracies = {f"{name}/accuracy": float(r["accuracy"]) for name, r in results.items()}
+    return {"accuracy": float(np.mean(list(accuracies.values()))), **accuracies}
+
+
+def verification_score(metrics: dict) -> float:
+    """What picks the best checkpoint: the mean 10-fold accuracy over the verification sets."""
+    return metrics["accuracy"]
 
 
 def embedding_dim(model: Any, variables: Any, model_config: ml_collections.ConfigDict) -> int:
