@@ -52,8 +52,8 @@ OFFICIAL_INPUT = {
     ("part_fvit", "supervised"): ("[-0.5,0.5]", "rgb", "official IJB_evaluation.py / perform_val: x/255 - 0.5"),
     ("fvit", "supervised"): ("[-1,1]", "rgb", "official fViT normalises inside its forward: x/255*2 - 1"),
     ("lafs_ssl", "lafs"): ("[-1,1]", "bgr", "LAFS SSL views: Normalize(0.5, 0.5); WebFace4M .rec never swapped"),
-    ("lafs_ssl", "dino"): ("imagenet", "bgr", "DataAugmentationDINO: ImageNet mean/std; WebFace4M .rec never "
-                                               "swapped"),
+    ("lafs_ssl", "dino"): ("imagenet", "bgr", "DataAugmentationDINO: ImageNet mean/std; colours assumed as the "
+                                               "LAFS SSL loader (the DINO-face script is unreleased)"),
 }
 
 
