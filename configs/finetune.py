@@ -4,14 +4,15 @@ Variants (the `:arg` after the file name): `webface4m` (default), `ms1mv3`, `off
 the official script runs it, see "Layer-wise lr decay" below), `tiny`. The large ones take subset
 suffixes, composed in this order (`config.data.subset`, lafs_jax/input/subsets.py):
 `,1shot` `,2shot` `,4shot` `,10shot` (k-shot: each identity's first k images in data set order),
-then `,1pct` `,10pct` (partition: the first 1 % / 10 % of the remaining images in data set order),
-e.g. `configs/finetune.py:webface4m,1shot,1pct`. Both are the official code's way: its README's
-"1% with 1-shot" is the released (pre-filtered) 1-shot .rec read with `FaceDataset(partition=0.01)`;
-with that .rec as data.path use only `,1pct`. The suffix `,random` switches to seeded random draws
-instead: k random images per identity and a random 1 % / 10 % of the *identities*
-(`subset.k_draw='random'`, `subset.identity_fraction`). Classifier: one row per identity left in
-the subset (labels remapped); the official code kept NUM_CLASS = 205,990 rows whatever the subset
-(rows of absent identities only ever act as negatives).
+then `,1pct` `,10pct` (partition: the first 1 % / 10 % of the remaining images in data set order, the
+official `FaceDataset(partition=...)`), e.g. `configs/finetune.py:webface4m,1shot,1pct`. The official
+README's "1% with 1-shot" is its released 1-shot .rec (filtered by the authors in a way they did not
+publish) read with partition 0.01: with that .rec as data.path use `,1pct` alone; the k-shot suffixes
+make a deterministic k-shot set from the full data. The suffix `,random` switches to seeded random
+draws instead: k random images per identity and a random 1 % / 10 % of the *identities*
+(`subset.k_draw='random'`, `subset.identity_fraction`). Without suffixes the whole set is used.
+Classifier: one row per identity left in the subset (labels remapped); the official code kept
+NUM_CLASS = 205,990 rows whatever the subset (rows of absent identities only ever act as negatives).
 
 LAFS on WebFace4M (the teacher of `configs/lafs_pretrain.py`, the landmark CNN of a supervised Part
 fViT converted with `python -m lafs_jax.convert`), on one host with 8 GPUs:
