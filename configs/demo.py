@@ -67,5 +67,9 @@ def get_config(arg=None):
     c.finetune.data.finetune.crop_scale = (0.6, 1.0)
     _demo_model(c.finetune.model)
     c.finetune.eval.at_start = False
+    # Layer-wise lr decay: the scratch run (and stage 1) train a random ViT, so 1.0 (the tiny recipe's
+    # value); the from-LAFS run fine-tunes the pretrained teacher with the paper's 0.58.
+    c.finetune.optim.layer_decay = 1.0
+    c.finetune_lafs_layer_decay = 0.58  # optim.layer_decay of the from-LAFS fine-tuning run
     c.lock()
     return c

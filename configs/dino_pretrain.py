@@ -1,11 +1,15 @@
 """DINO-face: DINO self-supervised pretraining of a plain fViT with standard multi-crop on faces.
 
-The LAFS paper's DINO-face baseline; its official script is unreleased (reference/lafs.md §7), so
-this recipe is LAFS's optimisation recipe (§2.5) on DINO's views: 2 global 112 px crops (scale
-0.4-1) and 8 local 48 px crops (scale 0.08-0.4) with DINO's colour augmentations, on an fViT (grid
+The LAFS paper's DINO-face baseline. Its official script is unreleased (reference/lafs.md §7); the
+only official evidence is `DataAugmentationDINO` and the argparse defaults of LAFS's lafs_train.py,
+which this recipe follows field by field: 2 global 112 px crops (scale 0.4-1) and 8 local 48 px crops
+at scale (0.05, 0.4) (`data.dino.local_scale`), bicubic, flip, DINO's colour augmentations, and
+torchvision's ImageNet mean/std normalisation (`data.normalization='imagenet'`); teacher temperature
+0.07 -> 0.04 over the first 30 epochs (`dino.warmup_teacher_temp`, `dino.teacher_temp`,
+`dino.warmup_teacher_temp_epochs`, the argparse defaults; DINO's own boost recipe is 0.04 -> 0.07);
+the teacher left in train mode (`dino.teacher_train_mode`: lafs_train.py never calls teacher.eval(),
+so dropout / drop-path stay on); LAFS's optimisation recipe (§2.5). The backbone is an fViT (grid
 patches: 196 tokens per global crop, 36 per local crop, which use the first 37 position rows).
-Teacher temperature: DINO's warmup 0.04 -> 0.07 over 30 epochs (LAFS uses 0.07 -> 0.04; both are
-fields). As in DINO the teacher runs without dropout / drop-path.
 
 Launch:
 
@@ -16,7 +20,8 @@ Tiny CPU demo on the ORL faces (`python -m data.prepare orl --out runs/demo/data
 
     python main.py --config configs/dino_pretrain.py:tiny --workdir runs/demo/dino_pretrain
 
-The teacher backbone lands in `WORKDIR/teacher_backbone` (fine-tune with model.kind='fvit').
+The teacher backbone lands in `WORKDIR/teacher_backbone` (fine-tune with model.kind='fvit'; its
+metadata records the grid patch order and the ImageNet normalisation).
 
 Expected numbers: none published for the released code; the official README lists only a DINO-face
 1-shot checkpoint (reference/lafs.md §7). LAFS's own numbers are in configs/lafs_pretrain.py.
@@ -44,8 +49,10 @@ def get_config(arg=None):
     c.model = model_config("tiny" if tiny else "base")
     c.model.kind = "fvit"
 
-    # DINO multi-crop: 2 x 112 px global (0.4-1) + 8 x 48 px local (0.08-0.4); normalised to [-1, 1].
+    # DINO multi-crop as DataAugmentationDINO: 2 x 112 px global (0.4-1) + 8 x 48 px local (0.05-0.4)
     c.data = data_config()
+    c.data.dino.local_scale = (0.05, 0.4)  # lafs_train.py --local_crops_scale (DINO: 0.05-0.4)
+    c.data.normalization = "imagenet"  # DataAugmentationDINO: Normalize(ImageNet mean, std); LAFS views: [-1,1]
     c.data.path = "runs/demo/data/train" if tiny else ""  # .rec prefix (DIR/train for DIR/train.rec + .idx)
     if tiny:
         c.data.dino.local_crops = 4  # fewer local crops keep the CPU demo fast
@@ -68,8 +75,8 @@ def get_config(arg=None):
 
     c.dino = ml_collections.ConfigDict()
     c.dino.student_temp = 0.1  # student softmax temperature
-    c.dino.warmup_teacher_temp = 0.04  # teacher temperature at epoch 0 (DINO 0.04; LAFS 0.07)
-    c.dino.teacher_temp = 0.07  # teacher temperature after the warmup (DINO boost recipe 0.07; LAFS 0.04)
+    c.dino.warmup_teacher_temp = 0.07  # teacher temperature at epoch 0 (lafs_train.py default; DINO 0.04)
+    c.dino.teacher_temp = 0.04  # teacher temperature after the warmup (lafs_train.py default; DINO boost 0.07)
     c.dino.warmup_teacher_temp_epochs = 2 if tiny else 30  # epochs of linear temperature warmup
     c.dino.center_momentum = 0.9  # EMA momentum of the centre (teacher output mean, global batch)
     # Teacher centring: 'center' (official: minus the running centre) | 'sinkhorn' (DINOv2's Sinkhorn-Knopp
@@ -78,7 +85,8 @@ def get_config(arg=None):
     c.dino.sinkhorn_iterations = 3  # Sinkhorn-Knopp iterations of 'sinkhorn' (DINOv2: 3)
     c.dino.teacher_momentum = 0.996  # teacher EMA momentum at step 0, cosine to teacher_momentum_end
     c.dino.teacher_momentum_end = 1.0  # teacher EMA momentum at the last step
-    c.dino.teacher_train_mode = False  # DINO's teacher has no dropout / drop-path
+    # teacher applies dropout / drop-path (lafs_train.py never calls teacher.eval(); False = DINO's own)
+    c.dino.teacher_train_mode = True
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # training checkpoints kept (the latest)

@@ -17,9 +17,10 @@ Full benchmarks (official protocol: flip-sum, 10 folds; IJB N1D1F1):
 Expected numbers, TAR@FAR=1e-4 in %, as reported in the official LAFS README (reference/lafs.md
 §4.5; not reproduced here, no GPU or data): Part fViT on MS1MV3: IJB-C 97.29; Part fViT on
 WebFace4M: IJB-B 96.05, IJB-C 97.40; LAFS-pretrained then fine-tuned on WebFace4M: IJB-B 96.28,
-IJB-C 97.58. The LAFS evaluation scripts feed x/255 - 0.5 (`--config.evaluate.normalization=
-'[-0.5,0.5]'`); whether the released numbers used that range is not known (lafs.md §4.3), so try both
-with converted official weights.
+IJB-C 97.58. The LAFS evaluation scripts feed x/255 - 0.5, and `python -m lafs_jax.convert --kind
+part_fvit` records '[-0.5,0.5]' in the converted weights' metadata, so the default here reproduces
+them; the models trained on [-1, 1], and whether the released numbers used x/255 - 0.5 is not
+certain (lafs.md §4.3): `--config.evaluate.normalization='[-1,1]'` tries the other range.
 """
 import ml_collections
 

@@ -1,8 +1,18 @@
 """Supervised fine-tuning of Part fViT (or fViT) with a Partial FC CosFace head (LAFS stage 2, lafs.md §3).
 
-Variants (the `:arg` after the file name): `webface4m` (default), `ms1mv3`, `tiny`; the two large ones
-take an optional subset suffix `,1shot` `,2shot` `,4shot` `,10shot` (k images per identity) or
-`,1pct` `,10pct` (a fraction of the identities), e.g. `configs/finetune.py:webface4m,1pct`.
+Variants (the `:arg` after the file name): `webface4m` (default), `ms1mv3`, `official` (WebFace4M as
+the official script runs it, see "Layer-wise lr decay" below), `tiny`. The large ones take subset
+suffixes, composed in this order (`config.data.subset`, lafs_jax/input/subsets.py):
+`,1shot` `,2shot` `,4shot` `,10shot` (k-shot: each identity's first k images in data set order),
+then `,1pct` `,10pct` (partition: the first 1 % / 10 % of the remaining images in data set order, the
+official `FaceDataset(partition=...)`), e.g. `configs/finetune.py:webface4m,1shot,1pct`. The official
+README's "1% with 1-shot" is its released 1-shot .rec (filtered by the authors in a way they did not
+publish) read with partition 0.01: with that .rec as data.path use `,1pct` alone; the k-shot suffixes
+make a deterministic k-shot set from the full data. The suffix `,random` switches to seeded random
+draws instead: k random images per identity and a random 1 % / 10 % of the *identities*
+(`subset.k_draw='random'`, `subset.identity_fraction`). Without suffixes the whole set is used.
+Classifier: one row per identity left in the subset (labels remapped); the official code kept
+NUM_CLASS = 205,990 rows whatever the subset (rows of absent identities only ever act as negatives).
 
 LAFS on WebFace4M (the teacher of `configs/lafs_pretrain.py`, the landmark CNN of a supervised Part
 fViT converted with `python -m lafs_jax.convert`), on one host with 8 GPUs:
@@ -28,11 +38,20 @@ It trains a 231k-parameter Part fViT for 90 steps (about 9 epochs of 300 images)
 verification accuracy on the 900 held-out ORL pairs before and after training; expect the accuracy
 to rise above the untrained model's (measured values: bench/RESULTS.md, "Fine-tuning").
 
+Layer-wise lr decay: `webface4m` / `ms1mv3` fine-tune a *pretrained* backbone (init.backbone set)
+with layer_decay 0.58 *applied*, the paper's setting. `official` reproduces the official script,
+which computes 0.58's lr scales but never applies them (layer_decay 1.0). Training from scratch
+(init.backbone = '': the stage-1 supervised Part fViT, the from-scratch baselines, `tiny`) must use
+1.0: a layer_decay < 1 without a pretrained backbone is a config error (the landmark CNN and the
+patch embedding would train at 0.58^13 = 8.4e-4 x the lr) unless
+`optim.allow_layer_decay_from_scratch=True`; add `--config.optim.layer_decay=1.0` to the large
+variants for a from-scratch run, `--config.optim.layer_decay=0.58` to `tiny` when it starts from a
+pretraining teacher.
+
 Official settings kept here: CosFace s=64, m=0.4 over all classes (sample_rate 1.0: the official
-head is a full softmax); AdamW (wd 0.1, landmark CNN 0.05), 34 epochs, 5 warmup epochs, cosine to
-1e-6, batch 400 x 3 accumulation = 1200 images per update, peak lr 2.29e-3; layer-wise decay 0.58
-*applied* (set optim.layer_decay=1.0 to reproduce the official code, which never applies it);
-RandAugment M1 / mixup p=0.1 for WebFace4M, M2 / p=0.2 for MS1MV3. The landmark regulariser is off
+head is a full softmax), class centres xavier-uniform; AdamW (wd 0.1, landmark CNN 0.05), 34 epochs,
+5 warmup epochs, cosine to 1e-6, batch 400 x 3 accumulation = 1200 images per update, peak lr
+2.29e-3; RandAugment M1 / mixup p=0.1 for WebFace4M, M2 / p=0.2 for MS1MV3. The landmark regulariser is off
 as in the released command (`landmark_reg.mode='schedule'` is the official 1000/100/1/0.11/0 epoch
 schedule, `'constant'` with beta=0.1 is the paper's description).
 Not known: the LAFS supplement's epoch counts for the 1%/10%/k-shot subsets were not available when
@@ -46,20 +65,38 @@ from lafs_jax.models.presets import model_config
 from lafs_jax.train.optim import optim_config
 
 DEMO_DATA = "runs/demo/data"  # where `python -m data.prepare orl --out runs/demo/data` writes
-DATASETS = ("webface4m", "ms1mv3", "tiny")
-SUBSETS = {"full": ("none", 1, 1.0), "1shot": ("kshot", 1, 1.0), "2shot": ("kshot", 2, 1.0),
-           "4shot": ("kshot", 4, 1.0), "10shot": ("kshot", 10, 1.0), "1pct": ("identities", 1, 0.01),
-           "10pct": ("identities", 1, 0.1)}
+DATASETS = ("webface4m", "ms1mv3", "official", "tiny")
+KSHOT = {"1shot": 1, "2shot": 2, "4shot": 4, "10shot": 10}  # subset suffix -> data.subset.k
+PERCENT = {"1pct": 0.01, "10pct": 0.1}  # subset suffix -> data.subset.partition (identity_fraction with 'random')
+SUBSETS = (*KSHOT, *PERCENT, "random")
+
+
+def subset_fields(suffixes: list[str], where: str) -> dict:
+    """data.subset fields of the variant's suffixes (k-shot, percentage, 'random'; each at most once)."""
+    unknown = [s for s in suffixes if s not in SUBSETS]
+    if unknown or len(set(suffixes)) != len(suffixes):
+        raise ValueError(f"configs/finetune.py:{where}: unknown subset {unknown[0] if unknown else suffixes!r}; "
+                         f"choose from {list(SUBSETS)}, each at most once")
+    ks = [KSHOT[s] for s in suffixes if s in KSHOT]
+    pct = [PERCENT[s] for s in suffixes if s in PERCENT]
+    if len(ks) > 1 or len(pct) > 1:
+        raise ValueError(f"configs/finetune.py:{where}: unknown subset {suffixes!r}: one k-shot and one percentage at most")
+    random = "random" in suffixes
+    fraction = pct[0] if pct else 1.0
+    return {"k": ks[0] if ks else 0, "k_draw": "random" if random else "first",
+            "partition": 1.0 if random else fraction, "identity_fraction": fraction if random else 1.0}
 
 
 def get_config(arg=None):
-    dataset, _, subset = (arg or "webface4m").partition(",")
-    subset = subset or "full"
+    dataset, *suffixes = (arg or "webface4m").split(",")
     if dataset not in DATASETS:
         raise ValueError(f"configs/finetune.py: unknown data set {dataset!r}; choose one of {DATASETS}")
-    if subset not in SUBSETS or (dataset == "tiny" and subset != "full"):
-        raise ValueError(f"configs/finetune.py: unknown subset {subset!r}; choose one of {sorted(SUBSETS)}")
+    if dataset == "tiny" and suffixes:
+        raise ValueError(f"configs/finetune.py:{arg}: unknown subset {suffixes[0]!r}: the tiny variant takes none")
+    subset = subset_fields(suffixes, arg)
     tiny = dataset == "tiny"
+    official = dataset == "official"
+    webface = dataset in ("webface4m", "official")
 
     c = base_config()
     c.task = "finetune"
@@ -69,16 +106,18 @@ def get_config(arg=None):
     c.data.path = f"{DEMO_DATA}/train" if tiny else ""  # .rec prefix of the training set
     # WebFace4M as packed by LAFS's img2rec.py stores swapped channels, which the official loader swaps
     # back ('bgr'); an InsightFace-packed WebFace .rec is true RGB: use 'rgb'. MS1MV3 is true RGB.
-    c.data.color_order = "bgr" if dataset == "webface4m" else "rgb"
+    c.data.color_order = "bgr" if webface else "rgb"
     c.data.normalization = "[-1,1]"  # x/255*2-1, the official fine-tuning loop
     c.data.workers = 0 if tiny else 8  # Grain worker processes
     c.data.finetune.randaugment_magnitude = 2.0 if dataset == "ms1mv3" else 1.0  # LAFS README: M2 MS1MV3, M1 WebFace4M
     c.data.finetune.mixup_prob = 0.2 if dataset == "ms1mv3" else 0.1  # LAFS README: 0.2 MS1MV3, 0.1 WebFace4M
-    kind, k, fraction = SUBSETS[subset]
-    c.data.subset.kind, c.data.subset.k, c.data.subset.fraction = kind, k, fraction
+    c.data.subset.update(subset)  # '' / ',1shot' / ',1shot,1pct' / ',1pct,random' (see the docstring)
 
     c.optim = optim_config("finetune")
     c.optim.accum_steps = 1 if tiny else 3  # official: 3 micro-batches per AdamW update
+    # 0.58 (paper) for a pretrained backbone; 1.0 from scratch (tiny's default) and for `official`,
+    # whose script never applies its lr scales (see the docstring)
+    c.optim.layer_decay = 1.0 if (tiny or official) else 0.58
     if tiny:
         c.optim.epochs = 9  # 300 ORL images / 32 = 9 steps per epoch -> 81 steps (total_steps overrides: 90)
         c.optim.warmup_epochs = 1.0
@@ -98,6 +137,10 @@ def get_config(arg=None):
     # a fine-tuning run's WORKDIR/backbone.
     c.init.backbone = ""
     c.init.kind = "auto"  # 'auto' | 'token_vit' (load into the model's 'vit') | 'backbone' (whole model)
+    # init.backbone's metadata records the patch layout its patch embedding learnt ('landmarks' (x, y, c)
+    # from LAFS / Part fViT, 'grid' (row, col, c) from DINO-face / fViT); a different layout than the
+    # model feeds is an error unless True (the paper's Table 7 row (4), "landmark to standard grid").
+    c.init.allow_patch_order_change = False
     # Variables directory whose landmark CNN (params + BatchNorm statistics) replaces the model's;
     # official: the stage-1 supervised Part fViT ('' = keep what init.backbone / random init gave).
     c.init.landmark_cnn = ""
@@ -112,7 +155,14 @@ def get_config(arg=None):
     c.loss.m2 = 0.0  # additive angular margin (ArcFace 0.5)
     c.loss.m3 = 0.2 if tiny else 0.4  # additive cosine margin (CosFace, official 0.4; 0.2 trains the tiny demo faster)
     c.loss.s = 32.0 if tiny else 64.0  # logit scale (official 64; 32 for the 30-class tiny demo)
+    # Where m1*theta + m2 passes pi the ArcFace logit stops falling: 'th_mm' (InsightFace's ArcFace,
+    # easy_margin=False: c - m2*sin(m2) where c <= cos(pi - m2)) | 'easy' (easy_margin=True: no margin
+    # where c <= 0, m3 included) | 'none'. 'th_mm' changes nothing when m2 = 0 (CosFace).
+    c.loss.arcface_fallback = "th_mm"
     c.loss.sample_rate = 1.0  # fraction of classes per step (Partial FC); 1.0 = full softmax as official
+    # Init of W: 'xavier_uniform' (official CosFace weight: U(-a, a), a = sqrt(6 / (C + D)); std 0.0031
+    # at 205,990 x 768) | 'normal_0.01' (InsightFace Partial FC: N(0, 0.01^2))
+    c.loss.centers_init = "xavier_uniform"
     c.loss.centers_optimizer = "adamw"  # optimizer of W: 'adamw' (official: same AdamW) | 'sgd' (momentum)
     c.loss.centers_lr = 0.0  # peak lr of W; 0 = follow the backbone's warmup + cosine schedule
     c.loss.centers_weight_decay = 0.1  # weight decay of W (official 0.1 for loss.weight)

@@ -3,14 +3,23 @@
 Launch (WebFace4M .rec, 2 GPUs' worth of global batch as the official run):
 
     python main.py --config configs/lafs_pretrain.py --workdir runs/lafs_webface4m \\
-        --config.data.path=/data/webface4m/train --config.data.color_order=bgr \\
+        --config.data.path=/data/webface4m/train --config.data.color_order=rgb \\
         --config.lafs.landmark_path=runs/convert/part_fvit_webface4m
 
 `lafs.landmark_path` is a variables directory of a supervised Part fViT (`python -m lafs_jax.convert
 --kind part_fvit ...` of the released checkpoint, or `workdir/backbone` of our fine-tuning); its
-landmark CNN is used frozen. `color_order=bgr` reproduces the official WebFace4M .rec, whose JPEGs
-hold channel-swapped content (§4.2); MS1MV3 is `rgb`. The "mixed views" ablation:
-`--config.lafs.local_views=grid --config.data.lafs.local_scale='(0.05,0.4)'`.
+landmark CNN is used frozen. Colour order (§4.2): the official SSL loader never swaps channels, so
+on a WebFace4M .rec packed by LAFS's img2rec.py (JPEGs of channel-swapped arrays) the official run
+pretrained on swapped colours, while its fine-tuning loader swaps them back. `color_order=rgb` (no
+swap, the default) reproduces that run; `color_order=bgr` feeds true RGB, the colours fine-tuning
+sees (`configs/finetune.py:webface4m` uses 'bgr' for that file). A true-RGB .rec (MS1MV3, any
+InsightFace-packed set) is `rgb` in both stages. The "mixed views" ablation:
+`--config.lafs.local_views=grid --config.data.lafs.local_scale='(0.05,0.4)'`. The official code's other
+ablation switches: `--config.lafs.random_landmarks=True` (uniformly random landmarks, `random_coor`),
+`--config.lafs.global_resample=True` (global views resampled at all R landmarks with replacement), and
+fine-tuning on a standard grid with N(0, 3^2) px coordinate noise (`use_standcoord`):
+`configs/finetune.py` with `--config.model.kind=part_fvit_grid` (`model.grid_shuffle` for its
+`shuffle`; from a LAFS teacher that is Table 7 row (4): `--config.init.allow_patch_order_change=True`).
 
 Tiny CPU demo (ORL faces from `python -m data.prepare orl --out runs/demo/data`, an untrained tiny
 landmark CNN, a few hundred steps):
@@ -99,6 +108,12 @@ def get_config(arg=None):
     # resized to grid_size px and cut into a regular patch grid ((grid_size / patch_size)**2 tokens)
     c.lafs.local_views = "landmarks"
     c.lafs.grid_size = 48  # side of the resized local crop of 'grid' local views (px)
+    # Official ablations (off in the released run). random_landmarks: every view's landmarks uniform in
+    # [0, S-1), no landmark CNN, no noise (official random_coor; its local views take 25 landmarks: set
+    # num_local_landmarks=25 to match). global_resample: global views take R landmarks drawn with
+    # replacement after the noise (the official landmark function without return_prob).
+    c.lafs.random_landmarks = False
+    c.lafs.global_resample = False
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # training checkpoints kept (the latest)

@@ -11,7 +11,7 @@ checkpoint when it was interrupted):
    landmark views from stage 1's frozen landmark CNN.
 4. `finetune_scratch/` and `finetune_lafs/`: fine-tuning with the sharded margin head (sample rate
    < 1, all local devices), same budget and the same stage-1 landmark CNN, the ViT from random
-   init or from the LAFS teacher.
+   init (layer_decay 1.0) or from the LAFS teacher (layer_decay `finetune_lafs_layer_decay`, 0.58).
 5. Verification on the 10 held-out people for raw pixels (cosine of the normalised images) and
    both fine-tuned models: `results.md`, `results.json`, `roc.png`, `landmarks.png`.
 """
@@ -73,6 +73,8 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         if name.startswith("finetune_"):
             c.init.landmark_cnn = stage1_backbone
             c.init.backbone = os.path.join(workdir, "pretrain", "teacher_backbone") if name == "finetune_lafs" else ""
+        if name == "finetune_lafs":
+            c.optim.layer_decay = config.finetune_lafs_layer_decay
         c.lock()
         out[name] = c
     return out

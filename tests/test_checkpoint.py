@@ -121,6 +121,32 @@ def test_keep_last_n_save_every_and_restart(tmp_path):
     again.close()
 
 
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_best_checkpoint_kept_beside_the_latest(tmp_path, mode):
+    """best_fn: the best-scoring checkpoint survives LatestN, also across a restart; unscored ones rank last."""
+    mesh = mesh_lib.make_mesh(None)
+    directory = str(tmp_path / "ck")
+    scores = {1: 0.5, 2: 0.9, 3: None, 4: 0.6, 5: 0.7, 6: None}
+    if mode == "min":
+        scores = {s: (None if v is None else 1 - v) for s, v in scores.items()}
+    ck = TrainCheckpointer(directory, keep=2, async_save=False, best_fn=lambda m: m["accuracy"], best_mode=mode)
+    for s, v in scores.items():
+        assert ck.save(s, train_state(mesh, seed=s), metrics=None if v is None else {"accuracy": v})
+    assert ck.all_steps() == [2, 5, 6] and ck.best_step() == 2
+    assert ck.metrics(2) == {"accuracy": scores[2]} and ck.metrics(6) is None
+    ck.close()
+    again = TrainCheckpointer(directory, keep=2, async_save=False, best_fn=lambda m: m["accuracy"], best_mode=mode)
+    assert again.best_step() == 2
+    assert_trees_equal(again.restore(2, abstract_like(train_state(mesh))), train_state(mesh, seed=2))
+    again.save(7, train_state(mesh, seed=7), metrics={"accuracy": 0.95 if mode == "max" else 0.05})
+    assert again.all_steps() == [6, 7] and again.best_step() == 7  # a new best replaces the old one
+    again.close()
+    with TrainCheckpointer(str(tmp_path / "plain")) as plain:
+        with pytest.raises(ValueError, match="needs best_fn"):
+            plain.save(1, train_state(mesh), metrics={"accuracy": 1.0})
+        assert plain.best_step() is None
+
+
 def test_empty_directory_and_bad_arguments(tmp_path):
     with TrainCheckpointer(str(tmp_path / "empty")) as ck:
         assert ck.latest_step() is None

@@ -33,7 +33,7 @@ def test_recipe_argument_after_colon_selects_the_variant(tmp_path):
     r = _main("--config=configs/finetune.py:ms1mv3,10pct", "--config.task=info", workdir=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     config = json.load(open(tmp_path / "info.json"))["config"]
-    assert (config["model"]["dim"], config["data"]["subset"]["fraction"]) == (768, 0.1)
+    assert (config["model"]["dim"], config["data"]["subset"]["partition"]) == (768, 0.1)
     r = _main("--config=configs/finetune.py:bogus", workdir=tmp_path)
     assert r.returncode != 0 and "bogus" in r.stderr
 

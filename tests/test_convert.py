@@ -86,7 +86,10 @@ def test_cli_part_fvit_tiny_with_and_without_head(tiny, tmp_path):
     assert main(["--kind", "part_fvit", "--src", str(src), "--out", str(tmp_path / "out"), "--preset", "tiny",
                  "--color-order", "bgr"]) == 0
     variables, meta = load_variables(str(tmp_path / "out"))
-    assert meta["kind"] == "part_fvit" and meta["normalization"] == "[-1,1]" and meta["color_order"] == "bgr"
+    assert meta["kind"] == "part_fvit" and meta["color_order"] == "bgr"  # given on the command line
+    # by default the official evaluation's x/255 - 0.5 (IJB_evaluation.py), supervised, landmark patches
+    assert meta["normalization"] == "[-0.5,0.5]" and meta["official_input"]["normalization"] == "[-0.5,0.5]"
+    assert (meta["method"], meta["patch_order"]) == ("supervised", "landmarks")
     assert meta["source"] == os.path.abspath(src) and meta["model"]["preset"] == "tiny"
     assert presets.model_config_from_dict(meta["model"]).num_landmarks == 49
     np.testing.assert_array_equal(variables["classifier"]["centers"], mirror.state_dict()["loss.weight"].numpy())
@@ -132,6 +135,7 @@ def test_cli_plain_fvit(tmp_path):
           "--drop-head", "--strict"])
     variables, meta = load_variables(str(tmp_path / "out"))
     assert meta["model"]["kind"] == "fvit" and set(variables) == {"params"}
+    assert (meta["patch_order"], meta["normalization"], meta["color_order"]) == ("grid", "[-1,1]", "rgb")
     model = presets.build_model(presets.model_config_from_dict(meta["model"]))
     out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, nhwc(images))
     np.testing.assert_allclose(np.asarray(out), emb.numpy(), atol=TOL)
@@ -177,6 +181,9 @@ def test_cli_lafs_ssl_backbone_and_dino_head(ssl_case, tmp_path, which):
     main(argv + ([] if which == "teacher" else ["--which", "student"]))
     variables, meta = load_variables(str(tmp_path / "out"))
     assert meta["which"] == which and "backbone.loss.weight" in meta["conversion"]["dropped"]
+    # the official SSL loader never swaps channels: the released WebFace4M SSL checkpoints saw swapped content
+    assert (meta["method"], meta["patch_order"], meta["normalization"], meta["color_order"]) == \
+        ("lafs", "landmarks", "[-1,1]", "bgr")
     assert set(variables) == {"params", "dino_head", "dino_loss"}
     assert "encoder" in variables["params"] and "scale" not in variables["dino_head"]["last_layer"]
     np.testing.assert_array_equal(variables["dino_loss"]["center"], center.numpy())
@@ -190,6 +197,14 @@ def test_cli_lafs_ssl_drop_head(ssl_case, tmp_path):
     main(["--kind", "lafs_ssl", "--src", str(path), "--out", str(tmp_path / "out"), "--preset", "tiny", "--drop-head"])
     variables, _ = load_variables(str(tmp_path / "out"))
     assert set(variables) == {"params"} and "cls_token" in variables["params"]
+    # a DINO-face container: grid patches and DataAugmentationDINO's ImageNet normalisation
+    main(["--kind", "lafs_ssl", "--src", str(path), "--out", str(tmp_path / "dino"), "--preset", "tiny", "--drop-head",
+          "--method", "dino", "--color-order", "rgb"])
+    _, meta = load_variables(str(tmp_path / "dino"))
+    assert (meta["method"], meta["patch_order"], meta["normalization"], meta["color_order"]) == \
+        ("dino", "grid", "imagenet", "rgb")
+    with pytest.raises(SystemExit, match="--method 'lafs' does not go with --kind 'part_fvit'"):
+        main(["--kind", "part_fvit", "--src", str(path), "--out", str(tmp_path / "x"), "--method", "lafs"])
 
 
 def test_trainable_weight_g_converts_and_fixed_g_must_be_one(ssl_case):
@@ -269,3 +284,22 @@ def test_metadata_is_json_and_names_the_model(tiny):
     meta = mapping.metadata("part_fvit", cfg, "/x.pth", color_order="rgb")
     restored = presets.model_config_from_dict(json.loads(json.dumps(meta))["model"])
     assert restored.landmark.blocks == cfg.landmark.blocks and restored.kind == "part_fvit"
+
+
+class _CreatesFile:
+    """Unpickling this calls open(path, 'w')."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoint_that_would_create_a_file_is_refused(tmp_path):
+    """convert's torch.load is weights_only (a restricted unpickler) unless --unsafe-load."""
+    target = tmp_path / "created_by_pickle.txt"
+    torch.save({"state_dict": {}, "payload": _CreatesFile(str(target))}, tmp_path / "evil.pth")
+    with pytest.raises(SystemExit, match=r"evil.pth: torch.load failed \(if you trust the file"):
+        load_torch_checkpoint(str(tmp_path / "evil.pth"))
+    assert not target.exists()

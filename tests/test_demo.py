@@ -63,3 +63,17 @@ def test_stage_configs_wire_the_chain(tmp_path):
     assert configs["finetune_scratch"].init.landmark_cnn == configs["finetune_lafs"].init.landmark_cnn == stage1_backbone
     assert configs["finetune_lafs"].loss.sample_rate < 1.0
     assert all(c.data.path == str(tmp_path / "data" / "train") for c in configs.values())
+
+
+def test_stage_configs_are_valid_and_decay_layers_only_from_lafs(tmp_path):
+    """Stage 1 and the scratch run train a random ViT (layer_decay 1.0), the LAFS run fine-tunes the
+    teacher with the paper's 0.58; each stage config passes fine-tuning's validation."""
+    from lafs_jax.train import finetune
+
+    configs = demo.stage_configs(demo_config.get_config(), str(tmp_path))
+    for d in ("stage1/backbone", "pretrain/teacher_backbone", "data"):
+        os.makedirs(tmp_path / d)
+    open(tmp_path / "data" / "verification.bin", "wb").close()
+    assert [configs[n].optim.layer_decay for n in ("stage1", "finetune_scratch", "finetune_lafs")] == [1.0, 1.0, 0.58]
+    for name in ("stage1", "finetune_scratch", "finetune_lafs"):
+        finetune.validate(configs[name])

@@ -6,6 +6,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 
@@ -146,6 +147,38 @@ def test_parameter_average_follows_its_formula_and_leaves_training_alone():
     assert np.max(np.abs(ema - history[-1])) > 1e-3  # the average lags the params: the check can fail
 
 
+def test_parameter_average_moves_once_per_update_under_accumulation():
+    """accum_steps=2 (optax.MultiSteps): the average moves only when the parameters do, with the decay
+    of the update count t = 1, 2, ...; replayed in numpy from the parameter history."""
+    params = {"backbone": {"w": jnp.array([1.0, -2.0, 3.0])}, "centers": jnp.ones((2, 3))}
+    target = np.array([0.5, 0.5, -1.0], np.float32)
+
+    def loss_fn(p, batch_stats, teacher_vars, batch, key, reg_weight):
+        loss = jnp.sum(jnp.square(p["backbone"]["w"] * batch["x"] - target)) + jnp.sum(p["centers"] ** 2)
+        return loss, ({"loss": loss}, batch_stats)
+
+    tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2, use_grad_mean=True).gradient_transformation()
+    step = jax.jit(finetune.make_train_step(loss_fn, tx, jax.random.key(0), 0.9))
+    state = {"step": jnp.int32(0), "params": params, "batch_stats": {}, "opt_state": tx.init(params),
+             "ema": params["backbone"]}
+    ema, t = np.array([1.0, -2.0, 3.0]), 0
+    previous = np.asarray(params["backbone"]["w"])
+    for i in range(12):
+        state, metrics = step(state, {}, {"x": np.float32(1.0 + 0.1 * i)}, np.float32(0))
+        w = np.asarray(state["params"]["backbone"]["w"])
+        if i % 2 == 1:  # the inner optimizer stepped on the second micro-batch of each pair
+            assert not np.array_equal(w, previous)
+            t += 1
+            d = min(0.9, (1 + t) / (10 + t))
+            ema = d * ema + (1 - d) * w
+            assert float(metrics["ema_decay"]) == pytest.approx(d)
+        else:
+            np.testing.assert_array_equal(w, previous)
+        previous = w
+        np.testing.assert_allclose(np.asarray(state["ema"]["w"]), ema, rtol=1e-6)
+    assert t == 6
+
+
 def test_lr_scaling_counts_the_images_of_one_update():
     """With accumulation, linear lr scaling uses batch x accum_steps (the images behind one AdamW update)."""
     config = finetune_recipe.get_config("tiny")
@@ -188,6 +221,56 @@ def test_frozen_landmark_cnn_gives_eval_mode_landmarks_and_no_gradient(setup):
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_live["backbone"]["landmark_cnn"])) > 0
 
 
+class _FlatDense(nn.Module):
+    """A stand-in backbone (images -> Dense embedding) so the loss wiring compiles in a second."""
+
+    @nn.compact
+    def __call__(self, images, train, landmarks=None):
+        return nn.Dense(16)(images.reshape(images.shape[0], -1))
+
+
+def test_arcface_fallback_reaches_the_loss():
+    """loss.arcface_fallback is what the step's margin uses: with targets at theta = pi (cos -1) ArcFace's
+    th/mm fallback changes the loss, and the step's loss equals partial_fc_loss with that fallback."""
+    config = finetune_recipe.get_config("tiny")
+    config.loss.m2, config.loss.m3 = 0.5, 0.0
+    mesh = mesh_lib.make_mesh()
+    model, c = _FlatDense(), 6
+    images = np.asarray(jax.random.normal(jax.random.key(0), (8, 4, 4, 3)))
+    variables = model.init(jax.random.key(1), images, train=False)
+    emb = np.asarray(model.apply(variables, images, train=False))
+    label = np.arange(8, dtype=np.int32) % c
+    centers = np.zeros((8, 16), np.float32)
+    centers[:c] = -emb[:c]  # samples 0..c-1 sit at theta = pi from their class centre
+    params = {"backbone": variables["params"], "centers": jnp.asarray(centers)}
+    batch = {"image": images, "label": label, "label2": label, "lam": np.ones(8, np.float32)}
+    labels = {k: batch[k] for k in ("label", "label2", "lam")}
+    got = {}
+    for fallback in ("th_mm", "none"):
+        config.loss.arcface_fallback = fallback
+        loss_fn = finetune.make_loss_fn(model, None, config, mesh, c)
+        _, (metrics, _) = jax.jit(loss_fn)(params, {}, {}, batch, jax.random.key(2), np.float32(0))
+        direct = jax.jit(lambda e, w: partial_fc.partial_fc_loss(e, labels, w, jax.random.key(0), mesh=mesh,
+                                                                 num_classes=c, m2=0.5, s=config.loss.s,
+                                                                 fallback=fallback))
+        want, _ = direct(jnp.asarray(emb), params["centers"])
+        assert float(metrics["cls_loss"]) == pytest.approx(float(want), rel=1e-5)
+        got[fallback] = float(metrics["cls_loss"])
+    assert abs(got["th_mm"] - got["none"]) > 1e-2
+    assert finetune_recipe.get_config().loss.arcface_fallback == "th_mm"  # InsightFace's ArcFace
+
+
+def test_centers_init_default_is_the_official_xavier_uniform():
+    config = finetune_recipe.get_config("tiny")
+    mesh = mesh_lib.make_mesh()
+    w = np.asarray(finetune.make_centers(config, jax.random.key(0), 1001, 64, mesh))
+    assert config.loss.centers_init == "xavier_uniform"
+    assert abs(w[:1001].std() - np.sqrt(2.0 / (1001 + 64))) < 1e-3  # 0.043, not 0.01
+    config.loss.centers_init = "normal_0.01"
+    w = np.asarray(finetune.make_centers(config, jax.random.key(0), 1001, 64, mesh))
+    assert abs(w[:1001].std() - 0.01) < 5e-4
+
+
 def test_landmark_weight_schedule():
     reg = finetune_recipe.get_config("tiny").landmark_reg
     reg.mode = "schedule"
@@ -227,6 +310,80 @@ def test_initialisation_from_variables_directories(tmp_path):
         finetune.initial_variables(config, variables)
 
 
+def test_patch_order_mismatch_is_refused_unless_asked_for(tmp_path):
+    """A DINO-face (grid) teacher into Part fViT names both layouts; the explicit Table 7 (4) switch
+    allows it; a LAFS teacher, and directories written before patch_order was recorded, are judged by
+    their method / model kind."""
+    config = finetune_recipe.get_config("tiny")
+    init = jax.jit(lambda k: presets.init_variables(config.model, k))
+    variables = jax.tree.map(np.asarray, init(jax.random.key(0)))
+    vit = {"params": variables["params"]["vit"]}
+    checkpoint.save_variables(str(tmp_path / "dino"), vit, {"kind": "token_vit", "method": "dino", "patch_order": "grid"})
+    checkpoint.save_variables(str(tmp_path / "old_dino"), vit, {"kind": "token_vit", "method": "dino"})
+    checkpoint.save_variables(str(tmp_path / "lafs"), vit, {"kind": "token_vit", "method": "lafs",
+                                                            "patch_order": "landmarks"})
+    for name in ("dino", "old_dino"):
+        config.init.backbone = str(tmp_path / name)
+        with pytest.raises(ConfigError, match=r"pretrained by 'dino' on 'grid' patches .* model\.kind='part_fvit' "
+                                              r"feeds 'landmarks' patches.*allow_patch_order_change"):
+            finetune.initial_variables(config, variables)
+    config.init.allow_patch_order_change = True
+    out, _ = finetune.initial_variables(config, variables)
+    jax.tree.map(np.testing.assert_array_equal, out["params"]["vit"], vit["params"])
+    config.init.allow_patch_order_change = False
+    config.init.backbone = str(tmp_path / "lafs")
+    finetune.initial_variables(config, variables)
+    assert finetune.backbone_metadata(config)["patch_order"] == "landmarks"
+
+
+def test_standard_grid_model_feeds_grid_patches_with_coordinate_noise(tmp_path):
+    """model.kind='part_fvit_grid' (official use_standcoord): the tokens are plain-fViT grid patches of the
+    half-pixel-shifted image; in training the centres get N(0, 3^2) px noise and, with grid_shuffle, are
+    resampled with replacement; evaluation uses the plain grid; a LAFS teacher needs the Table 7 (4) switch."""
+    from lafs_jax.models import sampling, vit as vit_lib
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    centers = jnp.broadcast_to(sampling.standard_grid_centers(16, 4), (2, 16, 2))
+    assert [tuple(map(float, centers[0, n])) for n in (0, 1, 4)] == [(2.0, 2.0), (2.0, 6.0), (6.0, 2.0)]  # x-major
+    tokens = sampling.grid_layout(sampling.sample_patches(jnp.asarray(images), centers, 4), 4)
+    padded = np.pad(images, ((0, 0), (1, 0), (1, 0), (0, 0)))
+    shifted = 0.25 * (padded[:, :-1, :-1] + padded[:, :-1, 1:] + padded[:, 1:, :-1] + padded[:, 1:, 1:])
+    np.testing.assert_allclose(np.asarray(tokens), np.asarray(vit_lib.patchify(jnp.asarray(shifted), 4)), atol=1e-5)
+
+    config = finetune_recipe.get_config("tiny")
+    config.model.kind, config.model.image_size = "part_fvit_grid", 32
+    model = presets.build_model(config.model)
+    x = jnp.asarray(rng.uniform(-1, 1, (32, 32, 32, 3)), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, x[:1], train=False))(jax.random.key(0))
+    assert set(variables["params"]) == {"vit"}
+    grid = np.asarray(sampling.standard_grid_centers(32, 8))
+
+    def centres(m, train):  # the backbone's centres only (its ViT output is not needed here)
+        return np.asarray(jax.jit(lambda v: m.apply(v, x, train=train, rngs={"dropout": jax.random.key(1)})[1])(
+            variables))
+
+    np.testing.assert_array_equal(centres(model, False), np.broadcast_to(grid, (32, 16, 2)))
+    d = centres(model, True) - grid
+    assert abs(d.std() - 3.0) < 0.2 and abs(d.mean()) < 0.2
+    config.model.grid_noise_std, config.model.grid_shuffle = 0.0, True
+    shuffled = centres(presets.build_model(config.model), True)
+    index = (shuffled[..., 0] - 4) / 8 * 4 + (shuffled[..., 1] - 4) / 8  # every centre is a grid point
+    np.testing.assert_array_equal(index, np.round(index))
+    assert any(len(set(row)) < 16 for row in index.tolist())
+
+    config.eval.bins = ()
+    finetune.validate(config)
+    assert presets.patch_order(config.model) == "grid"
+    checkpoint.save_variables(str(tmp_path / "lafs"), {"params": variables["params"]["vit"]},
+                              {"kind": "token_vit", "method": "lafs", "patch_order": "landmarks"})
+    config.init.backbone = str(tmp_path / "lafs")
+    with pytest.raises(ConfigError, match="'landmarks' patches .* feeds 'grid' patches"):
+        finetune.initial_variables(config, jax.tree.map(np.asarray, variables))
+    config.init.allow_patch_order_change = True
+    finetune.initial_variables(config, jax.tree.map(np.asarray, variables))
+
+
 def test_config_errors_name_the_key(tmp_path):
     def expect(key, **changes):
         config = finetune_recipe.get_config("tiny")
@@ -250,12 +407,42 @@ def test_config_errors_name_the_key(tmp_path):
     expect(r"total_steps", total_steps=0)
     expect(r"loss\.centers_optimizer", loss__centers_optimizer="lamb")
     expect(r"ema_decay", ema_decay=1.0)
+    expect(r"loss\.centers_init", loss__centers_init="zeros")
+    expect(r"loss\.arcface_fallback", loss__arcface_fallback="hard")
+    expect(r"loss\.arcface_fallback.*needs loss\.m1 = 1", loss__m1=2.0)
     expect(r"freeze_landmark_cnn", freeze_landmark_cnn=True, model__kind="fvit")
     expect(r"landmark_reg\.mode", freeze_landmark_cnn=True, landmark_reg__mode="constant")
-    with pytest.raises(ValueError, match="unknown subset"):
-        finetune_recipe.get_config("webface4m,3pct")
+    for bad in ("webface4m,3pct", "webface4m,1pct,10pct", "tiny,1shot"):
+        with pytest.raises(ValueError, match="unknown subset"):
+            finetune_recipe.get_config(bad)
     c = finetune_recipe.get_config("ms1mv3,1pct")
-    assert (c.data.subset.kind, c.data.subset.fraction, c.data.finetune.mixup_prob) == ("identities", 0.01, 0.2)
+    assert (c.data.subset.partition, c.data.subset.k, c.data.finetune.mixup_prob) == (0.01, 0, 0.2)
+    s = finetune_recipe.get_config("webface4m,1shot,1pct").data.subset  # the official "1% with 1-shot"
+    assert (s.k, s.k_draw, s.partition, s.identity_fraction) == (1, "first", 0.01, 1.0)
+    s = finetune_recipe.get_config("webface4m,10shot,10pct,random").data.subset  # seeded random draws
+    assert (s.k, s.k_draw, s.partition, s.identity_fraction) == (10, "random", 1.0, 0.1)
+
+
+def test_layer_decay_from_scratch_is_a_config_error(tmp_path):
+    """Layer-wise lr decay < 1 needs a pretrained backbone (or the explicit allow flag)."""
+    config = finetune_recipe.get_config("tiny")
+    config.eval.bins = ()
+    assert config.optim.layer_decay == 1.0 and config.init.backbone == ""
+    finetune.validate(config)
+    config.optim.layer_decay = 0.58
+    with pytest.raises(ConfigError, match=r"optim\.layer_decay=0\.58 .*from scratch.*allow_layer_decay_from_scratch"):
+        finetune.validate(config)
+    config.optim.allow_layer_decay_from_scratch = True
+    finetune.validate(config)
+    config.optim.allow_layer_decay_from_scratch = False
+    os.makedirs(tmp_path / "teacher")
+    config.init.backbone = str(tmp_path / "teacher")
+    finetune.validate(config)
+    # the recipes: 0.58 for the pretrained-backbone variants, 1.0 where the official script never applies it
+    assert finetune_recipe.get_config("webface4m").optim.layer_decay == 0.58
+    assert finetune_recipe.get_config("ms1mv3,1shot").optim.layer_decay == 0.58
+    official = finetune_recipe.get_config("official")
+    assert official.optim.layer_decay == 1.0 and official.data.color_order == "bgr"
 
 
 class _SigtermAt:
@@ -287,11 +474,22 @@ def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monke
     config.eval.bins = (str(tmp_path / "pairs.bin"),)
     config.eval.batch_size = 120
     config.total_steps = 24
-    config.eval.every_steps = 1000  # at the start and the last step only
+    config.eval.every_steps = 12  # at the start, step 12 and the last step
     config.checkpoint.every_steps = 1000
     config.ema_decay = 0.9  # the parameter average is part of the resumed state and is what is saved
     full = finetune.run(config, str(tmp_path / "full"))
     assert full["verification"]["pairs"] > full["initial_verification"]["pairs"] + 0.05, full
+    # every evaluated step is checkpointed with its accuracy; the best one is WORKDIR/backbone_best
+    accuracy = {r["step"]: r["val/pairs/accuracy"] for r in loop_utils.read_metrics(str(tmp_path / "full"))
+                if "val/pairs/accuracy" in r and r["step"] > 0}
+    best_step = max(accuracy, key=accuracy.get)
+    best, best_meta = checkpoint.load_variables(str(tmp_path / "full" / finetune.BEST_BACKBONE_DIR))
+    assert sorted(accuracy) == [12, 24] and best_meta["step"] == best_step
+    assert best_meta["verification"]["accuracy"] == pytest.approx(accuracy[best_step])
+    with checkpoint.TrainCheckpointer(str(tmp_path / "full" / "checkpoints"),
+                                      best_fn=finetune.verification_score) as ckpt:
+        assert ckpt.all_steps() == [12, 24] and ckpt.best_step() == best_step
+        jax.tree.map(np.testing.assert_array_equal, best["params"], ckpt.restore(best_step)["ema"])
 
     real_guard = loop_utils.preemption_guard
 

@@ -76,3 +76,42 @@ def test_errors_name_the_file(tmp_path):
         load_bin(str(tmp_path / "bad.bin"), 16)
     with pytest.raises(ValueError, match="4 images for 1 pairs"):
         save_bin(str(tmp_path / "x.bin"), np.zeros((4, 8, 8, 3), np.uint8), [True])
+
+
+class _CreatesFile:
+    """Unpickling this calls open(path, 'w'): a pickle that writes a file while it loads."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_bin_that_would_create_a_file_is_refused(tmp_path):
+    target = tmp_path / "created_by_pickle.txt"
+    blob = pickle.dumps(([_CreatesFile(str(target)), b"x"], [True]), protocol=2)
+    pickle.loads(blob)[0][0].close()  # a plain pickle.load runs it: the file appears
+    assert target.exists()
+    target.unlink()
+    (tmp_path / "evil.bin").write_bytes(blob)
+    with pytest.raises(VerificationBinError, match=r"evil.bin: refused to unpickle the global 'io.open'"):
+        load_bin(str(tmp_path / "evil.bin"), 16)
+    assert not target.exists()
+    (tmp_path / "system.bin").write_bytes(b"cos\nsystem\n(S'touch " + str(target).encode() + b"'\ntR.")
+    with pytest.raises(VerificationBinError, match=r"system.bin: refused to unpickle the global 'os.system'"):
+        load_bin(str(tmp_path / "system.bin"), 16)
+    assert not target.exists()
+
+
+def test_numpy_arrays_and_protocol2_bytes_are_allowed(tmp_path):
+    """Some published .bin files hold the JPEGs as numpy uint8 arrays and numpy bools; Python 3 at
+    protocol 2 writes bytes through _codecs.encode. All of these load."""
+    ims, _ = _pairs(n=2)
+    encoded = [np.frombuffer(image_lib.encode_image(im, "PNG"), np.uint8) for im in ims]
+    encoded[1] = encoded[1].tobytes()
+    with open(tmp_path / "np.bin", "wb") as f:
+        pickle.dump((encoded, np.array([True, False])), f, protocol=2)
+    got, same = load_bin(str(tmp_path / "np.bin"), 16)
+    np.testing.assert_array_equal(got, ims)
+    assert list(same) == [True, False]

@@ -413,3 +413,17 @@ def test_full_step_keeps_w_and_moments_split_in_the_compiled_program():
     mem = compiled_memory(compiled)
     assert rows * d * 3 * 4 // 8 <= mem["argument"] < rows * d * 3 * 4 // 8 + 2 ** 16
     assert mem["temp"] < rows * d * 4  # less than one replicated copy of W
+
+
+def test_init_centers_xavier_uniform_as_the_official_cosface_weight():
+    """torch.nn.init.xavier_uniform_ on W[C, D]: U(-a, a), a = sqrt(6 / (C + D)); std sqrt(2 / (C + D))."""
+    mesh = mesh_of()
+    c, d = 1001, 64
+    a = np.asarray(pfc.init_centers(jax.random.key(0), c, d, mesh, init="xavier_uniform"))
+    assert a.shape == (1008, d) and np.all(a[c:] == 0)
+    limit = np.sqrt(6.0 / (c + d))
+    assert np.abs(a[:c]).max() <= limit and np.abs(a[:c]).max() > 0.99 * limit
+    assert abs(a[:c].std() - np.sqrt(2.0 / (c + d))) < 1e-3
+    assert abs(np.sqrt(2.0 / (205990 + 768)) - 0.0031) < 1e-4  # the official WebFace4M head's std
+    with pytest.raises(ValueError, match="init='kaiming'"):
+        pfc.init_centers(jax.random.key(0), c, d, mesh, init="kaiming")

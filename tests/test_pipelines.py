@@ -373,7 +373,7 @@ def test_eval_batches_split_over_processes_restore_order():
 # ---------------- config and sources ----------------
 
 @pytest.mark.parametrize("key,value", [("format", "lmdb"), ("color_order", "brg"), ("normalization", "[0,1]"),
-                                       ("subset.kind", "half"), ("finetune.mixup_prob", 1.5),
+                                       ("subset.k_draw", "half"), ("subset.partition", 0.0), ("finetune.mixup_prob", 1.5),
                                        ("dino.local_scale", (0.5, 0.1)), ("workers", -1)])
 def test_bad_config_values_name_the_key(key, value):
     dc = P.data_config()
@@ -398,7 +398,7 @@ def test_make_source_for_each_format(tmp_path):
         src = P.make_source(dc)
         assert len(src) == n and src.num_classes == 3
     dc.format, dc.path = "rec", prefix
-    dc.subset.kind, dc.subset.k = "kshot", 1
+    dc.subset.k = 1
     sub = P.make_source(dc)
     assert len(sub) == 3 and sub.num_classes == 3
     dc.path = ""

@@ -316,6 +316,73 @@ def test_view_token_counts():
     assert v["global"].shape == (8, 2, 16, 192) and v["local"].shape == (8, 2, 4, 192)
 
 
+def _ramp_batch(config, seed=0):
+    """A LAFS batch whose augmented views encode position: channel 0 = x, channel 1 = y (pixels), so a
+    patch's centre tap reads back where it was sampled."""
+    batch = jax.tree.map(jnp.asarray, _batch(config, seed))
+    s = config.data.lafs.view_size
+    ramp = np.stack([*np.meshgrid(np.arange(s), np.arange(s), indexing="xy"), np.zeros((s, s))], -1)
+    for kind in ("global", "local"):
+        batch[f"{kind}_aug"] = jnp.broadcast_to(jnp.asarray(ramp, jnp.float32), batch[f"{kind}_aug"].shape)
+    return batch
+
+
+def _centre_taps(tokens, patch_size):
+    """(x, y) at offset (0, 0) of each token (the tap at index P/2), plus grid_sample's half pixel."""
+    tap = (patch_size // 2 * patch_size + patch_size // 2) * 3
+    return np.asarray(tokens[..., tap:tap + 2]) + 0.5
+
+
+def test_random_landmarks_feed_uniform_positions_without_the_landmark_cnn():
+    """lafs.random_landmarks (official random_coor): uniform positions over the view, a fresh draw per view,
+    not the landmark CNN's; local views take num_local_landmarks of them."""
+    c = _small_config("lafs")
+    c.unlock()
+    c.lafs.random_landmarks = True
+    c.lock()
+    nets = pretrain.build_networks(c)
+    lm = _init_landmarks(nets, 0)
+    batch = _ramp_batch(c)
+    v = pretrain.make_views(nets, c, batch, lm, jax.random.key(0))
+    assert v["global"].shape == (8, 2, 16, 192) and v["local"].shape == (8, 2, 4, 192)
+    xy = _centre_taps(v["global"], 8)
+    inside = xy[(xy > 1).all(-1) & (xy < SIZE - 1).all(-1)]
+    assert len(inside) > 0.8 * xy.reshape(-1, 2).shape[0]
+    assert abs(inside.mean() - (SIZE - 1) / 2) < 1.5 and abs(inside.std() - (SIZE - 1) / np.sqrt(12)) < 1.0
+    assert not np.allclose(xy[:, 0], xy[:, 1])  # the two global views draw their own positions
+    cnn = np.asarray(nets.landmark_cnn.apply(lm, batch["global_clean"].reshape(16, SIZE, SIZE, 3), train=False))
+    assert np.abs(xy.reshape(16, 16, 2) - cnn).mean() > 3.0
+
+
+def test_global_resample_draws_the_cnn_landmarks_with_replacement():
+    """lafs.global_resample: each global token is one of its view's landmark-CNN patches, drawn with
+    replacement; off (official LAFS), all R in order."""
+    c = _small_config("lafs")
+    c.unlock()
+    c.lafs.noise_std = 0.0
+    c.lock()
+    nets = pretrain.build_networks(c)
+    lm = _init_landmarks(nets, 0)
+    batch = jax.tree.map(jnp.asarray, _batch(c))
+    plain = np.asarray(pretrain.make_views(nets, c, batch, lm, jax.random.key(0))["global"])
+    expected = sample_patches(batch["global_aug"].reshape(16, SIZE, SIZE, 3),
+                              nets.landmark_cnn.apply(lm, batch["global_clean"].reshape(16, SIZE, SIZE, 3), train=False),
+                              8)
+    np.testing.assert_allclose(plain.reshape(16, 16, -1), np.asarray(expected), atol=1e-5)
+    c.unlock()
+    c.lafs.global_resample = True
+    c.lock()
+    resampled = np.asarray(pretrain.make_views(nets, c, batch, lm, jax.random.key(0))["global"]).reshape(16, 16, -1)
+    plain = plain.reshape(16, 16, -1)
+    picked = np.array([[np.flatnonzero(np.abs(plain[r] - t).max(-1) < 1e-6)[0] for t in resampled[r]]
+                       for r in range(16)])  # raises IndexError if a token is not one of the view's patches
+    assert any(len(set(row)) < 16 for row in picked) and not all((row == np.arange(16)).all() for row in picked)
+    c.unlock()
+    c.lafs.random_landmarks = True
+    with pytest.raises(ConfigError, match="lafs.global_resample"):
+        pretrain.validate_config(c)
+
+
 def test_one_device_and_eight_devices_agree(lafs_trainer):
     """8 devices (batch split 8 ways, MLP kernels and their Adam moments split over 'model') vs 1."""
     from jax.sharding import PartitionSpec as P
@@ -342,6 +409,29 @@ def test_one_device_and_eight_devices_agree(lafs_trainer):
     np.testing.assert_allclose(c8, c1, rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(s8), jax.tree.leaves(s1)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dino_face_recipe_follows_the_official_data_augmentation_dino():
+    """configs/dino_pretrain.py against DataAugmentationDINO and lafs_train.py's argparse defaults: local
+    crops at scale (0.05, 0.4), ImageNet mean/std, teacher temperature 0.07 -> 0.04 over 30 epochs, the
+    teacher in train mode; the ImageNet normalisation is what the batches and the embedder feed."""
+    from lafs_jax.eval import embed
+    from lafs_jax.input import transforms
+
+    spec = importlib.util.spec_from_file_location("recipe_dino_base", os.path.join(ROOT, "configs", "dino_pretrain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    assert tuple(c.data.dino.local_scale) == (0.05, 0.4) and tuple(c.data.dino.global_scale) == (0.4, 1.0)
+    assert (c.data.dino.global_size, c.data.dino.local_size, c.data.dino.local_crops) == (112, 48, 8)
+    assert c.data.normalization == "imagenet"
+    assert (c.dino.warmup_teacher_temp, c.dino.teacher_temp, c.dino.warmup_teacher_temp_epochs) == (0.07, 0.04, 30)
+    assert c.dino.teacher_train_mode is True
+    pretrain.validate_config(c)
+    image = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    want = (image / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(transforms.normalize(image, "imagenet"), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(embed.preprocess(jnp.asarray(image), "imagenet")), want, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_config_values_name_the_key():
@@ -467,8 +557,9 @@ def test_full_run_writes_teacher_backbone_and_scalars(tmp_path, data_prefix):
     assert "img_per_sec" in rows[-1] and "step_time_ms" in rows[-1]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(work))
     variables, meta = variables_lib.load_variables(os.path.join(work, pretrain.TEACHER_BACKBONE_DIR))
-    assert meta["kind"] == "token_vit" and meta["normalization"] == "[-1,1]" and meta["color_order"] == "rgb"
+    assert meta["kind"] == "token_vit" and meta["normalization"] == "imagenet" and meta["color_order"] == "rgb"
     assert meta["model"]["kind"] == "fvit" and meta["model"]["dim"] == 48
+    assert (meta["method"], meta["patch_order"]) == ("dino", "grid")
     state = _restore_state(work, 3)
     for x, y in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state["teacher"]["backbone"]["vit"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -164,7 +164,7 @@ def test_sources_pickle(face_rec):
     src[0]
     copy = pickle.loads(pickle.dumps(src))
     np.testing.assert_array_equal(copy[5]["image"], src[5]["image"])
-    sub = subsets.make_subset(src, "kshot", k=1, seed=0)
+    sub = subsets.make_subset(src, k=1, k_draw="random", seed=0)
     assert pickle.loads(pickle.dumps(sub))[0]["label"] == sub[0]["label"]
 
 
@@ -271,6 +271,9 @@ LABELS = np.repeat(np.arange(20), np.arange(1, 21))  # class c has c+1 images (1
 
 @pytest.mark.parametrize("k", [1, 2, 4, 10])
 def test_k_shot_exactly_k_per_kept_identity(k):
+    first = subsets.k_shot_indices(LABELS, k, draw="first")
+    starts = np.searchsorted(LABELS, np.arange(k - 1, 20))  # each kept identity's first k images
+    np.testing.assert_array_equal(first, (starts[:, None] + np.arange(k)).reshape(-1))
     idx = subsets.k_shot_indices(LABELS, k, seed=3)
     assert np.all(np.diff(idx) > 0)
     kept, counts = np.unique(LABELS[idx], return_counts=True)
@@ -299,17 +302,34 @@ def test_identity_fraction(fraction, expected):
     np.testing.assert_array_equal(idx, subsets.identity_fraction_indices(LABELS, fraction, seed=1))
 
 
+def test_partition_is_the_first_fraction_of_the_images_after_k_shot():
+    """The official FaceDataset(partition=p): the first int(N * p) images in data set order, here of the
+    k-shot subset (the README's "1% with 1-shot"); not a random draw, and the same for every seed."""
+    labels = np.repeat(np.arange(200), 5)  # 200 identities x 5 images
+    idx = subsets.subset_indices(labels, k=2, partition=0.1, seed=0)
+    np.testing.assert_array_equal(idx, (np.arange(20)[:, None] * 5 + np.arange(2)).reshape(-1)[:40])
+    np.testing.assert_array_equal(idx, subsets.subset_indices(labels, k=2, partition=0.1, seed=9))
+    np.testing.assert_array_equal(subsets.subset_indices(labels, partition=0.013), np.arange(13))  # int(1000 * 0.013)
+    assert len(np.unique(labels[idx])) == 20
+    rand = subsets.subset_indices(labels, k=2, k_draw="random", identity_fraction=0.1, seed=0)
+    assert len(rand) == 40 and len(np.unique(labels[rand])) == 20 and labels[rand].max() > 20  # random identities
+    with pytest.raises(ValueError, match="partition must be in"):
+        subsets.subset_indices(labels, partition=0.0)
+
+
 def test_subset_source_remaps_labels(face_rec):
     prefix, ims = face_rec
     src = sources.FaceRecordSource(prefix)
-    sub = subsets.make_subset(src, "kshot", k=2, seed=0)  # identity 1 has one image: dropped
+    sub = subsets.make_subset(src, k=2, k_draw="random", seed=0)  # identity 1 has one image: dropped
     assert len(sub) == 4 and sub.num_classes == 2
     np.testing.assert_array_equal(sub.labels, [0, 0, 1, 1])
     for i in range(len(sub)):
         assert sub[i]["label"] == sub.labels[i]
         np.testing.assert_array_equal(sub[i]["image"], src[int(sub.indices[i])]["image"])
-    ident = subsets.make_subset(src, "identities", fraction=0.34, seed=0)
+    ident = subsets.make_subset(src, identity_fraction=0.34, seed=0)
     assert ident.num_classes == 1 and set(ident.labels) == {0}
-    assert subsets.make_subset(src, "none") is src
-    with pytest.raises(ValueError, match="subset kind 'half'"):
-        subsets.make_subset(src, "half")
+    part = subsets.make_subset(src, partition=0.5)  # the first 3 of the 6 images: identity 0 only
+    assert part.num_classes == 1 and list(part.indices) == [0, 1, 2]
+    assert subsets.make_subset(src) is src
+    with pytest.raises(ValueError, match="subset k_draw='half'"):
+        subsets.make_subset(src, k=1, k_draw="half")

@@ -5,10 +5,13 @@
     python -m lafs_jax.convert --kind fvit --src fvit.pth --out runs/fvit --drop-head
 
 Options: --preset (model size, default base), --drop-head (drop the classifier / the DINO head),
---normalization and --color-order (recorded in metadata.json for evaluation to use; the supervised
-checkpoints were trained on RGB in [-1, 1]; LAFS SSL on WebFace4M saw BGR-ordered content, see
-reference/lafs.md §4.2), --strict (unexpected keys are errors), --unsafe-load (torch.load with
-weights_only=False, only for checkpoints you trust).
+--method (how the source was trained: supervised for part_fvit / fvit, lafs or dino for an SSL
+container; recorded with the patch layout its patch embedding learnt, which fine-tuning checks),
+--normalization and --color-order (recorded in metadata.json for evaluation to use; by default what
+the official code used for the kind, `mapping.OFFICIAL_INPUT`: the supervised Part fViT was
+evaluated on x/255 - 0.5 and true RGB, the LAFS SSL checkpoints saw [-1, 1] and the channel-swapped
+WebFace4M .rec, 'bgr'; see reference/lafs.md §4.2-4.3), --strict (unexpected keys are errors),
+--unsafe-load (torch.load with weights_only=False, only for checkpoints you trust).
 
 torch is needed only here, imported when the command runs.
 """
@@ -21,6 +24,7 @@ from typing import Any, Sequence
 
 from lafs_jax.convert import mapping
 from lafs_jax.variables import save_variables
+from lafs_jax.input.transforms import NORMALIZATIONS
 
 
 def load_torch_checkpoint(path: str, unsafe: bool = False) -> Any:
@@ -65,9 +69,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="model preset of lafs_jax.models.presets giving the target shapes (default base)")
     p.add_argument("--drop-head", action="store_true", help="drop the classifier (loss.weight) / DINO head")
     p.add_argument("--which", default="teacher", choices=mapping.WHICH, help="lafs_ssl: network to take")
-    p.add_argument("--normalization", default="[-1,1]", choices=["[-1,1]", "[-0.5,0.5]"],
-                   help="input normalisation recorded in the metadata")
-    p.add_argument("--color-order", default="rgb", choices=["rgb", "bgr"], help="colour order recorded in metadata")
+    p.add_argument("--method", default=None, choices=mapping.METHODS,
+                   help="how the source was trained (default: supervised; lafs for --kind lafs_ssl)")
+    p.add_argument("--normalization", default=None, choices=NORMALIZATIONS,
+                   help="input normalisation recorded in the metadata (default: the official evaluation's)")
+    p.add_argument("--color-order", default=None, choices=["rgb", "bgr"],
+                   help="colour order recorded in the metadata (default: what the official code fed the kind)")
     p.add_argument("--strict", action="store_true", help="fail on source keys the target does not use")
     p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")
     return p.parse_args(argv)
@@ -75,6 +82,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def convert_file(args: argparse.Namespace) -> tuple[dict, dict, mapping.ConversionReport]:
     """Read --src, convert, write --out; returns (variables, metadata, report)."""
+    try:
+        mapping.official_input(args.kind, args.method)  # a bad --method fails before the (slow) load
+    except mapping.ConversionError as e:
+        raise SystemExit(f"--src {args.src}: {e}") from None
     checkpoint = load_torch_checkpoint(args.src, args.unsafe_load)
     try:
         state, extras = mapping.select_state_dict(checkpoint, args.kind, args.which)
@@ -85,7 +96,7 @@ def convert_file(args: argparse.Namespace) -> tuple[dict, dict, mapping.Conversi
         raise SystemExit(f"--src {args.src}: {e}") from None
     meta = mapping.metadata(args.kind, cfg, os.path.abspath(args.src), normalization=args.normalization,
                             color_order=args.color_order, which=args.which if args.kind == "lafs_ssl" else None,
-                            report=report)
+                            report=report, method=args.method)
     save_variables(args.out, variables, meta)
     return variables, meta, report
 

@@ -36,6 +36,25 @@ from lafs_jax.models import presets
 
 KINDS = ("part_fvit", "fvit", "lafs_ssl")
 WHICH = ("teacher", "student")
+METHODS = ("supervised", "lafs", "dino")  # how the source network was trained
+DEFAULT_METHOD = {"part_fvit": "supervised", "fvit": "supervised", "lafs_ssl": "lafs"}
+
+# What the official code fed each released checkpoint kind (reference/lafs.md §4.2, §4.3), recorded in
+# the metadata unless the command line says otherwise. Normalisation: the official *evaluation*
+# (IJB_evaluation.py and the in-training verification feed x/255 - 0.5 to the supervised Part fViT,
+# though it trained on [-1, 1]; its partial last verification batch went un-normalised, a bug not
+# copied); the plain fViT divides by 255 inside its forward (x/255*2 - 1); SSL backbones have no
+# official evaluation and saw [-1, 1] (LAFS) or ImageNet mean/std (DataAugmentationDINO, the only
+# DINO-face evidence). Colour order, relative to true RGB: the supervised models saw true RGB (the
+# fine-tuning loader swaps a LAFS-packed WebFace4M .rec back); the LAFS SSL loader never swaps, so
+# the released (1-shot WebFace4M) SSL checkpoints saw channel-swapped content: 'bgr'.
+OFFICIAL_INPUT = {
+    ("part_fvit", "supervised"): ("[-0.5,0.5]", "rgb", "official IJB_evaluation.py / perform_val: x/255 - 0.5"),
+    ("fvit", "supervised"): ("[-1,1]", "rgb", "official fViT normalises inside its forward: x/255*2 - 1"),
+    ("lafs_ssl", "lafs"): ("[-1,1]", "bgr", "LAFS SSL views: Normalize(0.5, 0.5); WebFace4M .rec never swapped"),
+    ("lafs_ssl", "dino"): ("imagenet", "bgr", "DataAugmentationDINO: ImageNet mean/std; colours assumed as the "
+                                               "LAFS SSL loader (the DINO-face script is unreleased)"),
+}
 
 
 class ConversionError(ValueError):
@@ -343,11 +362,31 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], kind: str, model_cf
     return _nest(flat), report
 
 
-def metadata(kind: str, cfg, source: str, *, normalization: str = "[-1,1]", color_order: str = "rgb",
-             which: str | None = None, report: ConversionReport | None = None) -> dict:
-    """The metadata.json of a converted variables directory."""
-    meta = {"kind": kind, "model": cfg.to_dict(), "normalization": normalization, "color_order": color_order,
-            "source": source, "converter": "lafs_jax.convert"}
+def official_input(kind: str, method: str | None = None) -> dict:
+    """{'method', 'normalization', 'color_order', 'note'} the official code used for a checkpoint kind."""
+    method = method or DEFAULT_METHOD[kind]
+    if (kind, method) not in OFFICIAL_INPUT:
+        raise ConversionError(f"--method {method!r} does not go with --kind {kind!r}; choose one of "
+                              f"{sorted(m for k, m in OFFICIAL_INPUT if k == kind)}")
+    normalization, color_order, note = OFFICIAL_INPUT[(kind, method)]
+    return {"method": method, "normalization": normalization, "color_order": color_order, "note": note}
+
+
+def patch_order(kind: str, method: str | None = None) -> str:
+    """Patch layout the source's patch embedding learnt: 'grid' for fViT / DINO-face, else 'landmarks'."""
+    return "grid" if kind == "fvit" or (method or DEFAULT_METHOD[kind]) == "dino" else "landmarks"
+
+
+def metadata(kind: str, cfg, source: str, *, normalization: str | None = None, color_order: str | None = None,
+             which: str | None = None, report: ConversionReport | None = None, method: str | None = None) -> dict:
+    """The metadata.json of a converted variables directory; normalisation, colour order and method
+    default to what the official code used for `kind` (`official_input`)."""
+    official = official_input(kind, method)
+    meta = {"kind": kind, "model": cfg.to_dict(), "method": official["method"],
+            "patch_order": patch_order(kind, official["method"]),
+            "normalization": normalization or official["normalization"],
+            "color_order": color_order or official["color_order"],
+            "official_input": official, "source": source, "converter": "lafs_jax.convert"}
     if which is not None:
         meta["which"] = which
     if report is not None:

@@ -25,14 +25,17 @@ from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.models import presets
 
-NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]")
+NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]", "imagenet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # as lafs_jax.input.transforms (DINO's torchvision Normalize)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 COLOR_ORDERS = ("rgb", "bgr")
 
 
 def preprocess(images: jax.Array, normalization: str = "[-1,1]", color_order: str = "rgb") -> jax.Array:
     """uint8 RGB [B, H, W, 3] -> float32 in the model's colour order and range.
 
-    '[-1,1]': x/255·2−1 (training default); '[-0.5,0.5]': x/255−0.5 (official evaluation scripts).
+    '[-1,1]': x/255·2−1 (training default); '[-0.5,0.5]': x/255−0.5 (official evaluation scripts);
+    'imagenet': (x/255 − mean) / std per channel (DINO's ImageNet statistics).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization {normalization!r} is not valid; choose one of {list(NORMALIZATIONS)}")
@@ -41,6 +44,8 @@ def preprocess(images: jax.Array, normalization: str = "[-1,1]", color_order: st
     x = images.astype(jnp.float32)
     if color_order == "bgr":
         x = x[..., ::-1]
+    if normalization == "imagenet":
+        return (x / 255.0 - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
     return x / 127.5 - 1.0 if normalization == "[-1,1]" else x / 255.0 - 0.5
 
 

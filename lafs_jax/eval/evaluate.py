@@ -24,6 +24,7 @@ from lafs_jax import sharding as mesh_lib
 from lafs_jax.config import check, check_choice
 from lafs_jax.eval import embed, export, ijb, verification
 from lafs_jax.input.verification_bin import load_bin
+from lafs_jax.input import transforms
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -44,7 +45,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> str:
     for key in ("batch_size", "nfolds"):
         check(isinstance(e[key], int) and e[key] >= 1, f"evaluate.{key}", e[key], "an int >= 1")
     check(isinstance(e.ijb_workers, int) and e.ijb_workers >= 0, "evaluate.ijb_workers", e.ijb_workers, "an int >= 0")
-    check_choice(config, "evaluate.normalization", ("", "[-1,1]", "[-0.5,0.5]"))
+    check_choice(config, "evaluate.normalization", ("",) + transforms.NORMALIZATIONS)
     check_choice(config, "evaluate.color_order", ("", "rgb", "bgr"))
     for key in ("flip", "export", "use_flip_test", "use_norm_score", "use_detector_score"):
         check(isinstance(e[key], bool), f"evaluate.{key}", e[key], "True or False")

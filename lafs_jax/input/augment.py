@@ -4,8 +4,8 @@
   -> ColorJitter -> RandomErasing; it also draws the record's mixup numbers (`mix_u`, `mix_lam`), which
   the batch collation of the first record of a batch uses, so mixup is deterministic per seed too.
 - `DinoAugment` (DINO's DataAugmentationDINO): G global crops (bicubic, scale 0.4-1) and L local crops
-  (scale 0.08-0.4), each with flip, jitter p=0.8, grayscale p=0.2; blur p=1.0 / 0.1 on the two global
-  crops (solarise p=0.2 on the second) and p=0.5 on the locals.
+  (scale 0.05-0.4, lafs_train.py's default), each with flip, jitter p=0.8, grayscale p=0.2; blur
+  p=1.0 / 0.1 on the two global crops (solarise p=0.2 on the second) and p=0.5 on the locals.
 - `LafsAugment` (lafs.md §2.2): every view is a RandomResizedCrop of one size and scale range + flip;
   its clean copy is the crop, its augmented copy the same crop after jitter p=0.8, grayscale p=0.2 and
   the per-view blur / solarisation of DINO.
@@ -96,7 +96,7 @@ class DinoAugment(grain.transforms.RandomMap):
     """{'image', 'label'} -> {'global': uint8 [G, Sg, Sg, 3], 'local': uint8 [L, Sl, Sl, 3], 'label'}."""
 
     def __init__(self, global_size: int = 112, global_crops: int = 2, global_scale=(0.4, 1.0), local_size: int = 48,
-                 local_crops: int = 8, local_scale=(0.08, 0.4), jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8,
+                 local_crops: int = 8, local_scale=(0.05, 0.4), jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8,
                  grayscale_prob=0.2, blur_radius=(0.1, 2.0), global_blur_probs=(1.0, 0.1),
                  global_solarize_probs=(0.0, 0.2), local_blur_prob=0.5):
         self.global_size, self.global_crops, self.global_scale = int(global_size), int(global_crops), tuple(global_scale)

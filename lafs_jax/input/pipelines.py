@@ -55,7 +55,8 @@ def data_config() -> ml_collections.ConfigDict:
     # channel order of the decoded images: 'rgb' (InsightFace .rec/.bin hold true-RGB JPEGs), or 'bgr'
     # (packed from channel-swapped arrays, e.g. LAFS img2rec's WebFace4M .rec: channels are swapped back)
     c.color_order = "rgb"
-    c.normalization = "[-1,1]"  # '[-1,1]' (x/255*2-1, training) or '[-0.5,0.5]' (x/255-0.5, LAFS eval scripts)
+    # '[-1,1]' (x/255*2-1, training), '[-0.5,0.5]' (x/255-0.5, LAFS eval scripts) or 'imagenet' (DINO's mean/std)
+    c.normalization = "[-1,1]"
     c.image_size = 112  # side of fine-tuning / evaluation images (px)
     c.workers = 4  # Grain worker processes; 0 = in-process (tests, demo)
     c.worker_buffer_size = 2  # batches each worker process prepares ahead
@@ -63,11 +64,14 @@ def data_config() -> ml_collections.ConfigDict:
     c.read_buffer_size = 32  # records the reader threads prepare ahead
     c.skip_undecodable = False  # True: drop undecodable images (logged, with a running count) instead of failing
 
+    # Subset of the training set, steps applied in this order (lafs_jax.input.subsets); data set order kept
     c.subset = ml_collections.ConfigDict()
-    c.subset.kind = "none"  # none | kshot (k images per identity) | identities (a fraction of identities)
-    c.subset.k = 1  # images per identity for kind kshot (paper: 1, 2, 4, 10)
-    c.subset.fraction = 1.0  # fraction of identities for kind identities (paper: 0.01, 0.1)
-    c.subset.seed = 0  # seed of the subset draw (independent of the run seed)
+    c.subset.k = 0  # k-shot: k images of every identity with >= k (paper: 1, 2, 4, 10); 0 = all images
+    c.subset.k_draw = "first"  # which k: 'first' (each identity's first k, data set order) | 'random' (seeded)
+    # then the first fraction of the images in data set order (official FaceDataset partition; 0.01 = "1%")
+    c.subset.partition = 1.0
+    c.subset.identity_fraction = 1.0  # then a seeded random fraction of the identities (not in the official code)
+    c.subset.seed = 0  # seed of the random draws (independent of the run seed)
 
     c.finetune = ml_collections.ConfigDict()  # lafs.md §3.3
     c.finetune.flip = True  # random horizontal flip, p=0.5
@@ -91,7 +95,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.dino.global_scale = (0.4, 1.0)  # area fraction range of global crops
     c.dino.local_size = 48  # local crop side (px)
     c.dino.local_crops = 8  # number of local crops
-    c.dino.local_scale = (0.08, 0.4)  # area fraction range of local crops
+    c.dino.local_scale = (0.05, 0.4)  # area fraction range of local crops (lafs_train.py --local_crops_scale)
 
     c.lafs = ml_collections.ConfigDict()  # LAFS views, lafs.md §2.2
     c.lafs.view_size = 112  # side of every view, global and local (px)
@@ -152,18 +156,20 @@ def _get(dc, key: str):
 def validate_data_config(dc: ml_collections.ConfigDict) -> None:
     """Raise ConfigError naming the first invalid `config.data.*` field."""
     for key, choices in (("format", FORMATS), ("color_order", S.image_lib.COLOR_ORDERS),
-                         ("normalization", T.NORMALIZATIONS), ("subset.kind", subsets.SUBSET_KINDS)):
+                         ("normalization", T.NORMALIZATIONS), ("subset.k_draw", subsets.K_DRAWS)):
         if _get(dc, key) not in choices:
             raise _err(key, _get(dc, key), f"choose one of {list(choices)}")
     for key, minimum in (("image_size", 1), ("workers", 0), ("worker_buffer_size", 1), ("read_threads", 0),
-                         ("read_buffer_size", 1), ("subset.k", 1), ("finetune.randaugment_num_ops", 0),
+                         ("read_buffer_size", 1), ("subset.k", 0), ("subset.seed", 0),
+                         ("finetune.randaugment_num_ops", 0),
                          ("dino.global_size", 1), ("dino.global_crops", 1), ("dino.local_size", 1),
                          ("dino.local_crops", 0), ("lafs.view_size", 1), ("lafs.global_views", 1),
                          ("lafs.local_views", 0)):
         _check_int(dc, key, minimum)
-    fraction = _get(dc, "subset.fraction")
-    if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
-        raise _err("subset.fraction", fraction, "a fraction in (0, 1]")
+    for key in ("subset.partition", "subset.identity_fraction"):
+        fraction = _get(dc, key)
+        if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0.0 < fraction <= 1.0):
+            raise _err(key, fraction, "a fraction in (0, 1] (1 = keep all)")
     for key in ("finetune.randaugment_prob", "finetune.random_erasing_prob", "finetune.mixup_prob",
                 "ssl_color.jitter_prob", "ssl_color.grayscale_prob", "ssl_color.local_blur_prob"):
         _check_prob(dc, key)
@@ -214,7 +220,9 @@ def make_source(dc: ml_collections.ConfigDict):
         source = S.TfdsSource(dc.path, dc.tfds_split, dc.tfds_data_dir or None, dc.tfds_image_key,
                               dc.tfds_label_key, **common)
     log.info("data source: %r", source)
-    return subsets.make_subset(source, dc.subset.kind, dc.subset.k, dc.subset.fraction, dc.subset.seed)
+    sub = dc.subset
+    return subsets.make_subset(source, k=sub.k, k_draw=sub.k_draw, partition=sub.partition,
+                               identity_fraction=sub.identity_fraction, seed=sub.seed)
 
 
 # ---- batch collation (runs in the worker processes) ----

@@ -230,11 +230,15 @@ class RandAugment:
 
 # ---- normalisation ----
 
-NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]")
+NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]", "imagenet")
+# torchvision Normalize of DINO (and of the official DataAugmentationDINO), on x/255, per channel
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalize(images: np.ndarray, normalization: str) -> np.ndarray:
-    """float32 images from uint8: '[-1,1]' is x/255*2-1, '[-0.5,0.5]' is x/255-0.5."""
+    """float32 images from uint8 [..., 3]: '[-1,1]' is x/255*2-1, '[-0.5,0.5]' is x/255-0.5,
+    'imagenet' is (x/255 - mean) / std per channel (IMAGENET_MEAN / IMAGENET_STD)."""
     x = images.astype(np.float32)
     if normalization == "[-1,1]":
         x *= np.float32(2.0 / 255.0)
@@ -242,6 +246,10 @@ def normalize(images: np.ndarray, normalization: str) -> np.ndarray:
     elif normalization == "[-0.5,0.5]":
         x *= np.float32(1.0 / 255.0)
         x -= np.float32(0.5)
+    elif normalization == "imagenet":
+        x *= np.float32(1.0 / 255.0)
+        x -= np.asarray(IMAGENET_MEAN, np.float32)
+        x /= np.asarray(IMAGENET_STD, np.float32)
     else:
         raise ValueError(f"normalization={normalization!r}; choose one of {NORMALIZATIONS}")
     return x

@@ -2,7 +2,12 @@
 
 A `.bin` is a pickle of `(bins, issame_list)`: `bins` holds 2N encoded images (pair k is
 bins[2k], bins[2k+1]) and `issame_list` N booleans. Files written under Python 2 hold byte strings,
-so they are loaded with encoding='bytes' (lafs.md §4.4). Pickle loads only files you trust.
+so they are loaded with encoding='bytes' (lafs.md §4.4).
+
+A pickle can name any importable callable and call it while it loads, so a downloaded `.bin` is
+read with `BinUnpickler`, which resolves only the globals these files use (`ALLOWED_GLOBALS`: the
+builtin containers and scalars, `_codecs.encode` that Python 3 writes for bytes at protocol < 3,
+and numpy's array / scalar reconstruction) and refuses every other one before it is imported.
 """
 from __future__ import annotations
 
@@ -17,6 +22,32 @@ from lafs_jax.input import images as image_lib
 
 class VerificationBinError(ValueError):
     """A .bin file is not a (images, issame) pickle; the message names the file (and image index)."""
+
+
+# (module, name) pairs a .bin may reference, under Python 3 and Python 2 (`__builtin__`) and numpy 1
+# (`numpy.core`) and 2 (`numpy._core`) names.
+_BUILTINS = ("list", "tuple", "bytes", "str", "bool", "int", "float")
+_NUMPY = (("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+          ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "_reconstruct"),
+          ("numpy._core.multiarray", "scalar"))
+ALLOWED_GLOBALS = frozenset({(m, n) for m in ("builtins", "__builtin__") for n in _BUILTINS}
+                            | {("_codecs", "encode")} | set(_NUMPY))
+
+
+class BinUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only ALLOWED_GLOBALS; anything else raises a
+    VerificationBinError naming `path` and the refused global (nothing of it is imported or called)."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise VerificationBinError(
+                f"{self.path}: refused to unpickle the global '{module}.{name}': a verification .bin holds only "
+                "lists of encoded images and booleans (lafs_jax.input.verification_bin.ALLOWED_GLOBALS)")
+        return super().find_class(module, name)
 
 
 def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -34,7 +65,9 @@ def load_bin(path: str, image_size: int | Sequence[int] = 112, color_order: str 
         raise FileNotFoundError(f"verification .bin not found: {path}")
     with open(path, "rb") as f:
         try:
-            content = pickle.load(f, encoding="bytes")
+            content = BinUnpickler(f, path).load()
+        except VerificationBinError:
+            raise
         except Exception as e:
             raise VerificationBinError(f"{path}: not a pickled (images, issame) .bin file: {e}") from e
     if not (isinstance(content, (tuple, list)) and len(content) == 2):

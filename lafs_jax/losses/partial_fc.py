@@ -58,6 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lafs_jax.losses.margin import check_margin, target_cosine
 
 PROTOTYPE_MODES = ("none", "add", "replace")
+CENTERS_INITS = ("normal", "xavier_uniform")
 LABEL_KEYS = ("label", "label2", "lam")
 _NORM_EPS = 1e-12
 
@@ -96,11 +97,21 @@ def centers_abstract(num_rows: int, dim: int, mesh: Mesh, dtype=jnp.float32) -> 
 
 
 def init_centers(key: jax.Array, num_classes: int, dim: int, mesh: Mesh, std: float = 0.01,
-                 dtype=jnp.float32) -> jax.Array:
-    """W[C_pad, dim] ~ N(0, std²) (InsightFace: 0.01), padding rows zero, created already sharded."""
+                 dtype=jnp.float32, init: str = "normal") -> jax.Array:
+    """W[C_pad, dim], padding rows zero, created already sharded.
+
+    init 'normal': N(0, std²) (InsightFace Partial FC: std 0.01); 'xavier_uniform': U(−a, a) with
+    a = sqrt(6 / (C + dim)), i.e. std sqrt(2 / (C + dim)) over the C real rows (torch's
+    xavier_uniform_ on the official CosFace weight [C, dim]; `std` unused).
+    """
+    if init not in CENTERS_INITS:
+        raise ValueError(f"init_centers: init={init!r}; choose one of {CENTERS_INITS}")
     rows = padded_rows(num_classes, mesh)
 
     def make(k):
+        if init == "xavier_uniform":
+            w = jax.nn.initializers.glorot_uniform(in_axis=-1, out_axis=-2)(k, (num_classes, dim), dtype)
+            return jnp.pad(w, ((0, rows - num_classes), (0, 0)))
         w = std * jax.random.normal(k, (rows, dim), dtype)
         return jnp.where(jnp.arange(rows)[:, None] < num_classes, w, 0).astype(dtype)
 

@@ -24,11 +24,11 @@ import numpy as np
 from lafs_jax.config import ConfigError, check
 from lafs_jax.models.heads import DINOHead
 from lafs_jax.models.landmarks import HEAD_INITS, MOBILENET_V3_LARGE, LandmarkCNN, check_blocks
-from lafs_jax.models.part_fvit import PartFViT
+from lafs_jax.models.part_fvit import PartFViT, StandardGridFViT
 from lafs_jax.models.vit import (ACTIVATIONS, ATTENTION_SCALES, DROP_PATH_SCHEDULES, FViT, InsightFaceViT,
                                  TokenViT)
 
-KINDS = ("part_fvit", "fvit", "insightface_vit")
+KINDS = ("part_fvit", "fvit", "part_fvit_grid", "insightface_vit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PRESETS = ("tiny", "small", "base", "insightface_t", "insightface_s", "insightface_b")
 
@@ -44,7 +44,10 @@ TINY_LANDMARK_BLOCKS = (
 def _base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = "base"  # the preset these values started from (informational)
-    c.kind = "part_fvit"  # 'part_fvit' (landmark patches) | 'fvit' (grid patches) | 'insightface_vit' (LVFace)
+    # 'part_fvit' (landmark patches) | 'fvit' (grid patches) | 'insightface_vit' (LVFace) | 'part_fvit_grid'
+    # (the official use_standcoord ablation: Part fViT's bilinear sampler at a fixed standard grid, no
+    # landmark CNN, grid_noise_std / grid_shuffle in training, plain-fViT token layout)
+    c.kind = "part_fvit"
     c.image_size = 112  # input side in pixels (square images)
     c.channels = 3  # input channels
     c.patch_size = 8  # P: patch side in pixels; tokens are P*P*channels long
@@ -68,6 +71,8 @@ def _base() -> ml_collections.ConfigDict:
     c.token_init_std = 1.0
     c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' | 'float16'; parameters stay float32
     c.attention_implementation = ""  # '' or 'xla' (portable) | 'cudnn' (GPU fused attention)
+    c.grid_noise_std = 3.0  # part_fvit_grid: N(0, s^2) px noise on the grid centres in training (official 3)
+    c.grid_shuffle = False  # part_fvit_grid: resample the centres with replacement in training (official shuffle)
 
     c.landmark = ml_collections.ConfigDict()
     # bottleneck table: (kernel, expansion, out channels, squeeze-excite, 'RE'|'HS', stride) per block
@@ -173,9 +178,12 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     kind = get("kind")
-    if kind == "fvit":
+    if kind in ("fvit", "part_fvit_grid"):
         check(get("image_size") % get("patch_size") == 0, key("patch_size"), get("patch_size"),
-              f"fvit needs image_size={get('image_size')} to be a multiple of patch_size")
+              f"{kind} needs image_size={get('image_size')} to be a multiple of patch_size")
+    check(isinstance(get("grid_noise_std"), (int, float)) and get("grid_noise_std") >= 0, key("grid_noise_std"),
+          get("grid_noise_std"), "a number >= 0 (pixels)")
+    check(isinstance(get("grid_shuffle"), bool), key("grid_shuffle"), get("grid_shuffle"), "True or False")
     if kind == "insightface_vit":
         check(get("heads") * get("head_dim") == get("dim"), key("head_dim"), get("head_dim"),
               f"insightface_vit needs heads * head_dim == dim={get('dim')}")
@@ -201,6 +209,18 @@ def build_landmark_cnn(cfg) -> LandmarkCNN:
                        bn_eps=lm.bn_eps, dtype=compute_dtype(cfg), head_init=lm.head_init)
 
 
+# Layout of the patch vectors a model's patch embedding reads: 'landmarks' = (x-offset, y-offset,
+# channel), Part fViT's sampler (reference/lafs.md §1.3); 'grid' = (row, col, channel), plain fViT.
+PATCH_ORDERS = ("landmarks", "grid")
+KIND_PATCH_ORDER = {"part_fvit": "landmarks", "fvit": "grid", "part_fvit_grid": "grid"}
+
+
+def patch_order(cfg) -> str | None:
+    """'landmarks' (part_fvit), 'grid' (fvit, part_fvit_grid), or None (insightface_vit: its own
+    patch embedding)."""
+    return KIND_PATCH_ORDER.get(cfg.kind)
+
+
 def grid_tokens(cfg) -> int:
     """Number of grid patches of an image_size image: (image_size // patch_size)**2."""
     return (cfg.image_size // cfg.patch_size) ** 2
@@ -211,7 +231,7 @@ def build_token_vit(cfg, num_positions: int | None = None) -> TokenViT:
     the grid patch count (fvit)."""
     validate_model_config(cfg)
     if num_positions is None:
-        num_positions = grid_tokens(cfg) if cfg.kind == "fvit" else cfg.num_landmarks
+        num_positions = grid_tokens(cfg) if cfg.kind in ("fvit", "part_fvit_grid") else cfg.num_landmarks
     return TokenViT(num_positions=num_positions, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
                     head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, attention_scale=cfg.attention_scale,
                     mlp_activation=cfg.mlp_activation, layer_norm_eps=cfg.layer_norm_eps,
@@ -231,7 +251,8 @@ def build_dino_head(cfg) -> DINOHead:
 
 
 def build_model(cfg):
-    """The backbone of `cfg.kind`: PartFViT (-> (embedding, landmarks)), FViT or InsightFaceViT (-> embedding).
+    """The backbone of `cfg.kind`: PartFViT / StandardGridFViT (-> (embedding, centres)), FViT or
+    InsightFaceViT (-> embedding).
 
     All take (images [B, H, W, C] normalised, train: bool).
     """
@@ -240,6 +261,9 @@ def build_model(cfg):
         return PartFViT(landmark_cnn=build_landmark_cnn(cfg), vit=build_token_vit(cfg), patch_size=cfg.patch_size)
     if cfg.kind == "fvit":
         return FViT(vit=build_token_vit(cfg), patch_size=cfg.patch_size)
+    if cfg.kind == "part_fvit_grid":
+        return StandardGridFViT(vit=build_token_vit(cfg), patch_size=cfg.patch_size,
+                                noise_std=float(cfg.grid_noise_std), shuffle=cfg.grid_shuffle)
     return InsightFaceViT(image_size=cfg.image_size, patch_size=cfg.patch_size, dim=cfg.dim, depth=cfg.depth,
                           heads=cfg.heads, mlp_dim=cfg.mlp_dim, mlp_activation=cfg.mlp_activation,
                           attention_scale=cfg.attention_scale, layer_norm_eps=cfg.layer_norm_eps,

@@ -101,3 +101,32 @@ def sample_patches(images: jax.Array, centers: jax.Array, patch_size: int = 8) -
     per_image = jax.vmap(one_channel, in_axes=(2, None, None), out_axes=-1)  # [H, W, C] -> [N, P, P, C]
     patches = jax.vmap(per_image)(images, ys, xs)  # [B, N, P(i), P(j), C], the images' dtype
     return patches.reshape(b, n, p * p * c)
+
+def standard_grid_centers(image_size: int, patch_size: int) -> jax.Array:
+    """[g*g, 2] centres (x, y) of the official `use_standcoord` grid, g = image_size // patch_size.
+
+    Centre n = i*g + j is (x, y) = (i*P + P/2, j*P + P/2) (torch.meshgrid 'ij' order: x-major), e.g.
+    4, 12, ..., 108 at 112 px and P = 8.
+    """
+    g = image_size // patch_size
+    coords = jnp.arange(g, dtype=jnp.float32) * patch_size + patch_size / 2
+    x, y = jnp.meshgrid(coords, coords, indexing="ij")
+    return jnp.stack([x, y], -1).reshape(g * g, 2)
+
+
+def grid_layout(tokens: jax.Array, patch_size: int) -> jax.Array:
+    """Tokens sampled at the x-major standard grid -> the plain-fViT layout, as `use_standcoord` does.
+
+    tokens [B, g*g, P*P*C] in slot order n = i*g + j with (x-offset, y-offset, channel) vectors (what
+    `sample_patches` gives for `standard_grid_centers`) -> [B, g*g, P*P*C] row-major over (row j,
+    column i) with (row, col, channel) vectors: the official transpose of its patch mosaic before the
+    einops patchify. At the unperturbed grid this equals `vit.patchify` of the half-pixel-shifted image.
+    """
+    b, n, t = tokens.shape
+    g = int(round(n ** 0.5))
+    c = t // (patch_size * patch_size)
+    if g * g != n or c * patch_size * patch_size != t:
+        raise ValueError(f"grid_layout: {n} tokens of {t} values are not a square grid of {patch_size}x{patch_size} "
+                         f"patches")
+    x = tokens.reshape(b, g, g, patch_size, patch_size, c)  # [B, slot i, slot j, x-offset, y-offset, C]
+    return x.transpose(0, 2, 1, 4, 3, 5).reshape(b, n, t)

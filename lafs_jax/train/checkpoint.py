@@ -11,8 +11,9 @@ the retention, grain the iterator state.
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -64,21 +65,38 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str, keep: int | None = 3, save_every: int = 1, async_save: bool = True,
-                 metadata: Any = None):
+                 metadata: Any = None, best_fn: Callable[[dict], float] | None = None, best_mode: str = "max"):
         """keep: checkpoints kept (the latest ones; None keeps all). save_every: `save` writes only at
         steps divisible by it unless force=True. metadata: JSON-able dict (ConfigDicts allowed) stored
-        with every checkpoint, e.g. config, input normalisation, colour order."""
+        with every checkpoint, e.g. config, input normalisation, colour order.
+        best_fn: with it, `save(..., metrics=)` records a JSON dict of metrics with the checkpoint and
+        the checkpoint whose best_fn(metrics) is the largest (best_mode 'max') or smallest ('min') is
+        kept beside the latest `keep` (orbax BestN + LatestN); checkpoints saved without metrics rank
+        last. `best_step()` names it."""
         if keep is not None and keep < 1:
             raise ValueError(f"TrainCheckpointer(keep={keep}): keep at least 1 checkpoint (or None for all)")
         if save_every < 1:
             raise ValueError(f"TrainCheckpointer(save_every={save_every}): must be >= 1")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"TrainCheckpointer(best_mode={best_mode!r}): choose 'max' or 'min'")
         self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
         self.metadata = to_json_dict(metadata or {})
         json.dumps(self.metadata)  # fail now, naming nothing hidden, if metadata is not JSON-able
+        self.best_fn, self.best_mode = best_fn, best_mode
         policies = ocp.checkpoint_managers
+        preservation = policies.LatestN(keep) if keep is not None else None
+        rank = None
+        if best_fn is not None and preservation is not None:
+            worst = -math.inf if best_mode == "max" else math.inf
+            rank = lambda m: float(best_fn(m)) if m else worst  # noqa: E731  (no metrics: ranked last)
+            preservation = policies.AnyPreservationPolicy([preservation, policies.BestN(
+                get_metric_fn=rank, reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False)])
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=policies.FixedIntervalPolicy(save_every),
-            preservation_policy=policies.LatestN(keep) if keep is not None else None,
+            preservation_policy=preservation,
+            # best_fn makes orbax write and reload the metrics; the preservation policy above decides
+            best_fn=rank if best_fn is not None else None,
+            best_mode=best_mode,
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -93,12 +111,16 @@ class TrainCheckpointer:
         """Whether `save(step, ...)` without force would write (step % save_every == 0, newer than the latest)."""
         return self._manager.should_save(int(step))
 
-    def save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False,
+             metrics: dict | None = None) -> bool:
         """Save `state` (pytree of jax/numpy arrays) and the iterator's state as checkpoint `step`.
 
         Returns whether a checkpoint was started. A step that already has a checkpoint is skipped
         (returns False), so a final forced save after a periodic one at the same step is harmless.
+        metrics: JSON-able dict of numbers ranked by best_fn (only with best_fn).
         """
+        if metrics is not None and self.best_fn is None:
+            raise ValueError("TrainCheckpointer.save(metrics=...) needs best_fn= at construction")
         step = int(step)
         if step in self._manager.all_steps():
             return False
@@ -107,7 +129,9 @@ class TrainCheckpointer:
         items = {STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(self.metadata)}
         if data_iterator is not None:
             items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+        if self.best_fn is not None:
+            metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics))
 
     # -- reading --------------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -116,6 +140,20 @@ class TrainCheckpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
+
+    def best_step(self) -> int | None:
+        """The kept checkpoint with the best best_fn(metrics), or None (no best_fn, or no checkpoint
+        saved with metrics)."""
+        if self.best_fn is None:
+            return None
+        scored = [(float(self.best_fn(m)), s) for s in self.all_steps() if (m := self._manager.metrics(s))]
+        if not scored:
+            return None
+        return (max if self.best_mode == "max" else min)(scored, key=lambda t: t[0])[1]
+
+    def metrics(self, step: int) -> dict | None:
+        """The metrics saved with checkpoint `step` (None when it has none)."""
+        return self._manager.metrics(self._step(step)) or None
 
     def _step(self, step: int | None) -> int:
         if step is None:

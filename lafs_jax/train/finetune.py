@@ -24,7 +24,9 @@ One linear function, `run(config, workdir)`, in big_vision's style (reference/la
   average     optional exponential moving average of the backbone's parameters (`ema_decay`), kept
               in the train state; verification and the output use it when it is on.
   output      `workdir/backbone`: the backbone's variables with metadata (model config,
-              normalisation, colour order, image size), what evaluation and export read.
+              normalisation, colour order, image size), what evaluation and export read; with
+              verification sets also `workdir/backbone_best`, the evaluated step with the best mean
+              accuracy (its checkpoint is kept beside the latest ones).
 
 Randomness: every step's dropout and sampling keys are `fold_in(key(seed), step)`, so a resumed run
 draws the same numbers as an uninterrupted one.
@@ -49,7 +51,8 @@ from lafs_jax.eval import embed as embed_lib
 from lafs_jax.eval import verification
 from lafs_jax.input import pipelines
 from lafs_jax.input.verification_bin import load_bin
-from lafs_jax.losses import partial_fc
+from lafs_jax.input import transforms
+from lafs_jax.losses import margin, partial_fc
 from lafs_jax.models import presets
 from lafs_jax.train import checkpoint as ckpt_lib
 from lafs_jax.train import loop_utils
@@ -58,6 +61,9 @@ from lafs_jax.train import optim
 INIT_KINDS = ("auto", "backbone", "token_vit")
 REG_MODES = ("none", "schedule", "constant")
 CENTERS_OPTIMIZERS = ("adamw", "sgd")
+BEST_BACKBONE_DIR = "backbone_best"  # the checkpoint with the best mean verification accuracy
+# config.loss.centers_init -> partial_fc.init_centers arguments
+CENTERS_INITS = {"xavier_uniform": {"init": "xavier_uniform"}, "normal_0.01": {"init": "normal", "std": 0.01}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,6 +93,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(config.landmark_reg.mode == "none", "landmark_reg.mode", config.landmark_reg.mode,
               "'none' when freeze_landmark_cnn is on (frozen landmarks need no regulariser)")
     check_choice(config, "init.kind", INIT_KINDS)
+    check(bool(config.init.backbone) or config.optim.layer_decay == 1.0 or config.optim.allow_layer_decay_from_scratch,
+          "optim.layer_decay", config.optim.layer_decay,
+          "1.0 when training from scratch (init.backbone=''): layer-wise lr decay is for a pretrained backbone "
+          f"(at depth {config.model.depth} the landmark CNN and patch embedding would train at "
+          f"{config.optim.layer_decay ** (config.model.depth + 1):.2g} x the lr). Set init.backbone, or "
+          "optim.layer_decay=1.0, or optim.allow_layer_decay_from_scratch=True")
     for key in ("init.backbone", "init.landmark_cnn", "landmark_reg.teacher"):
         path = config_lib.get_path(config, key)
         check(path == "" or os.path.isdir(path), key, path, "'' or an existing variables directory")
@@ -94,6 +106,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(config_lib.get_path(config, key) > 0, key, config_lib.get_path(config, key), "> 0")
     check(0.0 < config.loss.sample_rate <= 1.0, "loss.sample_rate", config.loss.sample_rate, "in (0, 1]")
     check_choice(config, "loss.centers_optimizer", CENTERS_OPTIMIZERS)
+    check_choice(config, "loss.centers_init", tuple(CENTERS_INITS))
+    check_choice(config, "loss.arcface_fallback", margin.FALLBACKS)
+    check(config.loss.arcface_fallback != "th_mm" or config.loss.m1 == 1.0, "loss.arcface_fallback", "th_mm",
+          f"'th_mm' is ArcFace's fallback and needs loss.m1 = 1 (got {config.loss.m1}); use 'none' or 'easy'")
     check(config.loss.centers_lr >= 0, "loss.centers_lr", config.loss.centers_lr, ">= 0 (0 = the backbone's schedule)")
     check(config.loss.centers_weight_decay >= 0, "loss.centers_weight_decay", config.loss.centers_weight_decay, ">= 0")
     reg = config.landmark_reg
@@ -109,7 +125,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(all(w >= 0 for w in weights), "landmark_reg.weights", weights, "all >= 0")
     for i, path in enumerate(config.eval.bins):
         check(os.path.isfile(path), f"eval.bins[{i}]", path, "an existing .bin file")
-    for key, choices in (("eval.normalization", ("", "[-1,1]", "[-0.5,0.5]")), ("eval.color_order", ("rgb", "bgr"))):
+    for key, choices in (("eval.normalization", ("",) + transforms.NORMALIZATIONS), ("eval.color_order", ("rgb", "bgr"))):
         check_choice(config, key, choices)
 
 
@@ -162,6 +178,40 @@ def merge_variables(target: Any, source: Any, where: str, *, allow_missing: bool
     return jax.tree_util.tree_map_with_path(pick, target)
 
 
+def source_patch_order(metadata: dict) -> tuple[str, str | None]:
+    """(pretraining method or kind, patch order) a variables directory's metadata records or implies.
+
+    Directories written before `patch_order` was recorded: a pretraining teacher by its method ('lafs'
+    -> 'landmarks', 'dino' -> 'grid'), a converted or fine-tuned backbone by its model kind; None
+    when nothing says.
+    """
+    method = metadata.get("method") or metadata.get("kind") or "unknown"
+    order = metadata.get("patch_order")
+    if order is None:
+        if metadata.get("kind") == "token_vit":
+            order = {"lafs": "landmarks", "dino": "grid"}.get(metadata.get("method"))
+        elif metadata.get("kind") == "lafs_ssl":
+            order = "landmarks"
+        elif isinstance(metadata.get("model"), dict):
+            order = presets.KIND_PATCH_ORDER.get(metadata["model"].get("kind"))
+    return str(method), order
+
+
+def check_patch_order(config: ml_collections.ConfigDict, metadata: dict, where: str) -> None:
+    """ConfigError when the loaded backbone's patch embedding was trained on another patch layout
+    than config.model feeds, unless config.init.allow_patch_order_change."""
+    method, order = source_patch_order(metadata)
+    want = presets.patch_order(config.model)
+    if order is None or want is None or order == want or config.init.allow_patch_order_change:
+        return
+    layout = {"landmarks": "(x, y, channel) landmark patches", "grid": "(row, col, channel) grid patches"}
+    raise ConfigError(
+        f"{where}: pretrained by {method!r} on {order!r} patches ({layout[order]}), but model.kind="
+        f"{config.model.kind!r} feeds {want!r} patches ({layout[want]}): its patch embedding and positions "
+        f"would see a layout they never saw. Set config.init.allow_patch_order_change=True to transfer anyway "
+        f"(the LAFS paper's Table 7 row (4), 'landmark to standard grid').")
+
+
 def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tuple[dict, str]:
     """The model's starting variables per `config.init`, and a one-line description of the source."""
     variables = jax.tree.map(np.asarray, variables)
@@ -169,12 +219,13 @@ def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tup
     stats = dict(variables.get("batch_stats", {}))
     origin = "scratch"
     if config.init.backbone:
-        loaded, _ = variables_lib.load_variables(config.init.backbone)
+        loaded, meta = variables_lib.load_variables(config.init.backbone)
         src_params = loaded.get("params", loaded)
         kind = config.init.kind
         if kind == "auto":
             kind = "token_vit" if ("vit" in params and "vit" not in src_params) else "backbone"
         where = f"config.init.backbone={config.init.backbone!r} (init.kind={kind!r})"
+        check_patch_order(config, meta or {}, where)
         if kind == "token_vit":
             if "vit" not in params:
                 raise ConfigError(f"{where}: model.kind={config.model.kind!r} has no 'vit' submodule to load a "
@@ -249,7 +300,8 @@ def make_loss_fn(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDic
         labels = {k: batch[k] for k in ("label", "label2", "lam")}
         cls_loss, metrics = partial_fc.partial_fc_loss(
             emb, labels, params["centers"], k_sample, mesh=mesh, num_classes=num_classes,
-            sample_rate=loss_cfg.sample_rate, m1=loss_cfg.m1, m2=loss_cfg.m2, m3=loss_cfg.m3, s=loss_cfg.s)
+            sample_rate=loss_cfg.sample_rate, m1=loss_cfg.m1, m2=loss_cfg.m2, m3=loss_cfg.m3, s=loss_cfg.s,
+            fallback=loss_cfg.arcface_fallback)
         metrics = {"cls_loss": cls_loss, **{k: v for k, v in metrics.items() if k != "loss"}}
         loss = cls_loss
         if use_reg:
@@ -272,9 +324,21 @@ def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
     return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
 
 
+def parameter_updates(opt_state: Any, micro_steps: jax.Array) -> jax.Array:
+    """Parameter updates made so far: the gradient_step of an optax.MultiSteps state (gradient
+    accumulation), else `micro_steps` (every tx.update call updates the parameters)."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.MultiStepsState))
+             if isinstance(x, optax.MultiStepsState)]
+    if len(found) > 1:
+        raise ValueError("parameter_updates: the optimizer state holds several optax.MultiSteps states")
+    return found[0].gradient_step if found else jnp.asarray(micro_steps)
+
+
 def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Array, ema_decay: float = 0.0):
     """step(state, batch, reg_weight) -> (state, metrics); state = {'step', 'params', 'batch_stats', 'opt_state'}
-    and, when ema_decay > 0, 'ema' (the moving average of params['backbone'])."""
+    and, when ema_decay > 0, 'ema' (the moving average of params['backbone']), which moves once per
+    parameter update: under gradient accumulation (optax.MultiSteps) only on the micro-batches where
+    the inner optimizer stepped, with the decay of that update's count."""
 
     def step(state, teacher_vars, batch, reg_weight):
         key = jax.random.fold_in(base_key, state["step"])
@@ -288,12 +352,20 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Arr
             metrics["learning_rate"] = hyper["learning_rate"]
         new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats, "opt_state": opt_state}
         if ema_decay > 0:
-            decay = ema_decay_at(ema_decay, state["step"] + 1)
-            new_state["ema"] = optax.incremental_update(params["backbone"], state["ema"], 1.0 - decay)
+            updates_done = parameter_updates(opt_state, state["step"] + 1)
+            stepped = updates_done != parameter_updates(state["opt_state"], state["step"])
+            decay = ema_decay_at(ema_decay, updates_done)
+            moved = optax.incremental_update(params["backbone"], state["ema"], 1.0 - decay)
+            new_state["ema"] = jax.tree.map(lambda new, old: jnp.where(stepped, new, old), moved, state["ema"])
             metrics["ema_decay"] = decay
         return new_state, metrics
 
     return step
+
+
+def make_centers(config: ml_collections.ConfigDict, key: jax.Array, num_classes: int, dim: int, mesh: Any) -> jax.Array:
+    """The class-centre matrix W[C_pad, dim] initialised per config.loss.centers_init, sharded by rows."""
+    return partial_fc.init_centers(key, num_classes, dim, mesh, **CENTERS_INITS[config.loss.centers_init])
 
 
 def _centers_tx(config, schedules_: dict) -> optax.GradientTransformation:
@@ -359,6 +431,8 @@ def backbone_metadata(config: ml_collections.ConfigDict, **extra) -> dict:
         "normalization": config.eval.normalization or config.data.normalization,
         "color_order": config.eval.color_order,
         "image_size": int(config.model.image_size),
+        "method": "supervised",
+        "patch_order": presets.patch_order(config.model),
         "source": "lafs_jax.train.finetune",
         **extra,
     }
@@ -391,7 +465,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("backbone initialised from %s", origin)
     teacher_np = landmark_teacher_variables(config, variables) if config.landmark_reg.mode != "none" else {}
     emb_dim = embedding_dim(model, variables, config.model)
-    params = {"backbone": variables["params"], "centers": partial_fc.init_centers(centers_key, num_classes, emb_dim, mesh)}
+    params = {"backbone": variables["params"], "centers": make_centers(config, centers_key, num_classes, emb_dim, mesh)}
     batch_stats = variables.get("batch_stats", {})
     tx = make_optimizer(config, params, steps_per_epoch, total_steps)
 
@@ -414,9 +488,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       out_shardings=(shardings, replicated), donate_argnums=(0,))
 
     # ------------------------------------------------------------------ checkpoint / resume
+    # with verification sets, every evaluated step is checkpointed with its accuracy, and the best one
+    # is kept beside the latest `checkpoint.keep` (WORKDIR/backbone_best at the end)
     ckpt = ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                       save_every=config.checkpoint.every_steps,
-                                      metadata={"config": config, **backbone_metadata(config)})
+                                      metadata={"config": config, **backbone_metadata(config)},
+                                      best_fn=verification_score if config.eval.bins else None)
     start = 0
     if ckpt.latest_step() is not None:
         state = ckpt.restore(None, ckpt_lib.abstract_like(state, shardings), data_iterator=train_iter)
@@ -469,20 +546,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 progress.reset(step)
             logged = step % config.log_every_steps == 0 or step == total_steps
             saving = ckpt.should_save(step) or step == total_steps
-            if logged or saving:
+            evaluated = bool(eval_sets) and (step % config.eval.every_steps == 0 or step == total_steps)
+            if logged or saving or evaluated:  # no NaN state gets checkpointed
                 loop_utils.check_finite(step, metrics, keys=("loss",))
             if logged:
                 scalars = {f"train/{k}": v for k, v in metrics.items()}
                 rates = progress.update(step, {"loss": metrics["loss"]})
                 scalars.update({f"perf/{k}": v for k, v in (rates or {}).items()})
                 writer.write_scalars(step, scalars)
-            if eval_sets and (step % config.eval.every_steps == 0 or step == total_steps):
+            if evaluated:
                 results = evaluate(state)
                 writer.write_scalars(step, {f"val/{n}/{k}": r[k] for n, r in results.items()
                                             for k in ("accuracy", "accuracy_std", "best_threshold")})
                 logging.info("step %d verification:\n%s", step, verification.format_table(results))
-            if saving:
-                ckpt.save(step, state, data_iterator=train_iter, force=step == total_steps)
+            if saving or evaluated:
+                ckpt.save(step, state, data_iterator=train_iter, force=evaluated or step == total_steps,
+                          metrics=verification_metrics(results) if evaluated else None)
             if guard.requested if single else (logged and guard.sync_requested()):
                 ckpt.save(step, state, data_iterator=train_iter, force=True)
                 ckpt.wait()
@@ -490,17 +569,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 ckpt.close()
                 writer.close()
                 return {"step": step, "preempted": True, "final_metrics": _host(metrics)}
-    ckpt.close()
-    writer.close()
-
     # ------------------------------------------------------------------ output
     variables_lib.save_variables(os.path.join(workdir, "backbone"), backbone_variables(state),
                                  backbone_metadata(config, step=int(state["step"]), init=origin,
                                                    num_classes=num_classes, ema_decay=float(config.ema_decay)))
     logging.info("saved the backbone to %s", os.path.join(workdir, "backbone"))
-    return {"step": int(state["step"]), "preempted": False, "final_metrics": _host(metrics),
+    final_step = int(state["step"])
+    ckpt.wait()
+    best = ckpt.best_step()
+    if best is not None:
+        if best != final_step:
+            abstract = ckpt_lib.abstract_like(state, shardings)
+            state = None  # free the live state's device memory before restoring the best one
+            state = ckpt.restore(best, abstract)
+        variables_lib.save_variables(os.path.join(workdir, BEST_BACKBONE_DIR), backbone_variables(state),
+                                backbone_metadata(config, step=best, init=origin, num_classes=num_classes,
+                                                  ema_decay=float(config.ema_decay), verification=ckpt.metrics(best)))
+        logging.info("saved the best verified backbone (step %d) to %s", best, os.path.join(workdir, BEST_BACKBONE_DIR))
+    ckpt.close()
+    writer.close()
+    return {"step": final_step, "preempted": False, "final_metrics": _host(metrics),
             "verification": {n: r["accuracy"] for n, r in results.items()},
             "initial_verification": {n: r["accuracy"] for n, r in initial.items()}}
+
+
+def verification_metrics(results: dict) -> dict:
+    """Checkpoint metrics of one evaluation: {'accuracy': mean over the sets, '<set>/accuracy': ...}."""
+    accuracies = {f"{name}/accuracy": float(r["accuracy"]) for name, r in results.items()}
+    return {"accuracy": float(np.mean(list(accuracies.values()))), **accuracies}
+
+
+def verification_score(metrics: dict) -> float:
+    """What picks the best checkpoint: the mean 10-fold accuracy over the verification sets."""
+    return metrics["accuracy"]
 
 
 def embedding_dim(model: Any, variables: Any, model_config: ml_collections.ConfigDict) -> int:

@@ -14,6 +14,9 @@ One linear function, `run(config, workdir)`, in big_vision's style; `config.meth
           views DINO-style, i.e. the augmented local crop resized to `lafs.grid_size` (48) px and cut
           into a regular grid of patches (36 tokens; see lafs_jax.train.views.grid_tokens). With
           `config.data.lafs.local_scale = (0.05, 0.4)` the crops are DINO's local scale range too.
+          Official ablations: `lafs.random_landmarks` (uniformly random landmark positions, no CNN,
+          no noise: `random_coor`) and `lafs.global_resample` (global views take R landmarks drawn
+          with replacement, after the noise, instead of all R in order).
 
 Both: student and EMA teacher (momentum cosine 0.996 -> 1 over all steps; the teacher starts as a
 copy of the student), the DINO loss (student temperature 0.1, centred teacher with a warmup
@@ -36,7 +39,9 @@ run draws the same numbers as an uninterrupted one. bf16 compute on GPU/TPU with
 
 Outputs in the workdir: checkpoints/ (last `checkpoint.keep`), TensorBoard events + metrics.jsonl,
 and at the end `teacher_backbone/`: the teacher's TokenViT variables with metadata (model config,
-normalisation, colour order), which fine-tuning loads into Part fViT's / fViT's `vit`.
+normalisation, colour order, `method` and `patch_order`: 'landmarks' (x, y, channel) patch vectors
+for LAFS, 'grid' (row, col, channel) for DINO-face), which fine-tuning loads into Part fViT's /
+fViT's `vit` (refusing a patch order the model does not feed unless told).
 """
 from __future__ import annotations
 
@@ -123,6 +128,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           "lafs.num_local_landmarks", lafs.num_local_landmarks,
           f"an int in [1, model.num_landmarks={config.model.num_landmarks}]")
     check_choice(config, "lafs.local_views", LOCAL_VIEW_KINDS)
+    for key in ("random_landmarks", "global_resample"):
+        check(isinstance(lafs[key], bool), f"lafs.{key}", lafs[key], "True or False")
+    check(not (lafs.random_landmarks and lafs.global_resample), "lafs.global_resample", True,
+          "resamples the landmark CNN's landmarks; with lafs.random_landmarks there are none")
     if lafs.local_views == "grid":
         g = lafs.grid_size
         check(g % config.model.patch_size == 0 and (g // config.model.patch_size) ** 2 <= config.model.num_landmarks,
@@ -188,12 +197,22 @@ def make_views(networks: Networks, config: ml_collections.ConfigDict, batch: dic
 
     k_global, k_local = jax.random.split(key)
     lafs = config.lafs
-    out = {"global": views_lib.landmark_views(landmark_fn, batch["global_clean"], batch["global_aug"], k_global,
-                                              noise_std=lafs.noise_std, num_selected=None,
-                                              patch_size=networks.patch_size)}
+    num_landmarks = config.model.num_landmarks
+    if lafs.random_landmarks:
+        out = {"global": views_lib.random_landmark_views(batch["global_aug"], k_global, num_landmarks=num_landmarks,
+                                                         patch_size=networks.patch_size)}
+    else:
+        out = {"global": views_lib.landmark_views(landmark_fn, batch["global_clean"], batch["global_aug"], k_global,
+                                                  noise_std=lafs.noise_std,
+                                                  num_selected=num_landmarks if lafs.global_resample else None,
+                                                  patch_size=networks.patch_size)}
     if batch["local_aug"].shape[1] == 0:
         return out
-    if lafs.local_views == "grid":
+    if lafs.random_landmarks and lafs.local_views == "landmarks":
+        out["local"] = views_lib.random_landmark_views(batch["local_aug"], k_local,
+                                                       num_landmarks=lafs.num_local_landmarks,
+                                                       patch_size=networks.patch_size)
+    elif lafs.local_views == "grid":
         out["local"] = views_lib.grid_tokens(batch["local_aug"], grid_size=lafs.grid_size,
                                              patch_size=networks.patch_size)
     else:
@@ -495,7 +514,8 @@ def save_teacher_backbone(directory: str, state: dict, config: ml_collections.Co
     variables = {"params": jax.device_get(state["teacher"]["backbone"]["vit"])}
     variables_lib.save_variables(directory, variables, {
         "kind": "token_vit", "source": f"pretrain[{config.method}] teacher at step {step}",
-        "method": config.method, "model": variables_lib.to_json_dict(config.model),
+        "method": config.method, "patch_order": presets.patch_order(config.model),
+        "model": variables_lib.to_json_dict(config.model),
         "normalization": config.data.normalization, "color_order": config.data.color_order,
         "image_size": config.model.image_size,
     })

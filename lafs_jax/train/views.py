@@ -12,6 +12,9 @@ landmarks, local views draw `num_local` landmark indices uniformly *with replace
 independently per view and per sample; the patches are then sampled from the colour-augmented
 twin of the crop. The landmark coordinates carry no gradient.
 
+Official ablations: `random_landmark_views` (uniformly random landmarks, `random_coor`) and, through
+`num_selected`, global views resampled at all R landmarks with replacement.
+
 Grid views (the "mixed views" ablation option, `lafs.local_views = 'grid'`): the augmented crop is
 resized to `grid_size` px (bilinear, antialiased) and cut into a regular grid of P x P patches,
 row-major over (y-block, x-block), each patch flattened (x-offset, y-offset, channel). For a 48 px
@@ -74,6 +77,21 @@ def landmark_views(landmark_fn: Callable[[jax.Array], jax.Array], clean: jax.Arr
     b, v = clean.shape[:2]
     landmarks = landmark_fn(clean.reshape(b * v, *clean.shape[2:]))
     centers = perturb_and_select(landmarks, key, noise_std=noise_std, num_selected=num_selected)
+    tokens = sample_patches(aug.reshape(b * v, *aug.shape[2:]), centers.astype(aug.dtype), patch_size)
+    return tokens.reshape(b, v, *tokens.shape[1:])
+
+
+def random_landmark_views(aug: jax.Array, key: jax.Array, *, num_landmarks: int, patch_size: int) -> jax.Array:
+    """Tokens of V views at uniformly random landmarks (the official `random_coor` ablation).
+
+    aug [B, V, S, S, 3] -> [B, V, num_landmarks, P*P*3]: every coordinate U[0, S - 1) independently
+    per landmark, view and sample (official torch.rand * 111 at 112 px), no noise, no landmark CNN;
+    patches from the augmented crops.
+    """
+    if aug.ndim != 5:
+        raise ValueError(f"random_landmark_views: aug must be [B, V, S, S, 3], got {aug.shape}")
+    b, v, s = aug.shape[:3]
+    centers = jax.random.uniform(key, (b * v, num_landmarks, 2), jnp.float32, 0.0, s - 1.0)
     tokens = sample_patches(aug.reshape(b * v, *aug.shape[2:]), centers.astype(aug.dtype), patch_size)
     return tokens.reshape(b, v, *tokens.shape[1:])
 
