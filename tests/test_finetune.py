@@ -318,9 +318,9 @@ def test_patch_order_mismatch_is_refused_unless_asked_for(tmp_path):
     init = jax.jit(lambda k: presets.init_variables(config.model, k))
     variables = jax.tree.map(np.asarray, init(jax.random.key(0)))
     vit = {"params": variables["params"]["vit"]}
-    checkpoint.save_variables(str(tmp_path / "dino"), vit, {"kind": "token_vit", "method": "dino", "patch_order": "grid"})
-    checkpoint.save_variables(str(tmp_path / "old_dino"), vit, {"kind": "token_vit", "method": "dino"})
-    checkpoint.save_variables(str(tmp_path / "lafs"), vit, {"kind": "token_vit", "method": "lafs",
+    variables_lib.save_variables(str(tmp_path / "dino"), vit, {"kind": "token_vit", "method": "dino", "patch_order": "grid"})
+    variables_lib.save_variables(str(tmp_path / "old_dino"), vit, {"kind": "token_vit", "method": "dino"})
+    variables_lib.save_variables(str(tmp_path / "lafs"), vit, {"kind": "token_vit", "method": "lafs",
                                                             "patch_order": "landmarks"})
     for name in ("dino", "old_dino"):
         config.init.backbone = str(tmp_path / name)
@@ -375,7 +375,7 @@ def test_standard_grid_model_feeds_grid_patches_with_coordinate_noise(tmp_path):
     config.eval.bins = ()
     finetune.validate(config)
     assert presets.patch_order(config.model) == "grid"
-    checkpoint.save_variables(str(tmp_path / "lafs"), {"params": variables["params"]["vit"]},
+    variables_lib.save_variables(str(tmp_path / "lafs"), {"params": variables["params"]["vit"]},
                               {"kind": "token_vit", "method": "lafs", "patch_order": "landmarks"})
     config.init.backbone = str(tmp_path / "lafs")
     with pytest.raises(ConfigError, match="'landmarks' patches .* feeds 'grid' patches"):
@@ -483,7 +483,7 @@ def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monke
     accuracy = {r["step"]: r["val/pairs/accuracy"] for r in loop_utils.read_metrics(str(tmp_path / "full"))
                 if "val/pairs/accuracy" in r and r["step"] > 0}
     best_step = max(accuracy, key=accuracy.get)
-    best, best_meta = checkpoint.load_variables(str(tmp_path / "full" / finetune.BEST_BACKBONE_DIR))
+    best, best_meta = variables_lib.load_variables(str(tmp_path / "full" / finetune.BEST_BACKBONE_DIR))
     assert sorted(accuracy) == [12, 24] and best_meta["step"] == best_step
     assert best_meta["verification"]["accuracy"] == pytest.approx(accuracy[best_step])
     with checkpoint.TrainCheckpointer(str(tmp_path / "full" / "checkpoints"),
