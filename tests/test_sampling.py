@@ -114,7 +114,8 @@ def test_four_gathers_for_any_number_of_landmarks():
     """No per-landmark loop (the official code runs one grid_sample per landmark): one gather per
     bilinear corner, whatever the number of landmarks, batch and channels."""
     for n, b, c in ((1, 2, 3), (49, 3, 1)):
-        jaxpr = jax.make_jaxpr(lambda im, ce: sample_patches(im, ce, 8))(jnp.zeros((b, 16, 16, c)), jnp.zeros((b, n, 2)))
+        jaxpr = jax.make_jaxpr(lambda im, ce: sample_patches(im, ce, 8))(jnp.zeros((b, 16, 16, c)),
+                                                                          jnp.zeros((b, n, 2)))
         assert count_primitive(jaxpr.jaxpr, "gather") == 4
 
 

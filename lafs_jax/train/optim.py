@@ -455,6 +455,7 @@ def _group_chain(group: Group, learning_rate, weight_decay, b1: float, b2: float
         return optax.set_to_zero()
     parts = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
     if group.wd_mult:
+        # factor 1 multiplies nothing, so the main group's decay is the schedule's value bit for bit
         parts.append(optax.add_decayed_weights(weight_decay if group.wd_mult == 1.0 else weight_decay * group.wd_mult))
     if group.lr_mult != 1.0:
         parts.append(optax.scale(group.lr_mult))
@@ -494,12 +495,13 @@ def adamw(params: Any, *, learning_rate: Schedule | float, weight_decay: Schedul
 
     def label_fn(tree):
         if jax.tree.structure(tree) != structure:
-            raise ValueError(f"the optimizer was built for a params tree of structure {structure}; got {jax.tree.structure(tree)}")
+            raise ValueError(f"the optimizer was built for a params tree of structure {structure}; "
+                             f"got {jax.tree.structure(tree)}")
         return labels
 
     def factory(learning_rate, weight_decay):
-        transforms = {name: own[name][1] if group is None else _group_chain(group, learning_rate, weight_decay, b1, b2, eps)
-                      for name, group in groups.items()}
+        transforms = {name: own[name][1] if group is None else
+                      _group_chain(group, learning_rate, weight_decay, b1, b2, eps) for name, group in groups.items()}
         return optax.partition(transforms, label_fn)
 
     core = optax.inject_hyperparams(factory)(learning_rate=learning_rate, weight_decay=weight_decay)
