@@ -32,7 +32,7 @@ confirmed one; the broken ones are moved to DIR/broken/<s> once an older one res
 save of the same step is not blocked. When none restores it raises CheckpointRestoreError listing
 every directory and reason, and moves nothing. Not caught: bytes changed inside a tensor file that
 still decode to finite numbers (orbax stores no checksums), and an iterator state that is valid
-JSON but not the one saved.
+JSON but not the one saved. Several processes: see `resume`.
 """
 from __future__ import annotations
 
@@ -369,20 +369,30 @@ class TrainCheckpointer:
         (logged). A confirmed checkpoint that fails to restore or holds NaN / inf is logged with
         its directory and the reason, and the next older one is tried; once one restores, the
         broken newer ones are moved to DIR/broken/ (logged). When none restores this raises
-        CheckpointRestoreError listing them all, and moves nothing. Every process must call it; a
-        checkpoint that fails on any process counts as broken on all.
+        CheckpointRestoreError listing them all, and moves nothing. Every process must call it: what a
+        process can check alone (`state/` present, its own iterator file present and JSON) is agreed
+        across processes before orbax's collective restore, so all fall back together (tested with
+        two processes); array data that only one process reads and finds broken fails inside
+        orbax's barriers on that process, which the others do not survive gracefully.
         """
         self.wait()
         confirmed = self.confirmed_steps()
         broken: list[tuple[int, str]] = []
         for step in reversed(confirmed):
-            try:
-                state = self.restore(step, abstract_state, data_iterator=data_iterator)
-                bad = nonfinite_leaves(state)
-                reason = (f"restored arrays hold NaN or inf: {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
-                          if bad else "")
-            except Exception as e:  # pylint: disable=broad-except  (any failure: try the next older one)
-                state, reason = None, _reason(e)
+            state = None
+            # what a process can check alone first, agreed before orbax's collective restore (a failure
+            # inside it on one process only would leave the others waiting in its barriers)
+            reason = self._precheck(step, data_iterator)
+            if _all_processes_agree(not reason):
+                try:
+                    state = self.restore(step, abstract_state, data_iterator=data_iterator)
+                    bad = nonfinite_leaves(state)
+                    reason = (f"restored arrays hold NaN or inf: {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
+                              if bad else "")
+                except Exception as e:  # pylint: disable=broad-except  (any failure: try the next older one)
+                    state, reason = None, _reason(e)
+            else:
+                reason = reason or "its files are broken on another process"
             if not _all_processes_agree(not reason):
                 reason = reason or "restore failed on another process"
                 logging.warning("checkpoint %s cannot be restored (%s); trying the next older confirmed one",
@@ -401,6 +411,25 @@ class TrainCheckpointer:
                 f"removing the whole directory starts the run from scratch")
         self._set_aside_newer(None, [])
         return None, None
+
+    def _precheck(self, step: int, data_iterator: Any) -> str:
+        """Why checkpoint `step` cannot restore on this process, from its files alone ('' if no reason
+        is visible): `state/` missing, or this process's iterator file missing or not JSON."""
+        path = self._step_dir(step)
+        if not (path / STATE_ITEM).exists():
+            return f"no '{STATE_ITEM}' item (directory {path / STATE_ITEM} is missing)"
+        if data_iterator is None:
+            return ""
+        # grain's handler names the file by jax's process index and count
+        name = path / DATA_ITEM / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not name.exists():
+            return f"no data iterator state {name}"
+        if isinstance(data_iterator, grain.DatasetIterator):
+            try:
+                json.loads(name.read_text())
+            except ValueError as e:
+                return f"{name}: {_reason(e)}"
+        return ""
 
     def _set_aside_newer(self, resumed: int | None, broken: list[tuple[int, str]]) -> None:
         """Move the broken checkpoints and every unconfirmed one out of the way of future saves."""
