@@ -3,6 +3,12 @@
 Runs as one process per host. With several processes, pass --coordinator_address / --num_processes /
 --process_id (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), or launch under a
 cluster that jax.distributed auto-detects (SLURM, Open MPI, TPU pods).
+
+Start-up takes an exclusive lock on the workdir (lafs_jax.workdir_lock; process 0 of a multi-process
+run, the outcome broadcast to all): a second launch on the same workdir exits at once with status 1,
+naming the holder. Exit status: 0 when the task finished or stopped on SIGTERM with its state saved;
+1 on an error; 143 (128 + SIGTERM) when SIGTERM found the input pipeline stalled and the process
+stopped without saving that step.
 """
 from __future__ import annotations
 
@@ -12,11 +18,15 @@ import re
 import sys
 
 import jax
+import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from lafs_jax import config as config_lib
 from lafs_jax import sharding as mesh_lib
+from lafs_jax import workdir_lock
+from lafs_jax.train import loop_utils
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py[:arg].",
                                           lock_config=True)
@@ -43,6 +53,25 @@ def _maybe_initialize_distributed() -> None:
     elif any(int(os.environ.get(k, "1") if k != "TPU_WORKER_HOSTNAMES" else
                  len(os.environ.get(k, "").split(","))) > 1 for k in _CLUSTER_ENV):
         jax.distributed.initialize()
+
+
+def _lock_workdir(workdir: str):
+    """Process 0 locks the workdir; every process learns the outcome. The lock, or exit(1) naming the holder."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = workdir_lock.acquire(workdir)
+        except workdir_lock.WorkdirLockedError as e:
+            error = str(e)
+    if jax.process_count() > 1:
+        ok = bool(np.asarray(multihost_utils.broadcast_one_to_all(np.int32(error is None))))
+        if not ok and error is None:
+            error = f"process 0 could not lock the workdir {os.path.abspath(workdir)} (see its log): stopping"
+    if error is not None:
+        sys.stderr.write(f"FATAL {error}\n")
+        sys.stderr.flush()
+        sys.exit(1)
+    return lock
 
 
 def _unknown_override(argv: list[str]) -> str | None:
@@ -96,13 +125,18 @@ def main(argv):
         raise app.UsageError(str(e)) from None
 
     _maybe_initialize_distributed()
-    mesh = mesh_lib.make_mesh(config.mesh)
-    logging.info("JAX %s | process %d/%d | %d local / %d global devices (%s)", jax.__version__,
-                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-                 jax.devices()[0].platform)
-    logging.info("mesh %s", dict(mesh.shape))
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    run(config, _WORKDIR.value)
+    lock = _lock_workdir(_WORKDIR.value)
+    try:
+        mesh = mesh_lib.make_mesh(config.mesh)
+        logging.info("JAX %s | process %d/%d | %d local / %d global devices (%s)", jax.__version__,
+                     jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+                     jax.devices()[0].platform)
+        logging.info("mesh %s", dict(mesh.shape))
+        os.makedirs(_WORKDIR.value, exist_ok=True)
+        loop_utils.exit_on_input_stall(lambda: run(config, _WORKDIR.value))
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import ml_collections
 from lafs_jax.config import base_config
 from lafs_jax.input.pipelines import data_config
 from lafs_jax.models.presets import model_config
+from lafs_jax.train.loop_utils import divergence_config
 from lafs_jax.train.optim import optim_config
 
 VARIANTS = ("base", "tiny")
@@ -92,6 +93,9 @@ def get_config(arg=None):
     c.checkpoint.keep = 3  # training checkpoints kept (the latest)
     c.checkpoint.every_steps = 50 if tiny else 2000  # save every this many steps (and at the end / SIGTERM)
     c.checkpoint.async_save = True  # write checkpoints in the background
+    # What stops the run as diverged (NaN / inf, or a loss or parameter norm 10x the recent median); a
+    # checkpoint counts as good only once the next step's loss passed this (lafs_jax.train.loop_utils)
+    c.divergence = divergence_config()
 
     c.log_every = 10 if tiny else 100  # progress line and TensorBoard scalars every this many steps
     c.lock()

@@ -62,6 +62,7 @@ import ml_collections
 from lafs_jax.config import base_config
 from lafs_jax.input.pipelines import data_config
 from lafs_jax.models.presets import model_config
+from lafs_jax.train.loop_utils import divergence_config
 from lafs_jax.train.optim import optim_config
 
 DEMO_DATA = "runs/demo/data"  # where `python -m data.prepare orl --out runs/demo/data` writes
@@ -191,5 +192,8 @@ def get_config(arg=None):
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 30 if tiny else 2000  # train state + Grain iterator, asynchronous
     c.checkpoint.keep = 3  # latest checkpoints kept
+    # What stops the run as diverged (NaN / inf, or a loss or parameter norm 10x the recent median); a
+    # checkpoint counts as good only once the next step's loss passed this (lafs_jax.train.loop_utils)
+    c.divergence = divergence_config()
     c.lock()
     return c

@@ -8,6 +8,7 @@ of the wrong type, fails when the flags are parsed, naming the key.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Callable
 
 import ml_collections
@@ -67,8 +68,26 @@ def get_path(config: ml_collections.ConfigDict, key: str) -> Any:
     return node
 
 
+def check_finite_numbers(config: Any, prefix: str = "config") -> None:
+    """Raise ConfigError naming the first float field (also inside tuples / lists) that is NaN or ±inf.
+
+    No field of any recipe means anything with a non-finite value (`optim.lr=inf` would pass a
+    `>= 0` range check), so this runs over every field, before the per-field checks.
+    """
+    if hasattr(config, "items"):
+        for key, value in config.items():
+            check_finite_numbers(value, f"{prefix}.{key}")
+    elif isinstance(config, (tuple, list)):
+        for i, value in enumerate(config):
+            check_finite_numbers(value, f"{prefix}[{i}]")
+    elif isinstance(config, float) and not math.isfinite(config):
+        raise ConfigError(f"{prefix}={config!r} is not valid: a finite number (not NaN or inf)")
+
+
 def validate_common(config: ml_collections.ConfigDict) -> None:
-    """Checks of the base fields; tasks check their own sections in their run()."""
+    """Checks of the base fields (and that no float field is NaN / inf); tasks check their own
+    sections in their run()."""
+    check_finite_numbers(config)
     check_choice(config, "task", TASKS)
     for axis in ("data", "model"):
         v = get_path(config, f"mesh.{axis}")

@@ -1,6 +1,9 @@
 """Training checkpoints (orbax + Grain iterator state) and variables directories, on 8 CPU devices."""
+import glob
 import json
+import logging
 import os
+import shutil
 
 import grain
 import jax
@@ -212,6 +215,127 @@ def test_optimizer_states_of_the_builders_resume_exactly(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# confirmed checkpoints, retention, fallback past broken ones
+# ---------------------------------------------------------------------------------------------
+
+def _steps_on_disk(directory, sub=""):
+    return sorted(int(d.split("-")[0]) for d in os.listdir(os.path.join(directory, sub)) if d.split("-")[0].isdigit())
+
+
+def test_confirmation_is_durable_retention_keeps_the_newest_confirmed_and_resume_skips_unconfirmed(tmp_path):
+    mesh = mesh_lib.make_mesh(None)
+    directory = str(tmp_path / "ck")
+    ck = TrainCheckpointer(directory, keep=1, async_save=True)
+    ck.save(1, train_state(mesh, seed=1))
+    ck.confirm(1, checked_at_step=2, loss=1.5)  # the save may still be writing: the marker follows it
+    ck.save(2, train_state(mesh, seed=2))  # keep=1, but 2 is unconfirmed: 1 stays
+    ck.save(3, train_state(mesh, seed=3))
+    ck.close()
+    assert _steps_on_disk(directory) == [1, 3]  # 2 was neither latest nor the newest confirmed
+    marker = json.load(open(os.path.join(directory, "1", ckpt_lib.CONFIRMED_FILE)))
+    assert marker["step"] == 1 and marker["checked_at_step"] == 2 and marker["loss"] == 1.5
+    again = TrainCheckpointer(directory, keep=1)  # a relaunch: confirmation read back from disk
+    assert again.confirmed_steps() == [1] and again.latest_confirmed_step() == 1
+    step, state = again.resume(abstract_like(train_state(mesh)))
+    assert step == 1
+    assert_trees_equal(state, train_state(mesh, seed=1))
+    assert again.all_steps() == [1]  # the unconfirmed 3 is out of the way of a new save of step 3 ...
+    assert _steps_on_disk(directory, ckpt_lib.UNCONFIRMED_DIR) == [3]  # ... and set aside, not deleted
+    again.save(3, train_state(mesh, seed=4))
+    again.confirm(3)
+    again.save(4, train_state(mesh, seed=5))
+    again.close()
+    assert _steps_on_disk(directory) == [3, 4]
+
+
+def test_discard_unconfirmed_and_nothing_confirmed(tmp_path):
+    mesh = mesh_lib.make_mesh(None)
+    with TrainCheckpointer(str(tmp_path), keep=3) as ck:
+        for s in (1, 2, 3):
+            ck.save(s, train_state(mesh, seed=s))
+        ck.confirm(1)
+        assert ck.discard_unconfirmed() == [2, 3]
+        assert ck.all_steps() == [1] and "resumes from step 1" in ck.describe_confirmed()
+        with pytest.raises(FileNotFoundError, match="step 9"):
+            ck.confirm(9)
+    with TrainCheckpointer(str(tmp_path / "fresh")) as ck:
+        ck.save(5, train_state(mesh))
+        assert "starts from scratch" in ck.describe_confirmed()
+    with TrainCheckpointer(str(tmp_path / "fresh")) as ck:  # only an unconfirmed checkpoint: from scratch
+        assert ck.resume(abstract_like(train_state(mesh))) == (None, None)
+        assert ck.all_steps() == []
+
+
+def _truncate_array_files(step_dir):
+    """Every data file of the state's OCDBT store cut to half its size (a copy or a disk that ran out)."""
+    for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
+        os.truncate(path, os.path.getsize(path) // 2)
+
+
+CORRUPTIONS = {
+    "truncated array files": _truncate_array_files,
+    "deleted manifest": lambda d: os.remove(os.path.join(d, "state", "manifest.ocdbt")),
+    "truncated iterator JSON": lambda d: open(os.path.join(d, "data", "process_0-of-1.json"), "r+b").truncate(5),
+    "deleted state": lambda d: shutil.rmtree(os.path.join(d, "state")),
+}
+
+
+def _two_confirmed_checkpoints(directory, mesh, nan_in_latest=False):
+    """Checkpoints 1 and 2 (confirmed) with iterator states; returns the batches that follow checkpoint 1."""
+    it = iterator()
+    with TrainCheckpointer(directory, keep=3) as ck:
+        next(it)
+        ck.save(1, train_state(mesh, seed=1), data_iterator=it)
+        after_1 = [next(it) for _ in range(2)]
+        latest = train_state(mesh, seed=2)
+        if nan_in_latest:  # what random bytes that decode to NaN look like after a restore
+            latest["params"]["w"] = latest["params"]["w"].at[3, 1].set(jnp.nan)
+        ck.save(2, latest, data_iterator=it)
+        ck.confirm(1)
+        ck.confirm(2)
+    return after_1
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS) + ["NaN in a restored array"])
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, kind, caplog):
+    mesh = mesh_lib.make_mesh(None)
+    directory = str(tmp_path / "ck")
+    after_1 = _two_confirmed_checkpoints(directory, mesh, nan_in_latest=kind.startswith("NaN"))
+    if not kind.startswith("NaN"):
+        CORRUPTIONS[kind](os.path.join(directory, "2"))
+    fresh = iterator()
+    with caplog.at_level(logging.WARNING), TrainCheckpointer(directory, keep=3) as ck:
+        step, state = ck.resume(abstract_like(train_state(mesh)), data_iterator=fresh)
+        assert step == 1
+        assert ck.all_steps() == [1]  # the broken one no longer blocks a new save of step 2
+    assert_trees_equal(state, train_state(mesh, seed=1))
+    for want in after_1:  # the iterator is at checkpoint 1's position too
+        np.testing.assert_array_equal(next(fresh)[0], want[0])
+    broken = os.path.join(directory, "2")
+    assert f"checkpoint {broken} cannot be restored" in caplog.text
+    assert f"resumed from {os.path.join(directory, '1')}" in caplog.text
+    assert _steps_on_disk(directory, ckpt_lib.BROKEN_DIR) == [2]
+    if kind.startswith("NaN"):
+        assert "NaN or inf: params/w" in caplog.text
+
+
+def test_no_checkpoint_restores_lists_them_all_and_moves_nothing(tmp_path):
+    mesh = mesh_lib.make_mesh(None)
+    directory = str(tmp_path / "ck")
+    _two_confirmed_checkpoints(directory, mesh)
+    CORRUPTIONS["deleted state"](os.path.join(directory, "2"))
+    CORRUPTIONS["truncated iterator JSON"](os.path.join(directory, "1"))
+    with TrainCheckpointer(directory) as ck:
+        with pytest.raises(ckpt_lib.CheckpointRestoreError) as info:
+            ck.resume(abstract_like(train_state(mesh)), data_iterator=iterator())
+    message = str(info.value)
+    assert f"{os.path.join(directory, '2')}: no 'state' item" in message
+    assert f"{os.path.join(directory, '1')}: {os.path.join(directory, '1', 'data', 'process_0-of-1.json')}: " \
+           f"JSONDecodeError" in message
+    assert _steps_on_disk(directory) == [1, 2] and not os.path.exists(os.path.join(directory, ckpt_lib.BROKEN_DIR))
+
+
+# ---------------------------------------------------------------------------------------------
 # two real processes (jax.distributed): one sharded state, one Grain iterator per process
 # ---------------------------------------------------------------------------------------------
 
@@ -248,13 +372,26 @@ def _multiprocess_worker(address: str, pid: int, directory: str) -> dict:
     got = [next(fresh).tolist() for _ in range(2)]
     local_ok = all(np.array_equal(np.asarray(s.data), full[s.index]) for s in restored["w"].addressable_shards)
 
+    # a checkpoint broken on one process only (its own iterator file) is broken for all: both fall back
+    from jax.experimental import multihost_utils
+
+    with TrainCheckpointer(directory, keep=3) as ck:
+        ck.confirm(5)
+        ck.save(6, state, data_iterator=it)
+        ck.confirm(6)
+    if pid == 1:
+        os.truncate(os.path.join(directory, "6", "data", "process_1-of-2.json"), 5)
+    multihost_utils.sync_global_devices("iterator file of process 1 truncated")
+    with TrainCheckpointer(directory, keep=3) as ck:
+        resumed, _ = ck.resume(abstract_like(state), data_iterator=process_iterator())
+
     guard = loop_utils.PreemptionGuard()
     quiet = guard.sync_requested()
     guard.requested = pid == 1  # only process 1 got SIGTERM
     anyone = guard.sync_requested()
     result = {"pid": pid, "devices": jax.device_count(), "expected": expected, "got": got, "local_ok": local_ok,
               "files": sorted(os.listdir(os.path.join(directory, "5", "data"))), "quiet": quiet, "anyone": anyone,
-              "local_error": local_error}
+              "local_error": local_error, "resumed": resumed}
     jax.distributed.shutdown()
     return result
 
@@ -282,6 +419,7 @@ def test_two_processes_save_and_restore_their_own_iterator_state(tmp_path):
         assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(r["files"])
         assert (r["quiet"], r["anyone"]) == (False, True)
         assert "state leaf 'rng' is a process-local jax.Array" in r["local_error"]
+        assert r["resumed"] == 5  # process 0's files of step 6 were fine: it fell back with process 1
     assert results[0]["expected"] != results[1]["expected"]  # each process resumed its own stream
 
 

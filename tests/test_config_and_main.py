@@ -80,3 +80,32 @@ def test_get_path_names_missing_part():
     c = config_lib.base_config()
     with pytest.raises(config_lib.ConfigError, match="mesh.nothing"):
         config_lib.get_path(c, "mesh.nothing.deeper")
+
+
+@pytest.mark.parametrize("recipe,key", [("finetune.py:tiny", "optim.lr"), ("lafs_pretrain.py:tiny", "dino.teacher_temp"),
+                                        ("dino_pretrain.py:tiny", "data.dino.local_scale"),
+                                        ("demo.py", "stage1.loss.centers_momentum")])  # nested recipe
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -float("inf")])
+def test_non_finite_numbers_are_rejected_in_every_field(recipe, key, bad):
+    import importlib.util
+    import re
+
+    path, _, arg = recipe.partition(":")
+    spec = importlib.util.spec_from_file_location("recipe", os.path.join(ROOT, "configs", path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg or None)
+    node, leaf = c, key.split(".")[-1]
+    for part in key.split(".")[:-1]:
+        node = node[part]
+    old = node[leaf]
+    node[leaf] = (old[0], bad) if isinstance(old, tuple) else bad  # a tuple's entry counts too
+    where = f"{key}[1]" if isinstance(old, tuple) else key
+    with pytest.raises(config_lib.ConfigError, match=re.escape(f"config.{where}={bad!r} is not valid")):
+        config_lib.validate_common(c)
+
+
+def test_infinite_learning_rate_stops_main_at_start_up(tmp_path):
+    r = _main("--config=configs/finetune.py:tiny", "--config.optim.lr=inf", workdir=tmp_path)
+    assert r.returncode != 0 and "config.optim.lr=inf is not valid: a finite number" in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "checkpoints")

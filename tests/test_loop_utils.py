@@ -5,6 +5,7 @@ import os
 import signal
 import struct
 import threading
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
+from lafs_jax.config import ConfigError
 from lafs_jax.train import loop_utils as lu
 
 
@@ -154,3 +156,135 @@ def test_preemption_guard_needs_main_thread():
     t.start()
     t.join()
     assert errors and "main thread" in errors[0]
+
+
+def read_session_starts(logdir):
+    """Steps of the SessionLog START events (TensorBoard purges the events at and after each)."""
+    starts = []
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        data, pos = open(path, "rb").read(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 16 + length
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                starts.append(event.step)
+    return starts
+
+
+def test_metric_writer_resume_drops_rows_past_the_restored_step(tmp_path):
+    logdir = str(tmp_path / "w")
+    with lu.MetricWriter(logdir) as w:
+        for s in range(1, 6):
+            w.write_scalars(s, {"loss": float(s)})
+    with open(os.path.join(logdir, lu.METRICS_FILE), "a") as f:
+        f.write('{"step": 6, "lo')  # the line a kill -9 cut short
+    with lu.MetricWriter(logdir, resume_step=3) as w:  # the relaunch restored the checkpoint of step 3
+        w.write_scalars(4, {"loss": 40.0})
+    rows = lu.read_metrics(logdir)
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert read_session_starts(logdir) == [4]  # TensorBoard hides the first run's events from step 4 on
+
+
+def test_divergence_monitor_non_finite_exploding_and_history():
+    monitor = lu.DivergenceMonitor()  # loss_factor 10, param_norm_factor 10, window 20, min_history 3
+    with pytest.raises(lu.NonFiniteError, match=r"step 5: metric 'loss' is nan"):
+        monitor.check_loss(5, {"loss": np.float32(np.nan)})
+    with pytest.raises(lu.NonFiniteError, match=r"step 5: metric 'param_norm' is inf"):
+        monitor.check_params(5, {"loss": 1.0, "param_norm": np.float32(np.inf)})
+    assert monitor.check(1, {"loss": 30.0, "param_norm": 40.0}) == 30.0  # too little history for the factors
+    for s, loss in ((2, 2.0), (3, 2.2), (4, 1.8)):
+        monitor.check(s, {"loss": loss, "param_norm": 41.0})
+    assert monitor.check_params(5, {"param_norm": 300.0}) == 300.0  # 7.3x the median 41: fine
+    with pytest.raises(lu.DivergenceError, match=r"step 6: metric 'loss' is 25\.1, more than divergence\.loss_factor"
+                                                 r"=10 x the median 2\.1 of the last 4 checked values"):
+        monitor.check_loss(6, {"loss": 25.1})
+    with pytest.raises(lu.DivergenceError, match=r"metric 'param_norm' is 1e\+20"):
+        monitor.check_params(6, {"param_norm": 1e20})
+    off = lu.divergence_config()
+    off.loss_factor = 0.0
+    relaxed = lu.DivergenceMonitor(off)
+    for s in range(1, 5):
+        relaxed.check_loss(s, {"loss": 1.0})
+    assert relaxed.check_loss(5, {"loss": 1e6}) == 1e6  # factor test off: only NaN / inf stop the run
+    bad = lu.divergence_config()
+    bad.loss_factor = 0.5
+    with pytest.raises(ConfigError, match=r"config\.divergence\.loss_factor=0\.5"):
+        lu.DivergenceMonitor(bad)
+    assert issubclass(lu.NonFiniteError, lu.DivergenceError)
+
+
+class _SlowSource:
+    """A healthy but slow source: every read takes `seconds`."""
+    num_classes = 2
+
+    def __init__(self, seconds, n=8):
+        self.seconds, self.labels = seconds, np.zeros(n, np.int32)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        time.sleep(self.seconds)
+        return {"image": np.full((8, 8, 3), i, np.uint8), "label": 0}
+
+
+def test_sigterm_while_a_slow_pipeline_delivers_only_sets_the_flag():
+    from lafs_jax.input import pipelines
+
+    dc = pipelines.data_config()
+    dc.workers, dc.read_threads, dc.read_buffer_size, dc.image_size = 0, 1, 1, 8
+    it = pipelines.finetune_batches(_SlowSource(0.3), dc, batch_size=2, seed=0, num_epochs=1, process_index=0,
+                                    process_count=1)
+    with lu.preemption_guard(stall_seconds=30.0) as guard:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        batch = lu.next_batch(it)  # the signal comes during the wait; the batch still arrives
+        assert batch["image"].shape == (2, 8, 8, 3) and guard.requested
+
+
+STALLED_SCRIPT = """
+import threading
+import numpy as np
+from lafs_jax.input import pipelines
+from lafs_jax.train import loop_utils
+
+class HungSource:  # a read that never returns, as on a hung network filesystem
+    num_classes = 2
+    labels = np.zeros(16, np.int32)
+    def __len__(self):
+        return 16
+    def __getitem__(self, i):
+        threading.Event().wait()
+
+dc = pipelines.data_config()
+dc.workers, dc.image_size = 0, 16
+it = pipelines.finetune_batches(HungSource(), dc, batch_size=2, seed=0, process_index=0, process_count=1)
+
+def loop():
+    with loop_utils.preemption_guard(stall_seconds=1.0):
+        print("waiting for the first batch", flush=True)
+        loop_utils.next_batch(it)
+
+loop_utils.exit_on_input_stall(loop)  # as main.py runs a task
+"""
+
+
+def test_sigterm_stops_a_process_stuck_in_the_input_pipeline_promptly(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_SCRIPT], cwd=root, env=dict(os.environ, PYTHONPATH=root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("waiting"), proc.stderr.read()[-2000:]
+        time.sleep(0.3)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        elapsed = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == lu.EXIT_INPUT_STALLED == 143, err[-2000:]
+    assert "the input pipeline has delivered no batch for" in err and "stall_seconds=1" in err
+    assert elapsed < 10, elapsed  # stall_seconds (1 s) after the signal, plus the exit

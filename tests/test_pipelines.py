@@ -293,6 +293,28 @@ def test_skipped_undecodable_records_leave_full_batches(tmp_path):
     assert values == [0, 1, 3, 4, 5]
 
 
+def test_all_records_undecodable_with_skipping_on_raises_fast_naming_the_file(tmp_path):
+    """skip_undecodable=True over a .rec whose every image is cut short: an error naming the file and the
+    count after about max_skip_fraction x 1000 reads, not an endless skip."""
+    prefix = str(tmp_path / "all_bad")
+    broken = image_lib.encode_image(np.full((SIZE, SIZE, 3), 9, np.uint8), "JPEG")[:30]
+    writers.write_face_rec(prefix, [40], [broken] * 40)
+    dc = no_augment(small_config())
+    dc.path, dc.skip_undecodable = prefix, True
+    src = P.make_source(dc)
+    with pytest.raises(sources.DataSourceError, match=r"all_bad\.rec: record key \d+: (1[1-9]|2\d) of the last "
+                                                      r"\d+ records read by process \d+ are undecodable, more than "
+                                                      r"data\.max_skip_fraction=0\.01 of a 1000-record window"):
+        next(P.finetune_batches(src, dc, batch_size=4, seed=0, process_index=0, process_count=1))
+    budget = sources.SkipBudget(0.01)  # the window slides: 10 skips per 1000 reads are fine, an 11th is not
+    assert all(budget.record(i % 100 == 0) is None for i in range(5000))
+    budget = sources.SkipBudget(0.01)
+    assert [budget.record(True) for _ in range(11)][-2:] == [None, (11, 11)]
+    dc.max_skip_fraction = 1.5
+    with pytest.raises(ConfigError, match=r"config\.data\.max_skip_fraction=1\.5"):
+        P.validate_data_config(dc)
+
+
 # ---------------- self-supervised pipelines ----------------
 
 def test_dino_batches_shapes_and_determinism():

@@ -565,16 +565,22 @@ def test_full_run_writes_teacher_backbone_and_scalars(tmp_path, data_prefix):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_nan_loss_stops_naming_step_and_metric_and_keeps_last_good_checkpoint(tmp_path, data_prefix):
+def test_divergence_stops_naming_step_and_metric_and_keeps_only_the_confirmed_checkpoint(tmp_path, data_prefix):
+    """lr 1e36 after one warmup epoch: update 1 (lr 0) gives checkpoint 1, which step 2's finite loss
+    confirms; update 2 blows the weights up, so that state is never saved. (Before checkpoints were
+    confirmed, step 2's finite loss let its 1e35-sized weights be saved as the "last good" checkpoint.)"""
     config = _small_config("lafs", data_prefix)
     config.unlock()
     config.total_steps, config.checkpoint.every_steps = 6, 1
-    config.optim.warmup_epochs, config.optim.freeze_last_layer_epochs, config.optim.lr = 0.0, 0, 1e36
+    config.optim.freeze_last_layer_epochs, config.optim.lr = 0, 1e36
     config.optim.lr_scaling = "none"
     _no_dropout(config)
     config.lock()
     work = str(tmp_path / "nan")
-    with pytest.raises(loop_utils.NonFiniteError, match=r"step 2: metric 'loss' is nan"):
+    with pytest.raises(loop_utils.NonFiniteError, match=r"step 2: metric 'param_norm' is inf") as info:
         pretrain.run(config, work)
+    assert f"the last confirmed checkpoint is {os.path.join(work, 'checkpoints', '1')}" in str(info.value)
     with ckpt_lib.TrainCheckpointer(os.path.join(work, "checkpoints")) as ckpt:
-        assert ckpt.all_steps() == [1]
+        assert ckpt.all_steps() == ckpt.confirmed_steps() == [1]
+        kept = ckpt.restore(1)
+    assert max(float(np.max(np.abs(x))) for x in jax.tree.leaves(kept["student"])) < 100

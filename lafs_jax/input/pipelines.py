@@ -63,6 +63,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.read_threads = 2  # threads per process reading + augmenting records (to_iter_dataset)
     c.read_buffer_size = 32  # records the reader threads prepare ahead
     c.skip_undecodable = False  # True: drop undecodable images (logged, with a running count) instead of failing
+    # with skip_undecodable: stop with an error naming the file once more than this fraction of the last
+    # 1000 records read by one process (sources.SKIP_WINDOW; each worker counts its own) were undecodable
+    c.max_skip_fraction = 0.01
 
     # Subset of the training set, steps applied in this order (lafs_jax.input.subsets); data set order kept
     c.subset = ml_collections.ConfigDict()
@@ -166,6 +169,9 @@ def validate_data_config(dc: ml_collections.ConfigDict) -> None:
                          ("dino.local_crops", 0), ("lafs.view_size", 1), ("lafs.global_views", 1),
                          ("lafs.local_views", 0)):
         _check_int(dc, key, minimum)
+    skip = _get(dc, "max_skip_fraction")
+    if not (isinstance(skip, (int, float)) and 0.0 <= skip <= 1.0):
+        raise _err("max_skip_fraction", skip, "a fraction in [0, 1]")
     for key in ("subset.partition", "subset.identity_fraction"):
         fraction = _get(dc, key)
         if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0.0 < fraction <= 1.0):
@@ -209,7 +215,8 @@ def make_source(dc: ml_collections.ConfigDict):
     validate_data_config(dc)
     if not dc.path:
         raise ConfigError("config.data.path is empty: set it to the data set (see data/README.md)")
-    common = {"color_order": dc.color_order, "skip_undecodable": dc.skip_undecodable}
+    common = {"color_order": dc.color_order, "skip_undecodable": dc.skip_undecodable,
+              "max_skip_fraction": float(dc.max_skip_fraction)}
     if dc.format == "rec":
         source = S.FaceRecordSource(dc.path, **common)
     elif dc.format == "arrayrecord":

@@ -4,7 +4,11 @@ Every source has `len()`, `source[i] -> {'image': uint8 [H, W, 3] RGB, 'label': 
 `labels` (int [N], the label of every item, read without decoding images where the format allows)
 and `describe(i)` (which file / record item i is, for error messages). With `skip_undecodable=True`
 an image that does not decode gives `None` instead of an error (the pipelines drop it) and a warning
-with the running count of skipped records. All sources are picklable, for Grain worker processes.
+with the running count of skipped records, up to a bound: more than `max_skip_fraction` of the
+last SKIP_WINDOW (1000) records read by one process (each Grain worker counts its own reads) raises
+DataSourceError naming the file and the count, so a data set that is all or mostly undecodable
+fails fast instead of being skipped through forever. All sources are picklable, for Grain worker
+processes.
 
 InsightFace layout (`FaceRecordSource`, lafs.md §4.1): record 0 may be a header with flag > 0 and
 label [id_lo, id_hi]; records id_lo..id_hi-1 are identity records whose label [img_lo, img_hi) is the
@@ -15,8 +19,10 @@ every record is an image and labels come from the image headers.
 from __future__ import annotations
 
 import abc
+import collections
 import logging
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -30,8 +36,47 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pnm", ".w
 ARRAYRECORD_LABELS_SUFFIX = ".labels.npz"  # sidecar of an ArrayRecord file: labels[N], num_classes
 
 
+SKIP_WINDOW = 1000  # reads of one process that max_skip_fraction is measured over
+
+
 class DataSourceError(ValueError):
     """A data set on disk is not in the expected layout; the message names the file or folder."""
+
+
+class SkipBudget:
+    """How many of the last `window` reads of this process were skipped as undecodable (thread-safe).
+
+    `record(skipped)` returns the skips in the window once they exceed max_fraction x window, else
+    None. Pickles (into a Grain worker) with an empty window: each process counts its own reads.
+    """
+
+    def __init__(self, max_fraction: float, window: int = SKIP_WINDOW):
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction={max_fraction!r}: must be in [0, 1]")
+        self.max_fraction, self.window = float(max_fraction), int(window)
+        self.limit = int(self.max_fraction * self.window)  # skips allowed among `window` reads
+        self._reset()
+
+    def _reset(self) -> None:
+        self._recent: collections.deque = collections.deque(maxlen=self.window)
+        self._skips = 0
+        self._lock = threading.Lock()
+
+    def record(self, skipped: bool) -> tuple[int, int] | None:
+        """Count one read; (skips, reads) in the window when the skips exceed the limit, else None."""
+        with self._lock:
+            if len(self._recent) == self.window:
+                self._skips -= self._recent[0]
+            self._recent.append(bool(skipped))
+            self._skips += bool(skipped)
+            return (self._skips, len(self._recent)) if self._skips > self.limit else None
+
+    def __getstate__(self):
+        return {"max_fraction": self.max_fraction, "window": self.window, "limit": self.limit}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
 
 
 class FaceSource(abc.ABC):
@@ -41,12 +86,13 @@ class FaceSource(abc.ABC):
     `__getitem__` and `describe`.
     """
 
-    def __init__(self, color_order: str = "rgb", skip_undecodable: bool = False):
+    def __init__(self, color_order: str = "rgb", skip_undecodable: bool = False, max_skip_fraction: float = 0.01):
         if color_order not in image_lib.COLOR_ORDERS:
             raise ValueError(f"color_order={color_order!r}; choose one of {image_lib.COLOR_ORDERS}")
         self.color_order = color_order
         self.skip_undecodable = bool(skip_undecodable)
         self.skipped = 0  # undecodable records skipped by this process
+        self.skip_budget = SkipBudget(max_skip_fraction)
         self._labels: np.ndarray | None = None
         self.num_classes = 0
 
@@ -78,13 +124,23 @@ class FaceSource(abc.ABC):
         else:
             try:
                 image = image_lib.decode_image(bytes(data), self.describe(index))
-            except image_lib.UndecodableImageError:
+            except image_lib.UndecodableImageError as e:
                 if not self.skip_undecodable:
                     raise
                 self.skipped += 1
+                over = self.skip_budget.record(True)
+                if over is not None:
+                    raise DataSourceError(
+                        f"{self.describe(index)}: {over[0]} of the last {over[1]} records read by process "
+                        f"{os.getpid()} are undecodable, more than data.max_skip_fraction="
+                        f"{self.skip_budget.max_fraction:g} of a {self.skip_budget.window}-record window "
+                        f"({self.skip_budget.limit} allowed; {self.skipped} skipped in all); the data set looks "
+                        f"broken (or raise data.max_skip_fraction)") from e
                 log.warning("skipping undecodable image (%s); %d undecodable records skipped so far in "
                             "process %d", self.describe(index), self.skipped, os.getpid())
                 return None
+            if self.skip_undecodable:
+                self.skip_budget.record(False)
         return {"image": image_lib.apply_color_order(image, self.color_order), "label": int(label)}
 
 
@@ -105,14 +161,17 @@ class FaceRecordSource(FaceSource):
       prefix: 'dir/train' (or 'dir/train.rec', or 'dir' holding train.rec).
       color_order: 'rgb' or 'bgr' (see images.apply_color_order).
       skip_undecodable: give None (and log) for undecodable images instead of raising.
+      max_skip_fraction: with skip_undecodable, raise DataSourceError once more than this fraction of
+        the last SKIP_WINDOW reads of the process were skipped.
     Attributes: `keys` (int64 [N], the image record keys), `labels` (int32 [N]), `num_classes`,
       `identity_layout` (True when record 0 is a header with identity records).
     The per-image index is kept small (it is pickled into every Grain worker): the usual contiguous
     image keys are not stored, labels are int32, offsets int64 (12 bytes per image in all).
     """
 
-    def __init__(self, prefix: str, color_order: str = "rgb", skip_undecodable: bool = False):
-        super().__init__(color_order, skip_undecodable)
+    def __init__(self, prefix: str, color_order: str = "rgb", skip_undecodable: bool = False,
+                 max_skip_fraction: float = 0.01):
+        super().__init__(color_order, skip_undecodable, max_skip_fraction)
         rec_path, idx_path = resolve_rec_prefix(prefix)
         if not os.path.isfile(idx_path):
             raise FileNotFoundError(f"RecordIO index not found: {idx_path} (next to {rec_path}); "
@@ -257,8 +316,9 @@ class ArrayRecordFaceSource(FaceSource):
     are read from every record's header once (slow for large sets).
     """
 
-    def __init__(self, paths: str | list[str], color_order: str = "rgb", skip_undecodable: bool = False):
-        super().__init__(color_order, skip_undecodable)
+    def __init__(self, paths: str | list[str], color_order: str = "rgb", skip_undecodable: bool = False,
+                 max_skip_fraction: float = 0.01):
+        super().__init__(color_order, skip_undecodable, max_skip_fraction)
         import grain  # pylint: disable=import-outside-toplevel
 
         self.paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
@@ -299,8 +359,9 @@ class ArrayRecordFaceSource(FaceSource):
 class ImageFolderSource(FaceSource):
     """root/<identity>/<image> files; identities are the sorted sub-folder names, labels 0..C-1."""
 
-    def __init__(self, root: str, color_order: str = "rgb", skip_undecodable: bool = False):
-        super().__init__(color_order, skip_undecodable)
+    def __init__(self, root: str, color_order: str = "rgb", skip_undecodable: bool = False,
+                 max_skip_fraction: float = 0.01):
+        super().__init__(color_order, skip_undecodable, max_skip_fraction)
         self.root = os.fspath(root)
         self.files, labels, self.class_names = list_image_folder(self.root)
         self._labels = np.asarray(labels, np.int64)
@@ -351,8 +412,9 @@ class TfdsSource(FaceSource):
     """
 
     def __init__(self, name: str, split: str = "train", data_dir: str | None = None, image_key: str = "image",
-                 label_key: str = "label", color_order: str = "rgb", skip_undecodable: bool = False):
-        super().__init__(color_order, skip_undecodable)
+                 label_key: str = "label", color_order: str = "rgb", skip_undecodable: bool = False,
+                 max_skip_fraction: float = 0.01):
+        super().__init__(color_order, skip_undecodable, max_skip_fraction)
         import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
         self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key

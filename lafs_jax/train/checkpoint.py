@@ -7,17 +7,40 @@ and a JSON metadata dict, asynchronous, last N kept. Layout: DIR/<step>/{state, 
 Moving to orbax's V1 `training.Checkpointer` later is a change of this file only.
 Nothing here is written by hand beyond the wiring: orbax does the (sharded, async) array I/O and
 the retention, grain the iterator state.
+
+Confirmed checkpoints. A checkpoint of step s holds the state *after* update s; the loss of step s
+is computed from the state before it. So a checkpoint is only known good once a loss computed from
+its own state (step s + 1's) has been checked, finite and not exploding (loop_utils.DivergenceMonitor).
+The loop then calls `confirm(s)`, which writes DIR/<s>/confirmed.json (after the checkpoint is on
+disk; process 0). `resume()` only ever restores confirmed checkpoints, newest first: a checkpoint
+without the marker (the run stopped between the save and the check, or diverged) is moved to
+DIR/unconfirmed/<s>, never resumed from; on divergence the loop deletes the unconfirmed ones
+(`discard_unconfirmed`). Retention keeps the latest `keep` checkpoints and, always, the newest
+confirmed one.
+
+Corrupted checkpoints. `resume()` restores the newest confirmed checkpoint; if that raises (a
+truncated or missing array file, a deleted manifest or `state/`, a truncated iterator JSON) or
+gives arrays with NaN / inf, it logs which directory is broken and why, and tries the next older
+confirmed one; the broken ones are moved to DIR/broken/<s> once an older one restores, so a later
+save of the same step is not blocked. When none restores it raises CheckpointRestoreError listing
+every directory and reason, and moves nothing. Not caught: bytes changed inside a tensor file that
+still decode to finite numbers (orbax stores no checksums), and an iterator state that is valid
+JSON but not the one saved. Several processes: see `resume`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from lafs_jax.sharding import path_str
@@ -26,6 +49,13 @@ from lafs_jax.variables import to_json_dict
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 META_ITEM = "metadata"
+CONFIRMED_FILE = "confirmed.json"  # DIR/<step>/confirmed.json: the checkpoint's state gave a good loss
+BROKEN_DIR = "broken"  # DIR/broken/<step>: checkpoints that did not restore (an older one did)
+UNCONFIRMED_DIR = "unconfirmed"  # DIR/unconfirmed/<step>: never confirmed, set aside at resume
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint of a directory restores; the message lists every directory tried and why."""
 
 
 def abstract_like(state: Any, shardings: Any = None) -> Any:
@@ -48,6 +78,53 @@ def _check_global(state: Any) -> None:
                              f"jax.device_put(numpy_value, NamedSharding(mesh, P()))")
 
 
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """Paths ('a/b/c') of the floating-point leaves of `tree` holding a NaN or inf.
+
+    Each process looks at its own shards (host copies, no compilation); typed PRNG keys and integer
+    leaves are skipped.
+    """
+    bad = []
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+            continue
+        parts = [s.data for s in leaf.addressable_shards] if isinstance(leaf, jax.Array) else [leaf]
+        arrays = [np.asarray(p) for p in parts]
+        if not all(np.isfinite(a if a.dtype.kind == "f" else a.astype(np.float32)).all() for a in arrays):
+            bad.append(path_str(keypath))
+    return bad
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True when `ok` holds on every process (one all-gather; just `ok` on one process)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel  (multi-process only)
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray(ok, np.int32))).all())
+
+
+def _reason(error: BaseException) -> str:
+    """One line naming an exception: its type and the start of its first line."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+@dataclasses.dataclass
+class _NewestConfirmed:
+    """orbax preservation policy: keep the newest confirmed checkpoint (whatever LatestN says), so a
+    crash between a save and its confirmation always leaves one to resume from."""
+
+    is_confirmed: Callable[[int], bool]
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        del context
+        confirmed = [c.step for c in checkpoints if self.is_confirmed(c.step)]
+        newest = max(confirmed) if confirmed else None
+        return [c.step == newest for c in checkpoints]
+
+
 class TrainCheckpointer:
     """Training checkpoints in `directory`: train state + Grain iterator state + JSON metadata.
 
@@ -62,11 +139,14 @@ class TrainCheckpointer:
             state = ckpt.restore(None, abstract_state, data_iterator=it)
         ... ckpt.save(step, state, data_iterator=it)   # saves when step % save_every == 0
         ckpt.save(step, state, data_iterator=it, force=True); ckpt.close()
+
+    Loops resume with `resume()` (confirmed checkpoints only, with fallback past broken ones) and
+    call `confirm(s)` once step s + 1's loss is checked; see the module docstring.
     """
 
     def __init__(self, directory: str, keep: int | None = 3, save_every: int = 1, async_save: bool = True,
                  metadata: Any = None, best_fn: Callable[[dict], float] | None = None, best_mode: str = "max"):
-        """keep: checkpoints kept (the latest ones; None keeps all). save_every: `save` writes only at
+        """keep: checkpoints kept (the latest ones, plus the newest confirmed one; None keeps all). save_every: `save` writes only at
         steps divisible by it unless force=True. metadata: JSON-able dict (ConfigDicts allowed) stored
         with every checkpoint, e.g. config, input normalisation, colour order.
         best_fn: with it, `save(..., metrics=)` records a JSON dict of metrics with the checkpoint and
@@ -84,7 +164,10 @@ class TrainCheckpointer:
         json.dumps(self.metadata)  # fail now, naming nothing hidden, if metadata is not JSON-able
         self.best_fn, self.best_mode = best_fn, best_mode
         policies = ocp.checkpoint_managers
-        preservation = policies.LatestN(keep) if keep is not None else None
+        preservation = None
+        if keep is not None:
+            preservation = policies.AnyPreservationPolicy([policies.LatestN(keep),
+                                                           _NewestConfirmed(lambda s: s in self._confirmed)])
         rank = None
         if best_fn is not None and preservation is not None:
             worst = -math.inf if best_mode == "max" else math.inf
@@ -105,6 +188,12 @@ class TrainCheckpointer:
             item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
                            DATA_ITEM: grain.checkpoint.CheckpointHandler(),
                            META_ITEM: ocp.JsonCheckpointHandler()})
+        self._confirmed: set[int] = {s for s in self._manager.all_steps()
+                                     if (self._step_dir(s) / CONFIRMED_FILE).exists()}
+        self._to_confirm: dict[int, dict] = {}  # confirmed, marker not written yet (save in progress)
+
+    def _step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(int(step))
 
     # -- saving ---------------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -122,16 +211,88 @@ class TrainCheckpointer:
         if metrics is not None and self.best_fn is None:
             raise ValueError("TrainCheckpointer.save(metrics=...) needs best_fn= at construction")
         step = int(step)
-        if step in self._manager.all_steps():
+        if step in self._manager.all_steps() or not (force or self.should_save(step)):
             return False
         if jax.process_count() > 1:
             _check_global(state)
+        # orbax waits for the previous save here anyway; the confirmations waiting for it go to disk
+        # first, so the retention below sees them
+        self._manager.wait_until_finished()
+        self._write_confirmations()
         items = {STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(self.metadata)}
         if data_iterator is not None:
             items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
         if self.best_fn is not None:
             metrics = {k: float(v) for k, v in (metrics or {}).items()}
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics))
+        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True, metrics=metrics))
+
+    # -- confirmation ---------------------------------------------------------------------------
+    def confirm(self, step: int, **evidence: Any) -> None:
+        """Mark checkpoint `step` good: a loss computed from its state (step + 1's) was checked.
+
+        evidence: JSON-able facts stored in the marker (e.g. loss=..., checked_at_step=...). The
+        marker is written once the checkpoint is on disk (now, or when the save in progress ends:
+        the next save, wait or close), by process 0; every process must call it.
+        """
+        step = int(step)
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(f"cannot confirm step {step}: no such checkpoint in {self.directory}; "
+                                    f"available steps: {self.all_steps()}")
+        self._to_confirm[step] = {k: to_json_dict(v) for k, v in evidence.items()}
+        if not self._manager.is_saving_in_progress():
+            self._write_confirmations()
+
+    def _write_confirmations(self) -> None:
+        for step, evidence in sorted(self._to_confirm.items()):
+            path = self._step_dir(step)
+            if jax.process_index() == 0:
+                if not path.exists():
+                    raise FileNotFoundError(f"checkpoint {path} vanished before its confirmation was written")
+                tmp = path / (CONFIRMED_FILE + ".tmp")
+                tmp.write_text(json.dumps({"step": step, "time": time.time(), **evidence}, sort_keys=True))
+                tmp.rename(path / CONFIRMED_FILE)
+            self._confirmed.add(step)
+        self._to_confirm.clear()
+
+    def is_confirmed(self, step: int) -> bool:
+        return int(step) in self._confirmed or int(step) in self._to_confirm
+
+    def confirmed_steps(self) -> list[int]:
+        return [s for s in self.all_steps() if self.is_confirmed(s)]
+
+    def latest_confirmed_step(self) -> int | None:
+        steps = self.confirmed_steps()
+        return steps[-1] if steps else None
+
+    def discard_unconfirmed(self) -> list[int]:
+        """Delete every checkpoint not confirmed (after a divergence: their states are suspect); the steps."""
+        self.wait()
+        doomed = [s for s in self.all_steps() if not self.is_confirmed(s)]
+        for s in doomed:
+            self._manager.delete(s)
+        return doomed
+
+    def _set_aside(self, step: int, kind: str) -> epath.Path:
+        """Move checkpoint `step` to DIR/<kind>/<step>[-n] (process 0), out of orbax's sight; the new path."""
+        source = self._step_dir(step)
+        dest = self.directory / kind / str(step)
+        n = 1
+        while dest.exists():
+            dest, n = self.directory / kind / f"{step}-{n}", n + 1
+        if jax.process_index() == 0:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            source.rename(dest)
+        ocp.multihost.sync_global_processes(f"TrainCheckpointer:set_aside:{kind}:{step}")
+        self._manager.reload()
+        self._confirmed.discard(step)
+        return dest
+
+    def describe_confirmed(self) -> str:
+        """A sentence naming the newest confirmed checkpoint (what a relaunch resumes from)."""
+        step = self.latest_confirmed_step()
+        if step is None:
+            return f"no confirmed checkpoint in {self.directory}: a relaunch starts from scratch"
+        return f"the last confirmed checkpoint is {self._step_dir(step)}: a relaunch resumes from step {step}"
 
     # -- reading --------------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -184,6 +345,88 @@ class TrainCheckpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored[STATE_ITEM]
 
+    def resume(self, abstract_state: Any = None, data_iterator: Any = None) -> tuple[int | None, Any]:
+        """(step, state) of the newest confirmed checkpoint that restores with finite arrays, or
+        (None, None) when there is none (start from scratch).
+
+        Checkpoints without a confirmation are never restored: they are moved to DIR/unconfirmed/
+        (logged). A confirmed checkpoint that fails to restore or holds NaN / inf is logged with
+        its directory and the reason, and the next older one is tried; once one restores, the
+        broken newer ones are moved to DIR/broken/ (logged). When none restores this raises
+        CheckpointRestoreError listing them all, and moves nothing. Every process must call it: what a
+        process can check alone (`state/` present, its own iterator file present and JSON) is agreed
+        across processes before orbax's collective restore, so all fall back together (tested with
+        two processes); array data that only one process reads and finds broken fails inside
+        orbax's barriers on that process, which the others do not survive gracefully.
+        """
+        self.wait()
+        confirmed = self.confirmed_steps()
+        broken: list[tuple[int, str]] = []
+        for step in reversed(confirmed):
+            state = None
+            # what a process can check alone first, agreed before orbax's collective restore (a failure
+            # inside it on one process only would leave the others waiting in its barriers)
+            reason = self._precheck(step, data_iterator)
+            if _all_processes_agree(not reason):
+                try:
+                    state = self.restore(step, abstract_state, data_iterator=data_iterator)
+                    bad = nonfinite_leaves(state)
+                    reason = (f"restored arrays hold NaN or inf: {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
+                              if bad else "")
+                except Exception as e:  # pylint: disable=broad-except  (any failure: try the next older one)
+                    state, reason = None, _reason(e)
+            else:
+                reason = reason or "its files are broken on another process"
+            if not _all_processes_agree(not reason):
+                reason = reason or "restore failed on another process"
+                logging.warning("checkpoint %s cannot be restored (%s); trying the next older confirmed one",
+                                self._step_dir(step), reason)
+                broken.append((step, reason))
+                continue
+            self._set_aside_newer(step, broken)
+            if broken:
+                logging.warning("resumed from %s, the newest checkpoint that restores; the newer ones did not: %s",
+                                self._step_dir(step), "; ".join(f"{s}: {r}" for s, r in broken))
+            return step, state
+        if broken:
+            listing = "\n".join(f"  {self._step_dir(s)}: {r}" for s, r in broken)
+            raise CheckpointRestoreError(
+                f"no checkpoint in {self.directory} restores (newest first):\n{listing}\nfix or remove them; "
+                f"removing the whole directory starts the run from scratch")
+        self._set_aside_newer(None, [])
+        return None, None
+
+    def _precheck(self, step: int, data_iterator: Any) -> str:
+        """Why checkpoint `step` cannot restore on this process, from its files alone ('' if no reason
+        is visible): `state/` missing, or this process's iterator file missing or not JSON."""
+        path = self._step_dir(step)
+        if not (path / STATE_ITEM).exists():
+            return f"no '{STATE_ITEM}' item (directory {path / STATE_ITEM} is missing)"
+        if data_iterator is None:
+            return ""
+        # grain's handler names the file by jax's process index and count
+        name = path / DATA_ITEM / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not name.exists():
+            return f"no data iterator state {name}"
+        if isinstance(data_iterator, grain.DatasetIterator):
+            try:
+                json.loads(name.read_text())
+            except ValueError as e:
+                return f"{name}: {_reason(e)}"
+        return ""
+
+    def _set_aside_newer(self, resumed: int | None, broken: list[tuple[int, str]]) -> None:
+        """Move the broken checkpoints and every unconfirmed one out of the way of future saves."""
+        for step, reason in broken:
+            dest = self._set_aside(step, BROKEN_DIR)
+            logging.warning("moved the broken checkpoint %s (%s) to %s", self._step_dir(step), reason, dest)
+        for step in self.all_steps():
+            if not self.is_confirmed(step):
+                dest = self._set_aside(step, UNCONFIRMED_DIR)
+                logging.warning("checkpoint %s was never confirmed (the run stopped before a loss computed from "
+                                "its state was checked): moved it to %s; %s", self._step_dir(step), dest,
+                                f"resuming from step {resumed}" if resumed is not None else "starting from scratch")
+
     def read_metadata(self, step: int | None = None) -> dict:
         """The metadata dict saved with checkpoint `step` (None: the latest)."""
         step = self._step(step)
@@ -191,13 +434,16 @@ class TrainCheckpointer:
 
     # -- lifetime -------------------------------------------------------------------------------
     def wait(self) -> None:
-        """Block until every started save is on disk."""
+        """Block until every started save is on disk (and the confirmations waiting for it)."""
         self._manager.wait_until_finished()
+        self._write_confirmations()
 
     def close(self) -> None:
-        """Wait for pending saves and release the manager's threads."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for pending saves, write pending confirmations, release the manager's threads."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> "TrainCheckpointer":
         return self

@@ -75,12 +75,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.validate_common(config)
     presets.validate_model_config(config.model)
     optim.validate_optim_config(config.optim)
+    loop_utils.validate_divergence_config(config.divergence)
     check(isinstance(config.eval.at_start, bool), "eval.at_start", config.eval.at_start, "True or False")
     check(isinstance(config.eval.flip, bool), "eval.flip", config.eval.flip, "True or False")
     for key in ("batch_size", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep", "eval.batch_size",
-                "eval.every_steps", "eval.nfolds"):
+                "eval.every_steps"):
         v = config_lib.get_path(config, key)
         check(isinstance(v, int) and v >= 1, key, v, "an int >= 1")
+    check(isinstance(config.eval.nfolds, int) and config.eval.nfolds >= 2, "eval.nfolds", config.eval.nfolds,
+          "an int >= 2 (folds of the verification protocol)")
     check(isinstance(config.ema_decay, float) and 0.0 <= config.ema_decay < 1.0, "ema_decay", config.ema_decay,
           "a float in [0, 1) (0 = no parameter average)")
     check(isinstance(config.total_steps, int) and (config.total_steps == -1 or config.total_steps >= 1),
@@ -347,6 +350,7 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Arr
                                                      reg_weight)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        metrics["param_norm"] = optax.global_norm(params)  # of the state this step hands on (divergence check)
         hyper = optim.current_hyperparams(opt_state)
         if "learning_rate" in hyper:
             metrics["learning_rate"] = hyper["learning_rate"]
@@ -438,13 +442,40 @@ def backbone_metadata(config: ml_collections.ConfigDict, **extra) -> dict:
     }
 
 
+def load_eval_sets(config: ml_collections.ConfigDict) -> dict:
+    """{name: (uint8 images [2N, S, S, 3], issame bool [N])} of `config.eval.bins`, each checked at start-up:
+    at least `eval.nfolds` pairs (ConfigError naming config.eval.bins[i] and the file otherwise)."""
+
+    out = {}
+    for i, path in enumerate(config.eval.bins):
+        images, issame = load_bin(path, config.model.image_size)
+        check(len(issame) >= config.eval.nfolds, f"eval.bins[{i}]", path,
+              f"a .bin with at least config.eval.nfolds={config.eval.nfolds} pairs for the {config.eval.nfolds}-fold "
+              f"protocol; it holds {len(issame)}")
+        out[os.path.splitext(os.path.basename(path))[0]] = (images, issame)
+    return out
+
+
+class EvaluationError(RuntimeError):
+    """Verification during training failed; its step's checkpoint was saved (and confirmed) first."""
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Fine-tune; returns {'step', 'final_metrics', 'verification': {set: accuracy}}."""
+    """Fine-tune; returns {'step', 'final_metrics', 'verification': {set: accuracy}}.
+
+    Checkpoints: saved every checkpoint.every_steps, at every evaluation step (with its verification
+    metrics; an evaluation error is raised only after that checkpoint is saved and confirmed, so it
+    loses no training), at the last step and on SIGTERM; each is confirmed by
+    the next step's loss (on SIGTERM and at the end by one extra step whose result is dropped). A
+    relaunch resumes from the newest confirmed checkpoint that restores (TrainCheckpointer.resume).
+    On divergence the unconfirmed checkpoints are deleted and the error names the one kept.
+    """
     validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.mesh)
     global_bs = config.batch_size
     local_bs = mesh_lib.local_batch_size(global_bs, mesh)
+    eval_sets = load_eval_sets(config)  # before anything is built: a bad .bin fails at start-up
 
     # ------------------------------------------------------------------ data
     source = pipelines.make_source(config.data)
@@ -494,15 +525,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       save_every=config.checkpoint.every_steps,
                                       metadata={"config": config, **backbone_metadata(config)},
                                       best_fn=verification_score if config.eval.bins else None)
+    abstract_state = ckpt_lib.abstract_like(state, shardings)  # restore targets (the live state gets donated)
+    try:
+        resumed, restored = ckpt.resume(abstract_state, data_iterator=train_iter)
+    except BaseException:
+        ckpt.close()
+        raise
     start = 0
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(None, ckpt_lib.abstract_like(state, shardings), data_iterator=train_iter)
-        start = int(state["step"])
+    if resumed is not None:
+        state, start = restored, int(restored["step"])
         logging.info("resumed from step %d", start)
 
     # ------------------------------------------------------------------ evaluation
-    eval_sets = {os.path.splitext(os.path.basename(p))[0]: load_bin(p, config.model.image_size)
-                 for p in config.eval.bins}
     embedder = embed_lib.Embedder(model, None, image_size=config.model.image_size,
         normalization=config.eval.normalization or config.data.normalization,
         color_order=config.eval.color_order, mesh=mesh,
@@ -524,71 +558,116 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             out[name] = r
         return out
 
+    def train_step(state, step: int):
+        batch = loop_utils.next_batch(train_iter)
+        partial_fc.check_labels(batch, num_classes)
+        reg_weight = np.float32(landmark_weight(config.landmark_reg, (step - 1) // steps_per_epoch))
+        return step_fn(state, teacher_vars, mesh_lib.global_batch(batch, mesh), reg_weight)
+
+    def confirm_by_one_more_step(state, step: int) -> None:
+        """Run step `step` + 1 (result dropped, the state donated) to check the loss that confirms
+        checkpoint `step`: how the last checkpoint and a SIGTERM one get confirmed."""
+        _, extra = train_step(state, step + 1)
+        ckpt.confirm(step, checked_at_step=step + 1, loss=monitor.check_loss(step + 1, extra))
+
     # ------------------------------------------------------------------ loop
-    writer = loop_utils.MetricWriter(workdir)
-    progress = loop_utils.Progress(total_steps, every=config.log_every_steps, batch_size=global_bs, start_step=start,
-                                   name="finetune")
+    monitor = loop_utils.DivergenceMonitor(config.divergence)
     metrics: dict = {}
     results: dict = {}
     initial: dict = {}
-    if eval_sets and config.eval.at_start and start == 0:
-        initial = evaluate(state)
-        writer.write_scalars(0, {f"val/{n}/accuracy": r["accuracy"] for n, r in initial.items()})
-        logging.info("verification before training:\n%s", verification.format_table(initial))
+    unconfirmed = None  # the newest checkpoint's step, until the next checked loss confirms it
+    eval_error: EvaluationError | None = None  # raised once its step's checkpoint is confirmed
     single = jax.process_count() == 1
-    with loop_utils.preemption_guard() as guard:
-        for step in range(start + 1, total_steps + 1):
-            batch = next(train_iter)
-            partial_fc.check_labels(batch, num_classes)
-            reg_weight = np.float32(landmark_weight(config.landmark_reg, (step - 1) // steps_per_epoch))
-            state, metrics = step_fn(state, teacher_vars, mesh_lib.global_batch(batch, mesh), reg_weight)
-            if step == start + 1:
-                progress.reset(step)
-            logged = step % config.log_every_steps == 0 or step == total_steps
-            saving = ckpt.should_save(step) or step == total_steps
-            evaluated = bool(eval_sets) and (step % config.eval.every_steps == 0 or step == total_steps)
-            if logged or saving or evaluated:  # no NaN state gets checkpointed
-                loop_utils.check_finite(step, metrics, keys=("loss",))
-            if logged:
-                scalars = {f"train/{k}": v for k, v in metrics.items()}
-                rates = progress.update(step, {"loss": metrics["loss"]})
-                scalars.update({f"perf/{k}": v for k, v in (rates or {}).items()})
-                writer.write_scalars(step, scalars)
-            if evaluated:
-                results = evaluate(state)
-                writer.write_scalars(step, {f"val/{n}/{k}": r[k] for n, r in results.items()
-                                            for k in ("accuracy", "accuracy_std", "best_threshold")})
-                logging.info("step %d verification:\n%s", step, verification.format_table(results))
-            if saving or evaluated:
-                ckpt.save(step, state, data_iterator=train_iter, force=evaluated or step == total_steps,
-                          metrics=verification_metrics(results) if evaluated else None)
-            if guard.requested if single else (logged and guard.sync_requested()):
-                ckpt.save(step, state, data_iterator=train_iter, force=True)
-                ckpt.wait()
-                logging.warning("stopping at step %d on request (SIGTERM); the run resumes from here", step)
-                ckpt.close()
-                writer.close()
-                return {"step": step, "preempted": True, "final_metrics": _host(metrics)}
+    writer = loop_utils.MetricWriter(workdir, resume_step=start)
+    try:
+        progress = loop_utils.Progress(total_steps, every=config.log_every_steps, batch_size=global_bs,
+                                       start_step=start, name="finetune")
+        if eval_sets and config.eval.at_start and start == 0:
+            initial = evaluate(state)
+            writer.write_scalars(0, {f"val/{n}/accuracy": r["accuracy"] for n, r in initial.items()})
+            logging.info("verification before training:\n%s", verification.format_table(initial))
+        with loop_utils.preemption_guard() as guard:
+            for step in range(start + 1, total_steps + 1):
+                state, metrics = train_step(state, step)
+                if step == start + 1:
+                    progress.reset(step)
+                logged = step % config.log_every_steps == 0 or step == total_steps
+                evaluating = bool(eval_sets) and (step % config.eval.every_steps == 0 or step == total_steps)
+                saving = ckpt.should_save(step) or step == total_steps or evaluating
+                if logged or saving or unconfirmed is not None:
+                    loss = monitor.check_loss(step, metrics)
+                    if unconfirmed is not None:
+                        ckpt.confirm(unconfirmed, checked_at_step=step, loss=loss)
+                        unconfirmed = None
+                    monitor.check_params(step, metrics)
+                if eval_error is not None:
+                    raise eval_error
+                if logged:
+                    scalars = {f"train/{k}": v for k, v in metrics.items()}
+                    rates = progress.update(step, {"loss": metrics["loss"]})
+                    scalars.update({f"perf/{k}": v for k, v in (rates or {}).items()})
+                    writer.write_scalars(step, scalars)
+                step_results = None
+                if evaluating:
+                    try:
+                        step_results = results = evaluate(state)
+                    except Exception as e:  # pylint: disable=broad-except  (re-raised after the confirmation)
+                        eval_error = EvaluationError(
+                            f"verification at step {step} failed ({type(e).__name__}: {e}); the step's checkpoint "
+                            f"{ckpt.directory / str(step)} is kept: fix the cause and relaunch to resume from it")
+                        eval_error.__cause__ = e
+                        logging.error("%s", eval_error)
+                    else:
+                        writer.write_scalars(step, {f"val/{n}/{k}": r[k] for n, r in results.items()
+                                                    for k in ("accuracy", "accuracy_std", "best_threshold")})
+                        logging.info("step %d verification:\n%s", step, verification.format_table(results))
+                # saved after the evaluation so it carries its metrics (the best checkpoint is kept); an
+                # evaluation error is only raised once this checkpoint is confirmed
+                metrics_of_step = verification_metrics(step_results) if (step_results and ckpt.best_fn) else None
+                if saving and ckpt.save(step, state, data_iterator=train_iter, force=True, metrics=metrics_of_step):
+                    unconfirmed = step
+                if guard.requested if single else (logged and guard.sync_requested()):
+                    if ckpt.save(step, state, data_iterator=train_iter, force=True):
+                        unconfirmed = step
+                    host_metrics = _host(metrics)
+                    if unconfirmed is not None:
+                        confirm_by_one_more_step(state, step)
+                    if eval_error is not None:
+                        raise eval_error
+                    logging.warning("stopping at step %d on request (SIGTERM); the run resumes from here", step)
+                    return {"step": step, "preempted": True, "final_metrics": host_metrics}
+            final_step = int(state["step"])
+            output = jax.device_get(backbone_variables(state))
+            final_metrics = _host(metrics)
+            if unconfirmed is not None:  # the last checkpoint: confirmed before anything is written from it
+                confirm_by_one_more_step(state, unconfirmed)
+        if eval_error is not None:
+            raise eval_error
+        ckpt.wait()
+        best = ckpt.best_step()
+        if best is not None:
+            best_output = output if best == final_step else jax.device_get(
+                backbone_variables(ckpt.restore(best, abstract_state)))
+            variables_lib.save_variables(os.path.join(workdir, BEST_BACKBONE_DIR), best_output,
+                                         backbone_metadata(config, step=best, init=origin, num_classes=num_classes,
+                                                           ema_decay=float(config.ema_decay),
+                                                           verification=ckpt.metrics(best)))
+            logging.info("saved the best verified backbone (step %d) to %s", best,
+                         os.path.join(workdir, BEST_BACKBONE_DIR))
+    except loop_utils.DivergenceError as e:
+        removed = ckpt.discard_unconfirmed()
+        raise type(e)(f"{e}; deleted the unconfirmed checkpoints {removed} (their states are suspect); "
+                      f"{ckpt.describe_confirmed()}") from None
+    finally:
+        ckpt.close()
+        writer.close()
+
     # ------------------------------------------------------------------ output
-    variables_lib.save_variables(os.path.join(workdir, "backbone"), backbone_variables(state),
-                                 backbone_metadata(config, step=int(state["step"]), init=origin,
-                                                   num_classes=num_classes, ema_decay=float(config.ema_decay)))
+    variables_lib.save_variables(os.path.join(workdir, "backbone"), output,
+                                 backbone_metadata(config, step=final_step, init=origin, num_classes=num_classes,
+                                                   ema_decay=float(config.ema_decay)))
     logging.info("saved the backbone to %s", os.path.join(workdir, "backbone"))
-    final_step = int(state["step"])
-    ckpt.wait()
-    best = ckpt.best_step()
-    if best is not None:
-        if best != final_step:
-            abstract = ckpt_lib.abstract_like(state, shardings)
-            state = None  # free the live state's device memory before restoring the best one
-            state = ckpt.restore(best, abstract)
-        variables_lib.save_variables(os.path.join(workdir, BEST_BACKBONE_DIR), backbone_variables(state),
-                                backbone_metadata(config, step=best, init=origin, num_classes=num_classes,
-                                                  ema_decay=float(config.ema_decay), verification=ckpt.metrics(best)))
-        logging.info("saved the best verified backbone (step %d) to %s", best, os.path.join(workdir, BEST_BACKBONE_DIR))
-    ckpt.close()
-    writer.close()
-    return {"step": final_step, "preempted": False, "final_metrics": _host(metrics),
+    return {"step": final_step, "preempted": False, "final_metrics": final_metrics,
             "verification": {n: r["accuracy"] for n, r in results.items()},
             "initial_verification": {n: r["accuracy"] for n, r in initial.items()}}
 

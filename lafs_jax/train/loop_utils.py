@@ -1,14 +1,20 @@
-"""Small pieces every training loop uses: metric writing, progress / ETA, NaN guard, SIGTERM guard.
+"""Small pieces every training loop uses: metric writing, progress / ETA, divergence and SIGTERM guards.
 
 - `MetricWriter`: TensorBoard event files (tensorboardX `SummaryWriter`) plus a `metrics.jsonl`
-  (one JSON object per `write_scalars` call) in the workdir; only process 0 writes.
+  (one JSON object per `write_scalars` call) in the workdir; only process 0 writes. A resumed run
+  passes `resume_step`: rows (and TensorBoard events) past it, written by the run that stopped, go.
 - `StepTimer` and `Progress`: step time, images/s and ETA from wall-clock windows, logged every K
   steps. JAX dispatches asynchronously, so a window's time is only exact once the loop has pulled a
   value of its last step to the host (e.g. the loss for `check_finite`); over many steps the
   dispatch queue (a few steps deep) makes no difference.
-- `check_finite`: raises `NonFiniteError` naming the step and the metric.
+- `check_finite`: raises `NonFiniteError` naming the step and the metric. `DivergenceMonitor` adds
+  the "exploding" tests on the loss and the parameter norm (see `divergence_config`) and raises
+  `DivergenceError`.
 - `preemption_guard`: a SIGTERM handler context whose `.requested` flag the loop polls, to save a
-  checkpoint and exit cleanly (`sync_requested()` agrees across processes).
+  checkpoint and exit cleanly (`sync_requested()` agrees across processes). Batches fetched with
+  `next_batch` make a stalled input pipeline interruptible: SIGTERM during a wait gives the
+  pipeline `stall_seconds` to deliver, then raises `InputStalledError` in the main thread;
+  `exit_on_input_stall` (main.py) then ends the process, whose reader threads are stuck.
 Thin glue over tensorboardX (event files without TensorFlow or torch at run time), absl logging and
 `signal`. Libraries that do parts of this exist: clu (google/CommonLoopUtils) has `metric_writers`
 (TensorBoard through TensorFlow's or torch's summary writer, logging / multi / async writers) and
@@ -25,13 +31,18 @@ import json
 import math
 import os
 import signal
+import statistics
+import sys
 import threading
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
+
+from lafs_jax.config import check
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -49,9 +60,14 @@ class MetricWriter:
 
     Each `write_scalars(step, {name: value})` adds one event per scalar and one JSON line
     `{"step": step, name: value, ...}`. Values may be Python, numpy or (replicated) jax scalars.
+
+    resume_step: the step a resumed run restarts from. The rows of metrics.jsonl with a larger
+    step (written after that checkpoint by the run that stopped, and about to be written again)
+    are dropped, as is a torn last line; TensorBoard is told to purge its events past it
+    (`purge_step`). None: append to whatever is there.
     """
 
-    def __init__(self, logdir: str, enabled: bool | None = None):
+    def __init__(self, logdir: str, enabled: bool | None = None, resume_step: int | None = None):
         self.logdir = logdir
         self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
         self._tb = None
@@ -60,8 +76,11 @@ class MetricWriter:
             from tensorboardX import SummaryWriter  # imported here: process > 0 never needs it
 
             os.makedirs(logdir, exist_ok=True)
-            self._tb = SummaryWriter(logdir=logdir)
-            self._jsonl = open(os.path.join(logdir, METRICS_FILE), "a")
+            path = os.path.join(logdir, METRICS_FILE)
+            if resume_step is not None and os.path.exists(path):
+                _drop_rows_after(path, int(resume_step))
+            self._tb = SummaryWriter(logdir=logdir, purge_step=None if resume_step is None else int(resume_step) + 1)
+            self._jsonl = open(path, "a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         if not self.enabled or not scalars:
@@ -89,6 +108,28 @@ class MetricWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrite the jsonl file `path` without rows whose step is > `step` (and without a torn line)."""
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill: nothing to keep
+                dropped += 1
+                continue
+            if int(row.get("step", 0)) > step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        logging.info("%s: dropped %d rows past step %d (the run resumes from there)", path, dropped, step)
 
 
 def read_metrics(logdir: str) -> list[dict]:
@@ -188,15 +229,19 @@ class Progress:
         return rates
 
 
-class NonFiniteError(FloatingPointError):
+class DivergenceError(FloatingPointError):
+    """Training diverged: a checked metric is non-finite or exploding; the message names the step."""
+
+
+class NonFiniteError(DivergenceError):
     """A metric (typically the loss) is NaN or infinite; the message names the step and the metric."""
 
 
 def check_finite(step: int, metrics: Mapping[str, Any], keys: tuple[str, ...] | None = None) -> None:
     """Raise NonFiniteError if any of `metrics[keys]` (default: all) has a NaN or inf value.
 
-    Pulling the values to the host waits for the step that produced them. The loop should call
-    this before saving a checkpoint, so the last checkpoint on disk stays the last good one.
+    Pulling the values to the host waits for the step that produced them. The loops call it through
+    `DivergenceMonitor.check`, before saving and on the step after every save (to confirm it).
     """
     for name in (keys if keys is not None else metrics.keys()):
         if name not in metrics:
@@ -205,22 +250,169 @@ def check_finite(step: int, metrics: Mapping[str, Any], keys: tuple[str, ...] | 
         if not np.all(np.isfinite(arr)):
             bad = "nan" if np.isnan(arr).any() else "inf"
             where = "" if arr.ndim == 0 else f" ({int((~np.isfinite(arr)).sum())} of {arr.size} entries)"
-            raise NonFiniteError(f"step {int(step)}: metric '{name}' is {bad}{where}; stopping the run "
-                                 f"(the last checkpoint saved before this step is kept)")
+            raise NonFiniteError(f"step {int(step)}: metric '{name}' is {bad}{where}; stopping the run")
+
+
+def divergence_config() -> ml_collections.ConfigDict:
+    """What counts as divergence (recipes embed it as `config.divergence`); see DivergenceMonitor."""
+    c = ml_collections.ConfigDict()
+    # A checked loss above loss_factor x the median of the last `window` checked losses is
+    # "exploding" (0 = only NaN / inf count). Losses that sit near 0 and jump 10x would trip it:
+    # raise the factor (or set 0) for such a run.
+    c.loss_factor = 10.0
+    # Same test on the global L2 norm of the trainable parameters after the update (0 = only NaN /
+    # inf): AdamW moves weights by about lr per step, so a 10x jump means a blown-up update.
+    c.param_norm_factor = 10.0
+    c.window = 20  # checked values the median is taken over
+    c.min_history = 3  # checked values needed before the factor tests apply
+    return c
+
+
+def validate_divergence_config(cfg: ml_collections.ConfigDict, prefix: str = "divergence") -> None:
+    for key in ("loss_factor", "param_norm_factor"):
+        v = cfg[key]
+        check(isinstance(v, (int, float)) and (v == 0 or v > 1), f"{prefix}.{key}", v, "0 (off) or a number > 1")
+    for key in ("window", "min_history"):
+        v = cfg[key]
+        check(isinstance(v, int) and v >= 1, f"{prefix}.{key}", v, "an int >= 1")
+
+
+class DivergenceMonitor:
+    """Decides, for each checked step, whether training diverged.
+
+    `check_loss(step, metrics)`: the step's `loss` was computed from the state *before* its update,
+    i.e. from the checkpoint of step - 1; it diverges when NaN / inf or more than `loss_factor` x the
+    median of the last `window` checked losses (once `min_history` exist). A good loss at step t
+    confirms the checkpoint of step t - 1; a bad one condemns it.
+    `check_params(step, metrics)`: `param_norm`, the global L2 norm of the trainable parameters
+    *after* the update (the state the step hands on), the same tests with `param_norm_factor`; a
+    bad one condemns the state of step t (its checkpoint is never written: the loops check before
+    they save). The loops check lazily (log, save and eval steps, and the step after every save),
+    so the medians are over checked steps.
+
+        monitor = DivergenceMonitor(config.divergence)
+        loss = monitor.check_loss(step, metrics)    # raises DivergenceError (NonFiniteError: NaN / inf)
+        ... ckpt.confirm(step - 1) if it was saved ...
+        monitor.check_params(step, metrics)
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict | None = None):
+        cfg = cfg if cfg is not None else divergence_config()
+        validate_divergence_config(cfg)
+        self.factors = {"loss": float(cfg.loss_factor), "param_norm": float(cfg.param_norm_factor)}
+        self.window, self.min_history = int(cfg.window), int(cfg.min_history)
+        self.history: dict[str, list[float]] = {"loss": [], "param_norm": []}
+
+    def _check(self, step: int, metrics: Mapping[str, Any], key: str) -> float:
+        check_finite(step, metrics, keys=(key,))
+        value = float(np.asarray(metrics[key]))
+        past, factor = self.history[key], self.factors[key]
+        if factor and len(past) >= self.min_history:
+            median = statistics.median(past)
+            if median > 0 and value > factor * median:
+                raise DivergenceError(
+                    f"step {int(step)}: metric '{key}' is {value:.4g}, more than divergence.{key}_factor={factor:g} x "
+                    f"the median {median:.4g} of the last {len(past)} checked values; stopping the run")
+        past.append(value)
+        del past[:-self.window]
+        return value
+
+    def check_loss(self, step: int, metrics: Mapping[str, Any]) -> float:
+        """The step's loss as a float, or DivergenceError (see the class docstring)."""
+        return self._check(step, metrics, "loss")
+
+    def check_params(self, step: int, metrics: Mapping[str, Any]) -> float | None:
+        """The step's parameter norm as a float (None if the step reports none), or DivergenceError."""
+        return self._check(step, metrics, "param_norm") if "param_norm" in metrics else None
+
+    def check(self, step: int, metrics: Mapping[str, Any]) -> float:
+        """check_loss then check_params; the loss."""
+        loss = self.check_loss(step, metrics)
+        self.check_params(step, metrics)
+        return loss
+
+
+class InputStalledError(RuntimeError):
+    """SIGTERM came while the loop waited for a batch, and none came within the guard's stall_seconds."""
+
+
+class _InputWait:
+    """Whether the main thread is inside `next_batch` (since: monotonic seconds) and which wait it is."""
+
+    def __init__(self):
+        self.since: float | None = None
+        self.count = 0
+
+
+_INPUT_WAIT = _InputWait()
+_ACTIVE_GUARDS: list["PreemptionGuard"] = []
+
+
+def next_batch(iterator: Iterator[Any]) -> Any:
+    """next(iterator), the way the loops fetch batches: interruptible by SIGTERM if the pipeline stalls.
+
+    Under `preemption_guard`, a SIGTERM that arrives while this waits (or before it starts) gives the
+    pipeline the guard's `stall_seconds` to deliver; then InputStalledError is raised here, in the
+    main thread, naming the wait. Outside a guard it is plain next().
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return next(iterator)
+    wait = _INPUT_WAIT
+    wait.count += 1
+    wait.since = time.monotonic()
+    try:
+        if _ACTIVE_GUARDS and _ACTIVE_GUARDS[-1].requested:
+            _ACTIVE_GUARDS[-1].arm(wait.count, _ACTIVE_GUARDS[-1].stall_seconds)
+        return next(iterator)
+    finally:
+        wait.since = None
 
 
 class PreemptionGuard:
     """Flag set by a signal (SIGTERM by default); see `preemption_guard`."""
 
-    def __init__(self):
+    def __init__(self, stall_seconds: float = 5.0):
         self.requested = False
         self.signal_number: int | None = None
+        self.stall_seconds = float(stall_seconds)
+        self.active = False
+        self._timers: list[threading.Timer] = []
 
     def _handle(self, signum, frame) -> None:
         del frame
+        first = not self.requested
         self.requested = True
         self.signal_number = signum
-        logging.warning("received signal %d: the loop will save a checkpoint and stop", signum)
+        wait = _INPUT_WAIT
+        if wait.since is None:
+            if first:
+                logging.warning("received signal %d: the loop will save a checkpoint and stop", signum)
+            return
+        waited = time.monotonic() - wait.since
+        if waited >= self.stall_seconds:
+            raise InputStalledError(
+                f"signal {signum}: the input pipeline has delivered no batch for {waited:.1f} s (more than "
+                f"stall_seconds={self.stall_seconds:g}); stopping without saving this step: the run resumes from "
+                f"its last confirmed checkpoint")
+        if first:
+            logging.warning("received signal %d while waiting for a batch: the loop will save a checkpoint and stop "
+                            "once it comes, or stop without saving if none comes within %.1f s", signum,
+                            self.stall_seconds - waited)
+        self.arm(wait.count, self.stall_seconds - waited)
+
+    def arm(self, wait_count: int, delay: float) -> None:
+        """In `delay` seconds, if wait number `wait_count` is still going on, deliver the signal again to
+        the main thread (whose handler then raises InputStalledError)."""
+        main = threading.main_thread().ident
+
+        def fire():
+            if self.active and _INPUT_WAIT.since is not None and _INPUT_WAIT.count == wait_count:
+                signal.pthread_kill(main, self.signal_number or signal.SIGTERM)
+
+        timer = threading.Timer(max(delay, 0.0) + 0.01, fire)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
 
     def sync_requested(self) -> bool:
         """True if any process got the signal. Every process must call it at the same step."""
@@ -233,24 +425,54 @@ class PreemptionGuard:
 
 
 @contextlib.contextmanager
-def preemption_guard(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[PreemptionGuard]:
+def preemption_guard(signals: tuple[int, ...] = (signal.SIGTERM,),
+                     stall_seconds: float = 5.0) -> Iterator[PreemptionGuard]:
     """Install a handler for `signals` that sets `guard.requested`; restore the old handlers on exit.
 
         with preemption_guard() as guard:
             for step in ...:
+                batch = next_batch(it)
                 ...
                 if guard.requested:   # or guard.sync_requested() every K steps on several hosts
                     ckpt.save(step, state, it, force=True); break
 
-    Must be entered from the main thread (Python delivers signals there only).
+    stall_seconds: how long a batch may still take after the signal (see `next_batch`) before the
+    wait is abandoned with InputStalledError. Must be entered from the main thread (Python delivers
+    signals there only).
     """
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("preemption_guard() must be entered from the main thread (signal handlers can only "
                            "be installed there)")
-    guard = PreemptionGuard()
+    guard = PreemptionGuard(stall_seconds)
     previous = {s: signal.signal(s, guard._handle) for s in signals}
+    guard.active = True
+    _ACTIVE_GUARDS.append(guard)
     try:
         yield guard
     finally:
+        guard.active = False
+        _ACTIVE_GUARDS.remove(guard)
+        for timer in guard._timers:
+            timer.cancel()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+# Exit status after InputStalledError: 128 + SIGTERM, the shell's "terminated by SIGTERM".
+EXIT_INPUT_STALLED = 128 + signal.SIGTERM
+_T = TypeVar("_T")
+
+
+def exit_on_input_stall(fn: Callable[[], _T]) -> _T:
+    """fn(); on InputStalledError (after fn's own cleanup: checkpoints closed) log it and end the process
+    at once with status EXIT_INPUT_STALLED. A normal exit would wait forever for the pipeline's
+    reader threads, which are stuck in the read that stalled."""
+    try:
+        return fn()
+    except InputStalledError as e:
+        logging.error("%s", e)
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.write(f"FATAL {e}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_INPUT_STALLED)

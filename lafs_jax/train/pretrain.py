@@ -55,6 +55,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from lafs_jax import config as config_lib
 from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError, check, check_choice
@@ -80,8 +81,10 @@ LANDMARK_INIT_DIR = "landmark_cnn_init"
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError naming the first bad `config.*` field of a pretraining recipe."""
+    config_lib.check_finite_numbers(config)
     check_choice(config, "method", METHODS)
     presets.validate_model_config(config.model)
+    loop_utils.validate_divergence_config(config.divergence)
     pipelines.validate_data_config(config.data)
     optim_lib.validate_optim_config(config.optim)
     want_kind = "fvit" if config.method == "dino" else "part_fvit"
@@ -324,6 +327,7 @@ def make_train_step(networks: Networks, config: ml_collections.ConfigDict, tx: o
         center = dino_lib.update_center(state["center"], teacher_out, d.center_momentum)
         hp = optim_lib.current_hyperparams(opt_state)
         metrics = {"loss": loss, **aux, "teacher_temp": temp, "momentum": m,
+                   "param_norm": optax.global_norm(student),  # of the state this step hands on (divergence check)
                    "learning_rate": hp["learning_rate"], "weight_decay": hp["weight_decay"]}
         new_state = dict(state, student=student, teacher=teacher, opt_state=opt_state, center=center,
                          step=state["step"] + 1)
@@ -447,8 +451,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                       save_every=config.checkpoint.every_steps,
                                       async_save=config.checkpoint.async_save, metadata=meta)
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(None, ckpt_lib.abstract_like(abstract, shardings), data_iterator=data_iter)
+    try:  # the newest confirmed checkpoint that restores (see TrainCheckpointer.resume)
+        resumed, restored = ckpt.resume(ckpt_lib.abstract_like(abstract, shardings), data_iterator=data_iter)
+    except BaseException:
+        ckpt.close()
+        raise
+    if resumed is not None:
+        state = restored
         logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
     else:
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed), landmarks)
@@ -458,31 +467,49 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  config.method, total_steps, steps_per_epoch, global_batch, mesh.devices.size, start)
 
     # -- loop -------------------------------------------------------------------------------------
-    writer = loop_utils.MetricWriter(workdir)
+    # Checkpoints are confirmed by the next step's loss (checked lazily with the other pending
+    # metrics, and at the stop by one extra step whose result is dropped); on divergence the
+    # unconfirmed ones are deleted (TrainCheckpointer docstring).
+    writer = loop_utils.MetricWriter(workdir, resume_step=start)
     progress = loop_utils.Progress(total_steps, every=config.log_every, batch_size=global_batch, start_step=start,
                                    name=f"pretrain[{config.method}]")
+    monitor = loop_utils.DivergenceMonitor(config.divergence)
     pending: list[tuple[int, dict]] = []  # device metrics not yet checked / written
+    unconfirmed: int | None = None  # the newest checkpoint's step, until step + 1's loss confirms it
+
+    def check(step: int, metrics: dict) -> None:
+        """Divergence checks of one step; its good loss confirms the checkpoint of step - 1."""
+        nonlocal unconfirmed
+        loss = monitor.check_loss(step, metrics)
+        if unconfirmed is not None and step == unconfirmed + 1:
+            ckpt.confirm(unconfirmed, checked_at_step=step, loss=loss)
+            unconfirmed = None
+        monitor.check_params(step, metrics)
 
     def flush_metrics(rates: dict | None = None) -> float:
-        """Check every pending step's metrics for NaN / inf, write them; the last loss."""
+        """Check every pending step's metrics for divergence, write them; the last loss."""
         last = float("nan")
         for s, m in pending:
             host = jax.device_get(m)
-            loop_utils.check_finite(s, host, keys=("loss",))
+            check(s, host)
             extra = rates if (rates and s == pending[-1][0]) else {}
             writer.write_scalars(s, {**host, **extra})
             last = float(host["loss"])
         pending.clear()
         return last
 
+    def run_step(state, step: int):
+        """Step `step` + 1 from `state` (whose step counter is `step`)."""
+        batch = mesh_lib.global_batch(loop_utils.next_batch(data_iter), mesh)
+        return step_fn(state, batch, jax.random.fold_in(state["rng"], step))
+
     last_loss = float("nan")
     step = start
+    teacher = None
     try:
         with loop_utils.preemption_guard() as guard:
             while step < stop:
-                batch = mesh_lib.global_batch(next(data_iter), mesh)
-                rng = jax.random.fold_in(state["rng"], step)
-                state, metrics = step_fn(state, batch, rng)
+                state, metrics = run_step(state, step)
                 step += 1
                 pending.append((step, metrics))
                 if step == start + 1:
@@ -491,27 +518,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 rates = progress.update(step, {"loss": pending[-1][1]["loss"]} if pending else None)
                 preempted = guard.sync_requested() if (jax.process_count() > 1 and rates) else guard.requested
                 must_save = ckpt.should_save(step) or step == stop or preempted
-                if rates is not None or must_save:
-                    last_loss = flush_metrics(rates) if pending else last_loss  # NaN check before any save
-                if must_save:
-                    ckpt.save(step, state, data_iterator=data_iter, force=True)
+                if rates is not None or must_save or unconfirmed is not None:
+                    last_loss = flush_metrics(rates) if pending else last_loss  # checked before any save
+                if must_save and ckpt.save(step, state, data_iterator=data_iter, force=True):
+                    unconfirmed = step
                 if preempted:
                     logging.warning("preempted (signal): saved step %d to %s and stopped", step, ckpt.directory)
                     break
             if pending:
                 last_loss = flush_metrics()
+            if step >= total_steps:
+                teacher = jax.device_get(state["teacher"]["backbone"]["vit"])
+            if unconfirmed is not None:  # one more step checks the loss of the saved state (state donated)
+                _, extra = run_step(state, step)
+                check(step + 1, {"loss": jax.device_get(extra["loss"])})
         ckpt.wait()
-        if step >= total_steps:
-            save_teacher_backbone(os.path.join(workdir, TEACHER_BACKBONE_DIR), state, config, step)
+        if teacher is not None:
+            save_teacher_backbone(os.path.join(workdir, TEACHER_BACKBONE_DIR), teacher, config, step)
+    except loop_utils.DivergenceError as e:
+        removed = ckpt.discard_unconfirmed()
+        raise type(e)(f"{e}; deleted the unconfirmed checkpoints {removed} (their states are suspect); "
+                      f"{ckpt.describe_confirmed()}") from None
     finally:
         ckpt.close()
         writer.close()
     return {"step": step, "loss": last_loss}
 
 
-def save_teacher_backbone(directory: str, state: dict, config: ml_collections.ConfigDict, step: int) -> None:
-    """The teacher's TokenViT variables with metadata: what fine-tuning initialises its `vit` from."""
-    variables = {"params": jax.device_get(state["teacher"]["backbone"]["vit"])}
+def save_teacher_backbone(directory: str, teacher_vit: Any, config: ml_collections.ConfigDict, step: int) -> None:
+    """The teacher's TokenViT params (state['teacher']['backbone']['vit']) with metadata: what
+    fine-tuning initialises its `vit` from."""
+    variables = {"params": jax.device_get(teacher_vit)}
     variables_lib.save_variables(directory, variables, {
         "kind": "token_vit", "source": f"pretrain[{config.method}] teacher at step {step}",
         "method": config.method, "patch_order": presets.patch_order(config.model),
