@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import finetune as finetune_recipe
+from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError
 from lafs_jax.eval import embed as embed_lib
 from lafs_jax.input.synthetic import write_synthetic_rec
@@ -82,7 +83,7 @@ def test_divergence_keeps_confirmed_checkpoints_and_relaunch_and_corrupted_lates
     assert [r["step"] for r in loop_utils.read_metrics(work)] == [1, 2, 3, 4]  # no duplicate rows
     with checkpoints(work) as ck:
         assert ck.confirmed_steps() == [2, 3, 4]  # keep=3; the last one confirmed by one extra step
-    backbone, _ = ckpt_lib.load_variables(os.path.join(work, "backbone"))
+    backbone, _ = variables_lib.load_variables(os.path.join(work, "backbone"))
 
     # the latest checkpoint's array files are cut short: the relaunch falls back to step 3, says so,
     # and redoes step 4 exactly
@@ -94,7 +95,7 @@ def test_divergence_keeps_confirmed_checkpoints_and_relaunch_and_corrupted_lates
     assert f"checkpoint {os.path.join(work, 'checkpoints', '4')} cannot be restored" in caplog.text
     assert "resumed from step 3" in caplog.text
     assert again["final_metrics"]["loss"] == result["final_metrics"]["loss"]
-    jax.tree.map(np.testing.assert_array_equal, ckpt_lib.load_variables(os.path.join(work, "backbone"))[0], backbone)
+    jax.tree.map(np.testing.assert_array_equal, variables_lib.load_variables(os.path.join(work, "backbone"))[0], backbone)
     assert os.listdir(os.path.join(work, "checkpoints", ckpt_lib.BROKEN_DIR)) == ["4"]
     assert [r["step"] for r in loop_utils.read_metrics(work)] == [1, 2, 3, 4]
 
