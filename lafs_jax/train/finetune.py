@@ -314,35 +314,15 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epo
                                     frozen_regex=config.optim.landmark_regex if config.freeze_landmark_cnn else "")
 
 
-def like_params_shardings(tree: Any, params: Any, param_shardings: Any, default: Any) -> Any:
-    """Shardings for an optimizer state: a leaf whose key path ends with a parameter's path and has
-    that parameter's shape (Adam moments, momenta) takes the parameter's sharding; the rest (step
-    counts, injected hyperparameters) get `default`."""
-    flat_params = {mesh_lib.path_str(kp): (tuple(np.shape(x)), sh) for (kp, x), sh in zip(
-        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(param_shardings))}
-
-    def one(kp, leaf):
-        path, shape = mesh_lib.path_str(kp), tuple(np.shape(leaf))
-        best = None
-        for ppath, (pshape, sh) in flat_params.items():
-            if pshape == shape and (path == ppath or path.endswith("/" + ppath)):
-                if best is None or len(ppath) > best[0]:
-                    best = (len(ppath), sh)
-        return best[1] if best else default
-
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
 def state_shardings(tx, params: Any, batch_stats: Any, mesh: Any, rules, ema: bool = False) -> dict:
-    """Shardings of the train state: backbone (and its average) by rules, W by rows, optimizer state
-    like its params."""
-    replicated = mesh_lib.replicated(mesh)
+    """Shardings of the train state (`sharding.state_shardings`): backbone by rules, W by rows, the
+    optimizer state like its params, the parameter average like the backbone, the rest replicated."""
     p_shard = {"backbone": mesh_lib.param_shardings(params["backbone"], rules, mesh),
                "centers": partial_fc.centers_sharding(mesh)}
-    abstract_opt = jax.eval_shape(tx.init, params)
-    out = {"step": replicated, "params": p_shard, "batch_stats": jax.tree.map(lambda _: replicated, batch_stats),
-           "opt_state": like_params_shardings(abstract_opt, params, p_shard, replicated)}
-    if ema:
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "batch_stats": batch_stats,
+                "opt_state": jax.eval_shape(tx.init, params)}
+    out = mesh_lib.state_shardings(abstract, params, p_shard, mesh)
+    if ema:  # stored as 'ema/<backbone path>', which is no suffix of 'params/backbone/<path>'
         out["ema"] = p_shard["backbone"]
     return out
 

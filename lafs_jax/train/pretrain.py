@@ -314,8 +314,11 @@ def make_train_step(networks: Networks, config: ml_collections.ConfigDict, tx: o
 
 
 def state_shardings(abstract_state: Any, config: ml_collections.ConfigDict, mesh) -> Any:
-    """Parameters (and their optimizer moments) by config.sharding_rules; everything else replicated."""
-    return mesh_lib.param_shardings(abstract_state, tuple(config.sharding_rules), mesh)
+    """The student's parameters by config.sharding_rules; their optimizer moments and the teacher like
+    them (`sharding.state_shardings`); everything else (centre, step, key, landmark CNN) replicated."""
+    student = abstract_state["student"]
+    return mesh_lib.state_shardings(abstract_state, student,
+                                    mesh_lib.param_shardings(student, tuple(config.sharding_rules), mesh), mesh)
 
 
 def jit_step(step: Callable, shardings: Any, mesh) -> Callable:
