@@ -264,15 +264,11 @@ class _SigtermAt:
     def __init__(self, guard, at):
         self.guard, self.at, self.polls = guard, at, 0
 
-    @property
-    def requested(self):
+    def should_stop(self, step):
         self.polls += 1
         if self.polls == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
-        return self.guard.requested
-
-    def sync_requested(self):
-        return self.requested
+        return self.guard.should_stop(step)
 
 
 def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monkeypatch):

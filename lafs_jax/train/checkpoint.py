@@ -77,7 +77,9 @@ class TrainCheckpointer:
         json.dumps(self.metadata)  # fail now, naming nothing hidden, if metadata is not JSON-able
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
-            save_decision_policy=policies.FixedIntervalPolicy(save_every),
+            # every `save_every` steps, and at the step of JAX's preemption sync point (multi-process)
+            save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every),
+                                                         policies.PreemptionCheckpointingPolicy()]),
             preservation_policy=policies.LatestN(keep) if keep is not None else None,
             enable_async_checkpointing=async_save,
             create=True,

@@ -438,7 +438,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         initial = evaluate(state)
         writer.write_scalars(0, {f"val/{n}/accuracy": r["accuracy"] for n, r in initial.items()})
         logging.info("verification before training:\n%s", verification.format_table(initial))
-    single = jax.process_count() == 1
     with loop_utils.preemption_guard() as guard:
         for step in range(start + 1, total_steps + 1):
             batch = next(train_iter)
@@ -463,7 +462,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logging.info("step %d verification:\n%s", step, verification.format_table(results))
             if saving:
                 ckpt.save(step, state, data_iterator=train_iter, force=step == total_steps)
-            if guard.requested if single else (logged and guard.sync_requested()):
+            if guard.should_stop(step):
                 ckpt.save(step, state, data_iterator=train_iter, force=True)
                 ckpt.wait()
                 logging.warning("stopping at step %d on request (SIGTERM); the run resumes from here", step)

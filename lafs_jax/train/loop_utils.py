@@ -7,8 +7,9 @@
   value of its last step to the host (e.g. the loss for `check_finite`); over many steps the
   dispatch queue (a few steps deep) makes no difference.
 - `check_finite`: raises `NonFiniteError` naming the step and the metric.
-- `preemption_guard`: a SIGTERM handler context whose `.requested` flag the loop polls, to save a
-  checkpoint and exit cleanly (`sync_requested()` agrees across processes).
+- `preemption_guard`: whether the loop must save a checkpoint and exit cleanly (`should_stop(step)`):
+  one process installs a SIGTERM handler; several processes use JAX's preemption sync point
+  through orbax, so every process stops and saves at the same step.
 Written by hand (thin glue over absl logging, tensorboardX, `signal`); no kept library does these.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
@@ -204,9 +206,19 @@ def check_finite(step: int, metrics: Mapping[str, Any], keys: tuple[str, ...] | 
 
 
 class PreemptionGuard:
-    """Flag set by a signal (SIGTERM by default); see `preemption_guard`."""
+    """Whether a training loop must save a checkpoint and stop because the job is being preempted.
 
-    def __init__(self):
+    One process: a handler of SIGTERM (installed by `preemption_guard`) sets `requested`, which
+    `should_stop` returns. Several processes (jax.distributed): no handler is installed -- JAX's
+    coordination service listens for SIGTERM on every process itself, and a Python handler would
+    replace its own -- and `should_stop(step)` is orbax's `reached_preemption(step)` (what
+    `CheckpointManager.reached_preemption` and orbax's `PreemptionCheckpointingPolicy` use): JAX's
+    preemption sync point, true at one step that every process reaches after any of them got the
+    notice, so all processes save that same step.
+    """
+
+    def __init__(self, multiprocess: bool | None = None):
+        self.multiprocess = jax.process_count() > 1 if multiprocess is None else bool(multiprocess)
         self.requested = False
         self.signal_number: int | None = None
 
@@ -216,24 +228,23 @@ class PreemptionGuard:
         self.signal_number = signum
         logging.warning("received signal %d: the loop will save a checkpoint and stop", signum)
 
-    def sync_requested(self) -> bool:
-        """True if any process got the signal. Every process must call it at the same step."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray(self.requested, dtype=np.int32))
-        return bool(np.asarray(flags).any())
+    def should_stop(self, step: int) -> bool:
+        """Whether to save `step` and stop. With several processes every process must call it at every
+        step, with the same steps (the sync point is agreed on the steps the processes report)."""
+        if self.multiprocess:
+            return bool(ocp.multihost.reached_preemption(int(step)))
+        return self.requested
 
 
 @contextlib.contextmanager
 def preemption_guard(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[PreemptionGuard]:
-    """Install a handler for `signals` that sets `guard.requested`; restore the old handlers on exit.
+    """A `PreemptionGuard`; one process: a handler for `signals` sets `guard.requested` (the old
+    handlers are restored on exit); several processes: JAX handles the signal (see PreemptionGuard).
 
         with preemption_guard() as guard:
             for step in ...:
                 ...
-                if guard.requested:   # or guard.sync_requested() every K steps on several hosts
+                if guard.should_stop(step):   # every step, on every process
                     ckpt.save(step, state, it, force=True); break
 
     Must be entered from the main thread (Python delivers signals there only).
@@ -242,7 +253,7 @@ def preemption_guard(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[P
         raise RuntimeError("preemption_guard() must be entered from the main thread (signal handlers can only "
                            "be installed there)")
     guard = PreemptionGuard()
-    previous = {s: signal.signal(s, guard._handle) for s in signals}
+    previous = {} if guard.multiprocess else {s: signal.signal(s, guard._handle) for s in signals}
     try:
         yield guard
     finally:

@@ -473,7 +473,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     last_loss = flush_metrics()  # includes compilation: excluded from the timing
                     progress.reset(step)
                 rates = progress.update(step, {"loss": pending[-1][1]["loss"]} if pending else None)
-                preempted = guard.sync_requested() if (jax.process_count() > 1 and rates) else guard.requested
+                preempted = guard.should_stop(step)
                 must_save = ckpt.should_save(step) or step == stop or preempted
                 if rates is not None or must_save:
                     last_loss = flush_metrics(rates) if pending else last_loss  # NaN check before any save
