@@ -138,7 +138,8 @@ def test_variables_directory_round_trip(tmp_path):
     variables_lib.save_variables(str(tmp_path / "v"), variables, {"kind": "part_fvit", "normalization": "[-1,1]"})
     assert json.load(open(tmp_path / "v" / "metadata.json"))["kind"] == "part_fvit"
     mesh4 = mesh_lib.make_mesh(None, devices=jax.devices()[4:])
-    loaded, meta = variables_lib.load_variables(str(tmp_path / "v"), abstract_like(variables, NamedSharding(mesh4, P())))
+    abstract = abstract_like(variables, NamedSharding(mesh4, P()))
+    loaded, meta = variables_lib.load_variables(str(tmp_path / "v"), abstract)
     assert meta["normalization"] == "[-1,1]"
     assert_trees_equal(variables, loaded)
     assert loaded["params"]["w"].sharding.device_set == set(jax.devices()[4:])

@@ -20,6 +20,8 @@ import sys
 from typing import Any, Sequence
 
 from lafs_jax.convert import mapping
+from lafs_jax.input.images import COLOR_ORDERS
+from lafs_jax.input.transforms import NORMALIZATIONS
 from lafs_jax.variables import save_variables
 
 
@@ -65,9 +67,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="model preset of lafs_jax.models.presets giving the target shapes (default base)")
     p.add_argument("--drop-head", action="store_true", help="drop the classifier (loss.weight) / DINO head")
     p.add_argument("--which", default="teacher", choices=mapping.WHICH, help="lafs_ssl: network to take")
-    p.add_argument("--normalization", default="[-1,1]", choices=["[-1,1]", "[-0.5,0.5]"],
+    p.add_argument("--normalization", default="[-1,1]", choices=NORMALIZATIONS,
                    help="input normalisation recorded in the metadata")
-    p.add_argument("--color-order", default="rgb", choices=["rgb", "bgr"], help="colour order recorded in metadata")
+    p.add_argument("--color-order", default="rgb", choices=COLOR_ORDERS, help="colour order recorded in metadata")
     p.add_argument("--strict", action="store_true", help="fail on source keys the target does not use")
     p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")
     return p.parse_args(argv)

@@ -23,10 +23,9 @@ import numpy as np
 
 from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
+from lafs_jax.input.images import COLOR_ORDERS
+from lafs_jax.input.transforms import NORMALIZATIONS
 from lafs_jax.models import presets
-
-NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]")
-COLOR_ORDERS = ("rgb", "bgr")
 
 
 def preprocess(images: jax.Array, normalization: str = "[-1,1]", color_order: str = "rgb") -> jax.Array:

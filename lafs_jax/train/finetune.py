@@ -46,8 +46,10 @@ from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError, check, check_choice
 from lafs_jax.eval import embed as embed_lib
-from lafs_jax.eval import verification
+from lafs_jax.eval import roc, verification
 from lafs_jax.input import pipelines
+from lafs_jax.input.images import COLOR_ORDERS
+from lafs_jax.input.transforms import NORMALIZATIONS
 from lafs_jax.input.verification_bin import load_bin
 from lafs_jax.losses import partial_fc
 from lafs_jax.models import presets
@@ -109,7 +111,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(all(w >= 0 for w in weights), "landmark_reg.weights", weights, "all >= 0")
     for i, path in enumerate(config.eval.bins):
         check(os.path.isfile(path), f"eval.bins[{i}]", path, "an existing .bin file")
-    for key, choices in (("eval.normalization", ("", "[-1,1]", "[-0.5,0.5]")), ("eval.color_order", ("rgb", "bgr"))):
+    for key, choices in (("eval.normalization", ("",) + NORMALIZATIONS), ("eval.color_order", COLOR_ORDERS)):
         check_choice(config, key, choices)
 
 
@@ -437,7 +439,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if eval_sets and config.eval.at_start and start == 0:
         initial = evaluate(state)
         writer.write_scalars(0, {f"val/{n}/accuracy": r["accuracy"] for n, r in initial.items()})
-        logging.info("verification before training:\n%s", verification.format_table(initial))
+        logging.info("verification before training:\n%s", roc.markdown_table(initial, verification.DEFAULT_FARS))
     with loop_utils.preemption_guard() as guard:
         for step in range(start + 1, total_steps + 1):
             batch = next(train_iter)
@@ -459,7 +461,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 results = evaluate(state)
                 writer.write_scalars(step, {f"val/{n}/{k}": r[k] for n, r in results.items()
                                             for k in ("accuracy", "accuracy_std", "best_threshold")})
-                logging.info("step %d verification:\n%s", step, verification.format_table(results))
+                logging.info("step %d verification:\n%s", step, roc.markdown_table(results, verification.DEFAULT_FARS))
             if saving:
                 ckpt.save(step, state, data_iterator=train_iter, force=step == total_steps)
             if guard.should_stop(step):
