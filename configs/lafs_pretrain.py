@@ -105,6 +105,6 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 50 if tiny else 2000  # save every this many steps (and at the end / SIGTERM)
     c.checkpoint.async_save = True  # write checkpoints in the background
 
-    c.log_every = 10 if tiny else 100  # progress line and TensorBoard scalars every this many steps
+    c.log_every_steps = 10 if tiny else 100  # progress line and TensorBoard scalars every this many steps
     c.lock()
     return c

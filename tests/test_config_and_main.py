@@ -80,3 +80,32 @@ def test_get_path_names_missing_part():
     c = config_lib.base_config()
     with pytest.raises(config_lib.ConfigError, match="mesh.nothing"):
         config_lib.get_path(c, "mesh.nothing.deeper")
+
+
+def _training_recipes():
+    """{name: config} of every training task's recipe, the demo's stages included (no jax work)."""
+    from configs import demo, dino_pretrain, finetune, lafs_pretrain
+
+    out = {"finetune": finetune.get_config(), "finetune:tiny": finetune.get_config("tiny"),
+           "dino_pretrain": dino_pretrain.get_config(), "lafs_pretrain": lafs_pretrain.get_config()}
+    d = demo.get_config()
+    out.update({f"demo.{k}": d[k] for k in ("stage1", "pretrain", "finetune")})
+    return out
+
+
+def test_training_recipes_share_the_run_fields():
+    """One name per concept in every training task: log_every_steps, precision, checkpoint.async_save."""
+    for name, c in _training_recipes().items():
+        assert c.log_every_steps >= 1 and "log_every" not in c, name
+        assert c.precision == "auto", name
+        assert c.checkpoint.async_save is True, name
+
+
+def test_precision_auto_is_float32_on_cpu():
+    from lafs_jax.models import presets
+
+    model = _training_recipes()["finetune:tiny"].model
+    assert presets.with_precision(model, "auto").dtype == "float32"  # the tests run on CPU
+    assert presets.with_precision(model, "bfloat16").dtype == "bfloat16" and model.dtype == "float32"
+    with pytest.raises(config_lib.ConfigError, match="config.precision='half'"):
+        presets.with_precision(model, "half")

@@ -252,6 +252,7 @@ def test_config_errors_name_the_key(tmp_path):
     expect(r"ema_decay", ema_decay=1.0)
     expect(r"freeze_landmark_cnn", freeze_landmark_cnn=True, model__kind="fvit")
     expect(r"landmark_reg\.mode", freeze_landmark_cnn=True, landmark_reg__mode="constant")
+    expect(r"config\.precision='fp8'", precision="fp8")
     with pytest.raises(ValueError, match="unknown subset"):
         finetune_recipe.get_config("webface4m,3pct")
     c = finetune_recipe.get_config("ms1mv3,1pct")

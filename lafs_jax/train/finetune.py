@@ -8,7 +8,8 @@ One linear function, `run(config, workdir)`, in big_vision's style (reference/la
               teacher (a TokenViT variables directory, loaded into params['vit']), or from a full
               backbone variables directory (lafs_jax.convert's output of an official checkpoint, or
               an earlier fine-tuning); optionally the landmark CNN alone from another directory (the
-              official code takes it from the stage-1 supervised Part fViT).
+              official code takes it from the stage-1 supervised Part fViT). Compute dtype by
+              `config.precision` ('auto': bf16 on GPU/TPU, fp32 on CPU), parameters fp32.
   head        Partial FC: W[C_pad, D] sharded by rows over every device, margin softmax (CosFace
               s=64, m=0.4 by default) with soft mixup targets, its own optimizer.
   regulariser (Part fViT) w · mean((landmarks − landmarks*)² / (H−1)²), landmarks* from a frozen copy
@@ -70,6 +71,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """ConfigError naming the key for every bad or inconsistent fine-tuning field."""
     config_lib.validate_common(config)
     presets.validate_model_config(config.model)
+    check_choice(config, "precision", presets.PRECISIONS)
+    check(isinstance(config.checkpoint.async_save, bool), "checkpoint.async_save", config.checkpoint.async_save,
+          "True or False")
     optim.validate_optim_config(config.optim)
     check(isinstance(config.eval.at_start, bool), "eval.at_start", config.eval.at_start, "True or False")
     check(isinstance(config.eval.flip, bool), "eval.flip", config.eval.flip, "True or False")
@@ -365,14 +369,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  len(source), num_classes, steps_per_epoch, total_steps, global_bs)
 
     # ------------------------------------------------------------------ model, head, optimizer
-    model = presets.build_model(config.model)
-    landmark_cnn = presets.build_landmark_cnn(config.model) if config.model.kind == "part_fvit" else None
+    model_cfg = presets.with_precision(config.model, config.precision)  # compute dtype; parameters stay fp32
+    model = presets.build_model(model_cfg)
+    landmark_cnn = presets.build_landmark_cnn(model_cfg) if config.model.kind == "part_fvit" else None
     init_key, centers_key = jax.random.split(jax.random.key(config.seed))
-    init_fn = jax.jit(lambda k: presets.init_variables(config.model, k), out_shardings=mesh_lib.replicated(mesh))
+    init_fn = jax.jit(lambda k: presets.init_variables(model_cfg, k), out_shardings=mesh_lib.replicated(mesh))
     variables, origin = initial_variables(config, init_fn(init_key))
     logging.info("backbone initialised from %s", origin)
     teacher_np = landmark_teacher_variables(config, variables) if config.landmark_reg.mode != "none" else {}
-    emb_dim = embedding_dim(model, variables, config.model)
+    emb_dim = embedding_dim(model, variables, model_cfg)
     params = {"backbone": variables["params"], "centers": partial_fc.init_centers(centers_key, num_classes, emb_dim, mesh)}
     batch_stats = variables.get("batch_stats", {})
     tx = make_optimizer(config, params, steps_per_epoch, total_steps)
@@ -398,6 +403,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ------------------------------------------------------------------ checkpoint / resume
     ckpt = ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                       save_every=config.checkpoint.every_steps,
+                                      async_save=config.checkpoint.async_save,
                                       metadata={"config": config, **backbone_metadata(config)})
     start = 0
     if ckpt.latest_step() is not None:
