@@ -109,3 +109,35 @@ def test_precision_auto_is_float32_on_cpu():
     assert presets.with_precision(model, "bfloat16").dtype == "bfloat16" and model.dtype == "float32"
     with pytest.raises(config_lib.ConfigError, match="config.precision='half'"):
         presets.with_precision(model, "half")
+
+
+def test_log_setup_hides_library_info_and_keeps_ours():
+    """main.py's logs.configure: below WARNING only lafs_jax's (and main.py's) records pass absl's
+    handler; orbax's INFO (it logs through absl) is dropped; --verbosity 1 lets it through again."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    from lafs_jax import logs
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    handler = absl_logging.get_absl_handler()
+    orbax_file = os.path.join(os.path.dirname(logging.__file__), "site-packages", "orbax", "checkpoint", "x.py")
+    ours = os.path.join(logs.PACKAGE_DIR, "train", "loop_utils.py")
+    main_py = os.path.join(ROOT, "main.py")
+    try:
+        logs.configure(0, own_paths=(main_py,))
+        logs.configure(0, own_paths=(main_py,))  # idempotent: one filter
+        assert sum(isinstance(f, logs.OwnRecordsBelowWarning) for f in handler.filters) == 1
+        assert handler.filter(record(ours, logging.INFO)) and handler.filter(record(main_py, logging.INFO))
+        assert not handler.filter(record(orbax_file, logging.INFO))
+        assert not handler.filter(record(logs.PACKAGE_DIR + "_other/x.py", logging.INFO))  # a prefix is not a folder
+        assert handler.filter(record(orbax_file, logging.WARNING))
+        assert logging.getLogger("orbax").level == logging.getLogger("jax").level == logging.WARNING
+        logs.configure(1)
+        assert handler.filter(record(orbax_file, logging.INFO))
+        assert logging.getLogger("orbax").level == logging.NOTSET
+    finally:
+        logs.configure(1)
