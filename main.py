@@ -1,5 +1,8 @@
 """lafs_jax entry point: python main.py --config configs/X.py[:arg] --workdir DIR [--config.a.b=value].
 
+Logs: our progress, metric and stage lines at INFO; the libraries' (orbax, grain, jax, ...) only from
+WARNING up. `--verbosity=1` (absl's `-v 1`) shows the libraries' INFO lines again (lafs_jax.logs).
+
 Runs as one process per host. With several processes, pass --coordinator_address / --num_processes /
 --process_id (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), or launch under a
 cluster that jax.distributed auto-detects (SLURM, Open MPI, TPU pods).
@@ -24,6 +27,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from lafs_jax import config as config_lib
+from lafs_jax import logs
 from lafs_jax import sharding as mesh_lib
 from lafs_jax import workdir_lock
 from lafs_jax.train import loop_utils
@@ -117,6 +121,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logs.configure(flags.FLAGS.verbosity, own_paths=(os.path.abspath(__file__),))
     config = _CONFIG.value
     try:
         config_lib.validate_common(config)

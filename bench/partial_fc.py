@@ -6,7 +6,7 @@
 
 The step is the one the fine-tuning loop runs, minus the real backbone: a linear "backbone"
 (features [B, 64] @ K[64, D]) -> `partial_fc_loss` (CosFace, m3 = 0.4) -> gradients -> optax
-(`split_optimizer`: AdamW for the backbone, AdamW through `centers_optimizer(lazy=True)` for W, so
+(`optax.partition`: AdamW for the backbone, AdamW through `centers_optimizer(lazy=True)` for W, so
 W carries two moments) -> new params. Everything is jitted once with donated params and optimiser
 state; W and its moments stay sharded by rows over every device.
 
@@ -72,8 +72,9 @@ SECTION = "## Partial FC"
 
 def build_step(mesh, num_classes: int, rate: float):
     """(step, tx): the jitted full step and its optimiser."""
-    tx = pfc.split_optimizer(optax.adamw(1e-3, weight_decay=0.05),
-                             pfc.centers_optimizer(1e-3, kind="adamw", weight_decay=0.05, lazy=True))
+    tx = optax.partition({"backbone": optax.adamw(1e-3, weight_decay=0.05),
+                          "centers": pfc.centers_optimizer(1e-3, kind="adamw", weight_decay=0.05, lazy=True)},
+                         {"backbone": "backbone", "centers": "centers"})
 
     def step(params, opt_state, feats, labels, key):
         def loss_fn(p):

@@ -106,6 +106,7 @@ def measure(method: str, preset: str, per_device_batch: int, steps: int, peak_tf
     import numpy as np
 
     from lafs_jax import sharding as mesh_lib
+    from lafs_jax.models import presets
     from lafs_jax.train import optim as optim_lib
     from lafs_jax.train import pretrain
 
@@ -153,7 +154,7 @@ def measure(method: str, preset: str, per_device_batch: int, steps: int, peak_tf
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_student))
     return {
         "name": f"pretrain_{method}_{preset}", "device": f"{n_dev} x {device.device_kind}",
-        "precision": pretrain.resolved_model_config(config).dtype, "per_device_batch": per_device_batch,
+        "precision": presets.with_precision(config.model, config.precision).dtype, "per_device_batch": per_device_batch,
         "views_per_image": views_per_image(config), "student_params": params,
         "step_ms": round(1e3 * step_s, 1), "img_per_sec": round(config.batch_size / step_s, 2),
         "img_per_sec_per_device": round(per_device_batch / step_s, 2),

@@ -126,6 +126,7 @@ def get_config(arg=None):
 
     c.batch_size = 32 if tiny else 400  # global images per step (micro-batch); x accum_steps per update
     c.total_steps = 90 if tiny else -1  # -1 = optim.epochs x (training images // batch_size)
+    c.precision = "auto"  # compute dtype: 'auto' (bf16 on GPU/TPU, fp32 on CPU) | 'float32' | 'bfloat16'
     c.log_every_steps = 10 if tiny else 100  # train metrics, progress line with img/s and ETA
     # Exponential moving average of the backbone's parameters (BatchNorm statistics are the live
     # model's). 0 = off, as the official code; otherwise the decay at update t is
@@ -195,5 +196,6 @@ def get_config(arg=None):
     # What stops the run as diverged (NaN / inf, or a loss or parameter norm 10x the recent median); a
     # checkpoint counts as good only once the next step's loss passed this (lafs_jax.train.loop_utils)
     c.divergence = divergence_config()
+    c.checkpoint.async_save = True  # write checkpoints in the background
     c.lock()
     return c

@@ -124,6 +124,6 @@ def get_config(arg=None):
     # checkpoint counts as good only once the next step's loss passed this (lafs_jax.train.loop_utils)
     c.divergence = divergence_config()
 
-    c.log_every = 10 if tiny else 100  # progress line and TensorBoard scalars every this many steps
+    c.log_every_steps = 10 if tiny else 100  # progress line and TensorBoard scalars every this many steps
     c.lock()
     return c

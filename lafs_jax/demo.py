@@ -25,11 +25,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 from absl import logging
+from matplotlib.figure import Figure
 
 from lafs_jax.eval import embed as embed_lib
-from lafs_jax.eval import verification
+from lafs_jax.eval import roc, verification
 from lafs_jax.input.orl import build_orl
 from lafs_jax.input.verification_bin import load_bin
+from lafs_jax.numerics import l2_normalize
 from lafs_jax.train import finetune, pretrain
 from lafs_jax.variables import METADATA_FILE
 
@@ -86,53 +88,18 @@ def raw_pixel_embeddings(images: np.ndarray) -> np.ndarray:
 
 
 def _pair_scores(embeddings: np.ndarray) -> np.ndarray:
-    e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-12)
+    e = l2_normalize(np.asarray(embeddings, np.float64), axis=1)
     return np.sum(e[0::2] * e[1::2], axis=1)
-
-
-def markdown_table(results: dict[str, dict]) -> str:
-    head = ("| method | accuracy (%) | " + " | ".join(f"TAR@FAR={f:g} (%)" for f in FARS) + " |\n"
-            + "|---|---|" + "---|" * len(FARS))
-    rows = [head]
-    for name, r in results.items():
-        tars = " | ".join("n/a" if r["tar_at_far"].get(f) is None else f"{100 * r['tar_at_far'][f]:.2f}" for f in FARS)
-        rows.append(f"| {name} | {100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f} | {tars} |")
-    return "\n".join(rows)
-
-
-def plot_roc(scores: dict[str, np.ndarray], issame: np.ndarray, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    for name, s in scores.items():
-        fpr, tpr, _ = roc_curve(issame.astype(int), s)
-        ax.plot(fpr, tpr, label=name)
-    ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
-    ax.set_xlabel("false accept rate")
-    ax.set_ylabel("true accept rate")
-    ax.set_title("ORL held-out identities (10 people)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_landmarks(backbone_dir: str, images: np.ndarray, path: str) -> None:
     """Landmarks the fine-tuned Part fViT predicts on a few held-out faces, drawn over them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     model, variables, meta = embed_lib.load_backbone(backbone_dir)
     x = embed_lib.preprocess(images, meta["normalization"], meta["color_order"])
     _, landmarks = model.apply(variables, x, train=False)
     landmarks = np.asarray(landmarks)
-    fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.4))
+    fig = Figure(figsize=(2.2 * len(images), 2.4))
+    axes = fig.subplots(1, len(images))
     for ax, img, lm in zip(np.atleast_1d(axes), images, landmarks):
         ax.imshow(img)
         ax.scatter(lm[:, 0], lm[:, 1], s=6, c=np.arange(len(lm)), cmap="viridis")
@@ -140,7 +107,6 @@ def plot_landmarks(backbone_dir: str, images: np.ndarray, path: str) -> None:
     fig.suptitle("patch centres predicted by the model's landmark CNN", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -172,7 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {m: verification.evaluate(embeddings[m][0::2], embeddings[m][1::2], issame, fars=FARS)
                for m in METHODS}
 
-    table = markdown_table(results)
+    table = roc.markdown_table(results, FARS, name="method")
     seconds["total"] = time.time() - t_start
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write("# lafs_jax demo: verification on 10 held-out ORL people "
@@ -180,7 +146,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump({"results": {m: {k: v for k, v in r.items()} for m, r in results.items()},
                    "seconds": seconds}, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    plot_roc({m: _pair_scores(embeddings[m]) for m in METHODS}, issame, os.path.join(workdir, "roc.png"))
+    roc.plot_roc({m: roc.roc_points(_pair_scores(embeddings[m]), issame) for m in METHODS},
+                 os.path.join(workdir, "roc.png"), title="ORL held-out identities (10 people)", far_min=1e-3)
     plot_landmarks(os.path.join(path["finetune_lafs"], "backbone"), images[0:12:2][:6],
                    os.path.join(workdir, "landmarks.png"))
     print("\n" + table + "\n", flush=True)

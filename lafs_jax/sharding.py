@@ -87,6 +87,37 @@ def param_shardings(params: Any, rules: Sequence[tuple[str, Sequence[Any]]], mes
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def state_shardings(state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings of a train state (a pytree of arrays or ShapeDtypeStructs) that holds `params`, their
+    optimizer state and other copies of them (an EMA teacher stored under the same key paths).
+
+    A leaf whose key path ends with a parameter's path and that has the parameter's shape (the
+    parameter itself at 'params/a/b', an Adam moment at 'opt_state/.../mu/a/b', a teacher at
+    'teacher/a/b') takes that parameter's entry of `param_shardings` (a pytree matching `params`); the
+    longest such path wins. Every other leaf (step, counts, injected hyperparameters, RNG keys,
+    statistics) is replicated.
+
+    Matching by path, not `optax.tree_utils.tree_map_params`: that one initialises the optimizer on
+    a placeholder, which the label and mask functions of optax.partition / optax.masked cannot read.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    shardings = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    if len(flat) != len(shardings):
+        raise ValueError(f"state_shardings: {len(flat)} parameters but {len(shardings)} parameter shardings")
+    by_path = {path_str(kp): (tuple(np.shape(x)), s) for (kp, x), s in zip(flat, shardings)}
+    default = replicated(mesh)
+
+    def one(keypath, leaf):
+        parts = path_str(keypath).split("/")
+        for i in range(len(parts)):  # longest suffix first
+            hit = by_path.get("/".join(parts[i:]))
+            if hit is not None and hit[0] == tuple(np.shape(leaf)):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over every device of the mesh."""
     return NamedSharding(mesh, P(mesh.axis_names))

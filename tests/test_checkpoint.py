@@ -167,7 +167,8 @@ def test_variables_directory_round_trip(tmp_path):
     variables_lib.save_variables(str(tmp_path / "v"), variables, {"kind": "part_fvit", "normalization": "[-1,1]"})
     assert json.load(open(tmp_path / "v" / "metadata.json"))["kind"] == "part_fvit"
     mesh4 = mesh_lib.make_mesh(None, devices=jax.devices()[4:])
-    loaded, meta = variables_lib.load_variables(str(tmp_path / "v"), abstract_like(variables, NamedSharding(mesh4, P())))
+    abstract = abstract_like(variables, NamedSharding(mesh4, P()))
+    loaded, meta = variables_lib.load_variables(str(tmp_path / "v"), abstract)
     assert meta["normalization"] == "[-1,1]"
     assert_trees_equal(variables, loaded)
     assert loaded["params"]["w"].sharding.device_set == set(jax.devices()[4:])
@@ -341,8 +342,6 @@ def test_no_checkpoint_restores_lists_them_all_and_moves_nothing(tmp_path):
 
 def _multiprocess_worker(address: str, pid: int, directory: str) -> dict:
     """Runs in each of two processes (2 CPU devices each): save, restore in a new manager, compare."""
-    from lafs_jax.train import loop_utils
-
     jax.distributed.initialize(address, 2, pid)
     mesh = mesh_lib.make_mesh(None)  # 4 devices over 2 processes
     rows = NamedSharding(mesh, P(mesh.axis_names))
@@ -385,13 +384,9 @@ def _multiprocess_worker(address: str, pid: int, directory: str) -> dict:
     with TrainCheckpointer(directory, keep=3) as ck:
         resumed, _ = ck.resume(abstract_like(state), data_iterator=process_iterator())
 
-    guard = loop_utils.PreemptionGuard()
-    quiet = guard.sync_requested()
-    guard.requested = pid == 1  # only process 1 got SIGTERM
-    anyone = guard.sync_requested()
     result = {"pid": pid, "devices": jax.device_count(), "expected": expected, "got": got, "local_ok": local_ok,
-              "files": sorted(os.listdir(os.path.join(directory, "5", "data"))), "quiet": quiet, "anyone": anyone,
-              "local_error": local_error, "resumed": resumed}
+              "files": sorted(os.listdir(os.path.join(directory, "5", "data"))), "local_error": local_error,
+              "resumed": resumed}
     jax.distributed.shutdown()
     return result
 
@@ -417,7 +412,6 @@ def test_two_processes_save_and_restore_their_own_iterator_state(tmp_path):
         assert r["devices"] == 4 and r["local_ok"]
         assert r["got"] == r["expected"]
         assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(r["files"])
-        assert (r["quiet"], r["anyone"]) == (False, True)
         assert "state leaf 'rng' is a process-local jax.Array" in r["local_error"]
         assert r["resumed"] == 5  # process 0's files of step 6 were fine: it fell back with process 1
     assert results[0]["expected"] != results[1]["expected"]  # each process resumed its own stream

@@ -109,3 +109,64 @@ def test_infinite_learning_rate_stops_main_at_start_up(tmp_path):
     r = _main("--config=configs/finetune.py:tiny", "--config.optim.lr=inf", workdir=tmp_path)
     assert r.returncode != 0 and "config.optim.lr=inf is not valid: a finite number" in r.stderr, r.stderr[-2000:]
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def _training_recipes():
+    """{name: config} of every training task's recipe, the demo's stages included (no jax work)."""
+    from configs import demo, dino_pretrain, finetune, lafs_pretrain
+
+    out = {"finetune": finetune.get_config(), "finetune:tiny": finetune.get_config("tiny"),
+           "dino_pretrain": dino_pretrain.get_config(), "lafs_pretrain": lafs_pretrain.get_config()}
+    d = demo.get_config()
+    out.update({f"demo.{k}": d[k] for k in ("stage1", "pretrain", "finetune")})
+    return out
+
+
+def test_training_recipes_share_the_run_fields():
+    """One name per concept in every training task: log_every_steps, precision, checkpoint.async_save."""
+    for name, c in _training_recipes().items():
+        assert c.log_every_steps >= 1 and "log_every" not in c, name
+        assert c.precision == "auto", name
+        assert c.checkpoint.async_save is True, name
+
+
+def test_precision_auto_is_float32_on_cpu():
+    from lafs_jax.models import presets
+
+    model = _training_recipes()["finetune:tiny"].model
+    assert presets.with_precision(model, "auto").dtype == "float32"  # the tests run on CPU
+    assert presets.with_precision(model, "bfloat16").dtype == "bfloat16" and model.dtype == "float32"
+    with pytest.raises(config_lib.ConfigError, match="config.precision='half'"):
+        presets.with_precision(model, "half")
+
+
+def test_log_setup_hides_library_info_and_keeps_ours():
+    """main.py's logs.configure: below WARNING only lafs_jax's (and main.py's) records pass absl's
+    handler; orbax's INFO (it logs through absl) is dropped; --verbosity 1 lets it through again."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    from lafs_jax import logs
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    handler = absl_logging.get_absl_handler()
+    orbax_file = os.path.join(os.path.dirname(logging.__file__), "site-packages", "orbax", "checkpoint", "x.py")
+    ours = os.path.join(logs.PACKAGE_DIR, "train", "loop_utils.py")
+    main_py = os.path.join(ROOT, "main.py")
+    try:
+        logs.configure(0, own_paths=(main_py,))
+        logs.configure(0, own_paths=(main_py,))  # idempotent: one filter
+        assert sum(isinstance(f, logs.OwnRecordsBelowWarning) for f in handler.filters) == 1
+        assert handler.filter(record(ours, logging.INFO)) and handler.filter(record(main_py, logging.INFO))
+        assert not handler.filter(record(orbax_file, logging.INFO))
+        assert not handler.filter(record(logs.PACKAGE_DIR + "_other/x.py", logging.INFO))  # a prefix is not a folder
+        assert handler.filter(record(orbax_file, logging.WARNING))
+        assert logging.getLogger("orbax").level == logging.getLogger("jax").level == logging.WARNING
+        logs.configure(1)
+        assert handler.filter(record(orbax_file, logging.INFO))
+        assert logging.getLogger("orbax").level == logging.NOTSET
+    finally:
+        logs.configure(1)

@@ -226,7 +226,8 @@ def test_switching_phase_keeps_state_and_keeps_training():
     params = {"backbone": {"kernel": jax.random.normal(jax.random.key(0), (12, D)) * 0.3},
               "centers": pfc.init_centers(jax.random.key(1), C, D, mesh)}
     protos = cur.init_prototypes(jax.random.key(2), C, D, mesh)
-    tx = pfc.split_optimizer(optax.adam(3e-2), pfc.centers_optimizer(0.5, kind="sgd"))
+    tx = optax.partition({"backbone": optax.adam(3e-2), "centers": pfc.centers_optimizer(0.5, kind="sgd")},
+                         {"backbone": "backbone", "centers": "centers"})
     opt_state = tx.init(params)
     feats = jax.random.normal(jax.random.key(3), (B, 12))
     labels = {"label": np.arange(B, dtype=np.int32) % 8, "label2": np.arange(B, dtype=np.int32) % 8,

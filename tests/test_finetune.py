@@ -412,6 +412,7 @@ def test_config_errors_name_the_key(tmp_path):
     expect(r"loss\.arcface_fallback.*needs loss\.m1 = 1", loss__m1=2.0)
     expect(r"freeze_landmark_cnn", freeze_landmark_cnn=True, model__kind="fvit")
     expect(r"landmark_reg\.mode", freeze_landmark_cnn=True, landmark_reg__mode="constant")
+    expect(r"config\.precision='fp8'", precision="fp8")
     for bad in ("webface4m,3pct", "webface4m,1pct,10pct", "tiny,1shot"):
         with pytest.raises(ValueError, match="unknown subset"):
             finetune_recipe.get_config(bad)
@@ -451,15 +452,11 @@ class _SigtermAt:
     def __init__(self, guard, at):
         self.guard, self.at, self.polls = guard, at, 0
 
-    @property
-    def requested(self):
+    def should_stop(self, step):
         self.polls += 1
         if self.polls == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
-        return self.guard.requested
-
-    def sync_requested(self):
-        return self.requested
+        return self.guard.should_stop(step)
 
 
 def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monkeypatch):

@@ -132,13 +132,13 @@ def test_check_finite_arrays_keys_and_passing():
 def test_preemption_guard_sigterm_to_self_sets_flag_and_restores_handler():
     before = signal.getsignal(signal.SIGTERM)
     with lu.preemption_guard() as guard:
-        assert not guard.requested and not guard.sync_requested()
+        assert not guard.multiprocess and not guard.requested and not guard.should_stop(1)
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(1000):  # the handler runs at the next bytecode boundary of the main thread
             if guard.requested:
                 break
         assert guard.requested and guard.signal_number == signal.SIGTERM
-        assert guard.sync_requested()  # single process: the local flag
+        assert guard.should_stop(2)  # single process: the local flag
     assert signal.getsignal(signal.SIGTERM) == before
 
 

@@ -61,3 +61,43 @@ def test_global_batch_shards_leading_axis_over_all_devices():
     assert mesh_lib.local_batch_size(16, mesh) == 16
     with pytest.raises(ValueError, match="divide"):
         mesh_lib.local_batch_size(12, mesh)
+
+
+def test_state_shardings_follow_the_parameters_through_optax_wrappers():
+    """Every copy of a parameter in a train state (itself, Adam moments under partition / masked /
+    inject_hyperparams / MultiSteps, a teacher) takes its sharding; counts, keys, look-alikes of another
+    path and statistics are replicated."""
+    import optax
+
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 4, "model": 2}))
+    params = {"backbone": {"mlp": {"kernel": jnp.zeros((4, 8)), "bias": jnp.zeros(8)}, "other": jnp.zeros((4, 8))},
+              "centers": jnp.zeros((16, 4))}
+    rows = jax.sharding.NamedSharding(mesh, P(mesh.axis_names, None))
+    p_shard = {"backbone": mesh_lib.param_shardings(params["backbone"], [(r"mlp/kernel$", (None, "model"))], mesh),
+               "centers": rows}
+    labels = lambda p: {"backbone": jax.tree.map(lambda _: "backbone", p["backbone"]), "centers": "centers"}
+    no_bias = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+    tx = optax.MultiSteps(optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.partition({"backbone": optax.inject_hyperparams(optax.adamw)(1e-3, mask=no_bias),
+                         "centers": optax.chain(optax.masked(optax.trace(0.9), no_bias), optax.sgd(0.1))}, labels)),
+        every_k_schedule=2)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.eval_shape(tx.init, params),
+             "teacher": params, "rng": jax.random.key(0), "stats": {"mlp": {"kernel": jnp.zeros((4, 8))}}}
+    sh = mesh_lib.state_shardings(state, params, p_shard, mesh)
+    by_path = {mesh_lib.path_str(kp): s.spec for kp, s in jax.tree_util.tree_flatten_with_path(sh)[0]}
+    moments = [p for p in by_path if p.startswith("opt_state/") and p.endswith("mlp/kernel")]
+    assert len(moments) == 3  # Adam mu and nu, MultiSteps' accumulated gradient
+    assert all(by_path[p] == P(None, "model") for p in moments)
+    assert {by_path[p] for p in by_path if p.endswith("centers")} == {P(mesh.axis_names, None)}
+    assert len([p for p in by_path if p.endswith("centers")]) == 4  # param, teacher, accumulated gradient, trace
+    assert by_path["params/backbone/mlp/kernel"] == by_path["teacher/backbone/mlp/kernel"] == P(None, "model")
+    assert by_path["params/backbone/other"] == P()  # same shape as the kernel, another path
+    assert by_path["stats/mlp/kernel"] == P()  # ends with 'mlp/kernel', not with the full 'backbone/mlp/kernel'
+    for p, spec in by_path.items():
+        if p in ("step", "rng") or "count" in p or "hyperparams" in p or "mini_step" in p:
+            assert spec == P(), p
+    placed = jax.jit(tx.init, out_shardings=sh["opt_state"])(jax.device_put(params, p_shard))
+    shards = {mesh_lib.path_str(kp): x.addressable_shards[0].data.shape
+              for kp, x in jax.tree_util.tree_flatten_with_path(placed)[0]}
+    assert shards["acc_grads/backbone/mlp/kernel"] == (4, 4) and shards["acc_grads/centers"] == (2, 4)

@@ -15,6 +15,7 @@ from lafs_jax.sharding import batch_sharding, compiled_memory, make_mesh, replic
 from lafs_jax.variables import load_variables, save_variables
 
 C, D, B = 37, 8, 16  # 37 classes: not a multiple of 8, so 3 padding rows
+LABELS = {"backbone": "backbone", "centers": "centers"}  # optax.partition labels (a prefix of the params)
 
 
 class MeshCfg:
@@ -271,8 +272,8 @@ def run_steps(lazy, kind, steps=2):
     c, feat = 160, 12  # R = 20, S = 5
     params = {"backbone": {"kernel": jax.random.normal(jax.random.key(5), (feat, D)) * 0.3},
               "centers": pfc.init_centers(jax.random.key(6), c, D, mesh, std=0.5)}
-    tx = pfc.split_optimizer(optax.adamw(1e-2),
-                             pfc.centers_optimizer(0.5, kind=kind, weight_decay=0.1, lazy=lazy))
+    tx = optax.partition({"backbone": optax.adamw(1e-2),
+                          "centers": pfc.centers_optimizer(0.5, kind=kind, weight_decay=0.1, lazy=lazy)}, LABELS)
     opt_state = tx.init(params)
     feats = jax.random.normal(jax.random.key(7), (B, feat))
     labels = make_labels(8, c=c, mixup=False)
@@ -333,9 +334,7 @@ def test_eager_rows_let_decay_and_momentum_move_every_row():
     assert np.all(np.any(w2[untouched2] != w1[untouched2], axis=1))
 
 
-def test_param_labels_errors():
-    with pytest.raises(ValueError, match="centers"):
-        pfc.param_labels({"backbone": {}, "head": 1})
+def test_centers_optimizer_errors():
     with pytest.raises(ValueError, match="kind"):
         pfc.centers_optimizer(0.1, kind="lamb")
 
@@ -382,8 +381,8 @@ def test_full_step_keeps_w_and_moments_split_in_the_compiled_program():
     mesh = mesh_of()
     c, d, feat, b = 20001, 32, 8, 16  # -> 20008 rows, 2501 per device
     rows = pfc.padded_rows(c, mesh)
-    tx = pfc.split_optimizer(optax.adamw(1e-3, weight_decay=0.05),
-                             pfc.centers_optimizer(1e-3, kind="adamw", weight_decay=0.05, lazy=True))
+    tx = optax.partition({"backbone": optax.adamw(1e-3, weight_decay=0.05),
+                          "centers": pfc.centers_optimizer(1e-3, kind="adamw", weight_decay=0.05, lazy=True)}, LABELS)
 
     def step(params, opt_state, feats, labels, key):
         def loss_fn(p):

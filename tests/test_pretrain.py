@@ -152,7 +152,7 @@ def _small_config(method: str, data_path: str = "") -> ml_collections.ConfigDict
     c.dino.warmup_teacher_temp_epochs = 2
     if method == "lafs":
         c.lafs.num_local_landmarks = 4
-    c.log_every = 1
+    c.log_every_steps = 1
     c.checkpoint.every_steps = 2
     c.lock()
     return c
@@ -439,22 +439,22 @@ def test_bad_config_values_name_the_key():
     c.unlock()
     c.lafs.num_local_landmarks = 99
     with pytest.raises(ConfigError, match="lafs.num_local_landmarks"):
-        pretrain.validate_config(c)
+        pretrain.validate(c)
     c = _small_config("dino")
     c.unlock()
     c.model.kind = "part_fvit"
     with pytest.raises(ConfigError, match="model.kind"):
-        pretrain.validate_config(c)
+        pretrain.validate(c)
     c = _small_config("lafs")
     c.unlock()
     c.method = "mae"
     with pytest.raises(ConfigError, match="method"):
-        pretrain.validate_config(c)
+        pretrain.validate(c)
     c = _small_config("lafs")
     c.unlock()
     c.dino.centering = "mean"
     with pytest.raises(ConfigError, match="dino.centering"):
-        pretrain.validate_config(c)
+        pretrain.validate(c)
 
 
 def test_landmark_checkpoint_with_wrong_shapes_names_the_parameter(tmp_path):

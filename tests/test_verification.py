@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lafs_jax.eval import verification
+from lafs_jax.eval import roc, verification
 
 
 def _brute_force_10fold(emb1, emb2, issame, nfolds=10):
@@ -101,7 +101,7 @@ def test_bin_layout_pairs_consecutive_rows():
     a = verification.evaluate_pairs_embeddings(interleaved, issame)
     b = verification.evaluate(emb1, emb2, issame)
     assert a["fold_accuracies"] == b["fold_accuracies"]
-    table = verification.format_table({"set": a})
+    table = roc.markdown_table({"set": a}, verification.DEFAULT_FARS)
     assert "| set | 100 |" in table and f"{100 * a['accuracy']:.2f}" in table
 
 
@@ -117,3 +117,17 @@ def test_bad_inputs_raise_clear_errors():
         verification.evaluate(e, e, np.ones(10, bool), nfolds=11)
     with pytest.raises(ValueError, match="2 per pair"):
         verification.evaluate_pairs_embeddings(np.zeros((9, 4)), np.ones(5, bool))
+
+
+def test_one_tar_at_far_names_its_operating_point():
+    """'at_most' never exceeds the FAR and can be unmeasurable; 'nearest' (the IJB read-out) always answers."""
+    rng = np.random.default_rng(5)
+    issame = rng.random(400) < 0.5
+    scores = rng.normal(size=400) + issame
+    at_most = roc.tar_at_far(scores, issame, (0.1, 1e-3), operating_point="at_most")
+    nearest = roc.tar_at_far(scores, issame, (0.1, 1e-3), operating_point="nearest")
+    assert at_most[1e-3] is None and nearest[1e-3] is not None
+    fpr, tpr = roc.roc_points(scores, issame, drop_intermediate=False)
+    assert at_most[0.1] == np.max(tpr[fpr <= 0.1])
+    with pytest.raises(ValueError, match="operating_point='closest'"):
+        roc.tar_at_far(scores, issame, (0.1,), operating_point="closest")

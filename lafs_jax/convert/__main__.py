@@ -23,6 +23,8 @@ import sys
 from typing import Any, Sequence
 
 from lafs_jax.convert import mapping
+from lafs_jax.input.images import COLOR_ORDERS
+from lafs_jax.input.transforms import NORMALIZATIONS
 from lafs_jax.variables import save_variables
 from lafs_jax.input.transforms import NORMALIZATIONS
 
@@ -73,7 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="how the source was trained (default: supervised; lafs for --kind lafs_ssl)")
     p.add_argument("--normalization", default=None, choices=NORMALIZATIONS,
                    help="input normalisation recorded in the metadata (default: the official evaluation's)")
-    p.add_argument("--color-order", default=None, choices=["rgb", "bgr"],
+    p.add_argument("--color-order", default=None, choices=COLOR_ORDERS,
                    help="colour order recorded in the metadata (default: what the official code fed the kind)")
     p.add_argument("--strict", action="store_true", help="fail on source keys the target does not use")
     p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")

@@ -23,12 +23,9 @@ import numpy as np
 
 from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
+from lafs_jax.input.images import COLOR_ORDERS
+from lafs_jax.input.transforms import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS
 from lafs_jax.models import presets
-
-NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]", "imagenet")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # as lafs_jax.input.transforms (DINO's torchvision Normalize)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-COLOR_ORDERS = ("rgb", "bgr")
 
 
 def preprocess(images: jax.Array, normalization: str = "[-1,1]", color_order: str = "rgb") -> jax.Array:

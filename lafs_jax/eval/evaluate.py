@@ -22,9 +22,10 @@ from absl import logging
 from lafs_jax import config as config_lib
 from lafs_jax import sharding as mesh_lib
 from lafs_jax.config import check, check_choice
-from lafs_jax.eval import embed, export, ijb, verification
+from lafs_jax.eval import embed, export, ijb, roc, verification
+from lafs_jax.input.images import COLOR_ORDERS
+from lafs_jax.input.transforms import NORMALIZATIONS
 from lafs_jax.input.verification_bin import load_bin
-from lafs_jax.input import transforms
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -45,8 +46,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> str:
     for key in ("batch_size", "nfolds"):
         check(isinstance(e[key], int) and e[key] >= 1, f"evaluate.{key}", e[key], "an int >= 1")
     check(isinstance(e.ijb_workers, int) and e.ijb_workers >= 0, "evaluate.ijb_workers", e.ijb_workers, "an int >= 0")
-    check_choice(config, "evaluate.normalization", ("",) + transforms.NORMALIZATIONS)
-    check_choice(config, "evaluate.color_order", ("", "rgb", "bgr"))
+    check_choice(config, "evaluate.normalization", ("",) + NORMALIZATIONS)
+    check_choice(config, "evaluate.color_order", ("",) + COLOR_ORDERS)
     for key in ("flip", "export", "use_flip_test", "use_norm_score", "use_detector_score"):
         check(isinstance(e[key], bool), f"evaluate.{key}", e[key], "True or False")
     return checkpoint
@@ -68,7 +69,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if e.bins:
         results = verification.evaluate_bins(embedder, e.bins, flip=e.flip, nfolds=e.nfolds)
         with open(os.path.join(workdir, "verification.md"), "w") as f:
-            f.write(f"Verification of {checkpoint} (flip={e.flip})\n\n" + verification.format_table(results) + "\n")
+            table = roc.markdown_table(results, verification.DEFAULT_FARS)
+            f.write(f"Verification of {checkpoint} (flip={e.flip})\n\n{table}\n")
         summary = {name: {k: (v if k != "tar_at_far" else {f"{far:g}": t for far, t in v.items()})
                           for k, v in r.items()} for name, r in results.items()}
         with open(os.path.join(workdir, "verification.json"), "w") as f:
@@ -85,7 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("%s TAR@FAR=1e-4: %.2f%%", target, 100 * ijb_results[target]["tar_at_far"][1e-4])
     if ijb_results:
         paths = ijb.write_report(ijb_results, workdir)
-        print(ijb.markdown_table(ijb_results), flush=True)
+        print(roc.markdown_table(ijb_results, ijb.FARS), flush=True)
         out["ijb"] = {t: {f"{far:g}": v for far, v in r["tar_at_far"].items()} for t, r in ijb_results.items()}
         out["ijb_files"] = paths
 

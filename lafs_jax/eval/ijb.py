@@ -13,8 +13,9 @@ horizontal flip (features summed when `use_flip_test`), kept unnormalised (`use_
 multiplied by its faceness score (`use_detector_score`) -- the N1D1F1 default. Within a template the
 images of one media are averaged, the media features summed and the sum L2-normalised; a pair's score
 is the dot product of its two template features. TAR at FAR 1e-6 ... 1e-1 is read from scikit-learn's
-ROC curve exactly as the official script does: the operating point whose FAR is nearest the target
-(nearest from the high-TAR end on ties). The headline number is TAR@FAR=1e-4.
+ROC curve exactly as the official script does (`roc.tar_at_far`, operating point 'nearest'): the
+point whose FAR is nearest the target (nearest from the high-TAR end on ties). The headline number
+is TAR@FAR=1e-4.
 
 Written here by hand because no kept library does it: the 2-D similarity (Umeyama) estimate (scikit-
 image is not a dependency; this is its `SimilarityTransform.estimate`), the template pooling and the
@@ -30,7 +31,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import roc_curve
+
+from lafs_jax.eval import roc
+from lafs_jax.numerics import l2_normalize
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 HEADLINE_FAR = 1e-4
@@ -181,7 +184,7 @@ def image_features(embeddings: np.ndarray, face_scores: np.ndarray, *, use_norm_
     L2-normalised unless `use_norm_score`, then scaled by the faceness score if `use_detector_score`."""
     f = np.asarray(embeddings, np.float64)
     if not use_norm_score:
-        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        f = l2_normalize(f, axis=1)
     if use_detector_score:
         f = f * np.asarray(face_scores, np.float64)[:, None]
     return f
@@ -206,7 +209,7 @@ def template_features(features: np.ndarray, templates: np.ndarray, medias: np.nd
     unique_templates, template_of = np.unique(keys[:, 0], return_inverse=True)
     tsum = np.zeros((unique_templates.shape[0], features.shape[1]))
     np.add.at(tsum, template_of.reshape(-1), media_mean)
-    return unique_templates, tsum / np.maximum(np.linalg.norm(tsum, axis=1, keepdims=True), 1e-12)
+    return unique_templates, l2_normalize(tsum, axis=1)
 
 
 def pair_scores(unique_templates: np.ndarray, template_feats: np.ndarray, t1: np.ndarray, t2: np.ndarray,
@@ -224,52 +227,6 @@ def pair_scores(unique_templates: np.ndarray, template_feats: np.ndarray, t1: np
         a, b = template_feats[idx[0][s:s + chunk]], template_feats[idx[1][s:s + chunk]]
         scores[s:s + chunk] = np.sum(a * b, axis=1)
     return scores
-
-
-def tar_at_far(labels: np.ndarray, scores: np.ndarray, fars: Sequence[float] = FARS) -> dict:
-    """{far: TAR} as the official script: sklearn ROC, arrays reversed, the point nearest each FAR."""
-    fpr, tpr, _ = roc_curve(np.asarray(labels), np.asarray(scores))
-    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
-    return {float(far): float(tpr[int(np.argmin(np.abs(fpr - far)))]) for far in fars}
-
-
-def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr) of the ROC curve, for plotting."""
-    fpr, tpr, _ = roc_curve(np.asarray(labels), np.asarray(scores))
-    return fpr, tpr
-
-
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str, title: str = "IJB 1:1 verification") -> str:
-    """Write a log-FAR ROC plot (PNG, matplotlib Agg) of {name: (fpr, tpr)}; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for name, (fpr, tpr) in curves.items():
-        ax.plot(np.maximum(fpr, 1e-7), tpr, lw=1.5, label=name)
-    ax.set_xscale("log")
-    ax.set_xlim(1e-6, 1.0)
-    ax.set_ylim(0.0, 1.0)
-    ax.set_xlabel("False Accept Rate")
-    ax.set_ylabel("True Accept Rate")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(title)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def markdown_table(results: dict[str, dict], fars: Sequence[float] = FARS) -> str:
-    """Markdown table of {name: {'tar_at_far': {far: TAR}}}, TAR in %."""
-    head = "| set | " + " | ".join(f"{f:.0e}" for f in fars) + " |"
-    rows = [head, "|" + "---|" * (len(fars) + 1)]
-    for name, r in results.items():
-        rows.append(f"| {name} | " + " | ".join(f"{100 * r['tar_at_far'][float(f)]:.2f}" for f in fars) + " |")
-    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -328,9 +285,9 @@ def evaluate_target(embed_batch: Callable[[np.ndarray, bool], np.ndarray], root:
     feats = image_features(emb, face_scores, use_norm_score=use_norm_score, use_detector_score=use_detector_score)
     unique_templates, tfeats = template_features(feats, templates, medias)
     scores = pair_scores(unique_templates, tfeats, t1, t2)
-    fpr, tpr = roc_points(labels, scores)
+    fpr, tpr = roc.roc_points(scores, labels)
     return {
-        "tar_at_far": tar_at_far(labels, scores, fars),
+        "tar_at_far": roc.tar_at_far(scores, labels, fars, operating_point="nearest"),
         "fpr": fpr, "tpr": tpr, "scores": scores, "labels": labels,
         "num_images": len(names), "num_templates": int(len(unique_templates)),
         "num_pairs": int(len(labels)), "num_genuine": int(labels.sum()),
@@ -340,10 +297,11 @@ def evaluate_target(embed_batch: Callable[[np.ndarray, bool], np.ndarray], root:
 def write_report(results: dict[str, dict], workdir: str, prefix: str = "ijb") -> dict[str, str]:
     """Write PREFIX_roc.png, PREFIX_results.md and PREFIX_results.json in `workdir`; returns their paths."""
     os.makedirs(workdir, exist_ok=True)
-    png = plot_roc({k: (v["fpr"], v["tpr"]) for k, v in results.items()}, os.path.join(workdir, f"{prefix}_roc.png"))
+    png = roc.plot_roc({k: (v["fpr"], v["tpr"]) for k, v in results.items()},
+                       os.path.join(workdir, f"{prefix}_roc.png"), title="IJB 1:1 verification", far_min=min(FARS))
     md = os.path.join(workdir, f"{prefix}_results.md")
     with open(md, "w") as f:
-        f.write("TAR (%) at FAR, 1:1 template verification\n\n" + markdown_table(results) + "\n")
+        f.write("TAR (%) at FAR, 1:1 template verification\n\n" + roc.markdown_table(results, FARS) + "\n")
     js = os.path.join(workdir, f"{prefix}_results.json")
     summary = {k: {"tar_at_far": {f"{far:g}": t for far, t in v["tar_at_far"].items()},
                    **{c: v[c] for c in ("num_images", "num_templates", "num_pairs", "num_genuine")}}

@@ -8,9 +8,10 @@ no shuffle). For each fold the threshold with the best accuracy on the other fol
 the held-out fold. The result is the mean and std over folds.
 
 TAR at a FAR (not printed by LAFS; InsightFace's VAL@FAR is a per-fold variant) is computed here
-over all pairs from scikit-learn's ROC curve of the similarity 4 - distance: the highest true-accept
-rate whose false-accept rate does not exceed the target. It is reported only where the set has at
-least 1/FAR impostor pairs, otherwise `None` (LFW's 3,000 impostors allow 1e-3 but not 1e-4).
+over all pairs from the ROC curve of the similarity 4 - distance (`roc.tar_at_far`, operating point
+'at_most'): the highest true-accept rate whose false-accept rate does not exceed the target. It is
+reported only where the set has at least 1/FAR impostor pairs, otherwise `None` (LFW's 3,000
+impostors allow 1e-3 but not 1e-4). `roc.markdown_table` prints the results.
 
 Library use: scikit-learn for the folds and the ROC curve; the threshold sweep is a vectorised NumPy
 comparison (no library computes the fold-wise best-threshold accuracy).
@@ -24,25 +25,20 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.metrics import roc_curve
 from sklearn.model_selection import KFold
 
 from lafs_jax.eval import embed as embed_lib
+from lafs_jax.eval import roc
 from lafs_jax.input.verification_bin import load_bin
+from lafs_jax.numerics import l2_normalize
 
 THRESHOLDS = np.arange(0.0, 4.0, 0.01)  # squared-L2 thresholds of the official protocol
 DEFAULT_FARS = (1e-3, 1e-4)
 
 
-def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    """x / ||x|| along `axis` (float64); rows of zeros stay zero."""
-    x = np.asarray(x, np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
-
-
 def pair_distances(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
     """Squared L2 distance [N] between the L2-normalised rows of emb1 [N, D] and emb2 [N, D]."""
-    e1, e2 = l2_normalize(emb1), l2_normalize(emb2)
+    e1, e2 = l2_normalize(np.asarray(emb1, np.float64)), l2_normalize(np.asarray(emb2, np.float64))
     return np.sum(np.square(e1 - e2), axis=1)
 
 
@@ -64,25 +60,6 @@ def _check_pairs(emb1, emb2, issame, nfolds):
     if not np.all(np.isfinite(emb1)) or not np.all(np.isfinite(emb2)):
         raise ValueError("verification: embeddings contain NaN or inf")
     return emb1, emb2, issame
-
-
-def tar_at_far(scores: np.ndarray, issame: np.ndarray, fars: Sequence[float] = DEFAULT_FARS) -> dict:
-    """{far: TAR or None}: highest true-accept rate with false-accept rate <= far (higher score = same).
-
-    None where there are fewer than 1/far impostor pairs, so the rate cannot be measured.
-    """
-    issame = np.asarray(issame, bool)
-    n_impostor = int(np.sum(~issame))
-    out = {}
-    if issame.all() or not issame.any():
-        return {float(f): None for f in fars}
-    fpr, tpr, _ = roc_curve(issame.astype(np.int32), np.asarray(scores, np.float64), drop_intermediate=False)
-    for far in fars:
-        if n_impostor * far < 1.0:
-            out[float(far)] = None
-        else:
-            out[float(far)] = float(np.max(tpr[fpr <= far]))
-    return out
 
 
 def evaluate(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray, nfolds: int = 10,
@@ -116,7 +93,7 @@ def evaluate(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray, nfolds: int
         "fold_accuracies": fold_acc,
         "fold_thresholds": fold_thr,
         "best_threshold": float(THRESHOLDS[int(np.argmax(overall))]),
-        "tar_at_far": tar_at_far(4.0 - dist, issame, fars),
+        "tar_at_far": roc.tar_at_far(4.0 - dist, issame, fars, operating_point="at_most"),
         "num_pairs": int(issame.shape[0]),
         "num_genuine": int(np.sum(issame)),
         "num_impostor": int(np.sum(~issame)),
@@ -131,19 +108,6 @@ def evaluate_pairs_embeddings(embeddings: np.ndarray, issame: np.ndarray, nfolds
         raise ValueError(f"verification: {embeddings.shape[0]} embeddings for {issame.shape[0]} pairs "
                          f"(need 2 per pair, rows 2k and 2k+1)")
     return evaluate(embeddings[0::2], embeddings[1::2], issame, nfolds)
-
-
-def format_table(results: dict[str, dict], fars: Sequence[float] = DEFAULT_FARS) -> str:
-    """Markdown table: one row per pair set, accuracy ± std in %, threshold, TAR@FAR in %."""
-    head = "| set | pairs | accuracy (%) | threshold | " + " | ".join(f"TAR@FAR={f:g} (%)" for f in fars) + " |"
-    rule = "|" + "---|" * (4 + len(fars))
-    rows = [head, rule]
-    for name, r in results.items():
-        tars = [r["tar_at_far"].get(float(f)) for f in fars]
-        tar_cells = " | ".join("n/a" if t is None else f"{100 * t:.2f}" for t in tars)
-        rows.append(f"| {name} | {r['num_pairs']} | {100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f} | "
-                    f"{r['best_threshold']:.2f} | {tar_cells} |")
-    return "\n".join(rows)
 
 
 def run_bins(variables_dir: str, bin_paths: Sequence[str], *, batch_size: int = 64, flip: bool = True,
@@ -167,5 +131,5 @@ def evaluate_bins(embedder: Any, bin_paths: Sequence[str], *, flip: bool = True,
         images, issame = load_bin(path, embedder.image_size)
         emb = embedder.embed(images, flip=flip)
         results[os.path.splitext(os.path.basename(path))[0]] = evaluate_pairs_embeddings(emb, issame, nfolds)
-    print(format_table(results), flush=True)
+    print(roc.markdown_table(results, DEFAULT_FARS), flush=True)
     return results

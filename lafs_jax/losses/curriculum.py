@@ -42,6 +42,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from lafs_jax.config import ConfigError
 from lafs_jax.losses import partial_fc
 from lafs_jax.losses.margin import FALLBACKS, check_margin
+from lafs_jax.numerics import l2_normalize
 
 PHASE_FIELDS = ("epochs", "sample_rate", "m1", "m2", "m3", "s", "fallback", "prototypes", "prototype_k",
                 "prototype_margin", "update_prototypes")
@@ -137,14 +138,10 @@ def init_prototypes(key: jax.Array, num_classes: int, dim: int, mesh: Mesh) -> j
 
     def make(k):
         e = jax.random.normal(k, (rows, dim), jnp.float32)
-        e = e * lax.rsqrt(jnp.sum(e * e, axis=1, keepdims=True))
+        e = l2_normalize(e)
         return jnp.where(jnp.arange(rows)[:, None] < num_classes, e, 0.0)
 
     return jax.jit(make, out_shardings=partial_fc.centers_sharding(mesh))(key)
-
-
-def _normalize(x: jax.Array) -> jax.Array:
-    return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
 def update_prototypes(prototypes: jax.Array, embeddings: jax.Array, batch_labels: Mapping[str, jax.Array], *,
@@ -165,7 +162,7 @@ def update_prototypes(prototypes: jax.Array, embeddings: jax.Array, batch_labels
     def body(e_local, x_local, lab_local, lab2_local, lam_local):
         r = e_local.shape[0]
         start = lax.axis_index(axes) * r
-        x = _normalize(lax.all_gather(lax.stop_gradient(x_local), axes, tiled=True).astype(jnp.float32))
+        x = l2_normalize(lax.all_gather(lax.stop_gradient(x_local), axes, tiled=True).astype(jnp.float32))
         labels = jnp.concatenate([lax.all_gather(lab_local, axes, tiled=True),
                                   lax.all_gather(lab2_local, axes, tiled=True)]) - start
         lam = lax.all_gather(lam_local, axes, tiled=True).astype(jnp.float32)
@@ -175,10 +172,10 @@ def update_prototypes(prototypes: jax.Array, embeddings: jax.Array, batch_labels
         weight = jnp.where(own, weight, 0.0)
         sums = jax.ops.segment_sum(weight[:, None] * jnp.concatenate([x, x]), segment, num_segments=r + 1)[:r]
         counts = jax.ops.segment_sum(weight, segment, num_segments=r + 1)[:r]
-        mean = _normalize(sums)
+        mean = l2_normalize(sums)
         cos = jnp.sum(e_local * mean, axis=1, keepdims=True)
         alpha = cos / (1.0 + jnp.abs(cos))  # softsign
-        new = _normalize(alpha * e_local + (1.0 - alpha) * mean)
+        new = l2_normalize(alpha * e_local + (1.0 - alpha) * mean)
         return jnp.where(counts[:, None] > 0, new, e_local).astype(prototypes.dtype)
 
     rows_spec, batch_spec = P(axes, None), P(axes)

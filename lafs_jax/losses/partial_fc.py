@@ -33,8 +33,9 @@ whose gradient is exactly zero this step (it was not sampled) is not moved at al
 nor weight decay touch it, and its optimiser state is kept as it was. With r = 1 every row is
 sampled; a sampled row whose gradient underflowed to exactly zero is also left alone that step.
 `lazy_rows=False` gives InsightFace's behaviour (momentum and decay move every row every step).
-`split_optimizer` combines it with the backbone's optimiser through `optax.partition` for a params
-tree `{'backbone': ..., 'centers': W}`.
+`train.optim.finetune_optimizer(..., centers_tx=)` combines it with the backbone's optimiser for a
+params tree `{'backbone': ..., 'centers': W}`; alone, `optax.partition({'backbone': tx, 'centers':
+centers_optimizer(...)}, {'backbone': 'backbone', 'centers': 'centers'})` does.
 
 Optional EPL class prototypes (LVFace's second phase; see `curriculum.py`): a non-trainable E with
 W's shape and sharding. Prototype logits use the same sampled rows, cosines against stop_grad(E),
@@ -56,6 +57,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lafs_jax.losses.margin import check_margin, target_cosine
+from lafs_jax.numerics import l2_normalize
 
 PROTOTYPE_MODES = ("none", "add", "replace")
 CENTERS_INITS = ("normal", "xavier_uniform")
@@ -193,10 +195,6 @@ def sample_rows(key: jax.Array, shard: jax.Array, label: jax.Array, label2: jax.
 # ----------------------------------------------------------------------------- the loss
 
 
-def _normalize(x: jax.Array) -> jax.Array:
-    return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _NORM_EPS))
-
-
 def _shard_cosines(xn, mat, idx, targets, axes):
     """Cosines of the gathered embeddings xn [B, D] with the sampled rows of `mat` [R, D].
 
@@ -212,7 +210,8 @@ def _shard_cosines(xn, mat, idx, targets, axes):
     else:
         locs = [jnp.clip(loc, 0, rows_n - 1) for _, _, loc, _ in targets]
         gathered = jnp.take(mat, jnp.concatenate([idx, *locs]), axis=0).astype(jnp.float32)
-        rows, direct_rows = gathered[:-2 * b], (_normalize(gathered[-2 * b:-b]), _normalize(gathered[-b:]))
+        rows = gathered[:-2 * b]
+        direct_rows = (l2_normalize(gathered[-2 * b:-b]), l2_normalize(gathered[-b:]))
     # Scale the columns by 1/|w| rather than normalising the rows: no normalised copy of W[R, D].
     inv_norm = lax.rsqrt(jnp.maximum(jnp.sum(rows * rows, axis=1), _NORM_EPS))
     cos = (xn @ rows.T) * inv_norm[None, :]
@@ -320,7 +319,7 @@ def partial_fc_loss(embeddings: jax.Array, batch_labels: Mapping[str, jax.Array]
         label = lax.all_gather(lab_local, axes, tiled=True)
         label2 = lax.all_gather(lab2_local, axes, tiled=True)
         lam = lax.all_gather(lam_local, axes, tiled=True).astype(jnp.float32)
-        xn = _normalize(x)
+        xn = l2_normalize(x)
         start = shard * r
         loc1, loc2 = label - start, label2 - start
         own1, own2 = (loc1 >= 0) & (loc1 < r), (loc2 >= 0) & (loc2 < r)
@@ -446,16 +445,3 @@ def centers_optimizer(learning_rate: float | optax.Schedule, *, kind: str = "sgd
     else:
         raise ValueError(f"centers_optimizer: kind={kind!r} is not one of ('sgd', 'adamw')")
     return lazy_rows(tx) if lazy else tx
-
-
-def param_labels(params: Mapping[str, Any]) -> dict:
-    """'backbone' / 'centers' labels for a params tree {'backbone': ..., 'centers': W}."""
-    if set(params) != {"backbone", "centers"}:
-        raise ValueError(f"params must be {{'backbone': ..., 'centers': W}}, got top-level keys {sorted(params)}")
-    return {"backbone": jax.tree.map(lambda _: "backbone", params["backbone"]), "centers": "centers"}
-
-
-def split_optimizer(backbone_tx: optax.GradientTransformation,
-                    centers_tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """One optimiser for {'backbone': ..., 'centers': W}: each part with its own transformation."""
-    return optax.partition({"backbone": backbone_tx, "centers": centers_tx}, param_labels)

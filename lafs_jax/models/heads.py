@@ -22,14 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-trunc_normal_002 = nn.initializers.truncated_normal(0.02)
-torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) along `axis` (torch F.normalize)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+from lafs_jax.models.initializers import torch_linear_init, trunc_normal_002
+from lafs_jax.numerics import l2_normalize
 
 
 class WeightNormDense(nn.Module):

@@ -30,6 +30,7 @@ from lafs_jax.models.vit import (ACTIVATIONS, ATTENTION_SCALES, DROP_PATH_SCHEDU
 
 KINDS = ("part_fvit", "fvit", "part_fvit_grid", "insightface_vit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PRECISIONS = ("auto", "float32", "bfloat16")  # config.precision of the training tasks (`with_precision`)
 PRESETS = ("tiny", "small", "base", "insightface_t", "insightface_s", "insightface_b")
 
 # A 4-block trunk for 112x112 inputs: 56 -> 28 -> 14 -> 7 -> 4, like the large trunk's resolution path.
@@ -189,6 +190,18 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
               f"insightface_vit needs heads * head_dim == dim={get('dim')}")
         check(get("patch_size") <= get("image_size"), key("patch_size"), get("patch_size"),
               "must not exceed image_size")
+
+
+def with_precision(cfg: ml_collections.ConfigDict, precision: str) -> ml_collections.ConfigDict:
+    """A copy of model config `cfg` with `dtype` set by a training task's `config.precision`: 'auto' is
+    bfloat16 on GPU / TPU and float32 on CPU; 'float32' / 'bfloat16' as named. Parameters stay float32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"config.precision={precision!r} is not valid; choose one of {list(PRECISIONS)}")
+    model = ml_collections.ConfigDict(cfg.to_dict())
+    if precision == "auto":
+        precision = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+    model.dtype = precision
+    return model
 
 
 def compute_dtype(cfg) -> Any:

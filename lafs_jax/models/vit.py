@@ -29,9 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lafs_jax.models.heads import EmbeddingHead
-
-torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # U(+-1/sqrt(fan_in))
-trunc_normal_002 = nn.initializers.truncated_normal(0.02)
+from lafs_jax.models.initializers import torch_linear_init, trunc_normal_002
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: nn.gelu(x, approximate=False),

@@ -175,7 +175,9 @@ class TrainCheckpointer:
             preservation = policies.AnyPreservationPolicy([preservation, policies.BestN(
                 get_metric_fn=rank, reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False)])
         options = ocp.CheckpointManagerOptions(
-            save_decision_policy=policies.FixedIntervalPolicy(save_every),
+            # every `save_every` steps, and at the step of JAX's preemption sync point (multi-process)
+            save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every),
+                                                         policies.PreemptionCheckpointingPolicy()]),
             preservation_policy=preservation,
             # best_fn makes orbax write and reload the metrics; the preservation policy above decides
             best_fn=rank if best_fn is not None else None,

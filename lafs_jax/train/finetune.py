@@ -8,7 +8,8 @@ One linear function, `run(config, workdir)`, in big_vision's style (reference/la
               teacher (a TokenViT variables directory, loaded into params['vit']), or from a full
               backbone variables directory (lafs_jax.convert's output of an official checkpoint, or
               an earlier fine-tuning); optionally the landmark CNN alone from another directory (the
-              official code takes it from the stage-1 supervised Part fViT).
+              official code takes it from the stage-1 supervised Part fViT). Compute dtype by
+              `config.precision` ('auto': bf16 on GPU/TPU, fp32 on CPU), parameters fp32.
   head        Partial FC: W[C_pad, D] sharded by rows over every device, margin softmax (CosFace
               s=64, m=0.4 by default) with soft mixup targets, its own optimizer.
   regulariser (Part fViT) w · mean((landmarks − landmarks*)² / (H−1)²), landmarks* from a frozen copy
@@ -48,8 +49,10 @@ from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError, check, check_choice
 from lafs_jax.eval import embed as embed_lib
-from lafs_jax.eval import verification
+from lafs_jax.eval import roc, verification
 from lafs_jax.input import pipelines
+from lafs_jax.input.images import COLOR_ORDERS
+from lafs_jax.input.transforms import NORMALIZATIONS
 from lafs_jax.input.verification_bin import load_bin
 from lafs_jax.input import transforms
 from lafs_jax.losses import margin, partial_fc
@@ -74,6 +77,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """ConfigError naming the key for every bad or inconsistent fine-tuning field."""
     config_lib.validate_common(config)
     presets.validate_model_config(config.model)
+    check_choice(config, "precision", presets.PRECISIONS)
+    check(isinstance(config.checkpoint.async_save, bool), "checkpoint.async_save", config.checkpoint.async_save,
+          "True or False")
     optim.validate_optim_config(config.optim)
     loop_utils.validate_divergence_config(config.divergence)
     check(isinstance(config.eval.at_start, bool), "eval.at_start", config.eval.at_start, "True or False")
@@ -128,7 +134,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(all(w >= 0 for w in weights), "landmark_reg.weights", weights, "all >= 0")
     for i, path in enumerate(config.eval.bins):
         check(os.path.isfile(path), f"eval.bins[{i}]", path, "an existing .bin file")
-    for key, choices in (("eval.normalization", ("",) + transforms.NORMALIZATIONS), ("eval.color_order", ("rgb", "bgr"))):
+    for key, choices in (("eval.normalization", ("",) + NORMALIZATIONS), ("eval.color_order", COLOR_ORDERS)):
         check_choice(config, key, choices)
 
 
@@ -390,35 +396,15 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epo
                                     frozen_regex=config.optim.landmark_regex if config.freeze_landmark_cnn else "")
 
 
-def like_params_shardings(tree: Any, params: Any, param_shardings: Any, default: Any) -> Any:
-    """Shardings for an optimizer state: a leaf whose key path ends with a parameter's path and has
-    that parameter's shape (Adam moments, momenta) takes the parameter's sharding; the rest (step
-    counts, injected hyperparameters) get `default`."""
-    flat_params = {mesh_lib.path_str(kp): (tuple(np.shape(x)), sh) for (kp, x), sh in zip(
-        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(param_shardings))}
-
-    def one(kp, leaf):
-        path, shape = mesh_lib.path_str(kp), tuple(np.shape(leaf))
-        best = None
-        for ppath, (pshape, sh) in flat_params.items():
-            if pshape == shape and (path == ppath or path.endswith("/" + ppath)):
-                if best is None or len(ppath) > best[0]:
-                    best = (len(ppath), sh)
-        return best[1] if best else default
-
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
 def state_shardings(tx, params: Any, batch_stats: Any, mesh: Any, rules, ema: bool = False) -> dict:
-    """Shardings of the train state: backbone (and its average) by rules, W by rows, optimizer state
-    like its params."""
-    replicated = mesh_lib.replicated(mesh)
+    """Shardings of the train state (`sharding.state_shardings`): backbone by rules, W by rows, the
+    optimizer state like its params, the parameter average like the backbone, the rest replicated."""
     p_shard = {"backbone": mesh_lib.param_shardings(params["backbone"], rules, mesh),
                "centers": partial_fc.centers_sharding(mesh)}
-    abstract_opt = jax.eval_shape(tx.init, params)
-    out = {"step": replicated, "params": p_shard, "batch_stats": jax.tree.map(lambda _: replicated, batch_stats),
-           "opt_state": like_params_shardings(abstract_opt, params, p_shard, replicated)}
-    if ema:
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "batch_stats": batch_stats,
+                "opt_state": jax.eval_shape(tx.init, params)}
+    out = mesh_lib.state_shardings(abstract, params, p_shard, mesh)
+    if ema:  # stored as 'ema/<backbone path>', which is no suffix of 'params/backbone/<path>'
         out["ema"] = p_shard["backbone"]
     return out
 
@@ -488,14 +474,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  len(source), num_classes, steps_per_epoch, total_steps, global_bs)
 
     # ------------------------------------------------------------------ model, head, optimizer
-    model = presets.build_model(config.model)
-    landmark_cnn = presets.build_landmark_cnn(config.model) if config.model.kind == "part_fvit" else None
+    model_cfg = presets.with_precision(config.model, config.precision)  # compute dtype; parameters stay fp32
+    model = presets.build_model(model_cfg)
+    landmark_cnn = presets.build_landmark_cnn(model_cfg) if config.model.kind == "part_fvit" else None
     init_key, centers_key = jax.random.split(jax.random.key(config.seed))
-    init_fn = jax.jit(lambda k: presets.init_variables(config.model, k), out_shardings=mesh_lib.replicated(mesh))
+    init_fn = jax.jit(lambda k: presets.init_variables(model_cfg, k), out_shardings=mesh_lib.replicated(mesh))
     variables, origin = initial_variables(config, init_fn(init_key))
     logging.info("backbone initialised from %s", origin)
     teacher_np = landmark_teacher_variables(config, variables) if config.landmark_reg.mode != "none" else {}
-    emb_dim = embedding_dim(model, variables, config.model)
+    emb_dim = embedding_dim(model, variables, model_cfg)
     params = {"backbone": variables["params"], "centers": make_centers(config, centers_key, num_classes, emb_dim, mesh)}
     batch_stats = variables.get("batch_stats", {})
     tx = make_optimizer(config, params, steps_per_epoch, total_steps)
@@ -523,6 +510,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # is kept beside the latest `checkpoint.keep` (WORKDIR/backbone_best at the end)
     ckpt = ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                       save_every=config.checkpoint.every_steps,
+                                      async_save=config.checkpoint.async_save,
                                       metadata={"config": config, **backbone_metadata(config)},
                                       best_fn=verification_score if config.eval.bins else None)
     abstract_state = ckpt_lib.abstract_like(state, shardings)  # restore targets (the live state gets donated)
@@ -577,7 +565,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     initial: dict = {}
     unconfirmed = None  # the newest checkpoint's step, until the next checked loss confirms it
     eval_error: EvaluationError | None = None  # raised once its step's checkpoint is confirmed
-    single = jax.process_count() == 1
     writer = loop_utils.MetricWriter(workdir, resume_step=start)
     try:
         progress = loop_utils.Progress(total_steps, every=config.log_every_steps, batch_size=global_bs,
@@ -585,7 +572,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if eval_sets and config.eval.at_start and start == 0:
             initial = evaluate(state)
             writer.write_scalars(0, {f"val/{n}/accuracy": r["accuracy"] for n, r in initial.items()})
-            logging.info("verification before training:\n%s", verification.format_table(initial))
+            logging.info("verification before training:\n%s", roc.markdown_table(initial, verification.DEFAULT_FARS))
         with loop_utils.preemption_guard() as guard:
             for step in range(start + 1, total_steps + 1):
                 state, metrics = train_step(state, step)
@@ -620,13 +607,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     else:
                         writer.write_scalars(step, {f"val/{n}/{k}": r[k] for n, r in results.items()
                                                     for k in ("accuracy", "accuracy_std", "best_threshold")})
-                        logging.info("step %d verification:\n%s", step, verification.format_table(results))
+                        logging.info("step %d verification:\n%s", step, roc.markdown_table(results, verification.DEFAULT_FARS))
                 # saved after the evaluation so it carries its metrics (the best checkpoint is kept); an
                 # evaluation error is only raised once this checkpoint is confirmed
                 metrics_of_step = verification_metrics(step_results) if (step_results and ckpt.best_fn) else None
                 if saving and ckpt.save(step, state, data_iterator=train_iter, force=True, metrics=metrics_of_step):
                     unconfirmed = step
-                if guard.requested if single else (logged and guard.sync_requested()):
+                if guard.should_stop(step):
                     if ckpt.save(step, state, data_iterator=train_iter, force=True):
                         unconfirmed = step
                     host_metrics = _host(metrics)

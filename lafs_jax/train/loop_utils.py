@@ -10,8 +10,9 @@
 - `check_finite`: raises `NonFiniteError` naming the step and the metric. `DivergenceMonitor` adds
   the "exploding" tests on the loss and the parameter norm (see `divergence_config`) and raises
   `DivergenceError`.
-- `preemption_guard`: a SIGTERM handler context whose `.requested` flag the loop polls, to save a
-  checkpoint and exit cleanly (`sync_requested()` agrees across processes). Batches fetched with
+- `preemption_guard`: whether the loop must save a checkpoint and exit cleanly (`should_stop(step)`):
+  one process installs a SIGTERM handler; several processes use JAX's preemption sync point
+  through orbax, so every process stops and saves at the same step. Batches fetched with
   `next_batch` make a stalled input pipeline interruptible: SIGTERM during a wait gives the
   pipeline `stall_seconds` to deliver, then raises `InputStalledError` in the main thread;
   `exit_on_input_stall` (main.py) then ends the process, whose reader threads are stuck.
@@ -40,6 +41,7 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 
 from lafs_jax.config import check
@@ -369,9 +371,20 @@ def next_batch(iterator: Iterator[Any]) -> Any:
 
 
 class PreemptionGuard:
-    """Flag set by a signal (SIGTERM by default); see `preemption_guard`."""
+    """Whether a training loop must save a checkpoint and stop because the job is being preempted.
 
-    def __init__(self, stall_seconds: float = 5.0):
+    One process: a handler of SIGTERM (installed by `preemption_guard`) sets `requested`, which
+    `should_stop` returns; a signal that arrives while the loop waits for a batch (`next_batch`) gives
+    the pipeline `stall_seconds` to deliver, then raises InputStalledError in the main thread.
+    Several processes (jax.distributed): no handler is installed -- JAX's coordination service
+    listens for SIGTERM on every process itself, and a Python handler would replace its own -- and
+    `should_stop(step)` is orbax's `reached_preemption(step)` (what `CheckpointManager.reached_preemption`
+    and orbax's `PreemptionCheckpointingPolicy` use): JAX's preemption sync point, true at one step
+    that every process reaches after any of them got the notice, so all processes save that same step.
+    """
+
+    def __init__(self, stall_seconds: float = 5.0, multiprocess: bool | None = None):
+        self.multiprocess = jax.process_count() > 1 if multiprocess is None else bool(multiprocess)
         self.requested = False
         self.signal_number: int | None = None
         self.stall_seconds = float(stall_seconds)
@@ -414,26 +427,25 @@ class PreemptionGuard:
         self._timers.append(timer)
         timer.start()
 
-    def sync_requested(self) -> bool:
-        """True if any process got the signal. Every process must call it at the same step."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray(self.requested, dtype=np.int32))
-        return bool(np.asarray(flags).any())
+    def should_stop(self, step: int) -> bool:
+        """Whether to save `step` and stop. With several processes every process must call it at every
+        step, with the same steps (the sync point is agreed on the steps the processes report)."""
+        if self.multiprocess:
+            return bool(ocp.multihost.reached_preemption(int(step)))
+        return self.requested
 
 
 @contextlib.contextmanager
 def preemption_guard(signals: tuple[int, ...] = (signal.SIGTERM,),
                      stall_seconds: float = 5.0) -> Iterator[PreemptionGuard]:
-    """Install a handler for `signals` that sets `guard.requested`; restore the old handlers on exit.
+    """A `PreemptionGuard`; one process: a handler for `signals` sets `guard.requested` (the old
+    handlers are restored on exit); several processes: JAX handles the signal (see PreemptionGuard).
 
         with preemption_guard() as guard:
             for step in ...:
                 batch = next_batch(it)
                 ...
-                if guard.requested:   # or guard.sync_requested() every K steps on several hosts
+                if guard.should_stop(step):   # every step, on every process
                     ckpt.save(step, state, it, force=True); break
 
     stall_seconds: how long a batch may still take after the signal (see `next_batch`) before the
@@ -444,7 +456,7 @@ def preemption_guard(signals: tuple[int, ...] = (signal.SIGTERM,),
         raise RuntimeError("preemption_guard() must be entered from the main thread (signal handlers can only "
                            "be installed there)")
     guard = PreemptionGuard(stall_seconds)
-    previous = {s: signal.signal(s, guard._handle) for s in signals}
+    previous = {} if guard.multiprocess else {s: signal.signal(s, guard._handle) for s in signals}
     guard.active = True
     _ACTIVE_GUARDS.append(guard)
     try:

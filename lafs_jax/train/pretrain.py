@@ -70,7 +70,6 @@ from lafs_jax.train import views as views_lib
 
 METHODS = ("dino", "lafs")
 LOCAL_VIEW_KINDS = ("landmarks", "grid")
-PRECISIONS = ("auto", "float32", "bfloat16")
 TEACHER_BACKBONE_DIR = "teacher_backbone"
 LANDMARK_INIT_DIR = "landmark_cnn_init"
 
@@ -79,7 +78,7 @@ LANDMARK_INIT_DIR = "landmark_cnn_init"
 # Config
 # ----------------------------------------------------------------------------------------------
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError naming the first bad `config.*` field of a pretraining recipe."""
     config_lib.check_finite_numbers(config)
     check_choice(config, "method", METHODS)
@@ -94,13 +93,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           "pretraining updates the teacher after every optimizer step; gradient accumulation is not supported")
     check(config.optim.layer_decay == 1.0, "optim.layer_decay", config.optim.layer_decay,
           "pretraining applies no layer-wise decay (1.0)")
-    check_choice(config, "precision", PRECISIONS)
+    check_choice(config, "precision", presets.PRECISIONS)
     check(isinstance(config.batch_size, int) and config.batch_size >= 1, "batch_size", config.batch_size,
           "an int >= 1 (global batch)")
     for key in ("steps_per_epoch", "total_steps", "stop_at_step"):
         v = config[key]
         check(isinstance(v, int) and (v == -1 or v >= 1), key, v, "an int >= 1, or -1")
-    check(config.log_every >= 1, "log_every", config.log_every, ">= 1")
+    check(isinstance(config.log_every_steps, int) and config.log_every_steps >= 1, "log_every_steps",
+          config.log_every_steps, "an int >= 1")
     d = config.dino
     for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
         check(d[key] > 0, f"dino.{key}", d[key], "> 0")
@@ -114,6 +114,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         check(0 <= d[key] <= 1, f"dino.{key}", d[key], "in [0, 1]")
     check(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, ">= 1")
     check(config.checkpoint.every_steps >= 1, "checkpoint.every_steps", config.checkpoint.every_steps, ">= 1")
+    check(isinstance(config.checkpoint.async_save, bool), "checkpoint.async_save", config.checkpoint.async_save,
+          "True or False")
     if config.method == "dino":
         check(config.data.dino.global_size == config.model.image_size, "data.dino.global_size",
               config.data.dino.global_size, f"must equal model.image_size={config.model.image_size}")
@@ -144,16 +146,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           config.data.lafs.local_views, "the loss needs at least two views")
 
 
-def resolved_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """config.model with `dtype` set by config.precision ('auto': bfloat16 on GPU/TPU, float32 on CPU)."""
-    model = ml_collections.ConfigDict(config.model.to_dict())
-    precision = config.precision
-    if precision == "auto":
-        precision = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
-    model.dtype = precision
-    return model
-
-
 # ----------------------------------------------------------------------------------------------
 # Networks and views
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +162,7 @@ class Networks(NamedTuple):
 
 def build_networks(config: ml_collections.ConfigDict) -> Networks:
     """TokenViT + DINOHead (compute dtype per config.precision), and the fp32 landmark CNN for LAFS."""
-    model = resolved_model_config(config)
+    model = presets.with_precision(config.model, config.precision)
     vit = presets.build_token_vit(model)
     head = presets.build_dino_head(model)
     landmark_cnn, patchify = None, None
@@ -337,8 +329,11 @@ def make_train_step(networks: Networks, config: ml_collections.ConfigDict, tx: o
 
 
 def state_shardings(abstract_state: Any, config: ml_collections.ConfigDict, mesh) -> Any:
-    """Parameters (and their optimizer moments) by config.sharding_rules; everything else replicated."""
-    return mesh_lib.param_shardings(abstract_state, tuple(config.sharding_rules), mesh)
+    """The student's parameters by config.sharding_rules; their optimizer moments and the teacher like
+    them (`sharding.state_shardings`); everything else (centre, step, key, landmark CNN) replicated."""
+    student = abstract_state["student"]
+    return mesh_lib.state_shardings(abstract_state, student,
+                                    mesh_lib.param_shardings(student, tuple(config.sharding_rules), mesh), mesh)
 
 
 def jit_step(step: Callable, shardings: Any, mesh) -> Callable:
@@ -419,7 +414,7 @@ def _batches(config, source, batch_size: int, seed: int):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrain per `config`; returns {'step', 'loss'} of the last step run by this call."""
-    validate_config(config)
+    validate(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     os.makedirs(workdir, exist_ok=True)
 
@@ -471,7 +466,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # metrics, and at the stop by one extra step whose result is dropped); on divergence the
     # unconfirmed ones are deleted (TrainCheckpointer docstring).
     writer = loop_utils.MetricWriter(workdir, resume_step=start)
-    progress = loop_utils.Progress(total_steps, every=config.log_every, batch_size=global_batch, start_step=start,
+    progress = loop_utils.Progress(total_steps, every=config.log_every_steps, batch_size=global_batch, start_step=start,
                                    name=f"pretrain[{config.method}]")
     monitor = loop_utils.DivergenceMonitor(config.divergence)
     pending: list[tuple[int, dict]] = []  # device metrics not yet checked / written
@@ -516,7 +511,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     last_loss = flush_metrics()  # includes compilation: excluded from the timing
                     progress.reset(step)
                 rates = progress.update(step, {"loss": pending[-1][1]["loss"]} if pending else None)
-                preempted = guard.sync_requested() if (jax.process_count() > 1 and rates) else guard.requested
+                preempted = guard.should_stop(step)
                 must_save = ckpt.should_save(step) or step == stop or preempted
                 if rates is not None or must_save or unconfirmed is not None:
                     last_loss = flush_metrics(rates) if pending else last_loss  # checked before any save
