@@ -1,6 +1,6 @@
 """DINO-face: DINO self-supervised pretraining of a plain fViT with standard multi-crop on faces.
 
-The LAFS paper's DINO-face baseline. Its official script is unreleased (reference/lafs.md §7); the
+The LAFS paper's DINO-face baseline. Its official script is unreleased; the
 only official evidence is `DataAugmentationDINO` and the argparse defaults of LAFS's lafs_train.py,
 which this recipe follows field by field: 2 global 112 px crops (scale 0.4-1) and 8 local 48 px crops
 at scale (0.05, 0.4) (`data.dino.local_scale`), bicubic, flip, DINO's colour augmentations, and
@@ -24,7 +24,7 @@ The teacher backbone lands in `WORKDIR/teacher_backbone` (fine-tune with model.k
 metadata records the grid patch order and the ImageNet normalisation).
 
 Expected numbers: none published for the released code; the official README lists only a DINO-face
-1-shot checkpoint (reference/lafs.md §7). LAFS's own numbers are in configs/lafs_pretrain.py.
+1-shot checkpoint (not in the official repository). LAFS's own numbers are in configs/lafs_pretrain.py.
 """
 import ml_collections
 

@@ -14,13 +14,12 @@ Full benchmarks (official protocol: flip-sum, 10 folds; IJB N1D1F1):
         --config.evaluate.bins="('/data/ms1m-retinaface-t1/lfw.bin','/data/ms1m-retinaface-t1/cfp_fp.bin','/data/ms1m-retinaface-t1/agedb_30.bin')" \
         --config.evaluate.ijbb_root=/data/IJB_release/IJBB --config.evaluate.ijbc_root=/data/IJB_release/IJBC
 
-Expected numbers, TAR@FAR=1e-4 in %, as reported in the official LAFS README (reference/lafs.md
-§4.5; not reproduced here, no GPU or data): Part fViT on MS1MV3: IJB-C 97.29; Part fViT on
+Expected numbers, TAR@FAR=1e-4 in %, as reported in the official LAFS README (not reproduced here, no GPU or data): Part fViT on MS1MV3: IJB-C 97.29; Part fViT on
 WebFace4M: IJB-B 96.05, IJB-C 97.40; LAFS-pretrained then fine-tuned on WebFace4M: IJB-B 96.28,
 IJB-C 97.58. The LAFS evaluation scripts feed x/255 - 0.5, and `python -m lafs_jax.convert --kind
 part_fvit` records '[-0.5,0.5]' in the converted weights' metadata, so the default here reproduces
 them; the models trained on [-1, 1], and whether the released numbers used x/255 - 0.5 is not
-certain (lafs.md §4.3): `--config.evaluate.normalization='[-1,1]'` tries the other range.
+certain (the official evaluation scripts): `--config.evaluate.normalization='[-1,1]'` tries the other range.
 """
 import ml_collections
 

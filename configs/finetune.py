@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of Part fViT (or fViT) with a Partial FC CosFace head (LAFS stage 2, lafs.md §3).
+"""Supervised fine-tuning of Part fViT (or fViT) with a Partial FC CosFace head (LAFS stage 2, the official `train_largescale.py`).
 
 Variants (the `:arg` after the file name): `webface4m` (default), `ms1mv3`, `official` (WebFace4M as
 the official script runs it, see "Layer-wise lr decay" below), `tiny`. The large ones take subset
@@ -24,7 +24,7 @@ fViT converted with `python -m lafs_jax.convert`), on one host with 8 GPUs:
         --config.eval.bins="('/data/ms1m-retinaface-t1/lfw.bin','/data/ms1m-retinaface-t1/cfp_fp.bin','/data/ms1m-retinaface-t1/agedb_30.bin')"
     python main.py --config configs/evaluate.py:full --workdir runs/ft_wf4m --config.evaluate.ijbc_root=...
 
-Expected numbers (TAR@FAR=1e-4, %, from the official LAFS README, reference/lafs.md §4.5; not
+Expected numbers (TAR@FAR=1e-4, %, from the official LAFS README, the official `IJB_evaluation.py`; not
 reproduced here): LAFS-pretrained + fine-tuned on WebFace4M: IJB-B 96.28, IJB-C 97.58; Part fViT
 trained on WebFace4M: IJB-B 96.05, IJB-C 97.40; on MS1MV3: IJB-C 97.29.
 

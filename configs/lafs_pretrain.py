@@ -1,4 +1,4 @@
-"""LAFS self-supervised pretraining of Part fViT's ViT on landmark views (CVPR 2024; reference/lafs.md §2).
+"""LAFS self-supervised pretraining of Part fViT's ViT on landmark views (CVPR 2024; the official `lafs_train.py`).
 
 Launch (WebFace4M .rec, 2 GPUs' worth of global batch as the official run):
 
@@ -30,7 +30,7 @@ The teacher backbone lands in `WORKDIR/teacher_backbone` (fine-tuning: `configs/
 `--config.init.backbone=WORKDIR/teacher_backbone`).
 
 Expected downstream numbers (after fine-tuning; TAR@FAR=1e-4), from the official README
-(reference/lafs.md §4.5), not re-measured here: LAFS-pretrained + fine-tuned on WebFace4M gives
+(the official `IJB_evaluation.py`), not re-measured here: LAFS-pretrained + fine-tuned on WebFace4M gives
 IJB-B 96.28, IJB-C 97.58 (supervised Part fViT alone: IJB-B 96.05, IJB-C 97.40). The paper's
 few-shot tables (supplement Tables 6-7) are not reproduced in this repository's references.
 Official compute: about 2-3 days on 2 x A100-40GB for 41 epochs.

@@ -1,6 +1,6 @@
 """A PyTorch mirror of the official Part fViT / fViT and the LAFS DINO head, for parity tests and benchmarks.
 
-Written from the description in shared/reference/lafs.md (§1, §2.1), not from the official sources: the
+Written from a description of the official `ViT_face.py` and `vision_transformer.py` (shapes, key names, numerics), not from their code: the
 module tree reproduces the official state-dict keys and shapes of §1.7 exactly (stn.features.*,
 output_layer.1, cls_token, pos_embedding, patch_to_embedding, transformer.layers.{l}.{0,1}.fn.*,
 mlp_head.0, loss.weight; head.mlp.{0,2,4}, head.last_layer.weight_g / weight_v), and its forward pass

@@ -10,7 +10,7 @@ container; recorded with the patch layout its patch embedding learnt, which fine
 --normalization and --color-order (recorded in metadata.json for evaluation to use; by default what
 the official code used for the kind, `mapping.OFFICIAL_INPUT`: the supervised Part fViT was
 evaluated on x/255 - 0.5 and true RGB, the LAFS SSL checkpoints saw [-1, 1] and the channel-swapped
-WebFace4M .rec, 'bgr'; see reference/lafs.md §4.2-4.3), --strict (unexpected keys are errors),
+WebFace4M .rec, 'bgr'; see the official `image_iter.py` / the official evaluation scripts), --strict (unexpected keys are errors),
 --unsafe-load (torch.load with weights_only=False, only for checkpoints you trust).
 
 torch is needed only here, imported when the command runs.

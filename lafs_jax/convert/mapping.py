@@ -1,6 +1,6 @@
 """Official PyTorch state dicts (numpy arrays) -> Flax variables of lafs_jax models. Pure: no torch, no files.
 
-Key names and shapes of the official checkpoints: shared/reference/lafs.md §1.7. Rules:
+Key names and shapes of the official checkpoints: the released checkpoints' state dicts. Rules:
   - Linear weight (out, in) -> kernel (in, out); Conv OIHW -> HWIO (a depthwise (C, 1, k, k) becomes
     (k, k, 1, C), the layout of a grouped Flax convolution); LayerNorm/BatchNorm weight -> scale;
     BatchNorm running_mean / running_var -> 'batch_stats' mean / var; num_batches_tracked is dropped;
@@ -39,7 +39,7 @@ WHICH = ("teacher", "student")
 METHODS = ("supervised", "lafs", "dino")  # how the source network was trained
 DEFAULT_METHOD = {"part_fvit": "supervised", "fvit": "supervised", "lafs_ssl": "lafs"}
 
-# What the official code fed each released checkpoint kind (reference/lafs.md §4.2, §4.3), recorded in
+# What the official code fed each released checkpoint kind (the official `image_iter.py` / the official evaluation scripts), recorded in
 # the metadata unless the command line says otherwise. Normalisation: the official *evaluation*
 # (IJB_evaluation.py and the in-training verification feed x/255 - 0.5 to the supervised Part fViT,
 # though it trained on [-1, 1]; its partial last verification batch went un-normalised, a bug not

@@ -1,6 +1,6 @@
 """IJB-B / IJB-C 1:1 verification (template-based TAR@FAR) on InsightFace's meta files.
 
-Protocol (reference/lafs.md §4.5; LAFS `IJB_evaluation.py` = InsightFace `eval_ijbc.py`):
+Protocol (the official `IJB_evaluation.py`; LAFS `IJB_evaluation.py` = InsightFace `eval_ijbc.py`):
 
   ROOT/meta/{t}_face_tid_mid.txt        image name, template id, media id (one line per image)
   ROOT/meta/{t}_name_5pts_score.txt     image name, 5 (x, y) landmarks, faceness score

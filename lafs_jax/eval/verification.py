@@ -1,6 +1,6 @@
 """1:1 verification on pair sets (LFW, CFP-FP, AgeDB-30 `.bin` files): 10-fold accuracy and TAR@FAR.
 
-Protocol (reference/lafs.md §4.4, the InsightFace / LAFS evaluation): embeddings of both images of a
+Protocol (InsightFace `eval/verification.py`, the InsightFace / LAFS evaluation): embeddings of both images of a
 pair (usually flip-summed, see `lafs_jax.eval.embed`) are L2-normalised; the distance is the squared
 L2 distance, in [0, 4]. The pairs are split into `nfolds` consecutive folds (scikit-learn `KFold`,
 no shuffle). For each fold the threshold with the best accuracy on the other folds is taken from

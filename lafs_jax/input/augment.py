@@ -1,12 +1,12 @@
 """Per-record augmentation recipes (Grain `RandomMap`s) of the four pipelines; uint8 in, uint8 out.
 
-- `FinetuneAugment` (lafs.md §3.3, official order): flip -> RandAugment -> RandomResizedCrop (bilinear)
+- `FinetuneAugment` (the official `image_iter.py`, official order): flip -> RandAugment -> RandomResizedCrop (bilinear)
   -> ColorJitter -> RandomErasing; it also draws the record's mixup numbers (`mix_u`, `mix_lam`), which
   the batch collation of the first record of a batch uses, so mixup is deterministic per seed too.
 - `DinoAugment` (DINO's DataAugmentationDINO): G global crops (bicubic, scale 0.4-1) and L local crops
   (scale 0.05-0.4, lafs_train.py's default), each with flip, jitter p=0.8, grayscale p=0.2; blur
   p=1.0 / 0.1 on the two global crops (solarise p=0.2 on the second) and p=0.5 on the locals.
-- `LafsAugment` (lafs.md §2.2): every view is a RandomResizedCrop of one size and scale range + flip;
+- `LafsAugment` (`DataAugmentation_LAFS` in the official `lafs_train.py`): every view is a RandomResizedCrop of one size and scale range + flip;
   its clean copy is the crop, its augmented copy the same crop after jitter p=0.8, grayscale p=0.2 and
   the per-view blur / solarisation of DINO.
 - `EvalPrepare`: resize to the evaluation size; optionally the mirrored copy.

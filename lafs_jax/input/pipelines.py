@@ -76,7 +76,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.subset.identity_fraction = 1.0  # then a seeded random fraction of the identities (not in the official code)
     c.subset.seed = 0  # seed of the random draws (independent of the run seed)
 
-    c.finetune = ml_collections.ConfigDict()  # lafs.md §3.3
+    c.finetune = ml_collections.ConfigDict()  # the official `image_iter.py`
     c.finetune.flip = True  # random horizontal flip, p=0.5
     c.finetune.random_resized_crop = True  # RandomResizedCrop to image_size (else resize)
     c.finetune.crop_scale = (0.9, 1.0)  # area fraction range of the crop
@@ -100,7 +100,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.dino.local_crops = 8  # number of local crops
     c.dino.local_scale = (0.05, 0.4)  # area fraction range of local crops (lafs_train.py --local_crops_scale)
 
-    c.lafs = ml_collections.ConfigDict()  # LAFS views, lafs.md §2.2
+    c.lafs = ml_collections.ConfigDict()  # LAFS views, `DataAugmentation_LAFS` in the official `lafs_train.py`
     c.lafs.view_size = 112  # side of every view, global and local (px)
     c.lafs.global_views = 2  # (clean, augmented) global pairs
     c.lafs.local_views = 8  # (clean, augmented) local pairs; fewer for tiny demos

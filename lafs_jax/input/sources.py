@@ -10,7 +10,7 @@ DataSourceError naming the file and the count, so a data set that is all or most
 fails fast instead of being skipped through forever. All sources are picklable, for Grain worker
 processes.
 
-InsightFace layout (`FaceRecordSource`, lafs.md §4.1): record 0 may be a header with flag > 0 and
+InsightFace layout (`FaceRecordSource`, InsightFace RecordIO as the official `image_iter.py` reads it): record 0 may be a header with flag > 0 and
 label [id_lo, id_hi]; records id_lo..id_hi-1 are identity records whose label [img_lo, img_hi) is the
 range of that identity's image records; image records are 1..id_lo-1 with the class id as label.
 The class of identity record j is j - id_lo. Without a header (record 0 with flag 0, or no key 0)

@@ -2,7 +2,7 @@
 
 A `.bin` is a pickle of `(bins, issame_list)`: `bins` holds 2N encoded images (pair k is
 bins[2k], bins[2k+1]) and `issame_list` N booleans. Files written under Python 2 hold byte strings,
-so they are loaded with encoding='bytes' (lafs.md §4.4).
+so they are loaded with encoding='bytes' (InsightFace `eval/verification.py`).
 
 A pickle can name any importable callable and call it while it loads, so a downloaded `.bin` is
 read with `BinUnpickler`, which resolves only the globals these files use (`ALLOWED_GLOBALS`: the

@@ -1,6 +1,6 @@
 """LVFace's loss curriculum: a list of phases by epoch over Partial FC and EPL class prototypes.
 
-LVFace (reference other_seeds.md §3.3) trains in phases: first negative-class sub-sampling (Partial
+LVFace (arXiv 2501.13420, its losses and curriculum) trains in phases: first negative-class sub-sampling (Partial
 FC, r < 1) for fast alignment from random initialisation, then empirical class prototypes (EPL:
 each class's running mean feature, used with a similarity-proportional margin) and no sampling;
 the later version adds a last full-softmax phase. Both are configurations of this module:

@@ -1,7 +1,7 @@
 """Partial FC: a margin-softmax classifier whose class-centre matrix is sharded over every device.
 
 Written by hand: no JAX library shards a softmax classifier with sampled negatives. The design is
-InsightFace's `partial_fc_v2` (reference lafs.md §4.6), in JAX terms:
+InsightFace's `partial_fc_v2.py`, in JAX terms:
 
 - W[C_pad, D] (fp32) is split by rows over *all* devices of the mesh, `P(mesh.axis_names, None)`:
   shard k (the linear index over the mesh axes, data-major) owns rows [k·R, (k+1)·R), R = C_pad / N.

@@ -1,6 +1,6 @@
 """Heads: the DINO projection head (LAFS / DINO-face pretraining) and the InsightFace embedding head.
 
-DINOHead (reference/lafs.md §2.1, DINO's head as LAFS uses it): Linear(D -> hidden), GELU,
+DINOHead (the official `lafs_train.py` / `vision_transformer.py`, DINO's head as LAFS uses it): Linear(D -> hidden), GELU,
 [Linear(hidden -> hidden), GELU] x (num_layers - 2), Linear(-> bottleneck); L2 normalisation; a
 weight-normalised Linear(bottleneck -> out_dim, no bias), W = g * v / ||v|| per output unit. With
 `norm_last_layer` (the LAFS setting) g is fixed to 1 and is not a parameter. MLP layers are

@@ -1,6 +1,6 @@
 """Landmark CNN of Part fViT: a MobileNetV3-large trunk that predicts R landmark centres in pixels.
 
-The official `MobileNetV3_backbone(mode='large')` (reference/lafs.md §1.2): a 3x3/2 stem, then a table
+The official `MobileNetV3_backbone(mode='large')` (the official `face_pre_pro/mobilenet.py`): a 3x3/2 stem, then a table
 of inverted-bottleneck blocks, no MobileNetV3 tail; average pool, dropout 0.5, Linear(C -> 2R), then a
 per-sample min-max rescale of all 2R numbers jointly to [0, H - 1] (no sigmoid, no clamp, no detach:
 gradients reach the trunk through the sampling positions). Index 2n is x_n (column), 2n + 1 is y_n.

@@ -1,4 +1,4 @@
-"""Part fViT: landmark CNN -> patches sampled at the landmarks -> ViT (reference/lafs.md §1.1).
+"""Part fViT: landmark CNN -> patches sampled at the landmarks -> ViT (the official `ViT_face.py`).
 
 The landmark positions are not detached: the ViT's loss trains the landmark CNN through the
 bilinear weights of the sampler. LAFS pretraining instead runs a frozen landmark CNN on its own and

@@ -223,7 +223,7 @@ def build_landmark_cnn(cfg) -> LandmarkCNN:
 
 
 # Layout of the patch vectors a model's patch embedding reads: 'landmarks' = (x-offset, y-offset,
-# channel), Part fViT's sampler (reference/lafs.md §1.3); 'grid' = (row, col, channel), plain fViT.
+# channel), Part fViT's sampler (`extract_patches_pytorch_gridsample` in the official `ViT_face.py`); 'grid' = (row, col, channel), plain fViT.
 PATCH_ORDERS = ("landmarks", "grid")
 KIND_PATCH_ORDER = {"part_fvit": "landmarks", "fvit": "grid", "part_fvit_grid": "grid"}
 

@@ -1,6 +1,6 @@
 """Pre-norm transformer encoders: the official Part fViT / fViT ViT, and the InsightFace ViT (LVFace).
 
-Every numeric choice of the originals is a field (reference/lafs.md §1.4, §1.6):
+Every numeric choice of the originals is a field (the official `ViT_face.py`):
   - `attention_scale`: 'dim' -> dim**-0.5 (official fViT/Part fViT: 768**-0.5 with 11 heads x 64),
     'head_dim' -> head_dim**-0.5 (usual ViT, InsightFace);
   - `mlp_activation`: 'gelu' (exact erf GELU, torch nn.GELU), 'gelu_tanh', 'relu6' (InsightFace);

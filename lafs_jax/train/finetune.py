@@ -1,6 +1,6 @@
 """task 'finetune': supervised fine-tuning of Part fViT / fViT with a sharded margin-softmax head.
 
-One linear function, `run(config, workdir)`, in big_vision's style (reference/lafs.md §3):
+One linear function, `run(config, workdir)`, in big_vision's style (the official `train_largescale.py`):
 
   data        Grain fine-tuning batches (flip, crop, RandAugment, jitter, erasing, batch mixup ->
               `label`, `label2`, `lam`), sharded by process, resumable.

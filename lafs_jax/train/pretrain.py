@@ -4,7 +4,7 @@ One linear function, `run(config, workdir)`, in big_vision's style; `config.meth
 
   'dino'  DINO-face: standard multi-crop (2 x 112 px global + 8 x 48 px local crops) on a plain fViT
           (grid patches; a 48 px crop gives 36 tokens, which use the first 37 position rows).
-  'lafs'  LAFS (reference/lafs.md §2): a frozen landmark CNN (eval mode, restored from a supervised
+  'lafs'  LAFS (the official `lafs_train.py`): a frozen landmark CNN (eval mode, restored from a supervised
           Part fViT / landmark-CNN variables directory, `config.lafs.landmark_path`) predicts R
           landmarks on each clean view; σ = 5 px Gaussian noise on every coordinate; global views
           take all R patches, local views `lafs.num_local_landmarks` (36) landmarks drawn with

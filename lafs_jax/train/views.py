@@ -6,7 +6,7 @@ over devices, leading, so no data moves between devices. Tokens are in the Part 
 (x-offset, y-offset, channel) that `lafs_jax.models.sampling.sample_patches` produces, so landmark
 tokens and grid tokens go through the same patch embedding.
 
-LAFS landmark views (reference/lafs.md §2.3): a frozen landmark CNN predicts R landmarks on each
+LAFS landmark views (the official `lafs_train.py`): a frozen landmark CNN predicts R landmarks on each
 *clean* crop; Gaussian noise (σ = 5 px) is added to every coordinate; global views keep all R
 landmarks, local views draw `num_local` landmark indices uniformly *with replacement*,
 independently per view and per sample; the patches are then sampled from the colour-augmented
