@@ -64,6 +64,7 @@ from ml_collections import config_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
 import main as main_lib  # noqa: E402  (main.py's config-override check)
 import results_md  # noqa: E402
 from lafs_jax.config import ConfigError  # noqa: E402
@@ -256,20 +257,9 @@ def num_classes_of(config, given: int | None) -> int:
         raise AotError(f"config.data.path={path!r} gives no class count ({e}); pass --num-classes N") from None
 
 
-def schedule_steps_per_epoch(config, given: int | None) -> int:
-    """Steps per epoch for the schedules (the data set's size would give it in a real run)."""
-    if config.task == "pretrain" and config.steps_per_epoch > 0:
-        return config.steps_per_epoch
-    if given is not None:
-        return given
-    if config.total_steps > 0:
-        return max(1, config.total_steps // max(1, round(config.optim.epochs)))
-    return 1000
-
-
 def build_step(config, mesh, num_classes: int | None, given_steps_per_epoch: int | None):
     """(step, args, shardings, init) of the recipe's task on `mesh` (the tasks' build_train_step)."""
-    steps_per_epoch = schedule_steps_per_epoch(config, given_steps_per_epoch)
+    steps_per_epoch = common.schedule_steps_per_epoch(config, given_steps_per_epoch)
     if config.task == "finetune":
         finetune.validate(config)
         total = config.total_steps if config.total_steps > 0 else int(round(config.optim.epochs * steps_per_epoch))
