@@ -98,7 +98,8 @@ def peak_from_flag(value: str, device) -> tuple[float, str]:
 
 
 def device_peak_bytes(device) -> int | None:
-    """The allocator's peak bytes in use on `device` (GPU/TPU), None where it keeps no statistics (CPU)."""
+    """The allocator's peak bytes in use on `device` (one of this process's: GPU/TPU), None where it
+    keeps no statistics (CPU)."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 

@@ -132,7 +132,8 @@ def measure(args, per_device: int, peak_tflops: float) -> dict:
             "flops_per_step_per_device": flops, "tflops_per_sec_per_device": round(flops / mean_s / 1e12, 4),
             "assumed_peak_tflops": peak_tflops, "mfu": round(flops / mean_s / (peak_tflops * 1e12), 4),
             "compile_s": round(compile_s, 1), "compiled_bytes": common.compiled_peak_bytes(compiled),
-            "device_peak_bytes": common.device_peak_bytes(device), "losses": [round(v, 4) for v in losses]}
+            "device_peak_bytes": common.device_peak_bytes(jax.local_devices()[0]),
+            "losses": [round(v, 4) for v in losses]}
     if args.profile:
         with jax.profiler.trace(args.profile):
             jax.block_until_ready([call(i) for i in range(2)])

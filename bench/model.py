@@ -127,7 +127,7 @@ def bench_jax(cfg, variables, batch: int, iters: int, mode: str, peak_tflops: fl
     flops = common.flops_of(compiled)  # of the per-device program
     return {**rates(batch, wall, cpu), "compile_s": compile_s, "gflops_per_img": flops / batch / 1e9,
             "tflops_per_s": flops / wall / 1e12, "mfu": flops / wall / (peak_tflops * 1e12),
-            "device_peak_bytes": common.device_peak_bytes(jax.devices()[0])}
+            "device_peak_bytes": common.device_peak_bytes(jax.local_devices()[0])}
 
 
 def bench_torch(mirror, cfg, batch: int, iters: int, mode: str, device: str, bf16: bool = False) -> dict:

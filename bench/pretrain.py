@@ -151,7 +151,7 @@ def measure(method: str, preset: str, per_device_batch: int, steps: int, peak_tf
         "flops_per_step_per_device": flops, "tflops_per_sec_per_device": round(flops / step_s / 1e12, 4),
         "assumed_peak_tflops": round(peak_tflops, 3), "mfu": round(flops / step_s / (peak_tflops * 1e12), 4),
         "compile_s": round(compile_s, 1), "peak_bytes": common.compiled_peak_bytes(compiled),
-        "device_peak_bytes": common.device_peak_bytes(device),
+        "device_peak_bytes": common.device_peak_bytes(jax.local_devices()[0]),
         "loss": round(float(metrics["loss"]), 4), **({"profile": summary} if summary else {}),
     }
 
