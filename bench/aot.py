@@ -341,6 +341,7 @@ def compile_one(config, topology: str, devices: list, *, num_classes: int | None
     trainable = ("0/params/",) if config.task == "finetune" else ("0/student/",)
     out = {"param_bytes_per_chip": sum(r["bytes_per_chip"] for r in state if r["path"].startswith(trainable)),
            "state_bytes_per_chip": sum(r["bytes_per_chip"] for r in state),
+           "unsplit_bytes_per_chip": sum(r["bytes"] for r in rows if not r["split"]),
            "largest_unsplit": [{k: r[k] for k in ("path", "shape", "dtype", "bytes")} for r in
                                sorted((r for r in rows if not r["split"]), key=lambda r: -r["bytes"])[:5]]}
     if config.task == "finetune":
@@ -468,7 +469,12 @@ def render_section(lines: list[dict], note: str = "") -> str:
         w = f"{c['arrays_bytes_per_chip'] / 2 ** 20:,.0f} ({c['arrays']}, {'all' if c['split_over_every_chip'] else 'NOT all'})" \
             if c else "-"
         unsplit = r["largest_unsplit"][0] if r["largest_unsplit"] else None
-        big = f"`{unsplit['path']}` {unsplit['bytes'] / 2 ** 20:,.1f} MiB" if unsplit else "-"
+        big = "-"
+        if unsplit:  # the parameter path, without the argument index and optimizer wrappers
+            short = "/".join(unsplit["path"].split("/")[-4:])
+            big = f"`…/{short}` {unsplit['bytes'] / 2 ** 20:,.1f} MiB"
+            if "unsplit_bytes_per_chip" in r:
+                big += f" (all unsplit: {r['unsplit_bytes_per_chip'] / 2 ** 20:,.0f} MiB)"
         flops = r.get("flops_per_chip_step")
         parts.append(
             f"| {r['recipe']} | {' '.join(o.replace('--config.', '') for o in r['overrides']) or '-'} | "
