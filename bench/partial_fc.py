@@ -21,6 +21,10 @@ replicated or gathered). With --write-results the lines and the command go into 
 
 On a CPU host, `--devices N` fakes N devices (XLA_FLAGS) before JAX starts; timings then share the
 host's cores between the fake devices and are only comparable with each other.
+
+Multi-host: one process per host with main.py's flags (--coordinator_address, --num_processes,
+--process_id) or the JAX_* variables (bench/multihost.py); the step runs on every device of every
+process, W split over all of them; only process 0 prints and writes.
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ import platform
 import shlex
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
+import multihost  # noqa: E402  (imports jax, which reads XLA_FLAGS only when its backend starts)
 
 
 def _parse_args(argv):
@@ -47,6 +54,9 @@ def _parse_args(argv):
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--write-results", action="store_true")
     p.add_argument("--note", default="")
+    p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+                   help="the RESULTS.md to write (--write-results)")
+    multihost.add_flags(p)
     return p.parse_args(argv)
 
 
@@ -63,7 +73,6 @@ import optax  # noqa: E402
 from lafs_jax.losses import partial_fc as pfc  # noqa: E402
 from lafs_jax.sharding import batch_sharding, compiled_memory, make_mesh, replicated  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
 import results_md  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -120,16 +129,16 @@ def compile_step(mesh, num_classes, rate, dim, batch, features):
 
 def timed_run(mesh, num_classes, rate, dim, batch, features, steps) -> dict:
     compiled, tx, rows, (_, opt_shardings) = compile_step(mesh, num_classes, rate, dim, batch, features)
-    params = {"backbone": {"kernel": jax.device_put(np.random.default_rng(0).normal(size=(features, dim))
-                                                    .astype(np.float32) * 0.1, replicated(mesh))},
+    # every process draws the same host arrays (same seeds) and places the shards of its own devices
+    kernel = np.random.default_rng(0).normal(size=(features, dim)).astype(np.float32) * 0.1
+    params = {"backbone": {"kernel": multihost.global_array(kernel, replicated(mesh))},
               "centers": pfc.init_centers(jax.random.key(0), num_classes, dim, mesh)}
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     rng = np.random.default_rng(1)
     bs = batch_sharding(mesh)
-    feats = jax.device_put(rng.normal(size=(batch, features)).astype(np.float32), bs)
+    feats = multihost.global_array(rng.normal(size=(batch, features)).astype(np.float32), bs)
     lab = rng.integers(0, num_classes, batch).astype(np.int32)
-    labels = {"label": jax.device_put(lab, bs), "label2": jax.device_put(lab, bs),
-              "lam": jax.device_put(np.ones(batch, np.float32), bs)}
+    labels = multihost.global_tree({"label": lab, "label2": lab, "lam": np.ones(batch, np.float32)}, bs)
     times, losses = [], []
     for i in range(steps + 1):
         t0 = time.perf_counter()
@@ -141,7 +150,7 @@ def timed_run(mesh, num_classes, rate, dim, batch, features, steps) -> dict:
             "losses": losses, **{f"{k}_bytes": v for k, v in compiled_memory(compiled).items()}}
 
 
-def write_results(lines: list[dict], command: str, note: str) -> None:
+def write_results(lines: list[dict], command: str, note: str, path: str = RESULTS) -> None:
     """Replace (or add) the `## Partial FC` section of bench/RESULTS.md; other sections stay."""
     timed = [r for r in lines if r["kind"] == "step"]
     analyzed = [r for r in lines if r["kind"] == "analyze"]
@@ -172,38 +181,41 @@ def write_results(lines: list[dict], command: str, note: str) -> None:
     if note:
         parts += ["", note]
     section = "\n".join(parts)
-    results_md.write_section(section, RESULTS)
+    results_md.write_section(section, path)
 
 
 def main(args) -> list[dict]:
+    multihost.initialize(args)
     mesh = make_mesh()
     n = mesh.devices.size
     device = f"{n} x {jax.devices()[0].device_kind}"
+    where = {"processes": jax.process_count()}
     lines = []
     if not args.skip_timing:
         for c in [int(float(v)) for v in args.classes.split(",") if v]:
             for rate in [float(v) for v in args.rates.split(",") if v]:
-                r = {"kind": "step", "device": device, "num_classes": c, "dim": args.dim, "sample_rate": rate,
+                r = {"kind": "step", "device": device, **where, "num_classes": c, "dim": args.dim, "sample_rate": rate,
                      "batch": args.batch, **timed_run(mesh, c, rate, args.dim, args.batch, args.features, args.steps)}
-                print(json.dumps(r), flush=True)
+                multihost.emit(r)
                 lines.append(r)
     for spec in [s for s in args.analyze.split(",") if s]:
         c, d = (int(float(v)) for v in spec.lower().split("x"))
         for rate in [float(v) for v in args.rates.split(",") if v]:
             compiled, _, rows, _ = compile_step(mesh, c, rate, d, args.batch, args.features)
             mem = compiled_memory(compiled)
-            r = {"kind": "analyze", "device": device, "devices": n, "num_classes": c, "dim": d, "sample_rate": rate,
-                 "batch": args.batch, **{f"{k}_bytes": v for k, v in mem.items()},
+            r = {"kind": "analyze", "device": device, **where, "devices": n, "num_classes": c, "dim": d,
+                 "sample_rate": rate, "batch": args.batch, **{f"{k}_bytes": v for k, v in mem.items()},
                  "expected_bytes": rows * d * 3 * 4 // n, "replicated_w_bytes": rows * d * 4,
                  **pfc.centers_layout(compiled, rows, n)}
-            print(json.dumps(r), flush=True)
+            multihost.emit(r)
             lines.append(r)
-    if args.write_results and lines:
+    if args.write_results and lines and multihost.is_main():
         argv = list(sys.argv[1:])
-        if "--note" in argv:  # the note is prose for RESULTS.md, not part of the measurement
-            i = argv.index("--note")
-            del argv[i:i + 2]
-        write_results(lines, "python -m bench.partial_fc " + shlex.join(argv), args.note)
+        for flag in ("--note", "--results"):  # prose and destination, not part of the measurement
+            if flag in argv:
+                i = argv.index(flag)
+                del argv[i:i + 2]
+        write_results(lines, "python -m bench.partial_fc " + shlex.join(argv), args.note, args.results)
     return lines
 
 

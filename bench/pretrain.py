@@ -1,98 +1,99 @@
 """Pretraining step speed: images/s per device and MFU of the DINO-face / LAFS step, tiny and base.
 
     python -m bench.pretrain [--presets tiny,base] [--methods lafs,dino] [--batch tiny=16,base=2]
-                             [--steps 3] [--peak-tflops auto] [--write-results]
+                             [--steps 3] [--peak-tflops auto] [--set model.x=y ...] [--write-results]
+                             [--coordinator_address H:P --num_processes N --process_id I]
 
-The step is exactly `lafs_jax.train.pretrain`'s (make_train_step + jit_step with its shardings,
-donated state): LAFS = frozen landmark CNN on every clean view + patch sampling + student on all
-views + teacher on the global views + DINO loss + AdamW + EMA + centre; DINO-face = the same on
-grid patches of 2 x 112 px + L x 48 px crops. Views per image as the recipe (2 global + 8 local for
-base; the :tiny recipe's counts for tiny). Inputs are random normalised images (the input pipeline
-has its own benchmark, bench/input.py), so this measures the accelerator side only.
+The step is exactly `lafs_jax.train.pretrain`'s (`build_train_step`: run's make_train_step + jit_step
+with its shardings, donated state, a fresh state from `init`): LAFS = frozen landmark CNN on every
+clean view + patch sampling + student on all views + teacher on the global views + DINO loss + AdamW
++ EMA + centre; DINO-face = the same on grid patches of 2 x 112 px + L x 48 px crops. Views per image
+as the recipe (2 global + 8 local for base; the :tiny recipe's counts for tiny); `--set` overrides a
+recipe field (e.g. `model.attention_implementation=cudnn`). Inputs are random normalised images
+(the input pipeline has its own benchmark, bench/input.py), so this measures the accelerator side only.
+
+Multi-host: one process per host, with main.py's flags or JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID (bench/multihost.py); the step runs on every device of every
+process (each feeds its own rows of the global batch, as the loop does) and only process 0 prints
+and writes.
+
+`--profile DIR` records a jax.profiler trace of two more steps per (preset, method) and adds the
+dominant kernels to the line.
 
 Per (preset, method) one JSON line: step ms (median of --steps timed steps after a compiling one),
 images/s (global and per device: an image = all its views), the XLA cost-analysis FLOPs of the
-compiled step (per device program), achieved TFLOP/s and MFU = FLOPs / step time / assumed peak.
+compiled step (per device program), achieved TFLOP/s and MFU = FLOPs / step time / assumed peak,
+the compiled program's peak bytes and (GPU/TPU) the allocator's peak bytes in use.
 The assumed peak (`--peak-tflops`) defaults to the device's dense peak: for a CPU host
 cores x clock x 32 FP32 FLOP/cycle (two 256-bit FMA pipes; AVX-512 units on Zen 4 are double-pumped
-256-bit, so 32 is the honest figure there too); H100 SXM bf16 989 TFLOP/s, A100 bf16 312.
+256-bit, so 32 is the honest figure there too); H100 / H200 SXM bf16 989 TFLOP/s, A100 bf16 312.
 Compute dtype follows the recipe's `precision = 'auto'` (fp32 on CPU, bf16 on GPU/TPU).
 
 With --write-results the lines and the command replace the `## Pretraining` section of
-bench/RESULTS.md (re-read just before writing; other sections stay).
+bench/RESULTS.md (or --results PATH; re-read just before writing; other sections stay).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
 import time
 
+import jax
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+import multihost  # noqa: E402
 import results_md  # noqa: E402
+from lafs_jax import sharding as mesh_lib  # noqa: E402
+from lafs_jax.train import pretrain  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
 SECTION = "## Pretraining"
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
 
 def _parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", default="tiny,base")
     p.add_argument("--methods", default="lafs,dino")
-    p.add_argument("--batch", default="tiny=16,base=2", help="images per device per preset, e.g. tiny=16,base=2")
+    p.add_argument("--batch", default="tiny=16,base=2",
+                   help="images per device per preset, e.g. tiny=16,base=2; base=128/64 falls back on out-of-memory")
     p.add_argument("--steps", type=int, default=3, help="timed steps after the compiling one")
     p.add_argument("--peak-tflops", default="auto", help="assumed peak per device (TFLOP/s), or 'auto'")
     p.add_argument("--write-results", action="store_true")
     p.add_argument("--note", default="", help="a sentence for RESULTS.md (machine load, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. model.attention_implementation=cudnn (repeatable)")
+    p.add_argument("--results", default=RESULTS, help="the RESULTS.md to write (--write-results)")
+    p.add_argument("--profile", default="", help="write a jax.profiler trace of 2 more steps here and summarise it")
+    multihost.add_flags(p)
     return p.parse_args(argv)
 
 
-def assumed_peak_tflops(device) -> tuple[float, str]:
-    """(peak TFLOP/s per device, how it was derived)."""
-    if device.platform == "cpu":
-        cores = os.cpu_count() or 1
-        try:
-            with open("/proc/cpuinfo") as f:
-                ghz = max(float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", f.read())) / 1e3
-            source = ""
-        except (OSError, ValueError) as e:  # no /proc/cpuinfo or no MHz line: assume 2.5 GHz and say so
-            ghz, source = 2.5, f" (clock assumed: /proc/cpuinfo unreadable: {e})"
-        return cores * ghz * 32 / 1e3, f"{cores} cores x {ghz:.2f} GHz x 32 FP32 FLOP/cycle{source}"
-    for name, tflops in GPU_PEAK_TFLOPS.items():
-        if name in device.device_kind:
-            return tflops, f"{device.device_kind} dense bf16"
-    raise SystemExit(f"no known peak for {device.device_kind!r}: pass --peak-tflops")
-
-
 def recipe(method: str, preset: str):
-    path = os.path.join(ROOT, "configs", f"{method}_pretrain.py")
-    spec = importlib.util.spec_from_file_location(f"recipe_{method}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny" if preset == "tiny" else None)
+    return common.load_recipe(f"configs/{method}_pretrain.py" + (":tiny" if preset == "tiny" else ""))
 
 
 def random_batch(config, batch: int, rng):
-    import numpy as np
-
     def images(n, size):
         return rng.uniform(-1, 1, (batch, n, size, size, 3)).astype(np.float32)
 
+    label = rng.integers(0, 1000, batch).astype(np.int32)  # the pipeline's identity labels (unused by the step)
     if config.method == "dino":
         d = config.data.dino
-        return {"global": images(d.global_crops, d.global_size), "local": images(d.local_crops, d.local_size)}
+        return {"global": images(d.global_crops, d.global_size), "local": images(d.local_crops, d.local_size),
+                "label": label}
     v = config.data.lafs
     g, l = images(v.global_views, v.view_size), images(v.local_views, v.view_size)
-    return {"global_clean": g, "global_aug": g.copy(), "local_clean": l, "local_aug": l.copy()}
+    return {"global_clean": g, "global_aug": g.copy(), "local_clean": l, "local_aug": l.copy(), "label": label}
 
 
 def views_per_image(config) -> int:
@@ -101,45 +102,26 @@ def views_per_image(config) -> int:
     return config.data.lafs.global_views + config.data.lafs.local_views
 
 
-def measure(method: str, preset: str, per_device_batch: int, steps: int, peak_tflops: float) -> dict:
-    import jax
-    import numpy as np
-
-    from lafs_jax import sharding as mesh_lib
-    from lafs_jax.models import presets
-    from lafs_jax.train import optim as optim_lib
-    from lafs_jax.train import pretrain
-
+def measure(method: str, preset: str, per_device_batch: int, steps: int, peak_tflops: float,
+            overrides: list[str] = (), profile: str = "") -> dict:
+    """Time `pretrain.build_train_step`'s step (run's step) on every device of every process."""
     config = recipe(method, preset)
+    common.apply_overrides(config, list(overrides))
     mesh = mesh_lib.make_mesh(config.mesh)
     n_dev = mesh.devices.size
-    config.unlock()
     config.batch_size = per_device_batch * n_dev
-    config.lock()
     steps_per_epoch, total_steps = 100, 100 * config.optim.epochs
-    networks = pretrain.build_networks(config)
-    lm = None
-    if method == "lafs":
-        size = config.model.image_size
-        lm = jax.device_get(jax.jit(lambda k: networks.landmark_cnn.init(
-            {"params": k}, jax.numpy.zeros((1, size, size, 3)), train=False))(jax.random.key(1)))
-    abstract_student = jax.eval_shape(lambda k: pretrain.init_student(networks, config, k), jax.random.key(0))
-    tx = optim_lib.pretrain_optimizer(abstract_student, config.optim, steps_per_epoch, total_steps=total_steps,
-                                      global_batch_size=config.batch_size)
-    init_fn = lambda key, lm_: pretrain.init_state(networks, config, tx, key, lm_)
-    shardings = pretrain.state_shardings(jax.eval_shape(init_fn, jax.random.key(0), lm), config, mesh)
-    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0), lm)
-    step = pretrain.jit_step(pretrain.make_train_step(networks, config, tx, steps_per_epoch=steps_per_epoch,
-                                                      total_steps=total_steps), shardings, mesh)
-    batch = mesh_lib.global_batch(random_batch(config, config.batch_size, np.random.default_rng(0)), mesh)
+    step, args, _, init = pretrain.build_train_step(config, mesh, steps_per_epoch=steps_per_epoch,
+                                                    total_steps=total_steps)
+    state = init(jax.random.key(0))
+    local = mesh_lib.local_batch_size(config.batch_size, mesh)
+    rng = np.random.default_rng(jax.process_index())  # each process feeds its own rows, as the loop does
+    batch = mesh_lib.global_batch(random_batch(config, local, rng), mesh)
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch, jax.random.key(0)).compile()
+    compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan")))
-    mem = compiled.memory_analysis()
+    flops = common.flops_of(compiled)
 
     state, metrics = compiled(state, batch, jax.random.key(0))  # warm-up (first execution)
     jax.block_until_ready(metrics["loss"])
@@ -150,22 +132,31 @@ def measure(method: str, preset: str, per_device_batch: int, steps: int, peak_tf
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
+    summary = None
+    if profile:  # two more steps under jax.profiler, summarised by kernel
+        with jax.profiler.trace(profile):
+            for i in range(2):
+                state, metrics = compiled(state, batch, jax.random.key(steps + 1 + i))
+            jax.block_until_ready((state, metrics))
+        summary = common.trace_summary(profile)
     device = jax.devices()[0]
-    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_student))
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(args[0]["student"]))
     return {
         "name": f"pretrain_{method}_{preset}", "device": f"{n_dev} x {device.device_kind}",
+        **multihost.topology(), "overrides": list(overrides),
         "precision": presets.with_precision(config.model, config.precision).dtype, "per_device_batch": per_device_batch,
         "views_per_image": views_per_image(config), "student_params": params,
         "step_ms": round(1e3 * step_s, 1), "img_per_sec": round(config.batch_size / step_s, 2),
         "img_per_sec_per_device": round(per_device_batch / step_s, 2),
         "flops_per_step_per_device": flops, "tflops_per_sec_per_device": round(flops / step_s / 1e12, 4),
         "assumed_peak_tflops": round(peak_tflops, 3), "mfu": round(flops / step_s / (peak_tflops * 1e12), 4),
-        "compile_s": round(compile_s, 1), "peak_bytes": int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-        if mem is not None else None, "loss": round(float(metrics["loss"]), 4),
+        "compile_s": round(compile_s, 1), "peak_bytes": common.compiled_peak_bytes(compiled),
+        "device_peak_bytes": common.device_peak_bytes(jax.local_devices()[0]),
+        "loss": round(float(metrics["loss"]), 4), **({"profile": summary} if summary else {}),
     }
 
 
-def write_results(lines: list[dict], command: str, peak_note: str, note: str) -> None:
+def write_results(lines: list[dict], command: str, peak_note: str, note: str, path: str = RESULTS) -> None:
     """Replace (or add) the `## Pretraining` section of bench/RESULTS.md."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     parts = [SECTION, "",
@@ -184,33 +175,32 @@ def write_results(lines: list[dict], command: str, peak_note: str, note: str) ->
         parts += ["", note]
     parts += ["", "JSON lines:", "", "```"] + [json.dumps(r) for r in lines] + ["```"]
     section = "\n".join(parts)
-    results_md.write_section(section, RESULTS)
+    results_md.write_section(section, path)
 
 
 def main(argv) -> list[dict]:
     args = _parse_args(argv)
-    sys.path.insert(0, ROOT)
-    import jax
-
+    multihost.initialize(args)
     batches = dict(item.split("=") for item in args.batch.split(","))
     device = jax.devices()[0]
-    if args.peak_tflops == "auto":
-        peak, peak_note = assumed_peak_tflops(device)
-    else:
-        peak, peak_note = float(args.peak_tflops), f"{args.peak_tflops} TFLOP/s per device (given)"
+    peak, peak_note = common.peak_from_flag(args.peak_tflops, device)
     lines = []
     for preset in args.presets.split(","):
         for method in args.methods.split(","):
-            line = measure(method, preset, int(batches[preset]), args.steps, peak)
-            print(json.dumps(line), flush=True)
+            line = common.first_batch_that_fits(
+                common.parse_batches(batches[preset]),
+                lambda b: measure(method, preset, b, args.steps, peak, args.set,
+                                  os.path.join(args.profile, f"{method}_{preset}") if args.profile else ""))
+            multihost.emit(line)
             lines.append(line)
-    if args.write_results:
+    if args.write_results and multihost.is_main():
         shown = [a for a in argv if a != "--write-results"]
-        if "--note" in shown:
-            i = shown.index("--note")
-            del shown[i:i + 2]
+        for flag in ("--note", "--results"):
+            if flag in shown:
+                i = shown.index(flag)
+                del shown[i:i + 2]
         write_results(lines, "python -m bench.pretrain " + " ".join(shlex.quote(a) for a in shown), peak_note,
-                      args.note)
+                      args.note, args.results)
     return lines
 
 

@@ -514,3 +514,24 @@ def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monke
         last = ckpt.restore(24)
     jax.tree.map(np.testing.assert_array_equal, a["params"], last["ema"])  # the output is the average
     assert not np.array_equal(a["params"]["vit"]["head_norm"]["scale"], last["params"]["backbone"]["vit"]["head_norm"]["scale"])
+
+
+@pytest.mark.parametrize("kind", ["part_fvit", "fvit"])
+def test_build_train_step_traces_the_step_for_both_backbones(kind):
+    """build_train_step gives run's step with abstract arguments (nothing materialised): tracing it
+    returns a state of the arguments' structure, shapes and shardings, W split over all 8 devices; a
+    grid fViT (no landmarks) traces too. init(key) builds a state of that same structure."""
+    config = finetune_recipe.get_config("tiny")
+    config.model.kind = kind
+    mesh = mesh_lib.make_mesh()
+    step, args, shardings, init = finetune.build_train_step(config, mesh, 30, steps_per_epoch=10, total_steps=90)
+    state, metrics = jax.eval_shape(step, *args)
+    assert jax.tree.structure(state) == jax.tree.structure(args[0])
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(args[0])):
+        assert (got.shape, got.dtype) == (want.shape, want.dtype)
+    w = args[0]["params"]["centers"]
+    assert w.shape == (32, config.model.dim) and w.sharding.shard_shape(w.shape) == (4, config.model.dim)
+    assert args[2]["image"].shape == (config.batch_size, 112, 112, 3)
+    assert "loss" in metrics
+    abstract_init = jax.eval_shape(init, jax.random.key(0))
+    assert jax.tree.structure(abstract_init) == jax.tree.structure(args[0])

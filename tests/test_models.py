@@ -189,6 +189,22 @@ def test_depthwise_conv_matches_torch_symmetric_padding(kernel, stride, size):
         np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, err_msg=impl)
     np.testing.assert_allclose(np.asarray(depthwise_conv_taps(jnp.asarray(x), jnp.asarray(w), stride,
                                                               (kernel - 1) // 2)), ref, atol=1e-5)
+    out = DepthwiseConv(kernel, stride, "auto").apply({"params": {"kernel": w}}, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, err_msg="auto")
+
+
+def test_depthwise_conv_auto_follows_the_lowering_platform_not_the_process_backend():
+    """'auto' is the shifted multiply-adds in a program lowered for the CPU and the grouped
+    convolution in one lowered for an accelerator, though this process's backend is the CPU (what an
+    ahead-of-time compile for a TPU pod from a CPU host, bench/aot.py, or a multi-platform export needs)."""
+    conv = DepthwiseConv(3, 2, "auto")
+    x = jnp.zeros((1, 8, 8, 4))
+    variables = conv.init(jax.random.key(0), x)
+    fn = jax.jit(lambda v, x: conv.apply(v, x))
+    text = {p: jax.export.export(fn, platforms=[p])(variables, x).mlir_module() for p in ("cpu", "tpu", "cuda")}
+    assert "stablehlo.convolution" not in text["cpu"]
+    for platform in ("tpu", "cuda"):
+        assert "stablehlo.convolution" in text[platform] and "feature_group_count = 4" in text[platform], platform
 
 
 def test_landmark_cnn_outputs_min_max_pixels_and_updates_batch_stats(tiny):

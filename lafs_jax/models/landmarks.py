@@ -150,7 +150,7 @@ class DepthwiseConv(nn.Module):
 
     Parameter `kernel` [k, k, 1, C] (the layout of nn.Conv with feature_group_count=C).
     implementation: 'taps' (shifted multiply-adds), 'xla' (grouped lax convolution; cuDNN on GPU) or
-    'auto' ('taps' on the CPU backend, else 'xla').
+    'auto' ('taps' when the program is lowered for a CPU, else 'xla').
     """
 
     kernel_size: int
@@ -165,15 +165,24 @@ class DepthwiseConv(nn.Module):
         x = x.astype(self.dtype)
         pad = (self.kernel_size - 1) // 2
         impl = self.implementation
-        if impl == "auto":
-            impl = "taps" if jax.default_backend() == "cpu" else "xla"
-        if impl == "taps":
+
+        def taps(x, kernel):
             return depthwise_conv_taps(x, kernel, self.stride, pad)
-        if impl == "xla":
+
+        def grouped(x, kernel):
             return jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), (self.stride, self.stride),
                                                 ((pad, pad), (pad, pad)),
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                                 feature_group_count=channels)
+
+        if impl == "auto":
+            # chosen by the platform the program is lowered for, not by this process's default
+            # backend: an ahead-of-time compile for a TPU from a CPU host gets the TPU's choice
+            return jax.lax.platform_dependent(x, kernel, cpu=taps, default=grouped)
+        if impl == "taps":
+            return taps(x, kernel)
+        if impl == "xla":
+            return grouped(x, kernel)
         raise ValueError(f"DepthwiseConv: implementation={impl!r} is not valid; choose 'auto', 'taps' or 'xla'")
 
 

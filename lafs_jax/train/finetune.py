@@ -299,12 +299,12 @@ def make_loss_fn(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDic
         if batch_stats:
             variables["batch_stats"] = batch_stats
             mutable = ["batch_stats"]
-        landmarks = None
+        given = {}  # only Part fViT takes landmarks computed outside it
         if frozen:
             lm_vars = {k: v["landmark_cnn"] for k, v in variables.items() if "landmark_cnn" in v}
-            landmarks = jax.lax.stop_gradient(landmark_cnn.apply(lm_vars, batch["image"], train=False))
-        out, new_state = model.apply(variables, batch["image"], train=True, landmarks=landmarks,
-                                     rngs={"dropout": k_drop}, mutable=mutable)
+            given["landmarks"] = jax.lax.stop_gradient(landmark_cnn.apply(lm_vars, batch["image"], train=False))
+        out, new_state = model.apply(variables, batch["image"], train=True, rngs={"dropout": k_drop},
+                                     mutable=mutable, **given)
         emb, landmarks = out if isinstance(out, tuple) else (out, None)
         labels = {k: batch[k] for k in ("label", "label2", "lam")}
         cls_loss, metrics = partial_fc.partial_fc_loss(
@@ -407,6 +407,59 @@ def state_shardings(tx, params: Any, batch_stats: Any, mesh: Any, rules, ema: bo
     if ema:  # stored as 'ema/<backbone path>', which is no suffix of 'params/backbone/<path>'
         out["ema"] = p_shard["backbone"]
     return out
+
+
+def build_train_step(config: ml_collections.ConfigDict, mesh: Any, num_classes: int, *, steps_per_epoch: int,
+                     total_steps: int) -> tuple[Any, tuple, dict, Any]:
+    """(step, args, shardings, init): `run`'s jitted step (same loss, optimizer, shardings, donation)
+    with abstract arguments for `step.lower(*args)`, built without data and without materialising
+    anything; `init(key)` (jitted) makes a fresh state from scratch as `run` does without init
+    directories (key = jax.random.key(config.seed) gives run's).
+
+    args = (state, teacher_vars, batch, reg_weight) as ShapeDtypeStructs carrying their
+    NamedShardings: the state (W[padded_rows(C), D] by rows, backbone by config.sharding_rules,
+    optimizer state like its params), the batch {'image' f32 [B, H, W, C], 'label', 'label2' i32
+    [B], 'lam' f32 [B]} with B = config.batch_size split over every device. Used for ahead-of-time
+    compilation on devices this process may not own (bench/aot.py) and by the step benchmarks.
+    """
+    model_cfg = presets.with_precision(config.model, config.precision)  # as run: compute dtype, fp32 params
+    model = presets.build_model(model_cfg)
+    landmark_cnn = presets.build_landmark_cnn(model_cfg) if config.model.kind == "part_fvit" else None
+    variables = presets.abstract_variables(model_cfg)
+    emb_dim = embedding_dim(model, variables, model_cfg)
+    params = {"backbone": variables["params"],
+              "centers": jax.ShapeDtypeStruct((partial_fc.padded_rows(num_classes, mesh), emb_dim), jnp.float32)}
+    batch_stats = variables.get("batch_stats", {})
+    tx = make_optimizer(config, params, steps_per_epoch, total_steps)
+    use_ema = config.ema_decay > 0
+    shardings = state_shardings(tx, params, batch_stats, mesh, config.sharding_rules, ema=use_ema)
+    replicated = mesh_lib.replicated(mesh)
+
+    def fresh_state(key):
+        init_key, centers_key = jax.random.split(key)
+        v = presets.init_variables(model_cfg, init_key)
+        p = {"backbone": v["params"], "centers": make_centers(config, centers_key, num_classes, emb_dim, mesh)}
+        state = {"step": jnp.zeros([], jnp.int32), "params": p, "batch_stats": v.get("batch_stats", {}),
+                 "opt_state": tx.init(p)}
+        if use_ema:
+            state["ema"] = jax.tree.map(jnp.copy, p["backbone"])
+        return state
+
+    state = jax.eval_shape(fresh_state, jax.random.key(0))
+    teacher = ({col: variables[col]["landmark_cnn"] for col in ("params", "batch_stats")}
+               if config.landmark_reg.mode != "none" else {})
+    b, size = config.batch_size, config.model.image_size
+    batch = {"image": jax.ShapeDtypeStruct((b, size, size, config.model.channels), jnp.float32),
+             "label": jax.ShapeDtypeStruct((b,), jnp.int32), "label2": jax.ShapeDtypeStruct((b,), jnp.int32),
+             "lam": jax.ShapeDtypeStruct((b,), jnp.float32)}
+    args = (ckpt_lib.abstract_like(state, shardings), ckpt_lib.abstract_like(teacher, replicated),
+            ckpt_lib.abstract_like(batch, mesh_lib.batch_sharding(mesh)),
+            jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated))
+    loss_fn = make_loss_fn(model, landmark_cnn, config, mesh, num_classes)
+    step = jax.jit(make_train_step(loss_fn, tx, jax.random.key(config.seed + 1), config.ema_decay),
+                   in_shardings=(shardings, replicated, mesh_lib.batch_sharding(mesh), replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+    return step, args, shardings, jax.jit(fresh_state, out_shardings=shardings)
 
 
 # ----------------------------------------------------------------------------------------------------

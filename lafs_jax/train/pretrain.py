@@ -342,6 +342,56 @@ def jit_step(step: Callable, shardings: Any, mesh) -> Callable:
                    out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
 
 
+def build_train_step(config: ml_collections.ConfigDict, mesh, *, steps_per_epoch: int,
+                     total_steps: int) -> tuple[Callable, tuple, Any, Callable]:
+    """(step, args, shardings, init): `run`'s jitted step (same networks, optimizer, shardings,
+    donation) with abstract arguments for `step.lower(*args)`, built without data and without
+    materialising anything; `init(key)` (jitted) makes a fresh state as `run` does with an empty
+    lafs.landmark_path (the untrained landmark CNN from the same key; key = jax.random.key(config.seed)
+    gives run's).
+
+    args = (state, batch, rng) as ShapeDtypeStructs carrying their NamedShardings; the batch is the
+    pipeline's for B = config.batch_size images (DINO: 'global' f32 [B, G, S, S, 3], 'local'
+    [B, L, s, s, 3]; LAFS: 'global_clean' / 'global_aug' [B, G, V, V, 3], 'local_clean' /
+    'local_aug' [B, L, V, V, 3]; 'label' i32 [B]), split over every device. Used for ahead-of-time
+    compilation on devices this process may not own (bench/aot.py) and by the step benchmarks.
+    """
+    networks = build_networks(config)
+    abstract_student = jax.eval_shape(lambda k: init_student(networks, config, k), jax.random.key(0))
+    tx = optim_lib.pretrain_optimizer(abstract_student, config.optim, steps_per_epoch, total_steps=total_steps,
+                                      global_batch_size=config.batch_size)
+    size = config.model.image_size
+
+    def fresh_state(key):
+        landmarks = None
+        if config.method == "lafs":
+            landmarks = networks.landmark_cnn.init({"params": key}, jnp.zeros((1, size, size, 3)), train=False)
+        return init_state(networks, config, tx, key, landmarks)
+
+    abstract = jax.eval_shape(fresh_state, jax.random.key(0))
+    shardings = state_shardings(abstract, config, mesh)
+    b = config.batch_size
+
+    def views(n, side):
+        return jax.ShapeDtypeStruct((b, n, side, side, 3), jnp.float32)
+
+    if config.method == "dino":
+        d = config.data.dino
+        batch = {"global": views(d.global_crops, d.global_size), "local": views(d.local_crops, d.local_size)}
+    else:
+        v = config.data.lafs
+        batch = {f"{kind}_{twin}": views(n, v.view_size) for kind, n in (("global", v.global_views),
+                                                                          ("local", v.local_views))
+                 for twin in ("clean", "aug")}
+    batch["label"] = jax.ShapeDtypeStruct((b,), jnp.int32)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    args = (ckpt_lib.abstract_like(abstract, shardings), ckpt_lib.abstract_like(batch, mesh_lib.batch_sharding(mesh)),
+            jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=mesh_lib.replicated(mesh)))
+    step = jit_step(make_train_step(networks, config, tx, steps_per_epoch=steps_per_epoch, total_steps=total_steps),
+                    shardings, mesh)
+    return step, args, shardings, jax.jit(fresh_state, out_shardings=shardings)
+
+
 # ----------------------------------------------------------------------------------------------
 # The frozen landmark CNN
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""bench/aot.py: the tiny fine-tuning step (Partial FC included) compiled ahead of time by XLA's TPU
+compiler for a v5e:2x2 pod slice, in a subprocess whose environment has libtpu (requirements-tpu-aot.txt
+installed into .tpu-aot/, as .ci/run does); this process keeps its CPU backend."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXIT_NO_LIBTPU = 3
+GIB = 2 ** 30
+
+
+@pytest.fixture(scope="module")
+def tiny_v5e():
+    """One run: per-chip batch 8 (the recipe's 32 over 4 chips) and an impossible 100,000."""
+    cmd = [sys.executable, "-m", "bench.aot", "--config", "configs/finetune.py:tiny", "--topology", "v5e:2x2",
+           "--num-classes", "30", "--per-chip-batch", "8,100000"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if proc.returncode == EXIT_NO_LIBTPU:
+        pytest.skip(f"libtpu cannot be loaded in the compile subprocess: {proc.stderr.strip()[-500:]}")
+    lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+    return proc, lines
+
+
+def test_tiny_finetune_step_compiles_for_v5e_2x2_with_w_split_over_the_chips(tiny_v5e):
+    proc, lines = tiny_v5e
+    assert len(lines) == 3, proc.stdout + proc.stderr[-3000:]
+    ok = lines[0]
+    for key in ("recipe", "topology", "chips", "global_batch", "per_chip_batch", "per_chip_bytes", "hbm_bytes", "fits",
+                "flops_per_chip_step", "param_bytes_per_chip", "compile_s", "largest_unsplit"):
+        assert key in ok, key
+    assert (ok["recipe"], ok["topology"], ok["chips"], ok["device_kind"]) == (
+        "configs/finetune.py:tiny", "v5e:2x2", 4, "TPU v5 lite")
+    assert (ok["global_batch"], ok["per_chip_batch"], ok["num_classes"]) == (32, 8, 30)
+    assert ok["precision"] == "bfloat16" and ok["fits"] is True and ok["hbm_bytes"] == 16 * GIB
+    assert ok["per_chip_bytes"] == ok["argument_bytes"] + ok["output_bytes"] + ok["temp_bytes"] - ok["alias_bytes"]
+    assert 0 < ok["per_chip_bytes"] < GIB
+    assert ok["alias_bytes"] > 0  # the donated state is reused for the new one
+    assert ok["argument_bytes"] >= ok["state_bytes_per_chip"] > ok["param_bytes_per_chip"] > 0
+    assert ok["flops_per_chip_step"] > 1e8  # a forward + backward of 8 images, not an empty program
+    # W [32 rows = 30 classes padded to 4 chips, D 96] and its two AdamW moments: a quarter on each chip
+    c = ok["centers"]
+    assert c["shape"] == [32, 96] and c["arrays"] == 3 and c["split_over_every_chip"] is True
+    assert c["bytes"] == 32 * 96 * 4 and c["bytes_per_chip"] * 4 == c["bytes"]
+    assert c["arrays_bytes_per_chip"] == 3 * c["bytes_per_chip"]
+    # what is held whole on every chip is named, largest first (the tiny backbone is replicated by default)
+    sizes = [u["bytes"] for u in ok["largest_unsplit"]]
+    assert sizes and sizes == sorted(sizes, reverse=True) and all("path" in u for u in ok["largest_unsplit"])
+    assert not any(u["path"].endswith("centers") for u in ok["largest_unsplit"])
+
+
+def test_impossible_batch_reports_fits_false_and_a_nonzero_status(tiny_v5e):
+    proc, lines = tiny_v5e
+    assert len(lines) == 3, proc.stdout + proc.stderr[-3000:]
+    bad, search = lines[1], lines[2]
+    assert (bad["per_chip_batch"], bad["global_batch"], bad["fits"]) == (100000, 400000, False)
+    exhausted = bad.get("resource_exhausted")
+    if exhausted:  # the TPU compiler refused it: the sizes come from its message
+        assert exhausted["used_bytes"] > exhausted["capacity_bytes"] > 0
+    else:
+        assert bad["per_chip_bytes"] > bad["hbm_bytes"]
+    assert proc.returncode == 1
+    assert "does not fit v5e:2x2" in proc.stderr and "per-chip batch 100000" in proc.stderr
+    assert f"{16 * GIB:,} bytes" in proc.stderr
+    assert search["kind"] == "aot_search" and search["largest_fitting_per_chip_batch"] == 8
