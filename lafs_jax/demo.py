@@ -126,7 +126,7 @@ def plot_landmarks(backbone_dir: str, images: np.ndarray, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model, variables, meta = embed_lib.load_backbone(backbone_dir)
+    model, variables, meta = embed_lib.load_backbone(backbone_dir, host=True)
     x = embed_lib.preprocess(images, meta["normalization"], meta["color_order"])
     _, landmarks = model.apply(variables, x, train=False)
     landmarks = np.asarray(landmarks)
