@@ -94,7 +94,7 @@ def _pair_scores(embeddings: np.ndarray) -> np.ndarray:
 
 def plot_landmarks(backbone_dir: str, images: np.ndarray, path: str) -> None:
     """Landmarks the fine-tuned Part fViT predicts on a few held-out faces, drawn over them."""
-    model, variables, meta = embed_lib.load_backbone(backbone_dir)
+    model, variables, meta = embed_lib.load_backbone(backbone_dir, host=True)
     x = embed_lib.preprocess(images, meta["normalization"], meta["color_order"])
     _, landmarks = model.apply(variables, x, train=False)
     landmarks = np.asarray(landmarks)

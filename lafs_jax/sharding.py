@@ -19,6 +19,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 AXES = ("data", "model")
 
 
+def _topology() -> str:
+    return f"{jax.process_count()} process(es) x {jax.local_device_count()} local {jax.default_backend()} device(s)"
+
+
 def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
     """Resolve -1 entries: (data, model) whose product is `num_devices`, or a ValueError naming the axis."""
     shape = [data, model]
@@ -27,10 +31,12 @@ def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"config.mesh: {num_devices} devices do not divide by the fixed axes ({known})")
+            raise ValueError(f"config.mesh: the {num_devices} available devices ({_topology()}) do not divide by "
+                             f"the fixed axis size {known} (config.mesh.data={data}, config.mesh.model={model})")
         shape[shape.index(-1)] = num_devices // known
     if shape[0] * shape[1] != num_devices:
-        raise ValueError(f"config.mesh: data={shape[0]} x model={shape[1]} != {num_devices} devices")
+        raise ValueError(f"config.mesh: data={shape[0]} x model={shape[1]} = {shape[0] * shape[1]} devices, but "
+                         f"{num_devices} are available ({_topology()}); set config.mesh.data=-1 to use them all")
     return shape[0], shape[1]
 
 
@@ -56,32 +62,81 @@ def path_str(keypath) -> str:
     return "/".join(parts)
 
 
-def match_rule(path: str, rules: Sequence[tuple[str, Sequence[Any]]]) -> P:
-    """PartitionSpec of the first rule whose regex matches `path` (re.search); P() if none does."""
+FSDP = "fsdp"
+"""Spec value of a rule that splits the parameter ZeRO-3 style (see `fsdp_spec`): `(regex, FSDP)`."""
+FSDP_MIN_SIZE = 2 ** 10
+"""Parameters with fewer elements stay replicated under FSDP (biases, norms: gathering costs more)."""
+FSDP_RULES = ((r".*", FSDP),)
+"""`config.sharding_rules` preset: fully sharded data parallel (ZeRO-3). Every parameter of at least
+FSDP_MIN_SIZE elements with a dimension divisible by the 'data' axis is split over 'data' along
+its largest such dimension; the optimizer moments follow their parameters (same shape, same
+spec), so parameters, gradients and Adam moments take 1/data of the memory each. GSPMD gathers a
+parameter where a step needs it whole. Put model-axis rules before it (first match wins):
+`sharding_rules = (('mlp/fc1/kernel$', (None, 'model')),) + FSDP_RULES`; on the command line
+`--config.sharding_rules="(('.*', 'fsdp'),)"`."""
+
+
+def fsdp_spec(shape: Sequence[int], mesh: Mesh, axis: str = "data", min_size: int = FSDP_MIN_SIZE) -> P:
+    """PartitionSpec splitting the largest dimension of `shape` divisible by the size of `axis` (the
+    first of equal ones) over `axis`; P() for small or indivisible shapes, or a 1-wide axis."""
+    n = int(mesh.shape[axis]) if axis in mesh.axis_names else 1
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    candidates = [i for i, d in enumerate(shape) if d % n == 0]
+    if not candidates:
+        return P()
+    best = max(candidates, key=lambda i: (shape[i], -i))
+    return P(*([None] * best + [axis]))
+
+
+def match_rule(path: str, rules: Sequence[tuple[str, Any]]) -> Any:
+    """The spec of the first rule whose regex matches `path` (re.search): a PartitionSpec, or FSDP;
+    P() if none matches. A spec that is neither a sequence of entries nor FSDP raises a ValueError."""
     for pattern, spec in rules:
         if re.search(pattern, path):
+            if isinstance(spec, str):
+                if spec != FSDP:
+                    raise ValueError(f"sharding rule ({pattern!r}, {spec!r}): a spec is a sequence of mesh axis "
+                                     f"names / None per dimension, e.g. (None, 'model'), or {FSDP!r}")
+                return FSDP
             return P(*spec)
     return P()
 
 
-def param_shardings(params: Any, rules: Sequence[tuple[str, Sequence[Any]]], mesh: Mesh) -> Any:
+def _axis_names(entry) -> tuple:
+    return tuple(n for n in (entry if isinstance(entry, tuple) else (entry,)) if n is not None)
+
+
+def param_shardings(params: Any, rules: Sequence[tuple[str, Any]], mesh: Mesh) -> Any:
     """A pytree of NamedSharding matching `params` (arrays or ShapeDtypeStructs).
 
-    A rule whose spec has more entries than the parameter has dimensions, or that names an axis the
-    mesh does not have, raises a ValueError naming the parameter path.
+    Rules are (regex on the 'a/b/c' path, spec), first match wins, unmatched leaves replicated; a
+    spec of FSDP resolves per leaf with `fsdp_spec`. A ValueError naming the parameter path is
+    raised when a spec has more entries than the parameter has dimensions, names an axis the mesh
+    does not have, or splits a dimension that the axis size does not divide.
     """
+    axis_sizes = dict(mesh.shape)
 
     def one(keypath, leaf):
         path = path_str(keypath)
+        shape = tuple(np.shape(leaf))
         spec = match_rule(path, rules)
-        if len(spec) > len(np.shape(leaf)):
+        if isinstance(spec, str):  # FSDP
+            spec = fsdp_spec(shape, mesh)
+        if len(spec) > len(shape):
             raise ValueError(f"sharding rule {spec} for parameter '{path}' has more entries than its "
-                             f"shape {tuple(np.shape(leaf))}")
-        for entry in spec:
-            for name in (entry if isinstance(entry, tuple) else (entry,)):
-                if name is not None and name not in mesh.axis_names:
+                             f"shape {shape}")
+        for dim, entry in enumerate(spec):
+            names = _axis_names(entry)
+            for name in names:
+                if name not in mesh.axis_names:
                     raise ValueError(f"sharding rule {spec} for parameter '{path}' names axis {name!r}; "
                                      f"the mesh has {mesh.axis_names}")
+            ways = int(np.prod([axis_sizes[n] for n in names], dtype=np.int64))
+            if shape[dim] % ways:
+                raise ValueError(f"sharding rule {spec} for parameter '{path}' splits dimension {dim} of shape "
+                                 f"{shape} ({shape[dim]}) over {names} = {ways} devices, which does not divide it "
+                                 f"(mesh {axis_sizes})")
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, params)
@@ -147,9 +202,11 @@ def compiled_memory(compiled: Any) -> dict:
     return out
 
 
-def local_batch_size(global_size: int, mesh: Mesh) -> int:
-    """Rows this process must load for a global batch of `global_size` (must divide evenly)."""
+def local_batch_size(global_size: int, mesh: Mesh, name: str = "global batch size") -> int:
+    """Rows this process must load for a global batch of `global_size`; a ValueError naming `name`
+    (e.g. 'config.batch_size') when the mesh's devices do not divide it."""
     n = mesh.devices.size
     if global_size % n:
-        raise ValueError(f"global batch size {global_size} does not divide by the {n} devices of the mesh")
+        raise ValueError(f"{name}={global_size} does not divide by the {n} devices of the mesh {dict(mesh.shape)} "
+                         f"({jax.process_count()} process(es)); use a multiple of {n}")
     return global_size // jax.process_count()

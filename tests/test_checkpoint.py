@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -421,3 +422,76 @@ if __name__ == "__main__":  # a worker of test_two_processes_save_and_restore_th
     import sys
 
     print(json.dumps(_multiprocess_worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])))
+
+
+# ---------------------------------------------------------------------------------------------
+# device-count-free variables directories; clear restore errors
+# ---------------------------------------------------------------------------------------------
+
+def test_variables_are_saved_as_host_arrays_and_loaded_onto_any_mesh(tmp_path):
+    """Sharded device arrays in, numpy on disk (no sharding recorded): loaded back as numpy, onto 3
+    devices, or only in part; a directory of sharded device arrays (what fine-tuning wrote before)
+    loads the same way, never against the sharding that wrote it."""
+    mesh = mesh_lib.make_mesh(None)
+    variables = {"params": train_state(mesh)["params"], "classifier": {"centers": jnp.ones((8, 4))}}
+    assert variables["params"]["w"].sharding.spec == P(mesh.axis_names)
+    new, old = str(tmp_path / "new"), str(tmp_path / "old")
+    variables_lib.save_variables(new, variables, {"kind": "backbone"})
+    os.makedirs(old)
+    with ocp.StandardCheckpointer() as ckptr:  # the layout of a directory written before issue 17
+        ckptr.save(os.path.join(old, variables_lib.VARIABLES_ITEM), variables)
+    stored = ocp.PyTreeCheckpointer().metadata(os.path.join(new, variables_lib.VARIABLES_ITEM)).item_metadata.tree
+    assert stored["params"]["w"].sharding is None  # host arrays: nothing of the 8-device mesh
+    mesh3 = mesh_lib.make_mesh(None, devices=jax.devices()[:3])
+    for directory in (new, old):
+        assert variables_lib.stored_structure(directory)["params"]["w"] == jax.ShapeDtypeStruct((16, 4), jnp.float32)
+        host, _ = variables_lib.load_variables(directory)
+        assert all(type(x) is np.ndarray for x in jax.tree.leaves(host))
+        assert_trees_equal(host, variables)
+        abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables["params"])}
+        placed, _ = variables_lib.load_variables(directory, abstract, NamedSharding(mesh3, P()))  # part of the tree
+        assert set(placed) == {"params"} and placed["params"]["w"].sharding.device_set == set(jax.devices()[:3])
+        assert_trees_equal(placed["params"], variables["params"])
+    assert variables_lib.read_metadata(new) == {"kind": "backbone"}
+    wrong = {"params": {"w": jax.ShapeDtypeStruct((12, 4), jnp.float32)}}
+    with pytest.raises(ValueError, match=r"new: 'params/w' is stored with shape \(16, 4\), the model needs \(12, 4\)"):
+        variables_lib.load_variables(new, wrong)
+    with pytest.raises(ValueError, match=r"no entry 'params/q'"):
+        variables_lib.load_variables(new, {"params": {"q": jax.ShapeDtypeStruct((4,), jnp.float32)}})
+
+
+def test_a_failed_restore_is_one_clear_error(tmp_path, capfd):
+    """A shape mismatch names the checkpoint, the arrays and both shapes before orbax reads anything
+    (orbax's own failure printed dozens of 'Event loop is closed' tracebacks); so does a missing array."""
+    mesh = mesh_lib.make_mesh(None)
+    state = train_state(mesh)
+    with TrainCheckpointer(str(tmp_path / "ck")) as ck:
+        ck.save(7, state)
+        ck.wait()
+        target = abstract_like(state)
+        target["params"]["b"] = jax.ShapeDtypeStruct((5,), jnp.float32, sharding=state["params"]["b"].sharding)
+        with pytest.raises(ValueError) as e:
+            ck.restore(7, target)
+        message = str(e.value)
+        assert str(tmp_path / "ck" / "7") in message
+        assert "array 'params/b' is stored with shape (4,), this run needs (5,)" in message
+        target = abstract_like(state)
+        target["extra"] = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=state["params"]["b"].sharding)
+        with pytest.raises(ValueError, match=r"1 array\(s\) of this run's state are not in it, e.g. 'extra'"):
+            ck.restore(7, target)
+        assert ck.stored_arrays(7)["params/w"] == ((16, 4), np.dtype("float32"))
+    captured = capfd.readouterr()
+    assert "Event loop is closed" not in captured.out + captured.err
+
+
+def test_iterator_state_of_another_process_count_is_a_clear_error(tmp_path):
+    it = iterator()
+    next(it)
+    with TrainCheckpointer(str(tmp_path)) as ck:
+        ck.save(1, {"step": jnp.int32(1)}, data_iterator=it)
+    data = tmp_path / "1" / ckpt_lib.DATA_ITEM
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")  # as if 2 processes had saved
+    with TrainCheckpointer(str(tmp_path)) as ck:
+        with pytest.raises(FileNotFoundError, match=r"process_0-of-2.json.*none for this process "
+                                                    r"\(process_0-of-1.json\).*same process count"):
+            ck.restore(1, abstract_like({"step": jnp.int32(1)}), data_iterator=iterator())

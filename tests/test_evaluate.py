@@ -3,11 +3,14 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from configs import evaluate as evaluate_recipe
+from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError
 from lafs_jax.eval import embed, evaluate, export, ijb, verification
@@ -122,3 +125,28 @@ def test_config_errors_name_the_key(tmp_path, tiny_backbone):
         evaluate.validate(config, str(tmp_path))
     with pytest.raises(ValueError, match="unknown variant"):
         evaluate_recipe.get_config("huge")
+
+
+def test_backbone_loads_against_its_model_config_onto_the_callers_mesh(tmp_path, tiny_backbone):
+    """load_backbone reads only the model's variables (a converted checkpoint's classifier is left on
+    disk), as numpy or placed on the caller's mesh by rules; other shapes name the entry."""
+    backbone, cfg, variables = tiny_backbone
+    extra = str(tmp_path / "with_classifier")
+    variables_lib.save_variables(extra, {**variables, "classifier": {"centers": np.ones((7, cfg.dim), np.float32)}},
+                                 variables_lib.read_metadata(backbone))
+    _, host, meta = embed.load_backbone(extra, host=True)
+    assert set(host) == {"params", "batch_stats"} and meta["image_size"] == 112
+    assert all(type(x) is np.ndarray for x in jax.tree.leaves(host))
+    jax.tree.map(np.testing.assert_array_equal, host, jax.tree.map(np.asarray, variables))
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "model": 2}), jax.devices()[:2])
+    _, placed, _ = embed.load_backbone(extra, mesh=mesh, rules=((r"mlp/fc1/kernel$", (None, "model")),))
+    fc1 = placed["params"]["vit"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
+    assert fc1.sharding.spec == P(None, "model") and fc1.sharding.device_set == set(jax.devices()[:2])
+    assert placed["params"]["vit"]["head_norm"]["scale"].sharding.spec == P()
+    meta_other = dict(variables_lib.read_metadata(backbone))
+    meta_other["model"] = dict(meta_other["model"], mlp_dim=128)  # the directory holds mlp_dim 256
+    other = str(tmp_path / "other")
+    variables_lib.save_variables(other, variables, meta_other)
+    with pytest.raises(ValueError, match=r"'params/vit/encoder/block_0/mlp/fc1/bias' is stored with shape "
+                                         r"\(256,\), the model needs \(128,\)"):
+        embed.load_backbone(other, host=True)

@@ -7,9 +7,12 @@ import textwrap
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lafs_jax import sharding as mesh_lib
 from lafs_jax.eval import embed, export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,3 +97,24 @@ def test_embedder_shards_pads_and_matches_unsharded():
 def test_missing_file_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.jaxexport"):
         export.load_exported(str(tmp_path / "nothing.jaxexport"))
+
+
+def test_embedder_takes_variables_as_they_are_sharded():
+    """Verification during training under any config.sharding_rules: the embedder runs on the live,
+    rule-sharded parameters (a kernel split over 'model', another over 'data' as FSDP does) without
+    resharding them, and gives the replicated embeddings; numpy variables are placed replicated."""
+    model = _SmallNet()
+    variables = model.init(jax.random.key(3), jnp.zeros((1, 12, 12, 3)))
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 4, "model": 2}))
+    rules = ((r"Conv_0/kernel$", (None, None, None, "model")), (r"Dense_0/kernel$", ("data", None)))
+    sharded = jax.device_put(variables, mesh_lib.param_shardings(variables, rules, mesh))
+    assert sharded["params"]["Conv_0"]["kernel"].sharding.spec == P(None, None, None, "model")
+    images = np.random.default_rng(2).integers(0, 256, (10, 12, 12, 3)).astype(np.uint8)
+    e = embed.Embedder(model, None, image_size=12, mesh=mesh, batch_size=8)
+    got = e.embed(images, flip=True, variables=sharded)
+    want = embed.embedding_function(model, flip=True)(variables, images)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(e.embed(images, variables=jax.tree.map(np.asarray, variables)), got, rtol=1e-5, atol=1e-5)
+    kept = e.on_mesh(sharded)
+    assert kept["params"]["Conv_0"]["kernel"] is sharded["params"]["Conv_0"]["kernel"]
+    assert e.on_mesh({"x": np.ones(3)})["x"].sharding == NamedSharding(mesh, P())

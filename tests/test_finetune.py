@@ -535,3 +535,28 @@ def test_build_train_step_traces_the_step_for_both_backbones(kind):
     assert "loss" in metrics
     abstract_init = jax.eval_shape(init, jax.random.key(0))
     assert jax.tree.structure(abstract_init) == jax.tree.structure(args[0])
+
+
+def test_bad_topologies_fail_before_any_work(tmp_path, monkeypatch):
+    """A global batch the devices do not divide, a mesh of the wrong size, a rule naming a missing axis
+    or splitting a dimension it does not divide: one error naming the setting, before any data is read."""
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data source was opened before the topology was checked")
+
+    monkeypatch.setattr(pipelines, "make_source", no_data)
+
+    def expect(match, **changes):
+        config = finetune_recipe.get_config("tiny")
+        config.eval.bins = ()
+        for key, value in changes.items():
+            section, _, field = key.rpartition("__")
+            (config[section] if section else config)[field] = value
+        with pytest.raises(ValueError, match=match):
+            finetune.run(config, str(tmp_path / "w"))
+
+    expect(r"config.batch_size=36 does not divide by the 8 devices", batch_size=36)
+    expect(r"config.mesh: data=3 x model=2 = 6 devices, but 8 are available", mesh__data=3, mesh__model=2)
+    expect(r"'vit/encoder/block_0/mlp/fc1/kernel' names axis 'tensor'",
+           sharding_rules=((r"mlp/fc1/kernel$", (None, "tensor")),))
+    expect(r"'vit/pos_embedding' splits dimension 1 of shape \(1, 50, 96\) \(50\) over \('data',\) = 8 devices, "
+           r"which does not divide it", sharding_rules=((r"pos_embedding$", (None, "data")),))

@@ -101,3 +101,41 @@ def test_state_shardings_follow_the_parameters_through_optax_wrappers():
     shards = {mesh_lib.path_str(kp): x.addressable_shards[0].data.shape
               for kp, x in jax.tree_util.tree_flatten_with_path(placed)[0]}
     assert shards["acc_grads/backbone/mlp/kernel"] == (4, 4) and shards["acc_grads/centers"] == (2, 4)
+
+
+def test_rule_splitting_an_indivisible_dimension_names_the_parameter():
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 4, "model": 2}))
+    params = {"vit": {"fc": {"kernel": jnp.zeros((8, 5)), "bias": jnp.zeros(12)}}}
+    with pytest.raises(ValueError, match=r"'vit/fc/kernel' splits dimension 1 of shape \(8, 5\) \(5\) over "
+                                         r"\('model',\) = 2 devices"):
+        mesh_lib.param_shardings(params, [("kernel", (None, "model"))], mesh)
+    with pytest.raises(ValueError, match=r"'vit/fc/bias' splits dimension 0 .* over \('data', 'model'\) = 8"):
+        mesh_lib.param_shardings(params, [("bias", (("data", "model"),))], mesh)
+    with pytest.raises(ValueError, match="a spec is a sequence"):
+        mesh_lib.param_shardings(params, [("bias", "model")], mesh)  # ('model',) was meant
+
+
+def test_topology_errors_name_the_setting():
+    mesh = mesh_lib.make_mesh(None)
+    with pytest.raises(ValueError, match=r"config.batch_size=12 does not divide by the 8 devices .* multiple of 8"):
+        mesh_lib.local_batch_size(12, mesh, "config.batch_size")
+    with pytest.raises(ValueError, match=r"data=3 x model=2 = 6 devices, but 8 are available .*config.mesh.data=-1"):
+        mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 3, "model": 2}))
+
+
+def test_fsdp_spec_splits_the_largest_divisible_dimension_over_data():
+    mesh = mesh_lib.make_mesh(None)  # data 8
+    assert mesh_lib.fsdp_spec((32, 64), mesh) == P(None, "data")  # 64 > 32, both divisible
+    assert mesh_lib.fsdp_spec((80, 24), mesh) == P("data")
+    assert mesh_lib.fsdp_spec((1, 17, 64), mesh) == P(None, None, "data")
+    assert mesh_lib.fsdp_spec((30, 50), mesh) == P()  # nothing divides
+    assert mesh_lib.fsdp_spec((512,), mesh) == P()  # below FSDP_MIN_SIZE: replicated
+    assert mesh_lib.fsdp_spec((2048,), mesh) == P("data")
+    mesh42 = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 4, "model": 2}))
+    assert mesh_lib.fsdp_spec((36, 50), mesh42) == P("data")
+    assert mesh_lib.fsdp_spec((64, 64), mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "model": 8}))) == P()
+    params = {"mlp": {"fc1": {"kernel": jnp.zeros((64, 256)), "bias": jnp.zeros(256)}}, "pos": jnp.zeros((1, 17, 64))}
+    rules = ((r"fc1/kernel$", (None, "model")),) + mesh_lib.FSDP_RULES  # model-axis rules first, then FSDP
+    sh = mesh_lib.param_shardings(params, rules, mesh42)
+    assert sh["mlp"]["fc1"]["kernel"].spec == P(None, "model")
+    assert sh["mlp"]["fc1"]["bias"].spec == P() and sh["pos"].spec == P(None, None, "data")

@@ -426,3 +426,68 @@ def test_init_centers_xavier_uniform_as_the_official_cosface_weight():
     assert abs(np.sqrt(2.0 / (205990 + 768)) - 0.0031) < 1e-4  # the official WebFace4M head's std
     with pytest.raises(ValueError, match="init='kaiming'"):
         pfc.init_centers(jax.random.key(0), c, d, mesh, init="kaiming")
+
+
+def test_train_state_resumes_on_other_device_counts_with_w_and_moments_repadded(tmp_path):
+    """W (30 classes) and its Adam moments, saved as 32 rows from 8 devices, restore onto 3 devices
+    (30 rows), then 1, then 5 (30) and back onto 8 (32): the real rows are identical at every hop, the
+    padding is zero, and with sample_rate 1 the loss and the next update are those of the 8-device run."""
+    from lafs_jax.sharding import replicated
+    from lafs_jax.train.checkpoint import TrainCheckpointer, abstract_like
+
+    c, d = 30, 8
+    x = np.asarray(jax.random.normal(jax.random.key(4), (B * 15, d)))  # 240 rows: divisible by 8, 5, 3 and 1
+    labels = make_labels(5, b=B * 15, c=c)
+    tx = pfc.centers_optimizer(0.1, kind="adamw", weight_decay=0.1)
+
+    def step(mesh):
+        def f(params, opt):
+            loss, g = jax.value_and_grad(lambda p: pfc.partial_fc_loss(
+                x, labels, p["centers"], jax.random.key(0), mesh=mesh, num_classes=c, m3=0.2, s=16.0)[0])(params)
+            u, opt = tx.update(g, opt, params)
+            return loss, optax.apply_updates(params, u), opt
+        return jax.jit(f)
+
+    def fresh_state(mesh):
+        params = {"centers": pfc.init_centers(jax.random.key(1), c, d, mesh, std=1.0)}
+        return {"params": params, "opt": jax.jit(tx.init)(params), "step": jax.device_put(jnp.int32(0), replicated(mesh))}
+
+    def shardings(mesh, tree):
+        return jax.tree.map(lambda a: pfc.centers_sharding(mesh) if a.ndim == 2 else replicated(mesh), tree)
+
+    def per_class(state):  # W, Adam's mu and nu
+        return [state["params"]["centers"], state["opt"][0].mu["centers"], state["opt"][0].nu["centers"]]
+
+    mesh8 = mesh_of()
+    s8 = fresh_state(mesh8)
+    _, params, opt = step(mesh8)(s8["params"], s8["opt"])  # one update: non-zero moments in the real rows
+    state = {"params": params, "opt": opt, "step": s8["step"] + 1}
+    ref_loss, ref_params, _ = step(mesh8)(params, opt)
+    for k in (3, 1, 5, 8):
+        with TrainCheckpointer(str(tmp_path / f"to_{k}"), keep=1) as ck:
+            ck.save(1, state)
+            ck.wait()
+            mesh = make_mesh(None, jax.devices()[:k])
+            fresh = fresh_state(mesh)
+            restored = ck.restore(1, abstract_like(fresh, shardings(mesh, fresh)), padded_rows=pfc.padded_rows_rule(c))
+        rows = pfc.padded_rows(c, mesh)
+        assert rows == (32 if k == 8 else 30)
+        for new, old in zip(per_class(restored), per_class(state)):
+            assert new.shape == (rows, d) and new.sharding.spec == P(("data", "model"), None)
+            assert len(new.sharding.device_set) == k
+            np.testing.assert_array_equal(np.asarray(new)[:c], np.asarray(old)[:c])
+            np.testing.assert_array_equal(np.asarray(new)[c:], 0)
+        assert np.abs(np.asarray(per_class(restored)[1])[:c]).max() > 0
+        loss, new_params, _ = step(mesh)(restored["params"], restored["opt"])
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(new_params["centers"])[:c], np.asarray(ref_params["centers"])[:c],
+                                   rtol=1e-5, atol=1e-6)
+        state = restored
+    with TrainCheckpointer(str(tmp_path / "bad"), keep=1) as ck:
+        ck.save(1, state)
+        ck.wait()
+        target = abstract_like(state)
+        target["params"]["centers"] = jax.ShapeDtypeStruct((24, d), jnp.float32, sharding=pfc.centers_sharding(mesh8))
+        with pytest.raises(ValueError, match=r"'params/centers' is stored with shape \(32, 8\), this run needs "
+                                             r"\(24, 8\) \(rows are re-padded only down to the 30 real rows\)"):
+            ck.restore(1, target, padded_rows=pfc.padded_rows_rule(c))

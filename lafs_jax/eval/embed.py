@@ -8,8 +8,8 @@ mirror (the "Accuracy-Flip" of the verification protocol and LAFS's IJB flip tes
 
 `load_backbone` rebuilds a backbone (model, variables, metadata) from a variables directory.
 `Embedder` runs the function over many images: batches padded to a fixed size (one compilation),
-the batch axis split over every device of the mesh, variables replicated; every process passes the
-same images and gets all embeddings back.
+the batch axis split over every device of the mesh, variables as they are sharded (replicated when
+they come from the host); every process passes the same images and gets all embeddings back.
 """
 from __future__ import annotations
 
@@ -70,20 +70,27 @@ def embedding_function(model: Any, *, normalization: str = "[-1,1]", color_order
 BACKBONE_META_KEYS = ("model", "normalization", "color_order", "image_size")
 
 
-def load_backbone(directory: str) -> tuple[Any, Any, dict]:
+def load_backbone(directory: str, *, mesh: Any = None, rules: Any = (), host: bool = False) -> tuple[Any, Any, dict]:
     """(Linen model, variables, metadata) of a variables directory holding a backbone.
 
     The metadata must give the model config (`model`, a dict of `presets.model_config` fields); it
     may give `normalization` and `color_order` (default '[-1,1]', 'rgb') and `image_size` (default
     the model config's). The returned metadata always has all four keys.
+    The variables are restored against the model's own abstract variables (shapes from the model
+    config, so a directory with other shapes fails naming the entry), whatever device count wrote
+    them: placed on `mesh` (default: every device) by `rules` (`config.sharding_rules` style;
+    default replicated), or as host numpy arrays with `host=True` (export, inspection).
     """
-    variables, meta = variables_lib.load_variables(directory)
+    meta = variables_lib.read_metadata(directory)
     model_dict = meta.get("model", meta.get("model_config"))
     if not isinstance(model_dict, dict):
         raise ValueError(f"{os.path.join(directory, variables_lib.METADATA_FILE)}: no 'model' entry (the model "
                          f"config dict); cannot rebuild the backbone")
     model_config = ml_collections.ConfigDict(model_dict)
     model = presets.build_model(model_config)
+    abstract = presets.abstract_variables(model_config)
+    sharding = None if host else mesh_lib.param_shardings(abstract, tuple(rules), _mesh_or_default(mesh))
+    variables, meta = variables_lib.load_variables(directory, abstract, sharding)
     meta = dict(meta)
     meta["model"] = model_dict
     meta.setdefault("normalization", "[-1,1]")
@@ -107,6 +114,12 @@ class Embedder:
       normalization, color_order: as recorded in the checkpoint metadata.
       mesh: the device mesh (default: all devices, pure data parallel).
       batch_size: images per compiled call, rounded up to a multiple of the device count.
+
+    Variables are used as they are sharded: jax.Arrays already on this mesh's devices keep their
+    sharding (a training state split by `config.sharding_rules`, or FSDP); anything else (numpy,
+    arrays on other devices) is placed replicated on the mesh, once for the Embedder's own
+    variables and per call for passed ones. The compiled function follows the variables'
+    shardings (one compilation per layout); the batch is split over every device.
     """
 
     def __init__(self, model: Any, variables: Any, *, image_size: int, normalization: str = "[-1,1]",
@@ -116,19 +129,34 @@ class Embedder:
         self.mesh = _mesh_or_default(mesh)
         n = self.mesh.devices.size
         self.batch_size = -(-int(batch_size) // n) * n
-        self.variables = None if variables is None else jax.device_put(variables, mesh_lib.replicated(self.mesh))
+        self.variables = None if variables is None else self.on_mesh(variables)
         self._fns = {}
         for flip in (False, True):
             fn = embedding_function(model, normalization=normalization, color_order=color_order, flip=flip)
-            self._fns[flip] = jax.jit(fn, in_shardings=(mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)),
-                                      out_shardings=mesh_lib.replicated(self.mesh))
+            # No in_shardings: the variables keep theirs, the batch comes sharded by global_batch.
+            self._fns[flip] = jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh))
+
+    def on_mesh(self, variables: Any) -> Any:
+        """`variables` with every leaf on this mesh: jax.Arrays on its devices as they are, the rest
+        put there replicated."""
+        devices = set(self.mesh.devices.flat)
+        replicated = mesh_lib.replicated(self.mesh)
+
+        def one(x):
+            if isinstance(x, jax.Array) and x.sharding.device_set == devices:
+                return x
+            return jax.device_put(x, replicated)
+
+        return jax.tree.map(one, variables)
 
     @classmethod
     def from_variables_dir(cls, directory: str, *, mesh: Any = None, normalization: str | None = None,
-                           color_order: str | None = None, batch_size: int = 64) -> "Embedder":
+                           color_order: str | None = None, batch_size: int = 64, rules: Any = ()) -> "Embedder":
         """An Embedder for a variables directory (fine-tuning's `workdir/backbone` or lafs_jax.convert's
-        output); model config, normalisation and colour order come from its metadata unless given."""
-        model, variables, meta = load_backbone(directory)
+        output), written by any device count; model config, normalisation and colour order come from
+        its metadata unless given. The variables are loaded onto `mesh` by `rules` (default replicated)."""
+        mesh = _mesh_or_default(mesh)
+        model, variables, meta = load_backbone(directory, mesh=mesh, rules=rules)
         return cls(model, variables, image_size=meta["image_size"],
                    normalization=normalization or meta["normalization"],
                    color_order=color_order or meta["color_order"], mesh=mesh, batch_size=batch_size)
@@ -136,7 +164,7 @@ class Embedder:
     def embed_batch(self, images: np.ndarray, flip: bool = True, variables: Any = None) -> np.ndarray:
         """float32 [b, D] for uint8 [b, H, W, 3] RGB images, b <= batch_size (with `variables`, or the
         Embedder's own when None)."""
-        variables = self.variables if variables is None else variables
+        variables = self.variables if variables is None else self.on_mesh(variables)
         if variables is None:
             raise ValueError("Embedder: no variables (pass variables= or build the Embedder with them)")
         images = np.asarray(images)
@@ -157,6 +185,7 @@ class Embedder:
 
     def embed(self, images: np.ndarray, flip: bool = True, variables: Any = None) -> np.ndarray:
         """float32 [N, D] for uint8 [N, H, W, 3] RGB images, in batches of `batch_size`."""
+        variables = None if variables is None else self.on_mesh(variables)
         out = [self.embed_batch(images[s:s + self.batch_size], flip, variables)
                for s in range(0, len(images), self.batch_size)]
         return np.concatenate(out, 0)

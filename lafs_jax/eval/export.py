@@ -23,7 +23,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lafs_jax.eval import embed
 
@@ -72,12 +71,12 @@ def load_exported(path: str) -> tuple[jax.export.Exported, dict]:
 
 def export_backbone(variables_dir: str, out_path: str, *, flip: bool = True, normalization: str | None = None,
                     color_order: str | None = None, platforms: Sequence[str] | None = None) -> tuple[str, str]:
-    """Export the embedding function of a backbone variables directory; returns (file, sidecar)."""
-    model, variables, meta = embed.load_backbone(variables_dir)
+    """Export the embedding function of a backbone variables directory (written by any device count;
+    read as host arrays, so the artefact holds no sharding); returns (file, sidecar)."""
+    model, variables, meta = embed.load_backbone(variables_dir, host=True)  # numpy: baked in as constants
     normalization = normalization or meta["normalization"]
     color_order = color_order or meta["color_order"]
     fn = embed.embedding_function(model, normalization=normalization, color_order=color_order, flip=flip)
-    variables = jax.tree.map(np.asarray, variables)
     size = int(meta["image_size"])
     exported = export_function(lambda images: fn(variables, images), (size, size, 3), jnp.uint8,
                                platforms=platforms)

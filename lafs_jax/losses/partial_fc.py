@@ -6,7 +6,8 @@ InsightFace's `partial_fc_v2.py`, in JAX terms:
 - W[C_pad, D] (fp32) is split by rows over *all* devices of the mesh, `P(mesh.axis_names, None)`:
   shard k (the linear index over the mesh axes, data-major) owns rows [k·R, (k+1)·R), R = C_pad / N.
   C_pad is C rounded up to a multiple of N; rows ≥ C are padding, never sampled ahead of a real
-  class, and their logits are −inf.
+  class, and their logits are −inf. A checkpoint restores onto another device count with its rows
+  re-padded (`padded_rows_rule`); the real rows are identical.
 - The loss runs inside `jax.shard_map` (and therefore inside any jitted step). Each shard
   all-gathers the embeddings and labels of the global batch [B, D], samples its rows, computes its
   local cosines [B, S] and takes part in one softmax cross-entropy across shards: the row maximum
@@ -96,6 +97,15 @@ def centers_abstract(num_rows: int, dim: int, mesh: Mesh, dtype=jnp.float32) -> 
         raise ValueError(f"centers with {num_rows} rows cannot be split over the {num_shards(mesh)} "
                          f"devices of the mesh (rows must divide evenly)")
     return jax.ShapeDtypeStruct((num_rows, dim), dtype, sharding=centers_sharding(mesh))
+
+
+def padded_rows_rule(num_classes: int) -> dict[str, int]:
+    """`TrainCheckpointer.restore(padded_rows=...)` for a train state that keeps W (and, through
+    optax.partition, its optimizer moments) under a 'centers' key: those arrays may be stored with
+    the row count of another device count; rows [0, num_classes) are restored identical and the
+    padding (zero, never sampled, zero gradient) is re-made for this mesh. E.g. the 30 demo classes
+    are 32 rows on 8 devices and 30 on 1."""
+    return {r"(^|/)centers(/|$)": int(num_classes)}
 
 
 def init_centers(key: jax.Array, num_classes: int, dim: int, mesh: Mesh, std: float = 0.01,

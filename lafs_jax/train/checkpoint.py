@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Sequence
 
@@ -328,26 +329,94 @@ class TrainCheckpointer:
                                     f"available steps: {self.all_steps()}")
         return int(step)
 
-    def restore(self, step: int | None = None, abstract_state: Any = None, data_iterator: Any = None) -> Any:
+    def stored_arrays(self, step: int | None = None) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """{'a/b/c': (shape, dtype)} of the train state saved at `step` (None: the latest); metadata only."""
+        step = self._step(step)
+        tree = self._manager.item_metadata(step)[STATE_ITEM]
+        tree = getattr(tree, "tree", tree)
+        return {path_str(kp): (tuple(m.shape), m.dtype) for kp, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def _check_target(self, step: int, abstract_state: Any, padded_rows: dict[str, int]) -> bool:
+        """Compare the restore target with the stored arrays before orbax reads anything; one ValueError
+        naming the checkpoint, the arrays and both shapes on a mismatch. Returns whether some array is
+        re-padded (a row count changes under `padded_rows`)."""
+        where = self.directory / str(step)
+        stored = self.stored_arrays(step)
+        target = {}
+        for kp, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                leaf = jax.eval_shape(jax.random.key_data, leaf)  # stored as its raw key data
+            target[path_str(kp)] = tuple(leaf.shape)
+        problems, resized = [], []
+        missing = sorted(set(target) - set(stored))
+        extra = sorted(set(stored) - set(target))
+        if missing:
+            problems.append(f"{len(missing)} array(s) of this run's state are not in it, e.g. '{missing[0]}' "
+                            f"(shape {target[missing[0]]})")
+        if extra:
+            problems.append(f"it holds {len(extra)} array(s) this run's state does not have, e.g. '{extra[0]}' "
+                            f"(shape {stored[extra[0]][0]})")
+        for path in sorted(set(target) & set(stored)):
+            want, have = target[path], stored[path][0]
+            if want == have:
+                continue
+            real = next((n for pattern, n in padded_rows.items() if re.search(pattern, path)), None)
+            if (real is not None and len(want) == len(have) >= 1 and want[1:] == have[1:]
+                    and min(want[0], have[0]) >= real):
+                resized.append(f"'{path}' {have} -> {want}")
+                continue
+            note = (f" (rows are re-padded only down to the {real} real rows)" if real is not None else "")
+            problems.append(f"array '{path}' is stored with shape {have}, this run needs {want}{note}")
+        if problems:
+            raise ValueError(f"cannot restore checkpoint {where}: " + "; ".join(problems[:4])
+                             + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+                             + ". Was it written by a run with a different model / data / optimizer config?")
+        if resized:
+            logging.info("checkpoint %s: re-padding rows for this mesh (real rows kept, padding zero): %s",
+                         where, ", ".join(resized))
+        return bool(resized)
+
+    def restore(self, step: int | None = None, abstract_state: Any = None, data_iterator: Any = None,
+                padded_rows: dict[str, int] | None = None) -> Any:
         """The train state of checkpoint `step` (None: the latest).
 
         abstract_state: pytree of jax.ShapeDtypeStruct (with shardings) matching the saved state; the
         arrays are restored straight into those shardings, whatever mesh / device count wrote them
-        (see `abstract_like`). Without it, arrays come back as orbax stores them.
+        (see `abstract_like`). Its shapes are checked against the checkpoint first: a mismatch raises
+        one ValueError naming the checkpoint, the array and both shapes. Without it, arrays come back
+        as orbax stores them (on the writing topology only).
+        padded_rows: {regex on the 'a/b/c' path: number of real rows} for arrays padded to a multiple
+        of the device count (Partial FC's W and its optimizer moments: `partial_fc.padded_rows_rule`).
+        A matching array may be stored with another row count (axis 0, the rest equal); it is
+        restored with its first rows identical, the extra stored rows dropped or zero rows appended.
+        Every row past the real ones must be padding (zero) for that to be exact.
         data_iterator: a Grain iterator (DatasetIterator / DataLoaderIterator) whose state is set to
         the saved one, so its next element is the one that followed the save.
         """
         step = self._step(step)
-        items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+        resize = False
+        if abstract_state is not None:
+            resize = self._check_target(step, abstract_state, dict(padded_rows or {}))
+        items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state, strict=not resize)}
         if data_iterator is not None:
-            if not (self.directory / str(step) / DATA_ITEM).exists():
+            data_dir = self.directory / str(step) / DATA_ITEM
+            if not data_dir.exists():
                 raise FileNotFoundError(f"checkpoint {self.directory / str(step)} holds no data iterator state "
                                         f"(it was saved without data_iterator=)")
+            mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            if not (data_dir / mine).exists():
+                saved = sorted(p.name for p in data_dir.iterdir() if re.fullmatch(r"process_\d+-of-\d+\.json", p.name))
+                counts = sorted({int(re.search(r"-of-(\d+)", n).group(1)) for n in saved})
+                raise FileNotFoundError(f"checkpoint {self.directory / str(step)} holds the data iterator states "
+                                        f"{saved} (written by {counts} process(es)), none for this process ({mine}): "
+                                        f"each process reads its own slice of the data, so resume with the same "
+                                        f"process count (any device count per process)")
             items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored[STATE_ITEM]
 
-    def resume(self, abstract_state: Any = None, data_iterator: Any = None) -> tuple[int | None, Any]:
+    def resume(self, abstract_state: Any = None, data_iterator: Any = None,
+               padded_rows: dict[str, int] | None = None) -> tuple[int | None, Any]:
         """(step, state) of the newest confirmed checkpoint that restores with finite arrays, or
         (None, None) when there is none (start from scratch).
 
@@ -371,7 +440,7 @@ class TrainCheckpointer:
             reason = self._precheck(step, data_iterator)
             if _all_processes_agree(not reason):
                 try:
-                    state = self.restore(step, abstract_state, data_iterator=data_iterator)
+                    state = self.restore(step, abstract_state, data_iterator=data_iterator, padded_rows=padded_rows)
                     bad = nonfinite_leaves(state)
                     reason = (f"restored arrays hold NaN or inf: {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
                               if bad else "")

@@ -221,14 +221,53 @@ def check_patch_order(config: ml_collections.ConfigDict, metadata: dict, where: 
         f"(the LAFS paper's Table 7 row (4), 'landmark to standard grid').")
 
 
+def _subtrees(stored: Any, *paths: tuple[str, ...]) -> dict:
+    """The parts of a stored tree (e.g. `variables_lib.stored_structure`) at `paths` that exist, nested
+    as stored: the target of a partial load that reads nothing else."""
+    out: dict = {}
+    for path in paths:
+        node = stored
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                break
+            node = node[key]
+        else:
+            parent = out
+            for key in path[:-1]:
+                parent = parent.setdefault(key, {})
+            parent[path[-1]] = node
+    return out
+
+
+def load_landmark_cnn(directory: str) -> dict:
+    """{'params', 'batch_stats'} of the landmark CNN in a variables directory (a Part fViT's
+    'landmark_cnn' subtree, or a landmark CNN alone), as host arrays, written by any device count.
+    Only the landmark CNN's arrays are read (not a Part fViT's ViT or classifier)."""
+    stored = variables_lib.stored_structure(directory)
+    nested = isinstance(stored.get("params"), dict) and "landmark_cnn" in stored["params"]
+    if nested:
+        loaded, _ = variables_lib.load_variables(directory, _subtrees(stored, ("params", "landmark_cnn"),
+                                                                      ("batch_stats", "landmark_cnn")))
+        return {col: loaded[col]["landmark_cnn"] for col in loaded}
+    loaded, _ = variables_lib.load_variables(directory, _subtrees(stored, ("params",), ("batch_stats",)) or stored)
+    return {"params": loaded.get("params", loaded), "batch_stats": loaded.get("batch_stats", {})}
+
+
 def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tuple[dict, str]:
-    """The model's starting variables per `config.init`, and a one-line description of the source."""
+    """The model's starting variables per `config.init`, and a one-line description of the source.
+
+    Variables directories are read as host arrays against their stored shapes (never the sharding
+    that wrote them), so a directory written on any device count loads here; every shape is then
+    checked against the model (errors name the entry)."""
     variables = jax.tree.map(np.asarray, variables)
     params = dict(variables["params"])
     stats = dict(variables.get("batch_stats", {}))
     origin = "scratch"
     if config.init.backbone:
-        loaded, meta = variables_lib.load_variables(config.init.backbone)
+        stored = variables_lib.stored_structure(config.init.backbone)
+        # the model's collections only (a converted checkpoint may also hold a classifier or DINO head)
+        loaded, meta = variables_lib.load_variables(config.init.backbone,
+                                                 _subtrees(stored, ("params",), ("batch_stats",)) or stored)
         src_params = loaded.get("params", loaded)
         kind = config.init.kind
         if kind == "auto":
@@ -248,15 +287,12 @@ def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tup
     if config.init.landmark_cnn:
         if "landmark_cnn" not in params:
             raise ConfigError(f"config.init.landmark_cnn is set but model.kind={config.model.kind!r} has no landmark CNN")
-        loaded, _ = variables_lib.load_variables(config.init.landmark_cnn)
+        loaded = load_landmark_cnn(config.init.landmark_cnn)
         where = f"config.init.landmark_cnn={config.init.landmark_cnn!r}"
-        src_params = loaded.get("params", loaded)
-        src_params = src_params.get("landmark_cnn", src_params)
-        params["landmark_cnn"] = merge_variables(params["landmark_cnn"], src_params, where)
+        params["landmark_cnn"] = merge_variables(params["landmark_cnn"], loaded.get("params", {}), where)
         if "landmark_cnn" in stats:
-            src_stats = loaded.get("batch_stats", {})
-            src_stats = src_stats.get("landmark_cnn", src_stats)
-            stats["landmark_cnn"] = merge_variables(stats["landmark_cnn"], src_stats, where + " batch_stats")
+            stats["landmark_cnn"] = merge_variables(stats["landmark_cnn"], loaded.get("batch_stats", {}),
+                                                    where + " batch_stats")
         origin += f"; landmark CNN from {config.init.landmark_cnn}"
     out = {"params": params}
     if stats:
@@ -267,13 +303,11 @@ def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tup
 def landmark_teacher_variables(config: ml_collections.ConfigDict, variables: dict) -> dict:
     """Frozen landmark-CNN variables for the regulariser: `landmark_reg.teacher`, else the initial ones."""
     if config.landmark_reg.teacher:
-        loaded, _ = variables_lib.load_variables(config.landmark_reg.teacher)
+        loaded = load_landmark_cnn(config.landmark_reg.teacher)
         where = f"config.landmark_reg.teacher={config.landmark_reg.teacher!r}"
         out = {}
         for col in ("params", "batch_stats"):
-            src = loaded.get(col, {})
-            src = src.get("landmark_cnn", src)
-            out[col] = merge_variables(variables[col]["landmark_cnn"], src, where + f" {col}")
+            out[col] = merge_variables(variables[col]["landmark_cnn"], loaded.get(col, {}), where + f" {col}")
         return out
     return {col: jax.tree.map(np.copy, variables[col]["landmark_cnn"]) for col in ("params", "batch_stats")}
 
@@ -513,7 +547,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.mesh)
     global_bs = config.batch_size
-    local_bs = mesh_lib.local_batch_size(global_bs, mesh)
+    local_bs = mesh_lib.local_batch_size(global_bs, mesh, "config.batch_size")
+    # Topology errors before any work: the rules against the backbone's shapes (nothing computed).
+    mesh_lib.param_shardings(presets.abstract_variables(config.model)["params"], config.sharding_rules, mesh)
     eval_sets = load_eval_sets(config)  # before anything is built: a bad .bin fails at start-up
 
     # ------------------------------------------------------------------ data
@@ -568,7 +604,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       best_fn=verification_score if config.eval.bins else None)
     abstract_state = ckpt_lib.abstract_like(state, shardings)  # restore targets (the live state gets donated)
     try:
-        resumed, restored = ckpt.resume(abstract_state, data_iterator=train_iter)
+        # any mesh: W and its optimizer moments are re-padded for this device count
+        resumed, restored = ckpt.resume(abstract_state, data_iterator=train_iter,
+                                        padded_rows=partial_fc.padded_rows_rule(num_classes))
     except BaseException:
         ckpt.close()
         raise

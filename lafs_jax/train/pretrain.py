@@ -405,8 +405,7 @@ def landmark_variables(config: ml_collections.ConfigDict, networks: Networks, wo
     CPU demo only), and later runs in the same workdir reuse it.
     """
     size = config.model.image_size
-    abstract = jax.eval_shape(lambda k: networks.landmark_cnn.init({"params": k}, jnp.zeros((1, size, size, 3)),
-                                                                   train=False), jax.random.key(0))
+    abstract = landmark_abstract(networks, config)
     path = config.lafs.landmark_path
     where = f"config.lafs.landmark_path={path!r}"
     if not path:
@@ -418,20 +417,30 @@ def landmark_variables(config: ml_collections.ConfigDict, networks: Networks, wo
                             config.seed, path)
             init = jax.jit(lambda k: networks.landmark_cnn.init({"params": k}, jnp.zeros((1, size, size, 3)),
                                                                 train=False))(jax.random.key(config.seed))
-            variables_lib.save_variables(path, jax.device_get(init),
+            variables_lib.save_variables(path, init,
                                          {"kind": "landmark_cnn", "model": variables_lib.to_json_dict(config.model),
                                           "source": f"initialised from seed {config.seed} (untrained)"})
-    loaded, _ = variables_lib.load_variables(path)
+    # Only the landmark CNN's arrays are read, as host arrays, whatever device count wrote them.
+    stored = variables_lib.stored_structure(path)
     out = {}
     for collection in ("params", "batch_stats"):
         if collection not in abstract:
             continue
-        if collection not in loaded:
+        if collection not in stored:
             raise ConfigError(f"{where}: the variables have no '{collection}' collection")
-        src = loaded[collection]
-        src = src.get("landmark_cnn", src) if isinstance(src, dict) else src
+        nested = isinstance(stored[collection], dict) and "landmark_cnn" in stored[collection]
+        part = stored[collection]["landmark_cnn"] if nested else stored[collection]
+        loaded, _ = variables_lib.load_variables(path, {collection: {"landmark_cnn": part} if nested else part})
+        src = loaded[collection]["landmark_cnn"] if nested else loaded[collection]
         out[collection] = _match_tree(abstract[collection], src, f"{where} {collection}")
     return out
+
+
+def landmark_abstract(networks: Networks, config: ml_collections.ConfigDict) -> dict:
+    """Shapes of the landmark CNN's variables {'params', 'batch_stats'} (nothing computed)."""
+    size = config.model.image_size
+    return jax.eval_shape(lambda k: networks.landmark_cnn.init({"params": k}, jnp.zeros((1, size, size, 3)),
+                                                               train=False), jax.random.key(0))
 
 
 def _match_tree(abstract: Any, loaded: Any, where: str) -> Any:
@@ -471,7 +480,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # -- data -------------------------------------------------------------------------------------
     source = pipelines.make_source(config.data)
     global_batch = config.batch_size
-    local_batch = mesh_lib.local_batch_size(global_batch, mesh)
+    local_batch = mesh_lib.local_batch_size(global_batch, mesh, "config.batch_size")
     steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else len(source) // global_batch
     if steps_per_epoch < 1:
         raise ConfigError(f"config.batch_size={global_batch} is larger than the data set ({len(source)} images)")
@@ -480,13 +489,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # -- model, optimizer, state ------------------------------------------------------------------
     networks = build_networks(config)
-    landmarks = landmark_variables(config, networks, workdir) if config.method == "lafs" else None
+    lafs = config.method == "lafs"
     abstract_student = jax.eval_shape(lambda k: init_student(networks, config, k), jax.random.key(0))
     tx = optim_lib.pretrain_optimizer(abstract_student, config.optim, steps_per_epoch, total_steps=total_steps,
                                       global_batch_size=global_batch)
     init_fn = lambda key, lm: init_state(networks, config, tx, key, lm)
-    abstract = jax.eval_shape(init_fn, jax.random.key(0), landmarks)
-    shardings = state_shardings(abstract, config, mesh)
+    abstract = jax.eval_shape(init_fn, jax.random.key(0), landmark_abstract(networks, config) if lafs else None)
+    shardings = state_shardings(abstract, config, mesh)  # a bad rule fails here, before any work
+    landmarks = landmark_variables(config, networks, workdir) if lafs else None
     step_fn = jit_step(make_train_step(networks, config, tx, steps_per_epoch=steps_per_epoch,
                                        total_steps=total_steps), shardings, mesh)
 
@@ -593,7 +603,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def save_teacher_backbone(directory: str, teacher_vit: Any, config: ml_collections.ConfigDict, step: int) -> None:
     """The teacher's TokenViT params (state['teacher']['backbone']['vit']) with metadata: what
     fine-tuning initialises its `vit` from."""
-    variables = {"params": jax.device_get(teacher_vit)}
+    variables = {"params": teacher_vit}  # gathered to host arrays by save_variables
     variables_lib.save_variables(directory, variables, {
         "kind": "token_vit", "source": f"pretrain[{config.method}] teacher at step {step}",
         "method": config.method, "patch_order": presets.patch_order(config.model),
