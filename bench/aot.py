@@ -265,7 +265,7 @@ def build_step(config, mesh, num_classes: int | None, given_steps_per_epoch: int
         total = config.total_steps if config.total_steps > 0 else int(round(config.optim.epochs * steps_per_epoch))
         return finetune.build_train_step(config, mesh, num_classes, steps_per_epoch=steps_per_epoch,
                                             total_steps=total)
-    pretrain.validate_config(config)
+    pretrain.validate(config)
     total = config.total_steps if config.total_steps > 0 else int(config.optim.epochs * steps_per_epoch)
     return pretrain.build_train_step(config, mesh, steps_per_epoch=steps_per_epoch, total_steps=total)
 

@@ -54,6 +54,7 @@ import common  # noqa: E402
 import multihost  # noqa: E402
 import results_md  # noqa: E402
 from lafs_jax import sharding as mesh_lib  # noqa: E402
+from lafs_jax.models import presets  # noqa: E402
 from lafs_jax.train import pretrain  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")

@@ -380,7 +380,7 @@ def test_global_resample_draws_the_cnn_landmarks_with_replacement():
     c.unlock()
     c.lafs.random_landmarks = True
     with pytest.raises(ConfigError, match="lafs.global_resample"):
-        pretrain.validate_config(c)
+        pretrain.validate(c)
 
 
 def test_one_device_and_eight_devices_agree(lafs_trainer):
@@ -427,7 +427,7 @@ def test_dino_face_recipe_follows_the_official_data_augmentation_dino():
     assert c.data.normalization == "imagenet"
     assert (c.dino.warmup_teacher_temp, c.dino.teacher_temp, c.dino.warmup_teacher_temp_epochs) == (0.07, 0.04, 30)
     assert c.dino.teacher_train_mode is True
-    pretrain.validate_config(c)
+    pretrain.validate(c)
     image = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
     want = (image / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     np.testing.assert_allclose(transforms.normalize(image, "imagenet"), want, rtol=1e-5, atol=1e-6)
