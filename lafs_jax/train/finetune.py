@@ -455,9 +455,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       metadata={"config": config, **backbone_metadata(config)})
     start = 0
     if ckpt.latest_step() is not None:
-        # any mesh: W and its optimizer moments are re-padded for this device count
-        state = ckpt.restore(None, ckpt_lib.abstract_like(state, shardings), data_iterator=train_iter,
-                             padded_rows=partial_fc.padded_rows_rule(num_classes))
+        try:  # any mesh: W and its optimizer moments are re-padded for this device count
+            state = ckpt.restore(None, ckpt_lib.abstract_like(state, shardings), data_iterator=train_iter,
+                                 padded_rows=partial_fc.padded_rows_rule(num_classes))
+        except Exception:
+            ckpt.close()  # release orbax's threads, so the error is all that is printed
+            raise
         start = int(state["step"])
         logging.info("resumed from step %d", start)
 

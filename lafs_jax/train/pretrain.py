@@ -439,7 +439,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       save_every=config.checkpoint.every_steps,
                                       async_save=config.checkpoint.async_save, metadata=meta)
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(None, ckpt_lib.abstract_like(abstract, shardings), data_iterator=data_iter)
+        try:
+            state = ckpt.restore(None, ckpt_lib.abstract_like(abstract, shardings), data_iterator=data_iter)
+        except Exception:
+            ckpt.close()  # release orbax's threads, so the error is all that is printed
+            raise
         logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
     else:
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed), landmarks)
