@@ -52,7 +52,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from data.prepare import build_orl
+from lafs_jax.input.orl import build_orl
 from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.input.verification_bin import load_bin, save_bin
