@@ -20,11 +20,6 @@ import os
 import sys
 import time
 
-# tensorboardX (the metric writer) imports torch when it is installed, 4 s of CPU per process that
-# nothing here needs: make that import fail, as on a machine without torch. Only in the worker
-# process: the test imports this module too, and its other tests need torch (and scipy probes it).
-if __name__ == "__main__":
-    sys.modules["torch"] = None
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
