@@ -27,6 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lafs_jax.sharding import path_str
+
 VARIABLES_ITEM = "variables"
 METADATA_FILE = "metadata.json"
 
@@ -40,18 +42,6 @@ def to_json_dict(metadata: Any) -> Any:
     if isinstance(metadata, (list, tuple)):
         return [to_json_dict(v) for v in metadata]
     return metadata
-
-
-def _path(keypath) -> str:
-    parts = []
-    for k in keypath:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def to_host(tree: Any) -> Any:
@@ -111,7 +101,7 @@ def read_metadata(directory: str) -> dict:
 
 
 def _flat(tree: Any) -> dict[str, Any]:
-    return {_path(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def load_variables(directory: str, abstract: Any = None, sharding: Any = None) -> tuple[Any, dict]:
