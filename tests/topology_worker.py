@@ -99,7 +99,7 @@ def pretrain_config(data_dir: str, *, total_steps: int = 5, stop_at_step: int = 
     c.batch_size = BATCH
     c.total_steps, c.stop_at_step = total_steps, stop_at_step
     c.optim.warmup_epochs = 0.1
-    c.log_every = 1
+    c.log_every_steps = 1
     c.checkpoint.every_steps = checkpoint_every
     c.checkpoint.keep = total_steps
     c.mesh.data, c.mesh.model = mesh
@@ -114,13 +114,10 @@ class _StopAt:
     def __init__(self, at: int):
         self.at, self.polls = at, 0
 
-    @property
-    def requested(self) -> bool:
+    def should_stop(self, step: int) -> bool:
+        del step
         self.polls += 1
         return self.polls >= self.at
-
-    def sync_requested(self) -> bool:
-        return self.requested
 
 
 @contextlib.contextmanager
