@@ -29,8 +29,13 @@ from ml_collections import config_flags
 from lafs_jax import config as config_lib
 from lafs_jax import logs
 from lafs_jax import sharding as mesh_lib
-from lafs_jax import workdir_lock
-from lafs_jax.train import loop_utils
+from lafs_jax import demo, workdir_lock
+from lafs_jax.eval import evaluate
+from lafs_jax.train import finetune, info, loop_utils, pretrain
+
+# config.task -> run(config, workdir); config_lib.TASKS names the same tasks
+TASK_RUNNERS = {"info": info.run, "demo": demo.run, "pretrain": pretrain.run, "finetune": finetune.run,
+                "evaluate": evaluate.run}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py[:arg].",
                                           lock_config=True)
@@ -124,8 +129,7 @@ def main(argv):
     logs.configure(flags.FLAGS.verbosity, own_paths=(os.path.abspath(__file__),))
     config = _CONFIG.value
     try:
-        config_lib.validate_common(config)
-        run = config_lib.resolve_task(config.task)
+        config_lib.validate_common(config)  # config.task is one of config_lib.TASKS
     except config_lib.ConfigError as e:
         raise app.UsageError(str(e)) from None
 
@@ -138,7 +142,7 @@ def main(argv):
                      jax.devices()[0].platform)
         logging.info("mesh %s", dict(mesh.shape))
         os.makedirs(_WORKDIR.value, exist_ok=True)
-        loop_utils.exit_on_input_stall(lambda: run(config, _WORKDIR.value))
+        loop_utils.exit_on_input_stall(lambda: TASK_RUNNERS[config.task](config, _WORKDIR.value))
     finally:
         if lock is not None:
             lock.release()

@@ -7,20 +7,15 @@ of the wrong type, fails when the flags are parsed, naming the key.
 """
 from __future__ import annotations
 
-import importlib
 import math
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections
 
 # task name -> "module:function"; imported lazily so that one task's dependencies never slow another.
-TASKS: dict[str, str] = {
-    "info": "lafs_jax.train.info:run",
-    "demo": "lafs_jax.demo:run",
-    "pretrain": "lafs_jax.train.pretrain:run",
-    "finetune": "lafs_jax.train.finetune:run",
-    "evaluate": "lafs_jax.eval.evaluate:run",
-}
+# Task names; main.py maps each to its run(config, workdir) with ordinary top-level imports (the
+# tasks sit above this floor, so the floor names them and does not import them).
+TASKS = ("info", "demo", "pretrain", "finetune", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -96,10 +91,3 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         check(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str),
               f"sharding_rules[{i}]", rule, "a (regex, partition spec) pair")
 
-
-def resolve_task(name: str) -> Callable[[ml_collections.ConfigDict, str], Any]:
-    """The run(config, workdir) function of task `name`."""
-    if name not in TASKS:
-        raise _choices_error("task", name, TASKS)
-    module_name, fn_name = TASKS[name].split(":")
-    return getattr(importlib.import_module(module_name), fn_name)

@@ -12,6 +12,7 @@ import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 assert jax.device_count() == 8, f"conftest expected 8 CPU devices, got {jax.device_count()}"
 
 import pytest  # noqa: E402
+from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
 _CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
                   "jax_persistent_cache_min_entry_size_bytes": 0}
@@ -23,8 +24,6 @@ def compile_cache(tmp_path_factory):
     subprocesses a test starts with these options in its environment): the same program built by
     different jit wrappers (the demo's three fine-tuning runs, a resumed run, orbax's many small copy
     programs) is compiled once. Speed only; results do not depend on it. Yields the options."""
-    from jax._src import compilation_cache
-
     options = dict(_CACHE_OPTIONS, jax_compilation_cache_dir=str(tmp_path_factory.mktemp("xla_cache")))
     previous = {name: getattr(jax.config, name) for name in options}
     for name, value in options.items():

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import main
 from lafs_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,3 +171,8 @@ def test_log_setup_hides_library_info_and_keeps_ours():
         assert logging.getLogger("orbax").level == logging.NOTSET
     finally:
         logs.configure(1)
+
+
+def test_every_task_name_has_a_runner():
+    assert set(main.TASK_RUNNERS) == set(config_lib.TASKS)
+    assert all(callable(run) for run in main.TASK_RUNNERS.values())

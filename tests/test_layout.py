@@ -128,3 +128,16 @@ def test_no_test_imports_bench():
     bad = [f"{os.path.relpath(p, ROOT)}:{line} imports {n}" for m, p in _sources("tests").items()
            for n, line, _ in _imports(m, p) if n.split(".")[0] == "bench"]
     assert not bad, "\n".join(bad)
+
+
+def test_no_import_by_name_inside_the_package():
+    """importlib.import_module / __import__ with a module name would hide an edge from the graph above."""
+    bad = []
+    for m, path in MODULES.items():
+        for node in ast.walk(ast.parse(open(path).read(), filename=path)):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                if name in ("import_module", "__import__"):
+                    bad.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not bad, "imports by name under lafs_jax:\n" + "\n".join(bad)
