@@ -3,6 +3,8 @@ process sharding, mixup, resume from iterator state (also through orbax), worker
 import colorsys
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -70,6 +72,14 @@ def test_normalize_matches_formulas():
     assert T.normalize(x, "[-1,1]").dtype == np.float32
     with pytest.raises(ValueError, match="normalization='0-1'"):
         T.normalize(x, "0-1")
+
+
+@pytest.mark.parametrize("normalization", T.NORMALIZATIONS)
+def test_normalize_on_the_device_matches_the_host(normalization):
+    x = np.arange(256 * 3, dtype=np.int64).reshape(1, 16, 16, 3).astype(np.uint8)
+    device = T.normalize(jnp.asarray(x), normalization)
+    assert isinstance(device, jax.Array) and device.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(device), T.normalize(x, normalization), rtol=1e-6, atol=1e-6)
 
 
 def test_random_resized_crop_box_follows_scale_and_ratio():

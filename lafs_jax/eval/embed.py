@@ -24,26 +24,19 @@ import numpy as np
 from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.input.images import COLOR_ORDERS
-from lafs_jax.input.transforms import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS
+from lafs_jax.input.transforms import NORMALIZATIONS, normalize
 from lafs_jax.models import presets
 
 
 def preprocess(images: jax.Array, normalization: str = "[-1,1]", color_order: str = "rgb") -> jax.Array:
-    """uint8 RGB [B, H, W, 3] -> float32 in the model's colour order and range.
-
-    '[-1,1]': x/255·2−1 (training default); '[-0.5,0.5]': x/255−0.5 (official evaluation scripts);
-    'imagenet': (x/255 − mean) / std per channel (DINO's ImageNet statistics).
-    """
+    """uint8 RGB [B, H, W, 3] -> float32 in the model's colour order and range
+    (`input.transforms.normalize`: '[-1,1]', '[-0.5,0.5]' or 'imagenet')."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization {normalization!r} is not valid; choose one of {list(NORMALIZATIONS)}")
     if color_order not in COLOR_ORDERS:
         raise ValueError(f"color_order {color_order!r} is not valid; choose one of {list(COLOR_ORDERS)}")
-    x = images.astype(jnp.float32)
-    if color_order == "bgr":
-        x = x[..., ::-1]
-    if normalization == "imagenet":
-        return (x / 255.0 - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-    return x / 127.5 - 1.0 if normalization == "[-1,1]" else x / 255.0 - 0.5
+    x = jnp.asarray(images)
+    return normalize(x[..., ::-1] if color_order == "bgr" else x, normalization)
 
 
 def model_embedding(model: Any, variables: Any, x: jax.Array) -> jax.Array:

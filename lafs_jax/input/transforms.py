@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
@@ -236,9 +238,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize(images: np.ndarray, normalization: str) -> np.ndarray:
+def normalize(images, normalization: str):
     """float32 images from uint8 [..., 3]: '[-1,1]' is x/255*2-1, '[-0.5,0.5]' is x/255-0.5,
-    'imagenet' is (x/255 - mean) / std per channel (IMAGENET_MEAN / IMAGENET_STD)."""
+    'imagenet' is (x/255 - mean) / std per channel (IMAGENET_MEAN / IMAGENET_STD).
+
+    NumPy in -> NumPy out (on the host, in place on one float32 copy); a jax array in -> jax array
+    out, the same float32 operations in the same order (on the device: `lafs_jax.eval.embed` and the
+    device-side views)."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r}; choose one of {NORMALIZATIONS}")
+    if isinstance(images, jax.Array):
+        x = images.astype(jnp.float32)
+        if normalization == "[-1,1]":
+            return x * jnp.float32(2.0 / 255.0) - jnp.float32(1.0)
+        if normalization == "[-0.5,0.5]":
+            return x * jnp.float32(1.0 / 255.0) - jnp.float32(0.5)
+        return (x * jnp.float32(1.0 / 255.0) - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(
+            IMAGENET_STD, jnp.float32)
     x = images.astype(np.float32)
     if normalization == "[-1,1]":
         x *= np.float32(2.0 / 255.0)
@@ -246,10 +262,8 @@ def normalize(images: np.ndarray, normalization: str) -> np.ndarray:
     elif normalization == "[-0.5,0.5]":
         x *= np.float32(1.0 / 255.0)
         x -= np.float32(0.5)
-    elif normalization == "imagenet":
+    else:
         x *= np.float32(1.0 / 255.0)
         x -= np.asarray(IMAGENET_MEAN, np.float32)
         x /= np.asarray(IMAGENET_STD, np.float32)
-    else:
-        raise ValueError(f"normalization={normalization!r}; choose one of {NORMALIZATIONS}")
     return x
