@@ -108,6 +108,17 @@ def test_progress_logs_the_final_step_and_reset_drops_compilation():
     assert lines[-1] == "train step 150/150 (100.0%) | 100.0 ms/step | ETA 0:00:00"
 
 
+def test_progress_logs_no_rates_for_an_empty_window():
+    clock, lines = FakeClock(), []
+    progress = lu.Progress(total_steps=10, every=1, batch_size=8, clock=clock, log_fn=lines.append)
+    clock.t += 30.0  # step 1 compiles
+    progress.reset(1)
+    assert progress.update(1, {"loss": 2.0}) == {}
+    assert lines[-1] == "train step 1/10 (10.0%) | timing from the next step | loss 2"
+    clock.t += 0.5
+    assert progress.update(2)["step_time_ms"] == pytest.approx(500.0)
+
+
 def test_format_eta():
     assert lu.format_eta(3725.4) == "1:02:05"
     assert lu.format_eta(float("nan")) == "?"

@@ -209,6 +209,7 @@ class Progress:
 
     def update(self, step: int, extra: Mapping[str, Any] | None = None) -> dict | None:
         """Log and return the rates if `step` is a multiple of `every` or the last step; else None.
+        The rates are {} when no step has been timed since the last `reset` (no NaN rates are logged).
 
         extra: scalars appended to the line, e.g. {'loss': 1.23}.
         """
@@ -216,14 +217,18 @@ class Progress:
         if step % self.every and step != self.total_steps:
             return None
         seconds_per_step = self.timer.lap(step)
-        eta = seconds_per_step * (self.total_steps - step)
-        rates = {"step_time_ms": 1e3 * seconds_per_step, "eta_seconds": eta}
         parts = [f"{self.name} step {step}/{self.total_steps} ({100.0 * step / max(self.total_steps, 1):.1f}%)"]
-        if self.batch_size:
-            rates["img_per_sec"] = self.batch_size / seconds_per_step
-            parts.append(f"{rates['img_per_sec']:.1f} img/s")
-        parts.append(f"{rates['step_time_ms']:.1f} ms/step")
-        parts.append(f"ETA {format_eta(eta)}")
+        rates: dict = {}
+        if math.isfinite(seconds_per_step):
+            eta = seconds_per_step * (self.total_steps - step)
+            rates = {"step_time_ms": 1e3 * seconds_per_step, "eta_seconds": eta}
+            if self.batch_size:
+                rates["img_per_sec"] = self.batch_size / seconds_per_step
+                parts.append(f"{rates['img_per_sec']:.1f} img/s")
+            parts.append(f"{rates['step_time_ms']:.1f} ms/step")
+            parts.append(f"ETA {format_eta(eta)}")
+        else:  # an empty window (the step of the last reset, e.g. the compiling first step): no rates yet
+            parts.append("timing from the next step")
         for k, v in (extra or {}).items():
             parts.append(f"{k} {_scalar(k, v):.4g}")
         self.last_line = " | ".join(parts)
