@@ -33,3 +33,14 @@ def compile_cache(tmp_path_factory):
     for name, value in previous.items():
         jax.config.update(name, value)
     compilation_cache.reset_cache()
+
+
+# The longest test files first: with `-n 2 --dist loadfile` (pytest.ini) each file runs whole on one
+# worker, in this order, so the long ones do not start last and leave the other worker idle.
+LONGEST_FIRST = ("test_topology.py", "test_finetune.py", "test_pretrain.py", "test_crash_safety.py", "test_models.py",
+                 "test_aot.py", "test_workdir_lock.py", "test_bench_multihost.py", "test_evaluate.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise

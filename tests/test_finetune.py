@@ -206,7 +206,8 @@ def test_frozen_landmark_cnn_gives_eval_mode_landmarks_and_no_gradient(setup):
     batch, variables, params = S["batch"], S["variables"], S["params"]
     (loss, (metrics, stats)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
         params, variables["batch_stats"], {}, batch, jax.random.key(2), np.float32(0))
-    lm_eval = S["lcnn"].apply({k: v["landmark_cnn"] for k, v in variables.items()}, batch["image"], train=False)
+    lm_eval = jax.jit(lambda v, x: S["lcnn"].apply(v, x, train=False))(
+        {k: v["landmark_cnn"] for k, v in variables.items()}, batch["image"])
     emb, _ = jax.jit(lambda v, x, lm: S["model"].apply(v, x, train=True, landmarks=lm, mutable=["batch_stats"])[0])(
         variables, batch["image"], lm_eval)
     want = _dense_cosface(np.asarray(emb, np.float64), np.asarray(params["centers"], np.float64),

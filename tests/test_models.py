@@ -253,10 +253,10 @@ def test_grid_head_init_starts_every_image_on_the_same_grid_and_still_learns():
     cfg = presets.model_config("tiny")  # 49 landmarks: a 7 x 7 grid
     cfg.landmark.head_init = "grid"
     lm = presets.build_landmark_cnn(cfg)
-    images = jax.random.normal(jax.random.key(0), (3, 112, 112, 3))
-    variables = lm.init(jax.random.key(1), images, train=False)
-    out = np.asarray(lm.apply(variables, images, train=False))
-    step = 111.0 / 6
+    images = jax.random.normal(jax.random.key(0), (3, 64, 64, 3))  # any size: the grid spans [0, H - 1]
+    variables = jax.jit(lambda k: lm.init(k, images, train=False))(jax.random.key(1))
+    out = np.asarray(jax.jit(lambda v: lm.apply(v, images, train=False))(variables))
+    step = 63.0 / 6
     rows, cols = np.divmod(np.arange(49), 7)
     expected = np.stack([cols * step, rows * step], axis=1)  # landmark r*7+c at (x=c, y=r) grid units
     for b in range(3):
@@ -266,7 +266,7 @@ def test_grid_head_init_starts_every_image_on_the_same_grid_and_still_learns():
         pts = lm.apply({**variables, "params": params}, images, train=False)
         return jnp.sum(pts[:, :, 0] * jnp.arange(49.0))
 
-    grads = jax.grad(loss)(variables["params"])
+    grads = jax.jit(jax.grad(loss))(variables["params"])
     assert float(jnp.abs(grads["landmark_head"]["kernel"]).max()) > 0
     assert float(jnp.abs(grads["landmark_head"]["bias"]).max()) > 0
 
