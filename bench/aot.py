@@ -237,6 +237,8 @@ def prepared_config(config, *, precision: str, global_batch: int | None):
         c.batch_size = global_batch
     if c.task == "finetune":
         c.eval.bins = ()
+        if c.init.backbone:  # the recipe fine-tunes a pretrained backbone: its layer decay stays valid
+            c.optim.allow_layer_decay_from_scratch = True
         for key in ("backbone", "landmark_cnn"):
             c.init[key] = ""
         c.landmark_reg.teacher = ""
