@@ -3,10 +3,12 @@ stage, and the stage configs wire the chain. The training stages are stand-ins h
 initialised backbone where the real stage writes its trained one (the real `finetune.run` / `pretrain.run`
 are tested in test_finetune.py / test_pretrain.py, on the same tiny recipes); everything of the demo's own
 (data set, skip logic, evaluation, table, plots) runs for real."""
+import functools
 import json
 import os
 
 import jax
+import ml_collections
 import pytest
 
 from configs import demo as demo_config
@@ -15,9 +17,15 @@ from lafs_jax.models import presets
 from lafs_jax.train import finetune, pretrain
 
 
+@functools.cache
+def _untrained_variables(model_json: str, seed: int) -> dict:
+    cfg = ml_collections.ConfigDict(json.loads(model_json))
+    return jax.device_get(jax.jit(lambda k: presets.init_variables(cfg, k))(jax.random.key(seed)))
+
+
 def _fake_finetune(config, workdir):
     """Writes WORKDIR/backbone as finetune.run does (its metadata), with untrained variables."""
-    v = presets.init_variables(config.model, jax.random.key(config.seed))
+    v = _untrained_variables(config.model.to_json(), config.seed)
     variables.save_variables(os.path.join(workdir, "backbone"), v,
                              finetune.backbone_metadata(config, step=0, init="stand-in", num_classes=30))
     return {"step": 0}
@@ -63,7 +71,8 @@ def test_demo_chain_writes_every_artefact_and_skips_finished_stages(tmp_path, ca
     capsys.readouterr()
     again = demo.run(config, str(tmp_path))
     printed = capsys.readouterr().out
-    assert printed.count("done before, skipped") == 5  # data + 4 training stages
+    assert printed.count("done before, skipped") == 6  # data + 4 training stages + the evaluation
+    assert "| fine-tuned from LAFS |" in printed  # the table, from results.md
     assert len(stand_in_stages) == 4  # nothing trained again
     assert again["results"]["fine-tuned from LAFS"]["accuracy"] == results["fine-tuned from LAFS"]["accuracy"]
 
