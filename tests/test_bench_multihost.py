@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from cpu_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TRUNK = "((3,16,16,False,'RE',2),)"  # one landmark-CNN block keeps the compile cheap
@@ -23,7 +24,7 @@ def _launch(argv_of, use_env: bool = False):
     address = f"127.0.0.1:{_free_port()}"
     procs = []
     for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+        env = cpu_env(2)
         argv = argv_of(pid)
         if use_env:
             env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))

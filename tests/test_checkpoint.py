@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from cpu_env import cpu_env
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lafs_jax import sharding as mesh_lib
@@ -401,7 +402,7 @@ def test_two_processes_save_and_restore_their_own_iterator_state(tmp_path):
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    env = cpu_env(2, PYTHONPATH=root)
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), address, str(i), str(tmp_path / "ck")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = []

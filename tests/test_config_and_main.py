@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from cpu_env import cpu_env
 
 import main
 from lafs_jax import config as config_lib
@@ -13,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main(*args, workdir):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args, f"--workdir={workdir}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

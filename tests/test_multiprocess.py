@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from cpu_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +18,7 @@ def _free_port() -> int:
 
 def _run_workers(*args: str) -> list[dict]:
     address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = cpu_env(2)
     worker = os.path.join(ROOT, "tests", "multiprocess_worker.py")
     procs = [subprocess.Popen([sys.executable, worker, address, "2", str(i), ROOT, *args], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -50,6 +50,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from cpu_env import cpu_env
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lafs_jax.input.orl import build_orl
@@ -73,8 +74,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int, cache_options: dict) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=ROOT)
+    env = cpu_env(devices, PYTHONPATH=ROOT)
     env.update({name.upper(): str(value) for name, value in cache_options.items()})
     return env
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from cpu_env import cpu_env
 from lafs_jax import workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +33,7 @@ def _holder(workdir, seconds):
 
 
 def _main(*args, workdir):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args, f"--workdir={workdir}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -76,7 +77,7 @@ def test_every_process_of_a_second_multi_process_job_stops(tmp_path):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             address = f"127.0.0.1:{s.getsockname()[1]}"
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+        env = cpu_env(2)
         procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/demo.py",
                                    "--config.task=info", f"--workdir={tmp_path}", f"--coordinator_address={address}",
                                    "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env,
