@@ -275,6 +275,13 @@ class TrainCheckpointer:
             self._manager.delete(s)
         return doomed
 
+    def after_divergence(self, error: BaseException) -> BaseException:
+        """The training loops' answer to a divergence `error`: deletes the unconfirmed checkpoints and
+        returns an error of the same type naming them and the confirmed one a relaunch resumes from."""
+        removed = self.discard_unconfirmed()
+        return type(error)(f"{error}; deleted the unconfirmed checkpoints {removed} (their states are suspect); "
+                           f"{self.describe_confirmed()}")
+
     def _set_aside(self, step: int, kind: str) -> epath.Path:
         """Move checkpoint `step` to DIR/<kind>/<step>[-n] (process 0), out of orbax's sight; the new path."""
         source = self._step_dir(step)

@@ -733,9 +733,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("saved the best verified backbone (step %d) to %s", best,
                          os.path.join(workdir, BEST_BACKBONE_DIR))
     except loop_utils.DivergenceError as e:
-        removed = ckpt.discard_unconfirmed()
-        raise type(e)(f"{e}; deleted the unconfirmed checkpoints {removed} (their states are suspect); "
-                      f"{ckpt.describe_confirmed()}") from None
+        raise ckpt.after_divergence(e) from None
     finally:
         ckpt.close()
         writer.close()

@@ -591,9 +591,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if teacher is not None:
             save_teacher_backbone(os.path.join(workdir, TEACHER_BACKBONE_DIR), teacher, config, step)
     except loop_utils.DivergenceError as e:
-        removed = ckpt.discard_unconfirmed()
-        raise type(e)(f"{e}; deleted the unconfirmed checkpoints {removed} (their states are suspect); "
-                      f"{ckpt.describe_confirmed()}") from None
+        raise ckpt.after_divergence(e) from None
     finally:
         ckpt.close()
         writer.close()
