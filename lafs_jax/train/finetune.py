@@ -3,7 +3,10 @@
 One linear function, `run(config, workdir)`, in big_vision's style (the official `train_largescale.py`):
 
   data        Grain fine-tuning batches (flip, crop, RandAugment, jitter, erasing, batch mixup ->
-              `label`, `label2`, `lam`), sharded by process, resumable.
+              `label`, `label2`, `lam`), sharded by process, resumable, copied to the devices ahead
+              of the step (`prefetch.device_prefetch`); with `config.data.augment_on = 'device'` the
+              host only decodes, flips and runs RandAugment, and the step crops, jitters, erases and
+              mixes (lafs_jax.input.device_augment.finetune_images; mixup over the global batch).
   model       the backbone of `config.model` initialised from scratch, from a LAFS / DINO pretraining
               teacher (a TokenViT variables directory, loaded into params['vit']), or from a full
               backbone variables directory (lafs_jax.convert's output of an official checkpoint, or

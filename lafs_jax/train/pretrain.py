@@ -32,6 +32,11 @@ State (one pytree, checkpointed with the Grain iterator by TrainCheckpointer):
 The frozen landmark CNN rides along in the state (so a resumed run uses exactly the same one) but is
 outside the optimizer and only ever applied in eval mode under stop_gradient.
 
+Input: with `config.data.augment_on = 'device'` (the recipes' default) the pipeline hands decoded uint8
+images + stream indices and the step makes the views first (`device_views`: lafs_jax.input.device_augment,
+keyed by the run key and each sample's stream index); with 'host' the pipeline hands the views.
+Batches reach the step through `prefetch.device_prefetch` (the next ones copied while a step runs).
+
 One jitted step `step(state, batch, rng) -> (state, metrics)`: batch sharded over all devices,
 parameters replicated or by `config.sharding_rules`; rng = fold_in(state['rng'], step), so a resumed
 run draws the same numbers as an uninterrupted one. bf16 compute on GPU/TPU with fp32 parameters
