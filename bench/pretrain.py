@@ -1,7 +1,8 @@
 """Pretraining step speed: images/s per device and MFU of the DINO-face / LAFS step, tiny and base.
 
     python -m bench.pretrain [--presets tiny,base] [--methods lafs,dino] [--batch tiny=16,base=2]
-                             [--steps 3] [--peak-tflops auto] [--set model.x=y ...] [--write-results]
+                             [--augment-on host[,device]] [--steps 3] [--peak-tflops auto] [--set model.x=y ...]
+                             [--write-results]
                              [--coordinator_address H:P --num_processes N --process_id I]
 
 The step is exactly `lafs_jax.train.pretrain`'s (`build_train_step`: run's make_train_step + jit_step
@@ -11,6 +12,14 @@ clean view + patch sampling + student on all views + teacher on the global views
 as the recipe (2 global + 8 local for base; the :tiny recipe's counts for tiny); `--set` overrides a
 recipe field (e.g. `model.attention_implementation=cudnn`). Inputs are random normalised images
 (the input pipeline has its own benchmark, bench/input.py), so this measures the accelerator side only.
+
+`--augment-on host,device` measures each (preset, method) both ways in the same run: 'host' is the
+base step fed ready views (float32, as the host pipeline makes them); 'device' is the same step fed
+decoded uint8 images of `data.image_size` px + stream indices, which it first turns into the views
+(lafs_jax.input.device_augment, `pretrain.device_views`). The 'device' line adds the step-time
+ratio to the 'host' line (`augment_overhead`), the augmentation alone (jitted on the same batch:
+`augment_ms`, XLA cost-analysis `augment_flops_per_step_per_device`), and the bytes per image
+crossing to the device either way (`bytes_per_image`).
 
 Multi-host: one process per host, with main.py's flags or JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID (bench/multihost.py); the step runs on every device of every
@@ -67,6 +76,8 @@ def _parse_args(argv):
     p.add_argument("--methods", default="lafs,dino")
     p.add_argument("--batch", default="tiny=16,base=2",
                    help="images per device per preset, e.g. tiny=16,base=2; base=128/64 falls back on out-of-memory")
+    p.add_argument("--augment-on", default="host",
+                   help="comma list: host (step fed ready views), device (views made in the step)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after the compiling one")
     p.add_argument("--peak-tflops", default="auto", help="assumed peak per device (TFLOP/s), or 'auto'")
     p.add_argument("--write-results", action="store_true")
@@ -84,6 +95,12 @@ def recipe(method: str, preset: str):
 
 
 def random_batch(config, batch: int, rng):
+    if config.data.augment_on == "device":  # decoded images + stream indices
+        s = config.data.image_size
+        return {"image": rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8),
+                "index": rng.integers(0, 1 << 30, batch).astype(np.int32),
+                "label": rng.integers(0, 1000, batch).astype(np.int32)}
+
     def images(n, size):
         return rng.uniform(-1, 1, (batch, n, size, size, 3)).astype(np.float32)
 
@@ -103,11 +120,32 @@ def views_per_image(config) -> int:
     return config.data.lafs.global_views + config.data.lafs.local_views
 
 
+def _timed(fn, steps: int) -> float:
+    """Median seconds of `steps` calls of fn() (blocked), after one untimed call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def augment_cost(config, mesh, batch, steps: int) -> dict:
+    """The device augmentation alone on the step's decoded batch: median ms and XLA FLOPs (per device)."""
+    fn = jax.jit(lambda b: pretrain.device_views(config, jax.random.key(0), b),
+                 in_shardings=(mesh_lib.batch_sharding(mesh),), out_shardings=mesh_lib.batch_sharding(mesh))
+    compiled = fn.lower(batch).compile()
+    return {"augment_ms": round(1e3 * _timed(lambda: compiled(batch), steps), 1),
+            "augment_flops_per_step_per_device": common.flops_of(compiled)}
+
+
 def measure(method: str, preset: str, per_device_batch: int, steps: int, peak_tflops: float,
-            overrides: list[str] = (), profile: str = "") -> dict:
+            overrides: list[str] = (), profile: str = "", augment_on: str = "host") -> dict:
     """Time `pretrain.build_train_step`'s step (run's step) on every device of every process."""
     config = recipe(method, preset)
     common.apply_overrides(config, list(overrides))
+    config.data.augment_on = augment_on
     mesh = mesh_lib.make_mesh(config.mesh)
     n_dev = mesh.devices.size
     config.batch_size = per_device_batch * n_dev
@@ -117,7 +155,9 @@ def measure(method: str, preset: str, per_device_batch: int, steps: int, peak_tf
     state = init(jax.random.key(0))
     local = mesh_lib.local_batch_size(config.batch_size, mesh)
     rng = np.random.default_rng(jax.process_index())  # each process feeds its own rows, as the loop does
-    batch = mesh_lib.global_batch(random_batch(config, local, rng), mesh)
+    host_batch = random_batch(config, local, rng)
+    bytes_per_image = sum(a.nbytes for a in host_batch.values()) / local
+    batch = mesh_lib.global_batch(host_batch, mesh)
 
     t0 = time.perf_counter()
     compiled = step.lower(*args).compile()
@@ -142,8 +182,9 @@ def measure(method: str, preset: str, per_device_batch: int, steps: int, peak_tf
         summary = common.trace_summary(profile)
     device = jax.devices()[0]
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(args[0]["student"]))
+    augment = augment_cost(config, mesh, batch, steps) if augment_on == "device" else {}
     return {
-        "name": f"pretrain_{method}_{preset}", "device": f"{n_dev} x {device.device_kind}",
+        "name": f"pretrain_{method}_{preset}", "augment_on": augment_on, "device": f"{n_dev} x {device.device_kind}",
         **multihost.topology(), "overrides": list(overrides),
         "precision": presets.with_precision(config.model, config.precision).dtype, "per_device_batch": per_device_batch,
         "views_per_image": views_per_image(config), "student_params": params,
@@ -153,7 +194,8 @@ def measure(method: str, preset: str, per_device_batch: int, steps: int, peak_tf
         "assumed_peak_tflops": round(peak_tflops, 3), "mfu": round(flops / step_s / (peak_tflops * 1e12), 4),
         "compile_s": round(compile_s, 1), "peak_bytes": common.compiled_peak_bytes(compiled),
         "device_peak_bytes": common.device_peak_bytes(jax.local_devices()[0]),
-        "loss": round(float(metrics["loss"]), 4), **({"profile": summary} if summary else {}),
+        "loss": round(float(metrics["loss"]), 4), "bytes_per_image": int(bytes_per_image), **augment,
+        **({"profile": summary} if summary else {}),
     }
 
 
@@ -164,14 +206,16 @@ def write_results(lines: list[dict], command: str, peak_note: str, note: str, pa
              f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
              f"load average {load:.1f} when written. Assumed peak: {peak_note}.", "", "Command:", "", "```",
              command, "```", "",
-             "| step | device | precision | batch/device | views/image | step ms | img/s/device | GFLOP/step/device "
-             "| TFLOP/s | MFU | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| step | augment_on | device | precision | batch/device | views/image | step ms | img/s/device "
+             "| GFLOP/step/device | TFLOP/s | MFU | compile s | bytes/image in | augment: ms alone, GFLOP, step x |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in lines:
-        parts.append(f"| {r['name']} | {r['device']} | {r['precision']} | {r['per_device_batch']} | "
-                     f"{r['views_per_image']} | {r['step_ms']} | {r['img_per_sec_per_device']} | "
+        aug = (f"{r['augment_ms']} ms, {r['augment_flops_per_step_per_device'] / 1e9:.2f}, "
+               f"x{r.get('augment_overhead', '-')}" if "augment_ms" in r else "")
+        parts.append(f"| {r['name']} | {r.get('augment_on', 'host')} | {r['device']} | {r['precision']} | "
+                     f"{r['per_device_batch']} | {r['views_per_image']} | {r['step_ms']} | {r['img_per_sec_per_device']} | "
                      f"{r['flops_per_step_per_device'] / 1e9:.1f} | {r['tflops_per_sec_per_device']} | "
-                     f"{100 * r['mfu']:.1f}% | {r['compile_s']} |")
+                     f"{100 * r['mfu']:.1f}% | {r['compile_s']} | {r.get('bytes_per_image', '')} | {aug} |")
     if note:
         parts += ["", note]
     parts += ["", "JSON lines:", "", "```"] + [json.dumps(r) for r in lines] + ["```"]
@@ -188,12 +232,19 @@ def main(argv) -> list[dict]:
     lines = []
     for preset in args.presets.split(","):
         for method in args.methods.split(","):
-            line = common.first_batch_that_fits(
-                common.parse_batches(batches[preset]),
-                lambda b: measure(method, preset, b, args.steps, peak, args.set,
-                                  os.path.join(args.profile, f"{method}_{preset}") if args.profile else ""))
-            multihost.emit(line)
-            lines.append(line)
+            host_line = None
+            for augment_on in args.augment_on.split(","):
+                line = common.first_batch_that_fits(
+                    common.parse_batches(batches[preset]),
+                    lambda b: measure(method, preset, b, args.steps, peak, args.set,
+                                      os.path.join(args.profile, f"{method}_{preset}_{augment_on}") if args.profile
+                                      else "", augment_on))
+                if augment_on == "host":
+                    host_line = line
+                elif host_line is not None and host_line["per_device_batch"] == line["per_device_batch"]:
+                    line["augment_overhead"] = round(line["step_ms"] / host_line["step_ms"], 3)
+                multihost.emit(line)
+                lines.append(line)
     if args.write_results and multihost.is_main():
         shown = [a for a in argv if a != "--write-results"]
         for flag in ("--note", "--results"):

@@ -54,6 +54,9 @@ def get_config(arg=None):
     c.data = data_config()
     c.data.dino.local_scale = (0.05, 0.4)  # lafs_train.py --local_crops_scale (DINO: 0.05-0.4)
     c.data.normalization = "imagenet"  # DataAugmentationDINO: Normalize(ImageNet mean, std); LAFS views: [-1,1]
+    # the views are made in the jitted step from uint8 decoded images (lafs_jax.input.device_augment,
+    # Pillow-exact up to 1-2 grey levels); 'host' makes them in the Grain workers with Pillow
+    c.data.augment_on = "device"
     c.data.path = "runs/demo/data/train" if tiny else ""  # .rec prefix (DIR/train for DIR/train.rec + .idx)
     if tiny:
         c.data.dino.local_crops = 4  # fewer local crops keep the CPU demo fast

@@ -62,6 +62,9 @@ def get_config(arg=None):
     # Input: LAFS views (§2.2): 2 global + 8 local (clean, colour-augmented) pairs, all 112 px crops
     # with the global scale range (0.4, 1) as the official code; normalised to [-1, 1].
     c.data = data_config()
+    # the views are made in the jitted step from uint8 decoded images (lafs_jax.input.device_augment,
+    # Pillow-exact up to 1-2 grey levels); 'host' makes them in the Grain workers with Pillow
+    c.data.augment_on = "device"
     c.data.path = "runs/demo/data/train" if tiny else ""  # .rec prefix (DIR/train for DIR/train.rec + .idx)
     if tiny:
         c.data.lafs.local_views = 4  # fewer local views keep the CPU demo fast

@@ -5,6 +5,7 @@ import signal
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import flax.linen as nn
 import optax
@@ -14,7 +15,7 @@ from configs import finetune as finetune_recipe
 from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError
-from lafs_jax.input import pipelines
+from lafs_jax.input import device_augment, pipelines
 from lafs_jax.input.orl import build_orl
 from lafs_jax.input.synthetic import write_synthetic_rec
 from lafs_jax.input.verification_bin import load_bin, save_bin
@@ -561,3 +562,25 @@ def test_bad_topologies_fail_before_any_work(tmp_path, monkeypatch):
            sharding_rules=((r"mlp/fc1/kernel$", (None, "tensor")),))
     expect(r"'vit/pos_embedding' splits dimension 1 of shape \(1, 50, 96\) \(50\) over \('data',\) = 8 devices, "
            r"which does not divide it", sharding_rules=((r"pos_embedding$", (None, "data")),))
+
+
+def test_device_augmentation_feeds_the_step(setup, synthetic_rec):
+    """augment_on='device': the pipeline hands decoded uint8 images + stream indices; the step's
+    augmentation (crop, jitter, erasing, mixup on device) gives the host layout, and the loss of it is
+    finite; run's step traces with the decoded batch."""
+    config = ml_collections.ConfigDict(setup["config"].to_dict())
+    config.data.augment_on = "device"
+    source = pipelines.make_source(config.data)
+    batch = next(pipelines.finetune_batches(source, config.data, batch_size=8, seed=3))
+    assert batch["image"].dtype == np.uint8 and set(batch) == {"image", "index", "label"}
+    aug = jax.jit(lambda b: device_augment.finetune_images(config.data, jax.random.key(5), b))(batch)
+    assert aug["image"].shape == setup["batch"]["image"].shape and aug["image"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(aug["label2"]), batch["label"][::-1])  # mixup_prob 1
+    loss, _ = setup["loss"](setup["params"], setup["variables"]["batch_stats"], setup["teacher"], aug,
+                            jax.random.key(0), np.float32(0.1))
+    assert np.isfinite(float(loss))
+    mesh = mesh_lib.make_mesh()
+    step, args, _, _ = finetune.build_train_step(config, mesh, 30, steps_per_epoch=10, total_steps=90)
+    assert args[2]["image"].dtype == jnp.uint8 and set(args[2]) == {"image", "index", "label"}
+    state, metrics = jax.eval_shape(step, *args)
+    assert "loss" in metrics

@@ -436,3 +436,67 @@ def test_make_source_for_each_format(tmp_path):
     dc.path = ""
     with pytest.raises(ConfigError, match="config.data.path is empty"):
         P.make_source(dc)
+
+
+# ---------------- augment_on = 'device' ----------------
+
+@pytest.mark.parametrize("build", [P.dino_batches, P.lafs_batches, P.finetune_batches])
+def test_device_mode_yields_uint8_images_and_global_stream_indices(build):
+    """Decoded uint8 images (no views), the records' positions in the global stream (process p of 2
+    gets positions p, p+2, ...), the image bytes of one view source per sample."""
+    dc = small_config()
+    dc.augment_on = "device"
+    dc.finetune.flip = dc.finetune.randaugment = False
+    src = IndexSource(12)
+    whole = take(build(src, dc, batch_size=4, seed=3, process_index=0, process_count=1), 3)
+    for b in whole:
+        assert set(b) == {"image", "index", "label"}
+        assert b["image"].dtype == np.uint8 and b["image"].shape == (4, SIZE, SIZE, 3)
+        assert b["index"].dtype == np.int32
+    index = np.concatenate([b["index"] for b in whole])
+    np.testing.assert_array_equal(index, np.arange(12))
+    # the image of stream position i is the source item the shuffle put there: a permutation per epoch
+    items = np.concatenate([b["image"][:, 0, 0, 0] for b in whole])
+    assert sorted(items.tolist()) == list(range(12))
+    shares = [take(build(src, dc, batch_size=2, seed=3, process_index=p, process_count=2), 3) for p in (0, 1)]
+    for p, share in enumerate(shares):
+        np.testing.assert_array_equal(np.concatenate([b["index"] for b in share]), np.arange(p, 12, 2))
+        np.testing.assert_array_equal(np.concatenate([b["image"][:, 0, 0, 0] for b in share]), items[p::2])
+
+
+def test_device_mode_config_is_validated():
+    dc = small_config()
+    dc.augment_on = "gpu"
+    with pytest.raises(ConfigError, match="config.data.augment_on"):
+        P.validate_data_config(dc)
+    dc.augment_on, dc.prefetch = "device", -1
+    with pytest.raises(ConfigError, match="config.data.prefetch"):
+        P.validate_data_config(dc)
+
+
+def test_device_prefetch_checkpoints_the_consumed_batches():
+    """device_prefetch: global arrays on the mesh; its state after k batches restores the batches
+    k+1, ... even though more were already fetched in the background."""
+    import jax
+
+    from lafs_jax import sharding as mesh_lib
+    from lafs_jax.train import prefetch
+
+    dc = small_config()
+    dc.augment_on = "device"
+    mesh = mesh_lib.make_mesh()
+    src = IndexSource(40)
+    it = prefetch.device_prefetch(P.lafs_batches(src, dc, batch_size=8, seed=1, process_index=0, process_count=1),
+                                  mesh, buffer_size=3)
+    for _ in range(2):
+        next(it)
+    state = it.get_state()
+    rest = [jax.device_get(next(it)) for _ in range(3)]
+    again = prefetch.device_prefetch(P.lafs_batches(src, dc, batch_size=8, seed=1, process_index=0, process_count=1),
+                                     mesh, buffer_size=3)
+    again.set_state(state)
+    assert_batches_equal(rest, [jax.device_get(next(again)) for _ in range(3)])
+    batch = next(again)
+    assert isinstance(batch["image"], jax.Array) and batch["image"].sharding.num_devices == jax.device_count()
+    it.close()
+    again.close()

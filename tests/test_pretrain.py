@@ -144,6 +144,7 @@ def _small_config(method: str, data_path: str = "") -> ml_collections.ConfigDict
     m.image_size, m.num_landmarks, m.dim, m.depth, m.heads, m.head_dim, m.mlp_dim = SIZE, 16, 48, 1, 2, 24, 96
     m.dino_head.out_dim, m.dino_head.hidden_dim, m.dino_head.bottleneck_dim = 64, 64, 32
     c.data.path = data_path
+    c.data.augment_on = "host"  # the step tests feed view batches; tests/test_pretrain_device.py covers 'device'
     c.data.lafs.view_size, c.data.lafs.local_views = SIZE, 2
     c.data.dino.global_size, c.data.dino.local_size, c.data.dino.local_crops = SIZE, 16, 2
     m.landmark.blocks = m.landmark.blocks[:2]  # 32 -> 16 -> 8 -> 4 px
@@ -584,3 +585,69 @@ def test_divergence_stops_naming_step_and_metric_and_keeps_only_the_confirmed_ch
         assert ckpt.all_steps() == ckpt.confirmed_steps() == [1]
         kept = ckpt.restore(1)
     assert max(float(np.max(np.abs(x))) for x in jax.tree.leaves(kept["student"])) < 100
+
+
+# ------------------------------------------------------------------------------------------------
+# config.data.augment_on = 'device': decoded uint8 batches, views made in the step
+# ------------------------------------------------------------------------------------------------
+
+def _device(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c.unlock()
+    c.data.augment_on, c.data.image_size = "device", 48  # the synthetic data set's 48 px images
+    c.lock()
+    return c
+
+
+def _decoded_batch(config):
+    from lafs_jax.input.synthetic import face_like_image
+
+    b = config.batch_size
+    return {"image": np.stack([face_like_image(i % 4, i, size=48) for i in range(b)]),
+            "index": np.arange(b, dtype=np.int32) + 1000, "label": np.zeros(b, np.int32)}
+
+
+@pytest.mark.parametrize("method", ["lafs", "dino"])
+def test_device_augmentation_trains_on_a_fixed_decoded_batch(method):
+    """The step makes the views from uint8 images (same index: same views every step); with the
+    teacher and centre held, the student's loss falls. The batch crossing is uint8."""
+    t = Trainer(_device(_fixed_batch_config(method)), mesh_lib.make_mesh())
+    batch = _decoded_batch(t.config)
+    assert batch["image"].dtype == np.uint8
+    state = t.init()
+    teacher0, center0 = _host(state["teacher"]), _host(state["center"])
+    losses = []
+    for _ in range(5):
+        state = dict(state, teacher=jax.device_put(teacher0, t.shardings["teacher"]),
+                     center=jax.device_put(center0, t.shardings["center"]))
+        state, metrics = t.run(state, batch, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.02 and min(losses) == losses[-1], losses
+
+
+@pytest.mark.parametrize("method", ["lafs", "dino"])
+def test_device_augmentation_run_resumes_exactly(tmp_path, data_prefix, method):
+    """pretrain.run with augment_on='device' to step 4; a second workdir holding only its checkpoint of
+    step 2 (and the landmark CNN) resumes to step 4 with the same losses and state, bit for bit (views
+    from the run key and each sample's stream index; the device-prefetched iterator checkpoints the
+    batches consumed, not the ones in flight)."""
+    import shutil
+
+    config = _device(_small_config(method, data_prefix))
+    config.unlock()
+    config.total_steps, config.stop_at_step, config.checkpoint.every_steps, config.checkpoint.keep = 40, 4, 2, 3
+    _no_dropout(config)
+    config.lock()
+    work_a, work_b = str(tmp_path / "a"), str(tmp_path / "b")
+    pretrain.run(config, work_a)
+    shutil.copytree(os.path.join(work_a, "checkpoints", "2"), os.path.join(work_b, "checkpoints", "2"))
+    if method == "lafs":
+        shutil.copytree(os.path.join(work_a, pretrain.LANDMARK_INIT_DIR), os.path.join(work_b, pretrain.LANDMARK_INIT_DIR))
+    pretrain.run(config, work_b)
+    losses_a = {r["step"]: r["loss"] for r in loop_utils.read_metrics(work_a)}
+    losses_b = {r["step"]: r["loss"] for r in loop_utils.read_metrics(work_b)}
+    assert sorted(losses_a) == [1, 2, 3, 4] and sorted(losses_b) == [3, 4]
+    assert {s: losses_a[s] for s in (3, 4)} == losses_b
+    state_a, state_b = _restore_state(work_a, 4), _restore_state(work_b, 4)
+    for x, y in zip(jax.tree.leaves(state_a["student"]), jax.tree.leaves(state_b["student"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

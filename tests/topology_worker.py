@@ -94,6 +94,7 @@ def pretrain_config(data_dir: str, *, total_steps: int = 5, stop_at_step: int = 
     c.data.path = os.path.join(data_dir, "train")
     c.data.lafs.view_size = 32
     c.data.lafs.local_views = 0  # the 2 global views only: one view group, half the step's compile time
+    c.data.augment_on = "host"  # as the matrix was timed; device views are topology-checked in test_device_augment
     c.lafs.num_local_landmarks = 4
     c.lafs.noise_std = 1.0
     c.batch_size = BATCH

@@ -9,6 +9,7 @@
 - `LafsAugment` (`DataAugmentation_LAFS` in the official `lafs_train.py`): every view is a RandomResizedCrop of one size and scale range + flip;
   its clean copy is the crop, its augmented copy the same crop after jitter p=0.8, grayscale p=0.2 and
   the per-view blur / solarisation of DINO.
+- `FinetuneHostAugment`: fine-tuning's host part with `augment_on='device'`: flip and RandAugment only.
 - `EvalPrepare`: resize to the evaluation size; optionally the mirrored copy.
 Normalisation to float happens per batch (pipelines), where it is one vectorised operation.
 """
@@ -57,6 +58,23 @@ class FinetuneAugment(grain.transforms.RandomMap):
             image = T.random_erasing(image, rng, self.erasing_scale, value=0)
         mix_lam = rng.beta(self.mixup_alpha, self.mixup_alpha) if self.mixup_alpha > 0 else 1.0
         return {"image": image, "label": element["label"], "mix_u": rng.random(), "mix_lam": float(mix_lam)}
+
+
+class FinetuneHostAugment(grain.transforms.RandomMap):
+    """{'image', 'label', 'index'} -> the same with the image flipped (p=0.5) and RandAugment'ed, uint8 at
+    its decoded size: the host part of fine-tuning with augment_on='device' (the device crops,
+    jitters, erases and mixes: lafs_jax.input.device_augment.finetune_images)."""
+
+    def __init__(self, flip: bool = True, randaugment: T.RandAugment | None = None):
+        self.flip, self.randaugment = bool(flip), randaugment
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        image = element["image"]
+        if self.flip and rng.random() < 0.5:
+            image = T.hflip(image)
+        if self.randaugment is not None:
+            image = self.randaugment(T.to_pil(image), rng)
+        return {**element, "image": np.ascontiguousarray(T.to_array(image))}
 
 
 class _ColorAugment:

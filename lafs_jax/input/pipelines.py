@@ -19,6 +19,12 @@ so concatenating the processes' batches in process order restores the data set o
 False on padding (and on records skipped as undecodable).
 
 Batches are host-local numpy: images float32 NHWC (already normalised), labels int32.
+
+With `config.data.augment_on = 'device'` the training pipelines only decode (fine-tuning also flips
+and runs RandAugment, which have no device version) and hand over
+`{'image': uint8 [B, H, W, 3], 'index': int32 [B], 'label': int32 [B]}`: `index` is each record's
+position in the global stream (before the per-process split; modulo 2^31), from which the train
+step's `lafs_jax.input.device_augment` draws the sample's views and normalises them on device.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ from lafs_jax.input import transforms as T
 log = logging.getLogger(__name__)
 
 FORMATS = ("rec", "arrayrecord", "folder", "tfds")
+AUGMENT_ON = ("host", "device")
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -116,6 +123,12 @@ def data_config() -> ml_collections.ConfigDict:
     c.ssl_color.global_solarize_probs = (0.0, 0.2)  # solarisation probability of global view 1, 2 (further: 0)
     c.ssl_color.local_blur_prob = 0.5  # blur probability of every local view
 
+    # where the training views are made: 'host' (Grain workers, Pillow: float32 views cross to the device)
+    # or 'device' (Grain only decodes, uint8 images + stream positions cross; the jitted step crops,
+    # colours, blurs and normalises: lafs_jax.input.device_augment). Pretraining recipes use 'device'.
+    c.augment_on = "host"
+    c.prefetch = 2  # batches the training loops copy to the devices ahead of the step (background thread; 0 = none)
+
     c.eval = ml_collections.ConfigDict()
     c.eval.flip = False  # also give 'image_flip' (mirrored) for flip-sum embeddings
     return c
@@ -158,11 +171,11 @@ def _get(dc, key: str):
 
 def validate_data_config(dc: ml_collections.ConfigDict) -> None:
     """Raise ConfigError naming the first invalid `config.data.*` field."""
-    for key, choices in (("format", FORMATS), ("color_order", S.image_lib.COLOR_ORDERS),
+    for key, choices in (("format", FORMATS), ("augment_on", AUGMENT_ON), ("color_order", S.image_lib.COLOR_ORDERS),
                          ("normalization", T.NORMALIZATIONS), ("subset.k_draw", subsets.K_DRAWS)):
         if _get(dc, key) not in choices:
             raise _err(key, _get(dc, key), f"choose one of {list(choices)}")
-    for key, minimum in (("image_size", 1), ("workers", 0), ("worker_buffer_size", 1), ("read_threads", 0),
+    for key, minimum in (("image_size", 1), ("workers", 0), ("prefetch", 0), ("worker_buffer_size", 1), ("read_threads", 0),
                          ("read_buffer_size", 1), ("subset.k", 0), ("subset.seed", 0),
                          ("finetune.randaugment_num_ops", 0),
                          ("dino.global_size", 1), ("dino.global_crops", 1), ("dino.local_size", 1),
@@ -267,6 +280,27 @@ class ViewsCollate:
         return out
 
 
+class DecodedCollate:
+    """Records -> {'image': uint8 [B, H, W, 3], 'index': int32 [B], 'label': int32 [B]} (augment_on='device').
+
+    The images of a batch must share one size (aligned faces do); the device makes every view from
+    them. `index` is the record's global stream position modulo 2^31."""
+
+    def __call__(self, records) -> dict:
+        shapes = {r["image"].shape for r in records}
+        if len(shapes) > 1:
+            raise ValueError(f"config.data.augment_on='device' needs images of one size per batch, got {sorted(shapes)}; "
+                             "use augment_on='host' for data sets of mixed sizes")
+        return {"image": np.stack([r["image"] for r in records]),
+                "index": np.asarray([r["index"] % (1 << 31) for r in records], np.int32),
+                "label": np.asarray([r["label"] for r in records], np.int32)}
+
+
+def _with_index(index: int, element: dict) -> dict:
+    """The record with its global stream position (map_with_index before the process split)."""
+    return {"image": element["image"], "label": element["label"], "index": int(index)}
+
+
 class EvalCollate:
     """Records -> {'image' (and 'image_flip'): f32 [B,S,S,3], 'label', 'index': i32 [B], 'valid': bool [B]}."""
 
@@ -313,13 +347,17 @@ def _iterator(ds: grain.IterDataset, dc) -> grain.DatasetIterator:
     return iter(ds)
 
 
-def _train_iterator(source, dc, augment: grain.transforms.RandomMap, collate, *, batch_size: int, seed: int,
+def _train_iterator(source, dc, augment: grain.transforms.RandomMap | None, collate, *, batch_size: int, seed: int,
                     num_epochs: int | None, process_index: int | None, process_count: int | None):
+    """augment None: decode only; with dc.augment_on='device' the records carry their stream index."""
     validate_data_config(dc)
     _check_batch(batch_size, source)
     pi, pc = _process(process_index, process_count)
     ds = grain.MapDataset.source(source).seed(int(seed)).shuffle().repeat(num_epochs)
-    ds = ds.random_map(augment)
+    if dc.augment_on == "device":
+        ds = ds.map_with_index(_with_index)
+    if augment is not None:
+        ds = ds.random_map(augment)
     ds = ds[pi::pc]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=dc.read_threads, prefetch_buffer_size=dc.read_buffer_size))
     it = it.batch(int(batch_size), drop_remainder=True, batch_fn=collate)
@@ -337,14 +375,27 @@ def finetune_augment(dc) -> A.FinetuneAugment:
 
 def finetune_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int | None = None,
                      process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
-    """Fine-tuning batches {'image': f32 [B,S,S,3], 'label', 'label2': i32 [B], 'lam': f32 [B]}.
+    """Fine-tuning batches {'image': f32 [B,S,S,3], 'label', 'label2': i32 [B], 'lam': f32 [B]}
+    (augment_on='device': {'image': uint8 [B,H,W,3] flipped / RandAugment'ed, 'index', 'label'}).
 
     `batch_size` is per process; `num_epochs` None repeats forever.
     """
     validate_data_config(dc)
-    collate = FinetuneCollate(dc.normalization, dc.finetune.mixup_prob)
-    return _train_iterator(source, dc, finetune_augment(dc), collate, batch_size=batch_size, seed=seed,
+    if dc.augment_on == "device":
+        augment, collate = finetune_host_augment(dc), DecodedCollate()
+    else:
+        augment, collate = finetune_augment(dc), FinetuneCollate(dc.normalization, dc.finetune.mixup_prob)
+    return _train_iterator(source, dc, augment, collate, batch_size=batch_size, seed=seed,
                            num_epochs=num_epochs, process_index=process_index, process_count=process_count)
+
+
+def finetune_host_augment(dc) -> A.FinetuneHostAugment:
+    """The host part of fine-tuning with augment_on='device': flip and RandAugment (the official order's
+    first two steps; crop, jitter, erasing and mixup follow on device)."""
+    f = dc.finetune
+    randaugment = (T.RandAugment(f.randaugment_magnitude, f.randaugment_num_ops, f.randaugment_prob,
+                                 f.randaugment_magnitude_std, f.randaugment_fill) if f.randaugment else None)
+    return A.FinetuneHostAugment(flip=f.flip, randaugment=randaugment)
 
 
 def _ssl_color_kwargs(dc) -> dict:
@@ -356,8 +407,12 @@ def _ssl_color_kwargs(dc) -> dict:
 
 def dino_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
-    """DINO multi-crop batches {'global': f32 [B,G,Sg,Sg,3], 'local': f32 [B,L,Sl,Sl,3], 'label': i32 [B]}."""
+    """DINO multi-crop batches {'global': f32 [B,G,Sg,Sg,3], 'local': f32 [B,L,Sl,Sl,3], 'label': i32 [B]}
+    (augment_on='device': decoded {'image': uint8 [B,H,W,3], 'index', 'label'})."""
     validate_data_config(dc)
+    if dc.augment_on == "device":
+        return _train_iterator(source, dc, None, DecodedCollate(), batch_size=batch_size, seed=seed,
+                               num_epochs=num_epochs, process_index=process_index, process_count=process_count)
     d = dc.dino
     augment = A.DinoAugment(d.global_size, d.global_crops, tuple(d.global_scale), d.local_size, d.local_crops,
                             tuple(d.local_scale), **_ssl_color_kwargs(dc))
@@ -369,8 +424,12 @@ def dino_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int | No
 def lafs_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
     """LAFS view batches {'global_clean', 'global_aug': f32 [B,G,S,S,3], 'local_clean', 'local_aug':
-    f32 [B,L,S,S,3], 'label': i32 [B]}; clean/aug of a view share the geometric crop."""
+    f32 [B,L,S,S,3], 'label': i32 [B]}; clean/aug of a view share the geometric crop
+    (augment_on='device': decoded {'image': uint8 [B,H,W,3], 'index', 'label'})."""
     validate_data_config(dc)
+    if dc.augment_on == "device":
+        return _train_iterator(source, dc, None, DecodedCollate(), batch_size=batch_size, seed=seed,
+                               num_epochs=num_epochs, process_index=process_index, process_count=process_count)
     v = dc.lafs
     augment = A.LafsAugment(v.view_size, v.global_views, v.local_views, tuple(v.global_scale), tuple(v.local_scale),
                             **_ssl_color_kwargs(dc))

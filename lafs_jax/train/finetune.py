@@ -3,7 +3,10 @@
 One linear function, `run(config, workdir)`, in big_vision's style (the official `train_largescale.py`):
 
   data        Grain fine-tuning batches (flip, crop, RandAugment, jitter, erasing, batch mixup ->
-              `label`, `label2`, `lam`), sharded by process, resumable.
+              `label`, `label2`, `lam`), sharded by process, resumable, copied to the devices ahead
+              of the step (`prefetch.device_prefetch`); with `config.data.augment_on = 'device'` the
+              host only decodes, flips and runs RandAugment, and the step crops, jitters, erases and
+              mixes (lafs_jax.input.device_augment.finetune_images; mixup over the global batch).
   model       the backbone of `config.model` initialised from scratch, from a LAFS / DINO pretraining
               teacher (a TokenViT variables directory, loaded into params['vit']), or from a full
               backbone variables directory (lafs_jax.convert's output of an official checkpoint, or
@@ -34,6 +37,7 @@ draws the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -50,6 +54,7 @@ from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError, check, check_choice
 from lafs_jax.eval import embed as embed_lib
 from lafs_jax.eval import roc, verification
+from lafs_jax.input import device_augment
 from lafs_jax.input import pipelines
 from lafs_jax.input.images import COLOR_ORDERS
 from lafs_jax.input.transforms import NORMALIZATIONS
@@ -60,6 +65,7 @@ from lafs_jax.models import presets
 from lafs_jax.train import checkpoint as ckpt_lib
 from lafs_jax.train import loop_utils
 from lafs_jax.train import optim
+from lafs_jax.train import prefetch as prefetch_lib
 
 INIT_KINDS = ("auto", "backbone", "token_vit")
 REG_MODES = ("none", "schedule", "constant")
@@ -377,13 +383,25 @@ def parameter_updates(opt_state: Any, micro_steps: jax.Array) -> jax.Array:
     return found[0].gradient_step if found else jnp.asarray(micro_steps)
 
 
-def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Array, ema_decay: float = 0.0):
+AUGMENT_STREAM = 0x5EED  # fold_in constant of the device augmentation's key (base key folded with it)
+
+
+def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Array, ema_decay: float = 0.0,
+                    data_config: ml_collections.ConfigDict | None = None):
     """step(state, batch, reg_weight) -> (state, metrics); state = {'step', 'params', 'batch_stats', 'opt_state'}
     and, when ema_decay > 0, 'ema' (the moving average of params['backbone']), which moves once per
     parameter update: under gradient accumulation (optax.MultiSteps) only on the micro-batches where
-    the inner optimizer stepped, with the decay of that update's count."""
+    the inner optimizer stepped, with the decay of that update's count.
+
+    With data_config.augment_on='device' the batch is the decoded one ({'image': uint8, 'index',
+    'label'}) and the step first makes the training images (`device_augment.finetune_images`, key =
+    base_key folded with AUGMENT_STREAM, then each sample's stream index)."""
+    device = data_config is not None and data_config.augment_on == "device"
+    augment_key = jax.random.fold_in(base_key, AUGMENT_STREAM)
 
     def step(state, teacher_vars, batch, reg_weight):
+        if device:
+            batch = device_augment.finetune_images(data_config, augment_key, batch)
         key = jax.random.fold_in(base_key, state["step"])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, (metrics, batch_stats)), grads = grad_fn(state["params"], state["batch_stats"], teacher_vars, batch, key,
@@ -443,6 +461,15 @@ def state_shardings(tx, params: Any, batch_stats: Any, mesh: Any, rules, ema: bo
     return out
 
 
+def _checked_labels(batch: dict, num_classes: int) -> dict:
+    """The host batch after `partial_fc.check_labels` (a decoded batch of augment_on='device' has only
+    'label': mixup happens on device)."""
+    labels = batch if "lam" in batch else {"label": batch["label"], "label2": batch["label"],
+                                           "lam": np.ones(len(batch["label"]), np.float32)}
+    partial_fc.check_labels(labels, num_classes)
+    return batch
+
+
 def build_train_step(config: ml_collections.ConfigDict, mesh: Any, num_classes: int, *, steps_per_epoch: int,
                      total_steps: int) -> tuple[Any, tuple, dict, Any]:
     """(step, args, shardings, init): `run`'s jitted step (same loss, optimizer, shardings, donation)
@@ -483,14 +510,19 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: Any, num_classes: 
     teacher = ({col: variables[col]["landmark_cnn"] for col in ("params", "batch_stats")}
                if config.landmark_reg.mode != "none" else {})
     b, size = config.batch_size, config.model.image_size
-    batch = {"image": jax.ShapeDtypeStruct((b, size, size, config.model.channels), jnp.float32),
-             "label": jax.ShapeDtypeStruct((b,), jnp.int32), "label2": jax.ShapeDtypeStruct((b,), jnp.int32),
-             "lam": jax.ShapeDtypeStruct((b,), jnp.float32)}
+    if config.data.augment_on == "device":  # decoded images of config.data.image_size px
+        s = config.data.image_size
+        batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8), "index": jax.ShapeDtypeStruct((b,), jnp.int32),
+                 "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    else:
+        batch = {"image": jax.ShapeDtypeStruct((b, size, size, config.model.channels), jnp.float32),
+                 "label": jax.ShapeDtypeStruct((b,), jnp.int32), "label2": jax.ShapeDtypeStruct((b,), jnp.int32),
+                 "lam": jax.ShapeDtypeStruct((b,), jnp.float32)}
     args = (ckpt_lib.abstract_like(state, shardings), ckpt_lib.abstract_like(teacher, replicated),
             ckpt_lib.abstract_like(batch, mesh_lib.batch_sharding(mesh)),
             jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated))
     loss_fn = make_loss_fn(model, landmark_cnn, config, mesh, num_classes)
-    step = jax.jit(make_train_step(loss_fn, tx, jax.random.key(config.seed + 1), config.ema_decay),
+    step = jax.jit(make_train_step(loss_fn, tx, jax.random.key(config.seed + 1), config.ema_decay, config.data),
                    in_shardings=(shardings, replicated, mesh_lib.batch_sharding(mesh), replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
     return step, args, shardings, jax.jit(fresh_state, out_shardings=shardings)
@@ -558,7 +590,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     steps_per_epoch = len(source) // global_bs
     check(steps_per_epoch >= 1, "batch_size", global_bs, f"at most the {len(source)} training images of {config.data.path}")
     total_steps = config.total_steps if config.total_steps > 0 else int(round(config.optim.epochs * steps_per_epoch))
-    train_iter = pipelines.finetune_batches(source, config.data, batch_size=local_bs, seed=config.seed)
+    # global batches on the mesh, the next ones copied while a step runs (labels checked on the host first);
+    # checkpointed with the state
+    train_iter = prefetch_lib.device_prefetch(
+        pipelines.finetune_batches(source, config.data, batch_size=local_bs, seed=config.seed), mesh,
+        config.data.prefetch, host_fn=functools.partial(_checked_labels, num_classes=num_classes))
     logging.info("fine-tuning: %d images, %d classes, %d steps/epoch, %d steps, global batch %d",
                  len(source), num_classes, steps_per_epoch, total_steps, global_bs)
 
@@ -590,7 +626,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ------------------------------------------------------------------ step
     loss_fn = make_loss_fn(model, landmark_cnn, config, mesh, num_classes)
     batch_shard = mesh_lib.batch_sharding(mesh)
-    step_fn = jax.jit(make_train_step(loss_fn, tx, jax.random.key(config.seed + 1), config.ema_decay),
+    step_fn = jax.jit(make_train_step(loss_fn, tx, jax.random.key(config.seed + 1), config.ema_decay, config.data),
                       in_shardings=(shardings, replicated, batch_shard, replicated),
                       out_shardings=(shardings, replicated), donate_argnums=(0,))
 
@@ -638,10 +674,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return out
 
     def train_step(state, step: int):
-        batch = loop_utils.next_batch(train_iter)
-        partial_fc.check_labels(batch, num_classes)
+        batch = loop_utils.next_batch(train_iter)  # labels checked, already global (device_prefetch)
         reg_weight = np.float32(landmark_weight(config.landmark_reg, (step - 1) // steps_per_epoch))
-        return step_fn(state, teacher_vars, mesh_lib.global_batch(batch, mesh), reg_weight)
+        return step_fn(state, teacher_vars, batch, reg_weight)
 
     def confirm_by_one_more_step(state, step: int) -> None:
         """Run step `step` + 1 (result dropped, the state donated) to check the loss that confirms

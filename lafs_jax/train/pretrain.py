@@ -32,6 +32,11 @@ State (one pytree, checkpointed with the Grain iterator by TrainCheckpointer):
 The frozen landmark CNN rides along in the state (so a resumed run uses exactly the same one) but is
 outside the optimizer and only ever applied in eval mode under stop_gradient.
 
+Input: with `config.data.augment_on = 'device'` (the recipes' default) the pipeline hands decoded uint8
+images + stream indices and the step makes the views first (`device_views`: lafs_jax.input.device_augment,
+keyed by the run key and each sample's stream index); with 'host' the pipeline hands the views.
+Batches reach the step through `prefetch.device_prefetch` (the next ones copied while a step runs).
+
 One jitted step `step(state, batch, rng) -> (state, metrics)`: batch sharded over all devices,
 parameters replicated or by `config.sharding_rules`; rng = fold_in(state['rng'], step), so a resumed
 run draws the same numbers as an uninterrupted one. bf16 compute on GPU/TPU with fp32 parameters
@@ -59,6 +64,7 @@ from lafs_jax import config as config_lib
 from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError, check, check_choice
+from lafs_jax.input import device_augment
 from lafs_jax.input import pipelines
 from lafs_jax.losses import dino as dino_lib
 from lafs_jax.models import presets
@@ -66,6 +72,7 @@ from lafs_jax.models import vit as vit_lib
 from lafs_jax.train import checkpoint as ckpt_lib
 from lafs_jax.train import loop_utils
 from lafs_jax.train import optim as optim_lib
+from lafs_jax.train import prefetch as prefetch_lib
 from lafs_jax.train import views as views_lib
 
 METHODS = ("dino", "lafs")
@@ -276,6 +283,20 @@ def init_state(networks: Networks, config: ml_collections.ConfigDict, tx: optax.
     return state
 
 
+AUGMENT_STREAM = 0x5EED  # fold_in constant of the device augmentation's key (state['rng'] folded with it)
+
+
+def device_views(config: ml_collections.ConfigDict, root_key: jax.Array, batch: dict) -> dict:
+    """With config.data.augment_on='device': the decoded batch {'image': uint8, 'index', 'label'} ->
+    the host pipeline's view batch (lafs_jax.input.device_augment), from the run's key folded with
+    AUGMENT_STREAM and each sample's stream index (the same views on any device count and after a
+    resume); otherwise the batch as it is."""
+    if config.data.augment_on != "device":
+        return batch
+    recipe = device_augment.dino_views if config.method == "dino" else device_augment.lafs_views
+    return recipe(config.data, jax.random.fold_in(root_key, AUGMENT_STREAM), batch)
+
+
 def step_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(views, student dropout, teacher dropout) keys of one step."""
     k_views, k_student, k_teacher = jax.random.split(rng, 3)
@@ -299,6 +320,7 @@ def make_train_step(networks: Networks, config: ml_collections.ConfigDict, tx: o
 
     def step(state, batch, rng):
         k_views, k_student, k_teacher = step_keys(rng)
+        batch = device_views(config, state["rng"], batch)
         views = make_views(networks, config, batch, state.get("landmark_cnn"), k_views)
         teacher_out = head_logits(networks, state["teacher"], views, k_teacher, train=d.teacher_train_mode,
                                   names=("global",))
@@ -375,7 +397,10 @@ def build_train_step(config: ml_collections.ConfigDict, mesh, *, steps_per_epoch
     def views(n, side):
         return jax.ShapeDtypeStruct((b, n, side, side, 3), jnp.float32)
 
-    if config.method == "dino":
+    if config.data.augment_on == "device":  # decoded images of config.data.image_size px
+        s = config.data.image_size
+        batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8), "index": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    elif config.method == "dino":
         d = config.data.dino
         batch = {"global": views(d.global_crops, d.global_size), "local": views(d.local_crops, d.local_size)}
     else:
@@ -485,7 +510,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if steps_per_epoch < 1:
         raise ConfigError(f"config.batch_size={global_batch} is larger than the data set ({len(source)} images)")
     total_steps = config.total_steps if config.total_steps > 0 else int(config.optim.epochs * steps_per_epoch)
-    data_iter = _batches(config, source, local_batch, config.seed)
+    # global batches on the mesh, the next ones copied while a step runs; checkpointed with the state
+    data_iter = prefetch_lib.device_prefetch(_batches(config, source, local_batch, config.seed), mesh,
+                                             config.data.prefetch)
 
     # -- model, optimizer, state ------------------------------------------------------------------
     networks = build_networks(config)
@@ -555,7 +582,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def run_step(state, step: int):
         """Step `step` + 1 from `state` (whose step counter is `step`)."""
-        batch = mesh_lib.global_batch(loop_utils.next_batch(data_iter), mesh)
+        batch = loop_utils.next_batch(data_iter)  # already global, on the mesh (device_prefetch)
         return step_fn(state, batch, jax.random.fold_in(state["rng"], step))
 
     last_loss = float("nan")
