@@ -4,7 +4,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_env import xla_flags  # noqa: E402  (tests/cpu_env.py: 8 devices, the tests' compile flags)
+from cpu_env import xla_flags  # noqa: E402  (tests/cpu_env.py: the subprocesses use it too)
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -1,14 +1,12 @@
-"""The environment of the CPU processes the tests run: N simulated devices, and XLA's CPU backend at
-LLVM optimisation level 0. The tests' programs are tiny, so compiling them is most of their cost;
-level 0 compiles about a third faster and changes no result a test checks (no fast-math either way,
-and every comparison is between programs built with the same flags or against a tolerance)."""
+"""The environment of the CPU processes the tests run: N simulated devices. (XLA's compile flags stay
+the ones users run with: `--xla_backend_optimization_level=0` compiles the tests' programs about a third
+faster, but it changes float rounding: the device-side augmentation then differs from Pillow by 4 grey
+levels instead of at most 2.)"""
 import os
-
-COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def xla_flags(devices: int) -> str:
-    return f"--xla_force_host_platform_device_count={devices} {COMPILE_FLAGS}"
+    return f"--xla_force_host_platform_device_count={devices}"
 
 
 def cpu_env(devices: int, **extra: str) -> dict:

@@ -29,7 +29,7 @@ holding integers 0..255 between ops, as Pillow's uint8 images):
   `grayscale` (ITU-R 601-2 luma, Pillow's integer formula); `gaussian_blur` (Pillow's
   GaussianBlur: three extended box blurs per axis with radius from sigma, uint32 arithmetic as
   BoxBlur.c, edge pixels repeated); `solarize` (threshold 128); `erase` (a rectangle set to 0).
-- `normalize`: uint8-valued floats -> the model's range (`transforms.NORMALIZATIONS`).
+- normalisation to the model's range: `transforms.normalize`, which takes jax arrays too.
 Exactness was measured on CPU (tests/test_device_augment.py). The colour ops use integer arithmetic,
 tables and one guarded multiply, so they hold elsewhere too; the crop weights and the blur's box
 weights use float division, which some accelerators approximate: expect rare 1-level differences there.
@@ -467,19 +467,6 @@ def erase(images: jax.Array, boxes: jax.Array, apply: jax.Array, value: float = 
     return jnp.where(inside[..., None], value, images)
 
 
-def normalize(images: jax.Array, normalization: str) -> jax.Array:
-    """float32 model input from 0..255 values, as `transforms.normalize` ('[-1,1]', '[-0.5,0.5]', 'imagenet')."""
-    x = images.astype(jnp.float32)
-    if normalization == "[-1,1]":
-        return x * jnp.float32(2.0 / 255.0) - 1.0
-    if normalization == "[-0.5,0.5]":
-        return x * jnp.float32(1.0 / 255.0) - 0.5
-    if normalization == "imagenet":
-        return (x * jnp.float32(1.0 / 255.0) - jnp.asarray(T.IMAGENET_MEAN, jnp.float32)) / jnp.asarray(
-            T.IMAGENET_STD, jnp.float32)
-    raise ValueError(f"normalization={normalization!r}; choose one of {T.NORMALIZATIONS}")
-
-
 # ----------------------------------------------------------------------------------------------
 # recipes
 # ----------------------------------------------------------------------------------------------
@@ -569,7 +556,7 @@ def dino_views(dc, key: jax.Array, batch: dict) -> dict:
     _, local = ssl_views(batch["image"], _group_keys(keys, 1), count=n, size=d.local_size, scale=d.local_scale,
                          color=color, blur_probs=np.full(n, c.local_blur_prob, np.float32),
                          solarize_probs=np.zeros(n, np.float32))
-    return {"global": normalize(glob, dc.normalization), "local": normalize(local, dc.normalization),
+    return {"global": T.normalize(glob, dc.normalization), "local": T.normalize(local, dc.normalization),
             "label": batch["label"]}
 
 
@@ -588,7 +575,7 @@ def lafs_views(dc, key: jax.Array, batch: dict) -> dict:
     l_clean, l_aug = ssl_views(batch["image"], _group_keys(keys, 1), count=n, size=v.view_size,
                                scale=v.local_scale, color=color, blur_probs=np.full(n, c.local_blur_prob, np.float32),
                                solarize_probs=np.zeros(n, np.float32))
-    norm = lambda x: normalize(x, dc.normalization)
+    norm = lambda x: T.normalize(x, dc.normalization)
     return {"global_clean": norm(g_clean), "global_aug": norm(g_aug), "local_clean": norm(l_clean),
             "local_aug": norm(l_aug), "label": batch["label"]}
 
@@ -628,7 +615,7 @@ def finetune_images(dc, key: jax.Array, batch: dict) -> dict:
         x = color_jitter(x, p["factors"], p["order"], jnp.ones((b,), bool))
     if f.random_erasing_prob > 0:
         x = erase(x, p["erase_box"], p["erase"])
-    x = normalize(x, dc.normalization)
+    x = T.normalize(x, dc.normalization)
     label = batch["label"].astype(jnp.int32)
     if f.mixup_prob > 0:
         mix = p["mix_u"][0] < f.mixup_prob
