@@ -54,6 +54,9 @@ def get_config(arg=None):
     e.use_norm_score = True  # IJB: keep the feature norms, no per-image L2 normalisation (N1)
     e.use_detector_score = True  # IJB: multiply each image feature by its faceness score (D1)
     e.ijb_workers = 0 if variant == "tiny" else 8  # Grain worker processes decoding and aligning IJB images
+    # IJB 1:N identification on the same template features (meta/{t}_1N_gal_{G1,G2|S1,S2}.csv and
+    # {t}_1N_probe_mixed.csv needed): rank-1/5/10 and TPIR@FPIR=1e-2, 1e-1 (lafs_jax.eval.ijb)
+    e.ijb_identification = False
     # Export the embedding function (uint8 RGB [b,H,W,3] -> f32 [b,D], batch symbolic) to
     # WORKDIR/embedding.jaxexport and check the reloaded function against the embedder.
     e.export = True

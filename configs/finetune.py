@@ -171,6 +171,12 @@ def get_config(arg=None):
     c.loss.centers_momentum = 0.9  # momentum of 'sgd'
     c.loss.centers_lazy = True  # rows not sampled this step keep their values and optimizer state
 
+    # LVFace's loss curriculum (lafs_jax.losses.curriculum, configs/lvface.py): a tuple of
+    # curriculum.phase(epochs=, sample_rate=, prototypes=, prototype_k=, m1/m2/m3/s/fallback=, ...) by
+    # epoch; each phase's sample rate and margin replace loss.sample_rate / m1 / m2 / m3 / s /
+    # arcface_fallback (W's init and optimizer stay loss.*). () = no curriculum: one phase of loss.*.
+    c.curriculum = ()
+
     c.landmark_reg = ml_collections.ConfigDict()  # w * mean(((lm - lm*)/(H-1))^2), Part fViT only
     c.landmark_reg.mode = "none"  # 'none' (released command) | 'schedule' (official epochs) | 'constant' (beta)
     c.landmark_reg.beta = 0.1  # constant weight of mode 'constant' (the paper's beta)

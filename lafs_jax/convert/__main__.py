@@ -3,6 +3,12 @@
     python -m lafs_jax.convert --kind part_fvit --src Backbone_VIT_land_8_....pth --out runs/pfvit_ms1mv3
     python -m lafs_jax.convert --kind lafs_ssl --src checkpoint0040.pth --out runs/lafs_teacher [--which student]
     python -m lafs_jax.convert --kind fvit --src fvit.pth --out runs/fvit --drop-head
+    python -m lafs_jax.convert --kind lvface --src LVFace-B_Glint360K.pt --out runs/lvface_b
+
+LVFace (`--kind lvface`): the released `.pt` is a plain state dict of the InsightFace ViT; the size is
+read from it (pos_embed's width, the number of blocks) unless --preset names one (an LVFace config
+name such as vit_b_dp005_mask_005, or insightface_t/s/b/l); every key must map and every variable be
+filled. The metadata records the input LVFace feeds: (x/255 - 0.5)/0.5 ('[-1,1]'), RGB.
 
 Options: --preset (model size, default base), --drop-head (drop the classifier / the DINO head),
 --method (how the source was trained: supervised for part_fvit / fvit, lafs or dino for an SSL
@@ -25,8 +31,8 @@ from typing import Any, Sequence
 from lafs_jax.convert import mapping
 from lafs_jax.input.images import COLOR_ORDERS
 from lafs_jax.input.transforms import NORMALIZATIONS
+from lafs_jax.models.presets import PRESETS
 from lafs_jax.variables import save_variables
-from lafs_jax.input.transforms import NORMALIZATIONS
 
 
 def load_torch_checkpoint(path: str, unsafe: bool = False) -> Any:
@@ -67,8 +73,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kind", required=True, choices=mapping.KINDS, help="checkpoint family")
     p.add_argument("--src", required=True, help="official .pth file")
     p.add_argument("--out", required=True, help="variables directory to write")
-    p.add_argument("--preset", default="base", choices=["tiny", "small", "base"],
-                   help="model preset of lafs_jax.models.presets giving the target shapes (default base)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="model preset of lafs_jax.models.presets giving the target shapes (default: base; for "
+                        "--kind lvface the size read from the state dict)")
     p.add_argument("--drop-head", action="store_true", help="drop the classifier (loss.weight) / DINO head")
     p.add_argument("--which", default="teacher", choices=mapping.WHICH, help="lafs_ssl: network to take")
     p.add_argument("--method", default=None, choices=mapping.METHODS,
@@ -91,7 +98,8 @@ def convert_file(args: argparse.Namespace) -> tuple[dict, dict, mapping.Conversi
     checkpoint = load_torch_checkpoint(args.src, args.unsafe_load)
     try:
         state, extras = mapping.select_state_dict(checkpoint, args.kind, args.which)
-        cfg = mapping.target_model_config(args.kind, args.preset)
+        preset = args.preset or (mapping.lvface_preset(state) if args.kind == "lvface" else "base")
+        cfg = mapping.target_model_config(args.kind, preset)
         variables, report = mapping.convert_state_dict(state, args.kind, cfg, drop_head=args.drop_head,
                                                        extras=extras, strict=args.strict)
     except mapping.ConversionError as e:

@@ -17,6 +17,10 @@ Output trees (see lafs_jax/INTERFACES.md, models):
   part_fvit: {'params': {'landmark_cnn', 'vit'}, 'batch_stats': {'landmark_cnn'}, ['classifier': {'centers'}]}
   fvit:      {'params': {'vit'}, ['classifier': {'centers'}]}
   lafs_ssl:  {'params': <TokenViT params>, ['dino_head': <DINOHead params>], ['dino_loss': {'center' [1, K]}]}
+  lvface:    {'params': <InsightFaceViT params>, 'batch_stats': {'feature_head': {'bn1', 'bn2'}}} from LVFace's
+             released `.pt` (a plain state dict: patch_embed.proj, pos_embed, blocks.N.{norm1, attn.qkv,
+             attn.proj, norm2, mlp.fc1, mlp.fc2}, norm, feature.0-3, mask_token); every key must map and
+             every target be filled (unknown / missing keys are errors naming them).
              Every entry is a dict, so the whole tree can be passed to `model.apply` (Flax ignores the
              collections the model does not use).
              'params' is the TokenViT tree at its root, the layout of the teacher backbone that pretraining
@@ -34,10 +38,10 @@ import numpy as np
 
 from lafs_jax.models import presets
 
-KINDS = ("part_fvit", "fvit", "lafs_ssl")
+KINDS = ("part_fvit", "fvit", "lafs_ssl", "lvface")
 WHICH = ("teacher", "student")
 METHODS = ("supervised", "lafs", "dino")  # how the source network was trained
-DEFAULT_METHOD = {"part_fvit": "supervised", "fvit": "supervised", "lafs_ssl": "lafs"}
+DEFAULT_METHOD = {"part_fvit": "supervised", "fvit": "supervised", "lafs_ssl": "lafs", "lvface": "supervised"}
 
 # What the official code fed each released checkpoint kind (the official `image_iter.py` / the official evaluation scripts), recorded in
 # the metadata unless the command line says otherwise. Normalisation: the official *evaluation*
@@ -54,6 +58,7 @@ OFFICIAL_INPUT = {
     ("lafs_ssl", "lafs"): ("[-1,1]", "bgr", "LAFS SSL views: Normalize(0.5, 0.5); WebFace4M .rec never swapped"),
     ("lafs_ssl", "dino"): ("imagenet", "bgr", "DataAugmentationDINO: ImageNet mean/std; colours assumed as the "
                                                "LAFS SSL loader (the DINO-face script is unreleased)"),
+    ("lvface", "supervised"): ("[-1,1]", "rgb", "LVFace inference / eval_ijbc.py: (x/255 - 0.5)/0.5 on RGB 112x112"),
 }
 
 
@@ -161,6 +166,62 @@ def vit_target(key: str, root=("vit",)) -> Target | None:
     return None
 
 
+_LVFACE_BLOCK = {"norm1": ("attention_norm",), "norm2": ("mlp_norm",), "attn.qkv": ("attention", "qkv"),
+                 "attn.proj": ("attention", "out"), "mlp.fc1": ("mlp", "fc1"), "mlp.fc2": ("mlp", "fc2")}
+_LVFACE_FEATURE = {"0": "fc1", "1": "bn1", "2": "fc2", "3": "bn2"}
+
+
+def lvface_target(key: str) -> Target | None:
+    """Target of a key of LVFace's InsightFace ViT state dict (`backbones/vit.py`), or None.
+
+    patch_embed.proj (Conv2d D x C x 9 x 9) -> patch_embedding (HWIO); pos_embed [1, 144, D] ->
+    pos_embedding; blocks.N.* -> encoder/block_N/*; norm -> final_norm; feature.0 / .2 (Linear, no
+    bias) -> feature_head/fc1 / fc2; feature.1 / .3 (BatchNorm1d) -> feature_head/bn1 / bn2 (running
+    statistics into 'batch_stats'); mask_token [1, 1, D].
+    """
+    if key in ("pos_embed", "mask_token"):
+        return ("params", {"pos_embed": "pos_embedding", "mask_token": "mask_token"}[key]), identity
+    if m := re.fullmatch(r"patch_embed\.proj\.(weight|bias)", key):
+        if m[1] == "weight":
+            return ("params", "patch_embedding", "kernel"), conv_kernel
+        return ("params", "patch_embedding", "bias"), identity
+    if m := re.fullmatch(r"norm\.(weight|bias)", key):
+        return _norm((), "final_norm", m[1])
+    if m := re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)", key):
+        *parents, module = ("encoder", f"block_{m[1]}", *_LVFACE_BLOCK[m[2]])
+        return (_norm(tuple(parents), module, m[3]) if m[2].startswith("norm") else
+                _dense(tuple(parents), module, m[3]))
+    if m := re.fullmatch(r"feature\.([02])\.weight", key):
+        return ("params", "feature_head", _LVFACE_FEATURE[m[1]], "kernel"), linear_kernel
+    if m := re.fullmatch(r"feature\.([13])\.(weight|bias|running_mean|running_var)", key):
+        return _norm(("feature_head",), _LVFACE_FEATURE[m[1]], m[2])
+    return None
+
+
+# The released config name assumed for each size (drop path / mask ratio only matter for training
+# from the converted weights): the LVFace README evaluates LVFace-B as vit_b_dp005_mask_005 and L
+# exists only as vit_l_dp005_mask_005; which names the T / S Glint360K models used is not published
+# (other_seeds.md §3.2 [verify]), the default names are taken.
+LVFACE_RELEASED_NAME = {"insightface_t": "vit_t", "insightface_s": "vit_s", "insightface_b": "vit_b_dp005_mask_005",
+                        "insightface_l": "vit_l_dp005_mask_005"}
+
+
+def lvface_preset(state_dict: Mapping[str, Any]) -> str:
+    """The LVFace preset (a released config name, `LVFACE_RELEASED_NAME`) whose (dim, depth) an LVFace
+    state dict has (pos_embed's width, the number of blocks.N); ConversionError naming both when no
+    size has them."""
+    if "pos_embed" not in state_dict:
+        raise ConversionError(f"not an LVFace state dict: no 'pos_embed' key (keys: {sorted(state_dict)[:8]} ...)")
+    dim = int(np.shape(state_dict["pos_embed"])[-1])
+    blocks = {int(m[1]) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    depth = max(blocks) + 1 if blocks else 0
+    for name, size in presets.INSIGHTFACE_SIZES.items():
+        if size == (dim, depth):
+            return LVFACE_RELEASED_NAME[name]
+    raise ConversionError(f"LVFace state dict with dim {dim} (pos_embed) and {depth} blocks matches no preset of "
+                          f"{dict(presets.INSIGHTFACE_SIZES)}; pass the model config (--preset) explicitly")
+
+
 def dino_head_target(key: str, use_bn: bool, norm_last_layer: bool, root=()) -> Target | None:
     """Target of an official DINOHead key (`mlp.{i}.*`, `last_layer.weight_g|weight_v`), or None.
 
@@ -225,7 +286,7 @@ def target_model_config(kind: str, preset_or_cfg: Any = "base"):
     cfg = presets.model_config(preset_or_cfg) if isinstance(preset_or_cfg, str) else \
         presets.model_config_from_dict(preset_or_cfg.to_dict() if hasattr(preset_or_cfg, "to_dict") else
                                        dict(preset_or_cfg))
-    cfg.kind = "fvit" if kind == "fvit" else "part_fvit"
+    cfg.kind = {"fvit": "fvit", "lvface": "insightface_vit"}.get(kind, "part_fvit")
     presets.validate_model_config(cfg)
     return cfg
 
@@ -253,6 +314,8 @@ def _route(key: str, kind: str, cfg, drop_head: bool):
     """(target, reason): target (path, transform) for a source key, or None with a drop reason or None."""
     if key.endswith("num_batches_tracked"):
         return None, "BatchNorm step counter (not used by Flax)"
+    if kind == "lvface":
+        return lvface_target(key), None
     if kind == "lafs_ssl":
         if key.startswith("backbone."):
             sub = key[len("backbone."):]
@@ -347,6 +410,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], kind: str, model_cf
         flat[path] = converted.astype(np.float32)
         sources[path] = key
         report.converted.append(key)
+    if kind == "lvface" and report.unexpected:
+        raise ConversionError(f"{len(report.unexpected)} keys of the LVFace state dict have no place in the "
+                              f"InsightFace ViT (model preset {cfg.preset!r}): {report.unexpected[:10]}")
     report.missing = ['/'.join(p) for p in expected if p not in flat]
     if report.missing:
         raise ConversionError(f"{len(report.missing)} target variables have no source key, e.g. "
@@ -372,8 +438,11 @@ def official_input(kind: str, method: str | None = None) -> dict:
     return {"method": method, "normalization": normalization, "color_order": color_order, "note": note}
 
 
-def patch_order(kind: str, method: str | None = None) -> str:
-    """Patch layout the source's patch embedding learnt: 'grid' for fViT / DINO-face, else 'landmarks'."""
+def patch_order(kind: str, method: str | None = None) -> str | None:
+    """Patch layout the source's patch embedding learnt: 'grid' for fViT / DINO-face, None for LVFace's
+    convolution, else 'landmarks'."""
+    if kind == "lvface":
+        return None  # its own convolutional patch embedding: no patch-vector layout to check
     return "grid" if kind == "fvit" or (method or DEFAULT_METHOD[kind]) == "dino" else "landmarks"
 
 

@@ -46,6 +46,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> str:
     for key in ("batch_size", "nfolds"):
         check(isinstance(e[key], int) and e[key] >= 1, f"evaluate.{key}", e[key], "an int >= 1")
     check(isinstance(e.ijb_workers, int) and e.ijb_workers >= 0, "evaluate.ijb_workers", e.ijb_workers, "an int >= 0")
+    check(isinstance(e.ijb_identification, bool), "evaluate.ijb_identification", e.ijb_identification, "True or False")
     check_choice(config, "evaluate.normalization", ("",) + NORMALIZATIONS)
     check_choice(config, "evaluate.color_order", ("",) + COLOR_ORDERS)
     for key in ("flip", "export", "use_flip_test", "use_norm_score", "use_detector_score"):
@@ -83,8 +84,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             ijb_results[target] = ijb.evaluate_target(
                 embedder.embed_batch, root, target, batch_size=embedder.batch_size,
                 use_flip_test=e.use_flip_test, use_norm_score=e.use_norm_score,
-                use_detector_score=e.use_detector_score, workers=e.ijb_workers)
+                use_detector_score=e.use_detector_score, workers=e.ijb_workers,
+                identification=e.ijb_identification)
             logging.info("%s TAR@FAR=1e-4: %.2f%%", target, 100 * ijb_results[target]["tar_at_far"][1e-4])
+            if e.ijb_identification:
+                logging.info("%s 1:N identification (%%):\n%s", target,
+                             ijb.identification_table(ijb_results[target]["identification"]))
     if ijb_results:
         paths = ijb.write_report(ijb_results, workdir)
         print(roc.markdown_table(ijb_results, ijb.FARS), flush=True)

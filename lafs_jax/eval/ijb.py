@@ -17,6 +17,17 @@ ROC curve exactly as the official script does (`roc.tar_at_far`, operating point
 point whose FAR is nearest the target (nearest from the high-TAR end on ties). The headline number
 is TAR@FAR=1e-4.
 
+1:N identification (`identification`, `evaluate_target(..., identification=True)`), which neither
+InsightFace's nor LVFace's scripts ship: the 1:1 list's templates are exactly the 1:N protocol's
+gallery and probe templates (IJB-C: G1 1,772 + G2 1,759 + 19,593 mixed probes = 23,124), so the same
+template features are searched. Subjects come from the protocol CSVs (`identification_paths`: header
+row with TEMPLATE_ID and SUBJECT_ID columns, one row per image). Each probe template is searched in
+each gallery (IJB-C G1 and G2, IJB-B S1 and S2) by cosine; a probe whose subject is in the gallery is
+mated, the others non-mated. Reported per gallery and averaged: closed-set rank-k identification
+rates (CMC) over mated probes, and open-set TPIR at FPIR 1e-2 (and 1e-1): with threshold t chosen so
+that at most FPIR x (non-mated probes) have a top-1 score above t, TPIR = the fraction of mated probes
+whose mate is ranked first with a score above t (NIST FRVT's rank-1 definition).
+
 Written here by hand because no kept library does it: the 2-D similarity (Umeyama) estimate (scikit-
 image is not a dependency; this is its `SimilarityTransform.estimate`), the template pooling and the
 meta-file readers. The warp is `scipy.ndimage.affine_transform` (order 1, mode 'grid-constant' 0, so
@@ -36,6 +47,11 @@ from lafs_jax.eval import roc
 from lafs_jax.numerics import l2_normalize
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+RANKS = (1, 5, 10)  # closed-set identification ranks (CMC points)
+FPIRS = (1e-2, 1e-1)  # open-set operating points; TPIR@FPIR=1e-2 is the usual headline
+# 1:N protocol files per target: two disjoint galleries and the mixed probe list (IJB-B: S1 / S2,
+# IJB-C: G1 / G2; the NIST release's names, as in InsightFace's IJB 1:N pull request #1739)
+GALLERIES = {"ijbb": ("S1", "S2"), "ijbc": ("G1", "G2")}
 HEADLINE_FAR = 1e-4
 ALIGNED_SIZE = 112
 # ArcFace 5-point template for 112x112 (eyes, nose tip, mouth corners), x shifted by +8 px.
@@ -230,6 +246,114 @@ def pair_scores(unique_templates: np.ndarray, template_feats: np.ndarray, t1: np
 
 
 # ----------------------------------------------------------------------------------------------------
+# 1:N identification
+
+
+def identification_paths(root: str, target: str) -> dict[str, str]:
+    """{gallery name: CSV path, ..., 'probe': CSV path} of the 1:N protocol of `target` under root/meta."""
+    if target.upper() not in TARGETS:
+        raise ValueError(f"IJB target {target!r} is not valid; choose one of {sorted(TARGETS)}")
+    t = TARGETS[target.upper()]
+    out = {g: os.path.join(root, "meta", f"{t}_1N_gal_{g}.csv") for g in GALLERIES[t]}
+    out["probe"] = os.path.join(root, "meta", f"{t}_1N_probe_mixed.csv")
+    return out
+
+
+def read_template_subjects(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(template ids int64 [T] sorted unique, subject ids int64 [T]) from a 1:N protocol CSV (a header
+    with TEMPLATE_ID and SUBJECT_ID columns, one row per image). A template listed under two subjects
+    is an error naming the file and the template."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"IJB 1:N protocol file not found: {path}")
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: empty (expected a header with TEMPLATE_ID and SUBJECT_ID)")
+    header = [h.strip().upper() for h in lines[0].split(",")]
+    if "TEMPLATE_ID" not in header or "SUBJECT_ID" not in header:
+        raise ValueError(f"{path}:1: header {lines[0]!r} lacks TEMPLATE_ID or SUBJECT_ID")
+    ti, si = header.index("TEMPLATE_ID"), header.index("SUBJECT_ID")
+    pairs = {}
+    for lineno, line in enumerate(lines[1:], 2):
+        fields = line.split(",")
+        try:
+            t, s = int(fields[ti]), int(fields[si])
+        except (ValueError, IndexError):
+            raise ValueError(f"{path}:{lineno}: no integer TEMPLATE_ID / SUBJECT_ID in {line!r}") from None
+        if pairs.setdefault(t, s) != s:
+            raise ValueError(f"{path}:{lineno}: template {t} listed under subjects {pairs[t]} and {s}")
+    if not pairs:
+        raise ValueError(f"{path}: no rows after the header")
+    templates = np.array(sorted(pairs), np.int64)
+    return templates, np.array([pairs[t] for t in templates], np.int64)
+
+
+def identification(probe_feats: np.ndarray, probe_subjects: np.ndarray, gallery_feats: np.ndarray,
+                   gallery_subjects: np.ndarray, *, ranks: Sequence[int] = RANKS,
+                   fpirs: Sequence[float] = FPIRS) -> dict[str, Any]:
+    """1:N search of L2-normalised probe features [P, D] in a gallery [G, D] (cosine = dot product).
+
+    Returns {'rank': {k: closed-set identification rate at rank k over mated probes}, 'tpir_at_fpir':
+    {fpir: TPIR or None when there are fewer than 1/fpir non-mated probes}, 'num_mated',
+    'num_nonmated'}. A mated probe's rank is 1 + the number of gallery entries of other subjects
+    scoring strictly higher than its best mated entry. Open set: t is the (floor(fpir x N_nm) + 1)-th
+    highest non-mated top-1 score, so #(non-mated top-1 > t) <= fpir x N_nm; TPIR = #(mated probes
+    ranked first with top-1 score > t) / N_mated.
+    """
+    pf, gf = np.asarray(probe_feats, np.float64), np.asarray(gallery_feats, np.float64)
+    ps, gs = np.asarray(probe_subjects), np.asarray(gallery_subjects)
+    if pf.ndim != 2 or gf.ndim != 2 or pf.shape[1] != gf.shape[1] or len(ps) != len(pf) or len(gs) != len(gf):
+        raise ValueError(f"identification: probes {pf.shape} / {ps.shape} and gallery {gf.shape} / {gs.shape} must be "
+                         f"[P, D] / [P] and [G, D] / [G]")
+    scores = pf @ gf.T  # [P, G]
+    same = ps[:, None] == gs[None, :]
+    mated = same.any(axis=1)
+    top1 = scores.max(axis=1)
+    out: dict[str, Any] = {"num_mated": int(mated.sum()), "num_nonmated": int((~mated).sum())}
+    best_mate = np.where(same, scores, -np.inf).max(axis=1)
+    rank = 1 + np.sum(np.where(same, -np.inf, scores) > best_mate[:, None], axis=1)
+    out["rank"] = {int(k): (float(np.mean(rank[mated] <= k)) if mated.any() else None) for k in ranks}
+    nonmated = np.sort(top1[~mated])[::-1]
+    out["tpir_at_fpir"] = {}
+    for fpir in fpirs:
+        allowed = int(np.floor(fpir * len(nonmated)))
+        if len(nonmated) == 0 or allowed < 1 or not mated.any():
+            out["tpir_at_fpir"][fpir] = None
+            continue
+        threshold = nonmated[allowed] if allowed < len(nonmated) else -np.inf
+        hit = (rank == 1) & (best_mate > threshold) & mated
+        out["tpir_at_fpir"][fpir] = float(hit.sum() / mated.sum())
+    return out
+
+
+def identify_templates(unique_templates: np.ndarray, template_feats: np.ndarray,
+                       galleries: dict[str, tuple[np.ndarray, np.ndarray]],
+                       probes: tuple[np.ndarray, np.ndarray], **kwargs) -> dict[str, Any]:
+    """`identification` of the probe templates in each gallery ({name: (template ids, subject ids)}),
+    from template features [T, D] indexed by sorted `unique_templates`; adds 'mean' (the galleries'
+    average of every rate). A template without features is an error naming it."""
+
+    def feats(ids, what):
+        i = np.clip(np.searchsorted(unique_templates, ids), 0, len(unique_templates) - 1)
+        missing = np.flatnonzero(unique_templates[i] != ids)
+        if missing.size:
+            raise ValueError(f"IJB 1:N: {what} template {ids[missing[0]]} has no image in the template list")
+        return template_feats[i]
+
+    probe_f = feats(probes[0], "probe")
+    out = {name: identification(probe_f, probes[1], feats(t, f"gallery {name}"), s, **kwargs)
+           for name, (t, s) in galleries.items()}
+    per = list(out.values())
+    mean = {"rank": {}, "tpir_at_fpir": {}}
+    for section in ("rank", "tpir_at_fpir"):
+        for k in per[0][section]:
+            values = [r[section][k] for r in per]
+            mean[section][k] = None if any(v is None for v in values) else float(np.mean(values))
+    out["mean"] = mean
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # Runner
 
 
@@ -260,8 +384,9 @@ def aligned_batches(root: str, names: Sequence[str], landmarks: np.ndarray, *, b
 def evaluate_target(embed_batch: Callable[[np.ndarray, bool], np.ndarray], root: str, target: str, *,
                     batch_size: int = 64, use_flip_test: bool = True, use_norm_score: bool = True,
                     use_detector_score: bool = True, workers: int = 0,
-                    fars: Sequence[float] = FARS) -> dict[str, Any]:
-    """Run the 1:1 protocol of one target.
+                    fars: Sequence[float] = FARS, identification: bool = False) -> dict[str, Any]:
+    """Run the 1:1 protocol of one target (and, with `identification`, the 1:N protocol on the same
+    template features, 'identification' in the result; see `identify_templates`).
 
     `embed_batch(images uint8 [b, 112, 112, 3] RGB, flip: bool) -> [b, D]` returns embeddings, the
     sum of the image's and its mirror's when `flip` (LAFS's flip test). Returns {'tar_at_far':
@@ -278,6 +403,10 @@ def evaluate_target(embed_batch: Callable[[np.ndarray, bool], np.ndarray], root:
             raise ValueError(f"IJB image {i}: {paths['template_media']} names {a!r} but {paths['landmarks']} "
                              f"names {b!r} (the two lists must be in the same order)")
     t1, t2, labels = read_pairs(paths["pairs"])
+    if identification:  # protocol files read (and checked) before the long embedding pass
+        files = identification_paths(root, target)
+        probes = read_template_subjects(files.pop("probe"))
+        galleries = {name: read_template_subjects(path) for name, path in files.items()}
     batches = aligned_batches(root, names, landmarks, batch_size=batch_size, workers=workers)
     emb = np.concatenate([np.asarray(embed_batch(b, use_flip_test)) for b in batches], 0)
     if emb.shape[0] != len(names):
@@ -286,12 +415,31 @@ def evaluate_target(embed_batch: Callable[[np.ndarray, bool], np.ndarray], root:
     unique_templates, tfeats = template_features(feats, templates, medias)
     scores = pair_scores(unique_templates, tfeats, t1, t2)
     fpr, tpr = roc.roc_points(scores, labels)
-    return {
+    out = {
         "tar_at_far": roc.tar_at_far(scores, labels, fars, operating_point="nearest"),
         "fpr": fpr, "tpr": tpr, "scores": scores, "labels": labels,
         "num_images": len(names), "num_templates": int(len(unique_templates)),
         "num_pairs": int(len(labels)), "num_genuine": int(labels.sum()),
     }
+    if identification:
+        out["identification"] = identify_templates(unique_templates, tfeats, galleries, probes)
+    return out
+
+
+def identification_table(results: dict[str, dict]) -> str:
+    """Markdown rows gallery | rank-k ... | TPIR@FPIR ... of `identify_templates`' result (percent)."""
+    first = next(iter(results.values()))
+    ranks, fpirs = list(first["rank"]), list(first["tpir_at_fpir"])
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.2f}"
+
+    lines = ["| gallery | " + " | ".join([f"rank-{k}" for k in ranks] + [f"TPIR@FPIR={f:g}" for f in fpirs]) + " |",
+             "|---" * (1 + len(ranks) + len(fpirs)) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join([pct(r["rank"][k]) for k in ranks] +
+                                                [pct(r["tpir_at_fpir"][f]) for f in fpirs]) + " |")
+    return "\n".join(lines)
 
 
 def write_report(results: dict[str, dict], workdir: str, prefix: str = "ijb") -> dict[str, str]:
@@ -306,6 +454,15 @@ def write_report(results: dict[str, dict], workdir: str, prefix: str = "ijb") ->
     summary = {k: {"tar_at_far": {f"{far:g}": t for far, t in v["tar_at_far"].items()},
                    **{c: v[c] for c in ("num_images", "num_templates", "num_pairs", "num_genuine")}}
                for k, v in results.items()}
+    for k, v in results.items():
+        if "identification" in v:
+            summary[k]["identification"] = {
+                g: {"rank": {str(r): x for r, x in res["rank"].items()},
+                    "tpir_at_fpir": {f"{f:g}": x for f, x in res["tpir_at_fpir"].items()},
+                    **{c: res[c] for c in ("num_mated", "num_nonmated") if c in res}}
+                for g, res in v["identification"].items()}
+            with open(md, "a") as f:
+                f.write(f"\n{k} 1:N identification (%)\n\n" + identification_table(v["identification"]) + "\n")
     with open(js, "w") as f:
         json.dump(summary, f, indent=1)
     return {"roc": png, "markdown": md, "json": js}

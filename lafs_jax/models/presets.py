@@ -9,8 +9,13 @@ Presets:
   small         ViT-S-like Part fViT: full MobileNetV3 trunk, 196 landmarks, dim 384, depth 12, 6 x 64.
   base          the official Part fViT: 196 landmarks, dim 768, depth 12, 11 heads x 64, MLP 2048,
                 patch 8; 66,955,616 parameters without a classifier (ViT 64,082,688, trunk 2,809,816).
-  insightface_t / insightface_s / insightface_b
-                InsightFace ViT-T/S/B as LVFace uses them (patch 9, no class token, ReLU6, mask 0.1).
+  insightface_t / insightface_s / insightface_b / insightface_l
+                InsightFace ViT-T/S/B/L as LVFace uses them (D 256/512/512/768, depth 12/12/24/24, 8 heads,
+                patch 9 -> 144 tokens, no class token, ReLU6, linear drop path 0.1, mask 0.1).
+  LVFace's released config names (`LVFACE_NAMES`; ../shared/reference/other_seeds.md §3.2, LVFace
+  `backbones/__init__.py get_model`): vit_t, vit_t_dp005_mask0, vit_s, vit_s_dp005_mask_0, vit_b,
+  vit_b_dp005_mask_005 (the README's LVFace-B), vit_l_dp005_mask_005: the size's preset with that
+  name's drop_path_rate / insightface.mask_ratio.
 """
 from __future__ import annotations
 
@@ -31,7 +36,22 @@ from lafs_jax.models.vit import (ACTIVATIONS, ATTENTION_SCALES, DROP_PATH_SCHEDU
 KINDS = ("part_fvit", "fvit", "part_fvit_grid", "insightface_vit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PRECISIONS = ("auto", "float32", "bfloat16")  # config.precision of the training tasks (`with_precision`)
-PRESETS = ("tiny", "small", "base", "insightface_t", "insightface_s", "insightface_b")
+# InsightFace ViT sizes: (dim, depth); 8 heads, MLP 4 x dim (other_seeds.md §3.2 table)
+INSIGHTFACE_SIZES = {"insightface_t": (256, 12), "insightface_s": (512, 12), "insightface_b": (512, 24),
+                     "insightface_l": (768, 24)}
+# LVFace's released config names -> (size preset, drop_path_rate, mask_ratio) (other_seeds.md §3.2:
+# mask 0.1 in vit_t/s/b, 0.05 in the *_mask_005 names, 0 in *_mask0 / *_mask_0; drop path 0.1 by
+# default, 0.05 in the dp005 names)
+LVFACE_NAMES = {
+    "vit_t": ("insightface_t", 0.1, 0.1),
+    "vit_t_dp005_mask0": ("insightface_t", 0.05, 0.0),
+    "vit_s": ("insightface_s", 0.1, 0.1),
+    "vit_s_dp005_mask_0": ("insightface_s", 0.05, 0.0),
+    "vit_b": ("insightface_b", 0.1, 0.1),
+    "vit_b_dp005_mask_005": ("insightface_b", 0.05, 0.05),
+    "vit_l_dp005_mask_005": ("insightface_l", 0.05, 0.05),
+}
+PRESETS = ("tiny", "small", "base", *INSIGHTFACE_SIZES, *LVFACE_NAMES)
 
 # A 4-block trunk for 112x112 inputs: 56 -> 28 -> 14 -> 7 -> 4, like the large trunk's resolution path.
 TINY_LANDMARK_BLOCKS = (
@@ -72,6 +92,9 @@ def _base() -> ml_collections.ConfigDict:
     c.token_init_std = 1.0
     c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' | 'float16'; parameters stay float32
     c.attention_implementation = ""  # '' or 'xla' (portable) | 'cudnn' (GPU fused attention)
+    # nn.remat per transformer block: activations inside a block are recomputed in the backward pass
+    # instead of stored (LVFace trains B and L with gradient checkpointing); same numbers, less memory
+    c.remat = False
     c.grid_noise_std = 3.0  # part_fvit_grid: N(0, s^2) px noise on the grid centres in training (official 3)
     c.grid_shuffle = False  # part_fvit_grid: resample the centres with replacement in training (official shuffle)
 
@@ -107,6 +130,9 @@ def model_config(preset: str = "base") -> ml_collections.ConfigDict:
         raise ConfigError(f"model preset {preset!r} is not valid; choose one of {list(PRESETS)}")
     c = _base()
     c.preset = preset
+    size = preset
+    if preset in LVFACE_NAMES:
+        size, c.drop_path_rate, c.insightface.mask_ratio = LVFACE_NAMES[preset]
     if preset == "tiny":
         c.num_landmarks = 49
         c.dim, c.depth, c.heads, c.head_dim, c.mlp_dim = 96, 2, 3, 32, 256
@@ -115,10 +141,10 @@ def model_config(preset: str = "base") -> ml_collections.ConfigDict:
     elif preset == "small":
         c.dim, c.depth, c.heads, c.head_dim, c.mlp_dim = 384, 12, 6, 64, 1536
         c.dino_head.out_dim = 65536
-    elif preset.startswith("insightface_"):
+    elif size in INSIGHTFACE_SIZES:
         c.kind = "insightface_vit"
         c.patch_size = 9
-        c.dim, c.depth = {"insightface_t": (256, 12), "insightface_s": (512, 12), "insightface_b": (512, 24)}[preset]
+        c.dim, c.depth = INSIGHTFACE_SIZES[size]
         c.heads = 8
         c.head_dim = c.dim // c.heads
         c.mlp_dim = 4 * c.dim
@@ -161,7 +187,7 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
     for name in ("layer_norm_eps", "token_init_std", "landmark.bn_eps", "insightface.bn_eps"):
         v = get(name)
         check(isinstance(v, (int, float)) and v > 0, key(name), v, "a positive number")
-    for name in ("qkv_bias", "dino_head.use_bn", "dino_head.norm_last_layer"):
+    for name in ("qkv_bias", "remat", "dino_head.use_bn", "dino_head.norm_last_layer"):
         check(isinstance(get(name), bool), key(name), get(name), "True or False")
     choice("attention_scale", ATTENTION_SCALES)
     choice("mlp_activation", ACTIVATIONS)
@@ -251,7 +277,7 @@ def build_token_vit(cfg, num_positions: int | None = None) -> TokenViT:
                     drop_path_rate=cfg.drop_path_rate, drop_path_schedule=cfg.drop_path_schedule,
                     dropout=cfg.dropout, emb_dropout=cfg.emb_dropout, qkv_bias=cfg.qkv_bias, pool=cfg.pool,
                     token_init_std=cfg.token_init_std,
-                    dtype=compute_dtype(cfg), attention_implementation=_attention_impl(cfg))
+                    dtype=compute_dtype(cfg), attention_implementation=_attention_impl(cfg), remat=cfg.remat)
 
 
 def build_dino_head(cfg) -> DINOHead:
@@ -283,7 +309,7 @@ def build_model(cfg):
                           drop_path_rate=cfg.drop_path_rate, drop_path_schedule=cfg.drop_path_schedule,
                           dropout=cfg.dropout, qkv_bias=cfg.qkv_bias, mask_ratio=cfg.insightface.mask_ratio,
                           embedding_size=cfg.insightface.embedding_size, bn_eps=cfg.insightface.bn_eps,
-                          dtype=compute_dtype(cfg), attention_implementation=_attention_impl(cfg))
+                          dtype=compute_dtype(cfg), attention_implementation=_attention_impl(cfg), remat=cfg.remat)
 
 
 def dummy_images(cfg, batch: int = 1) -> jax.Array:

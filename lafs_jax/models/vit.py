@@ -142,7 +142,10 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """`len(drop_path_rates)` pre-norm blocks named block_0 ... block_{depth-1}, no final norm."""
+    """`len(drop_path_rates)` pre-norm blocks named block_0 ... block_{depth-1}, no final norm.
+
+    With `remat` each block is wrapped in `nn.remat` (same parameter names and numbers; the backward
+    pass recomputes the block's activations instead of keeping them)."""
 
     heads: int
     head_dim: int
@@ -156,11 +159,14 @@ class Encoder(nn.Module):
     dtype: Any = jnp.float32
     kernel_init: Callable = torch_linear_init
     attention_implementation: str | None = None
+    remat: bool = False  # nn.remat per block: recompute its activations in the backward pass
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        # `train` (argument 2 counting the module) is a Python bool: static under remat
+        block = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
         for i, rate in enumerate(self.drop_path_rates):
-            x = EncoderBlock(self.heads, self.head_dim, self.mlp_dim, self.scale, self.mlp_activation,
+            x = block(self.heads, self.head_dim, self.mlp_dim, self.scale, self.mlp_activation,
                              self.layer_norm_eps, rate, self.dropout, self.qkv_bias, self.dtype, self.kernel_init,
                              self.attention_implementation, name=f"block_{i}")(x, train)
         return x
@@ -193,6 +199,7 @@ class TokenViT(nn.Module):
     token_init_std: float = 1.0
     dtype: Any = jnp.float32
     attention_implementation: str | None = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool) -> jax.Array:
@@ -214,7 +221,7 @@ class TokenViT(nn.Module):
                                                                              self.head_dim),
                     drop_path_rates(self.drop_path_rate, self.depth, self.drop_path_schedule), self.mlp_activation,
                     self.layer_norm_eps, self.dropout, self.qkv_bias, self.dtype, torch_linear_init,
-                    self.attention_implementation, name="encoder")(x, train)
+                    self.attention_implementation, self.remat, name="encoder")(x, train)
         x = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, use_fast_variance=False, dtype=self.dtype,
                          name="head_norm")(x)
@@ -289,6 +296,7 @@ class InsightFaceViT(nn.Module):
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
     attention_implementation: str | None = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -313,7 +321,7 @@ class InsightFaceViT(nn.Module):
         x = Encoder(self.heads, head_dim, self.mlp_dim, attention_scale(self.attention_scale, d, head_dim),
                     drop_path_rates(self.drop_path_rate, self.depth, self.drop_path_schedule), self.mlp_activation,
                     self.layer_norm_eps, self.dropout, self.qkv_bias, self.dtype, trunc_normal_002,
-                    self.attention_implementation, name="encoder")(x, train)
+                    self.attention_implementation, self.remat, name="encoder")(x, train)
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, use_fast_variance=False, name="final_norm")(
             x.astype(jnp.float32))
         mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, d))

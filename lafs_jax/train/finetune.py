@@ -15,6 +15,11 @@ One linear function, `run(config, workdir)`, in big_vision's style (the official
               `config.precision` ('auto': bf16 on GPU/TPU, fp32 on CPU), parameters fp32.
   head        Partial FC: W[C_pad, D] sharded by rows over every device, margin softmax (CosFace
               s=64, m=0.4 by default) with soft mixup targets, its own optimizer.
+  curriculum  optional (LVFace, `config.curriculum`, lafs_jax.losses.curriculum): a list of phases by
+              epoch, each with its own sample rate, margin and use of EPL class prototypes E[C_pad, D]
+              (a buffer in the train state, sharded by rows like W and updated inside the step's
+              shard_map). A phase change keeps W, every optimizer state and E; each phase has its own
+              jitted step (the sample rate changes shapes), compiled when the phase first runs.
   regulariser (Part fViT) w · mean((landmarks − landmarks*)² / (H−1)²), landmarks* from a frozen copy
               of the initial landmark CNN in eval mode (running BN statistics, no dropout, no
               noise); w from the official epoch schedule (1000, 100, 1, 0.11, 0 after epochs 7, 13,
@@ -60,6 +65,7 @@ from lafs_jax.input.images import COLOR_ORDERS
 from lafs_jax.input.transforms import NORMALIZATIONS
 from lafs_jax.input.verification_bin import load_bin
 from lafs_jax.input import transforms
+from lafs_jax.losses import curriculum as curriculum_lib
 from lafs_jax.losses import margin, partial_fc
 from lafs_jax.models import presets
 from lafs_jax.train import checkpoint as ckpt_lib
@@ -142,6 +148,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(os.path.isfile(path), f"eval.bins[{i}]", path, "an existing .bin file")
     for key, choices in (("eval.normalization", ("",) + NORMALIZATIONS), ("eval.color_order", COLOR_ORDERS)):
         check_choice(config, key, choices)
+    if config.curriculum:
+        curriculum_lib.validate_phases(config.curriculum, key="curriculum")
+        epochs = sum(p["epochs"] for p in config.curriculum)
+        check(config.optim.epochs == epochs, "optim.epochs", config.optim.epochs,
+              f"the curriculum's length: its phases last {epochs} epochs (the lr schedule spans them)")
+
+
+def phase_at(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int) -> int | None:
+    """Index of the curriculum phase that 1-based `step` trains in (its epoch is (step - 1) //
+    steps_per_epoch; past the last phase, the last), or None without a curriculum."""
+    if not config.curriculum:
+        return None
+    return curriculum_lib.phase_for_epoch(config.curriculum, (step - 1) // steps_per_epoch)[0]
+
+
+def padded_rows(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, int]:
+    """`TrainCheckpointer.restore(padded_rows=)` of the fine-tuning state: W and its optimizer moments,
+    and the curriculum's prototype buffer, re-padded to this device count (real rows identical)."""
+    rule = partial_fc.padded_rows_rule(num_classes)
+    if config.curriculum:
+        rule[r"(^|/)prototypes$"] = int(num_classes)
+    return rule
 
 
 def landmark_weight(reg: ml_collections.ConfigDict, epoch: int) -> float:
@@ -322,17 +350,21 @@ def landmark_teacher_variables(config: ml_collections.ConfigDict, variables: dic
 # Loss and step
 
 
-def make_loss_fn(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDict, mesh: Any, num_classes: int):
+def make_loss_fn(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDict, mesh: Any, num_classes: int,
+                 phase: Any = None):
     """loss_fn(params, batch_stats, teacher_vars, batch, key, reg_weight) -> (loss, (metrics, batch_stats)).
 
     params = {'backbone': ..., 'centers': W}; batch = {'image', 'label', 'label2', 'lam'}.
+    With a curriculum `phase` (a `curriculum.phase()`; its sample rate and margin replace config.loss's)
+    the function takes the prototype buffer E[C_pad, D] as a 7th argument and returns
+    (loss, (metrics, batch_stats, embeddings [B, D])), the embeddings for the EPL update.
     """
     loss_cfg = config.loss
     use_reg = config.landmark_reg.mode != "none"
     frozen = config.freeze_landmark_cnn
     scale = float(config.model.image_size - 1)
 
-    def loss_fn(params, batch_stats, teacher_vars, batch, key, reg_weight):
+    def loss_fn(params, batch_stats, teacher_vars, batch, key, reg_weight, prototypes=None):
         k_drop, k_sample = jax.random.split(key)
         variables = {"params": params["backbone"]}
         mutable = []
@@ -347,10 +379,14 @@ def make_loss_fn(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDic
                                      mutable=mutable, **given)
         emb, landmarks = out if isinstance(out, tuple) else (out, None)
         labels = {k: batch[k] for k in ("label", "label2", "lam")}
-        cls_loss, metrics = partial_fc.partial_fc_loss(
-            emb, labels, params["centers"], k_sample, mesh=mesh, num_classes=num_classes,
-            sample_rate=loss_cfg.sample_rate, m1=loss_cfg.m1, m2=loss_cfg.m2, m3=loss_cfg.m3, s=loss_cfg.s,
-            fallback=loss_cfg.arcface_fallback)
+        if phase is None:
+            cls_loss, metrics = partial_fc.partial_fc_loss(
+                emb, labels, params["centers"], k_sample, mesh=mesh, num_classes=num_classes,
+                sample_rate=loss_cfg.sample_rate, m1=loss_cfg.m1, m2=loss_cfg.m2, m3=loss_cfg.m3, s=loss_cfg.s,
+                fallback=loss_cfg.arcface_fallback)
+        else:
+            cls_loss, metrics = curriculum_lib.phase_loss(emb, labels, params["centers"], prototypes, k_sample,
+                                                          mesh=mesh, num_classes=num_classes, phase=phase)
         metrics = {"cls_loss": cls_loss, **{k: v for k, v in metrics.items() if k != "loss"}}
         loss = cls_loss
         if use_reg:
@@ -361,7 +397,10 @@ def make_loss_fn(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDic
             metrics["landmark_weight"] = reg_weight
         metrics["loss"] = loss
         # a frozen landmark CNN is not run in train mode, so its statistics are not in new_state
-        return loss, (metrics, {**batch_stats, **new_state.get("batch_stats", {})} if batch_stats else batch_stats)
+        new_stats = {**batch_stats, **new_state.get("batch_stats", {})} if batch_stats else batch_stats
+        if phase is not None:
+            return loss, (metrics, new_stats, emb)
+        return loss, (metrics, new_stats)
 
     return loss_fn
 
@@ -387,7 +426,8 @@ AUGMENT_STREAM = 0x5EED  # fold_in constant of the device augmentation's key (ba
 
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Array, ema_decay: float = 0.0,
-                    data_config: ml_collections.ConfigDict | None = None):
+                    data_config: ml_collections.ConfigDict | None = None, prototype_update=None,
+                    phase_index: int | None = None):
     """step(state, batch, reg_weight) -> (state, metrics); state = {'step', 'params', 'batch_stats', 'opt_state'}
     and, when ema_decay > 0, 'ema' (the moving average of params['backbone']), which moves once per
     parameter update: under gradient accumulation (optax.MultiSteps) only on the micro-batches where
@@ -395,7 +435,12 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Arr
 
     With data_config.augment_on='device' the batch is the decoded one ({'image': uint8, 'index',
     'label'}) and the step first makes the training images (`device_augment.finetune_images`, key =
-    base_key folded with AUGMENT_STREAM, then each sample's stream index)."""
+    base_key folded with AUGMENT_STREAM, then each sample's stream index).
+
+    Curriculum (a state with 'prototypes' E): loss_fn is a phase's (`make_loss_fn(..., phase=)`, given E,
+    returning the embeddings); `prototype_update(E, embeddings, batch) -> E` (the EPL rule, or None in
+    a phase that does not update E) runs on this step's forward features, detached; metrics get
+    'phase' = phase_index."""
     device = data_config is not None and data_config.augment_on == "device"
     augment_key = jax.random.fold_in(base_key, AUGMENT_STREAM)
 
@@ -404,8 +449,13 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Arr
             batch = device_augment.finetune_images(data_config, augment_key, batch)
         key = jax.random.fold_in(base_key, state["step"])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (metrics, batch_stats)), grads = grad_fn(state["params"], state["batch_stats"], teacher_vars, batch, key,
-                                                     reg_weight)
+        curriculum = "prototypes" in state
+        if curriculum:
+            (_, (metrics, batch_stats, emb)), grads = grad_fn(state["params"], state["batch_stats"], teacher_vars,
+                                                              batch, key, reg_weight, state["prototypes"])
+        else:
+            (_, (metrics, batch_stats)), grads = grad_fn(state["params"], state["batch_stats"], teacher_vars, batch,
+                                                         key, reg_weight)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["param_norm"] = optax.global_norm(params)  # of the state this step hands on (divergence check)
@@ -413,6 +463,10 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Arr
         if "learning_rate" in hyper:
             metrics["learning_rate"] = hyper["learning_rate"]
         new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+        if curriculum:
+            new_state["prototypes"] = (prototype_update(state["prototypes"], emb, batch) if prototype_update
+                                       else state["prototypes"])
+            metrics["phase"] = jnp.float32(-1 if phase_index is None else phase_index)
         if ema_decay > 0:
             updates_done = parameter_updates(opt_state, state["step"] + 1)
             stepped = updates_done != parameter_updates(state["opt_state"], state["step"])
@@ -448,9 +502,11 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epo
                                     frozen_regex=config.optim.landmark_regex if config.freeze_landmark_cnn else "")
 
 
-def state_shardings(tx, params: Any, batch_stats: Any, mesh: Any, rules, ema: bool = False) -> dict:
+def state_shardings(tx, params: Any, batch_stats: Any, mesh: Any, rules, ema: bool = False,
+                    prototypes: bool = False) -> dict:
     """Shardings of the train state (`sharding.state_shardings`): backbone by rules, W by rows, the
-    optimizer state like its params, the parameter average like the backbone, the rest replicated."""
+    optimizer state like its params, the parameter average like the backbone, the curriculum's
+    prototype buffer by rows like W, the rest replicated."""
     p_shard = {"backbone": mesh_lib.param_shardings(params["backbone"], rules, mesh),
                "centers": partial_fc.centers_sharding(mesh)}
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "batch_stats": batch_stats,
@@ -458,6 +514,8 @@ def state_shardings(tx, params: Any, batch_stats: Any, mesh: Any, rules, ema: bo
     out = mesh_lib.state_shardings(abstract, params, p_shard, mesh)
     if ema:  # stored as 'ema/<backbone path>', which is no suffix of 'params/backbone/<path>'
         out["ema"] = p_shard["backbone"]
+    if prototypes:
+        out["prototypes"] = partial_fc.centers_sharding(mesh)
     return out
 
 
@@ -470,8 +528,25 @@ def _checked_labels(batch: dict, num_classes: int) -> dict:
     return batch
 
 
+def make_phase_step(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDict, mesh: Any, num_classes: int,
+                    tx: optax.GradientTransformation, shardings: dict, phase_index: int | None):
+    """The jitted step of one curriculum phase (or of config.loss without a curriculum: phase_index None):
+    explicit shardings, the state donated. Every phase's step folds the step number into the same key."""
+    phase = None if phase_index is None else config.curriculum[phase_index]
+    loss_fn = make_loss_fn(model, landmark_cnn, config, mesh, num_classes, phase=phase)
+    update = None
+    if phase is not None and phase["update_prototypes"]:
+        def update(prototypes, emb, batch):
+            return curriculum_lib.update_prototypes(prototypes, emb, batch, mesh=mesh, num_classes=num_classes)
+    replicated = mesh_lib.replicated(mesh)
+    return jax.jit(make_train_step(loss_fn, tx, jax.random.key(config.seed + 1), config.ema_decay,
+                                   config.data, prototype_update=update, phase_index=phase_index),
+                   in_shardings=(shardings, replicated, mesh_lib.batch_sharding(mesh), replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
 def build_train_step(config: ml_collections.ConfigDict, mesh: Any, num_classes: int, *, steps_per_epoch: int,
-                     total_steps: int) -> tuple[Any, tuple, dict, Any]:
+                     total_steps: int, phase: int = 0) -> tuple[Any, tuple, dict, Any]:
     """(step, args, shardings, init): `run`'s jitted step (same loss, optimizer, shardings, donation)
     with abstract arguments for `step.lower(*args)`, built without data and without materialising
     anything; `init(key)` (jitted) makes a fresh state from scratch as `run` does without init
@@ -481,7 +556,8 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: Any, num_classes: 
     NamedShardings: the state (W[padded_rows(C), D] by rows, backbone by config.sharding_rules,
     optimizer state like its params), the batch {'image' f32 [B, H, W, C], 'label', 'label2' i32
     [B], 'lam' f32 [B]} with B = config.batch_size split over every device. Used for ahead-of-time
-    compilation on devices this process may not own (bench/aot.py) and by the step benchmarks.
+    compilation on devices this process may not own (bench/aot.py) and by the step benchmarks. With a
+    curriculum: the step of phase `phase`, and the state holds the prototype buffer.
     """
     model_cfg = presets.with_precision(config.model, config.precision)  # as run: compute dtype, fp32 params
     model = presets.build_model(model_cfg)
@@ -493,17 +569,22 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: Any, num_classes: 
     batch_stats = variables.get("batch_stats", {})
     tx = make_optimizer(config, params, steps_per_epoch, total_steps)
     use_ema = config.ema_decay > 0
-    shardings = state_shardings(tx, params, batch_stats, mesh, config.sharding_rules, ema=use_ema)
+    use_protos = bool(config.curriculum)
+    shardings = state_shardings(tx, params, batch_stats, mesh, config.sharding_rules, ema=use_ema,
+                                prototypes=use_protos)
     replicated = mesh_lib.replicated(mesh)
 
     def fresh_state(key):
         init_key, centers_key = jax.random.split(key)
+        protos_key = jax.random.fold_in(centers_key, 1)
         v = presets.init_variables(model_cfg, init_key)
         p = {"backbone": v["params"], "centers": make_centers(config, centers_key, num_classes, emb_dim, mesh)}
         state = {"step": jnp.zeros([], jnp.int32), "params": p, "batch_stats": v.get("batch_stats", {}),
                  "opt_state": tx.init(p)}
         if use_ema:
             state["ema"] = jax.tree.map(jnp.copy, p["backbone"])
+        if use_protos:
+            state["prototypes"] = curriculum_lib.init_prototypes(protos_key, num_classes, emb_dim, mesh)
         return state
 
     state = jax.eval_shape(fresh_state, jax.random.key(0))
@@ -521,10 +602,8 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: Any, num_classes: 
     args = (ckpt_lib.abstract_like(state, shardings), ckpt_lib.abstract_like(teacher, replicated),
             ckpt_lib.abstract_like(batch, mesh_lib.batch_sharding(mesh)),
             jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated))
-    loss_fn = make_loss_fn(model, landmark_cnn, config, mesh, num_classes)
-    step = jax.jit(make_train_step(loss_fn, tx, jax.random.key(config.seed + 1), config.ema_decay, config.data),
-                   in_shardings=(shardings, replicated, mesh_lib.batch_sharding(mesh), replicated),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+    step = make_phase_step(model, landmark_cnn, config, mesh, num_classes, tx, shardings,
+                           phase if use_protos else None)
     return step, args, shardings, jax.jit(fresh_state, out_shardings=shardings)
 
 
@@ -590,6 +669,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     steps_per_epoch = len(source) // global_bs
     check(steps_per_epoch >= 1, "batch_size", global_bs, f"at most the {len(source)} training images of {config.data.path}")
     total_steps = config.total_steps if config.total_steps > 0 else int(round(config.optim.epochs * steps_per_epoch))
+    if config.curriculum:
+        logging.info("curriculum: %s", "; ".join(
+            f"phase {i}: epochs {p.epochs} (steps {sum(q.epochs for q in config.curriculum[:i]) * steps_per_epoch + 1}"
+            f"..), sample rate {p.sample_rate}, prototypes {p.prototypes!r}, margin ({p.m1}, {p.m2}, {p.m3}) s={p.s}"
+            for i, p in enumerate(config.curriculum)))
     # global batches on the mesh, the next ones copied while a step runs (labels checked on the host first);
     # checkpointed with the state
     train_iter = prefetch_lib.device_prefetch(
@@ -613,7 +697,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx = make_optimizer(config, params, steps_per_epoch, total_steps)
 
     use_ema = config.ema_decay > 0
-    shardings = state_shardings(tx, params, batch_stats, mesh, config.sharding_rules, ema=use_ema)
+    use_protos = bool(config.curriculum)
+    shardings = state_shardings(tx, params, batch_stats, mesh, config.sharding_rules, ema=use_ema,
+                                prototypes=use_protos)
     replicated = mesh_lib.replicated(mesh)
     params = jax.device_put(params, shardings["params"])
     state = {"step": jax.device_put(jnp.zeros([], jnp.int32), replicated), "params": params,
@@ -621,14 +707,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)}
     if use_ema:
         state["ema"] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["ema"])(params["backbone"])
+    if use_protos:  # EPL prototype buffer E[C_pad, D]: random unit rows, sharded by rows like W
+        state["prototypes"] = curriculum_lib.init_prototypes(jax.random.fold_in(centers_key, 1), num_classes,
+                                                             emb_dim, mesh)
     teacher_vars = jax.device_put(teacher_np, replicated)
 
     # ------------------------------------------------------------------ step
-    loss_fn = make_loss_fn(model, landmark_cnn, config, mesh, num_classes)
-    batch_shard = mesh_lib.batch_sharding(mesh)
-    step_fn = jax.jit(make_train_step(loss_fn, tx, jax.random.key(config.seed + 1), config.ema_decay, config.data),
-                      in_shardings=(shardings, replicated, batch_shard, replicated),
-                      out_shardings=(shardings, replicated), donate_argnums=(0,))
+    # one jitted step per curriculum phase (None: config.loss), compiled when first needed
+    step_fns: dict = {}
+
+    def step_fn_at(step: int):
+        phase = phase_at(config, step, steps_per_epoch)
+        if phase not in step_fns:
+            if phase is not None:
+                logging.info("curriculum phase %d from step %d: %s", phase, step, dict(config.curriculum[phase]))
+            step_fns[phase] = make_phase_step(model, landmark_cnn, config, mesh, num_classes, tx, shardings, phase)
+        return step_fns[phase]
 
     # ------------------------------------------------------------------ checkpoint / resume
     # with verification sets, every evaluated step is checkpointed with its accuracy, and the best one
@@ -642,7 +736,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         # any mesh: W and its optimizer moments are re-padded for this device count
         resumed, restored = ckpt.resume(abstract_state, data_iterator=train_iter,
-                                        padded_rows=partial_fc.padded_rows_rule(num_classes))
+                                        padded_rows=padded_rows(config, num_classes))
     except BaseException:
         ckpt.close()
         raise
@@ -676,7 +770,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def train_step(state, step: int):
         batch = loop_utils.next_batch(train_iter)  # labels checked, already global (device_prefetch)
         reg_weight = np.float32(landmark_weight(config.landmark_reg, (step - 1) // steps_per_epoch))
-        return step_fn(state, teacher_vars, batch, reg_weight)
+        return step_fn_at(step)(state, teacher_vars, batch, reg_weight)
 
     def confirm_by_one_more_step(state, step: int) -> None:
         """Run step `step` + 1 (result dropped, the state donated) to check the loss that confirms
