@@ -79,6 +79,24 @@ def test_landmark_views_use_clean_for_landmarks_and_aug_for_patches():
     assert local.shape == (b, v, 36, 48)
 
 
+def test_landmark_views_with_per_sample_keys_follow_each_sample():
+    """One key per sample (device augmentation): a sample's noise and subset depend on its key only,
+    so permuting the batch (and its keys) permutes the tokens; random landmark views likewise."""
+    rng = np.random.default_rng(2)
+    b, v, s = 3, 2, 32
+    clean = jnp.asarray(rng.uniform(-1, 1, size=(b, v, s, s, 3)), jnp.float32)
+    keys = jax.random.split(jax.random.key(4), b)
+    perm = np.asarray([2, 0, 1])
+    for fn in (lambda c, k: views.landmark_views(_fake_landmark_fn, c, c, k, noise_std=5.0, num_selected=6,
+                                                 patch_size=4),
+               lambda c, k: views.random_landmark_views(c, k, num_landmarks=6, patch_size=4)):
+        a, p = fn(clean, keys), fn(clean[perm], keys[perm])
+        assert a.shape == (b, v, 6, 48)
+        np.testing.assert_array_equal(np.asarray(a)[perm], np.asarray(p))
+    with pytest.raises(ValueError, match="one per sample"):
+        views.random_landmark_views(clean, jax.random.split(jax.random.key(0), 2), num_landmarks=6, patch_size=4)
+
+
 def test_landmark_views_give_no_gradient_to_the_landmark_function():
     rng = np.random.default_rng(2)
     clean = jnp.asarray(rng.uniform(-1, 1, size=(1, 2, 32, 32, 3)), jnp.float32)

@@ -472,8 +472,9 @@ def erase(images: jax.Array, boxes: jax.Array, apply: jax.Array, value: float = 
 # ----------------------------------------------------------------------------------------------
 
 class SSLColor:
-    """DINO's colour block (config.data.ssl_color): jitter (b, c, s, h) with jitter_prob, grayscale
-    with grayscale_prob, blur sigma range, per-view blur / solarise probabilities."""
+    """DINO's colour block (config.data.ssl_color): jitter strengths (b, c, s, h) applied with
+    jitter_prob, grayscale with grayscale_prob, the blur sigma range (px); the per-view blur and
+    solarisation probabilities are `ssl_views` arguments."""
 
     def __init__(self, jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8, grayscale_prob=0.2, blur_radius=(0.1, 2.0)):
         self.jitter, self.jitter_prob = tuple(float(j) for j in jitter), float(jitter_prob)
@@ -544,7 +545,7 @@ def _group_keys(keys: jax.Array, group: int) -> jax.Array:
 
 def dino_views(dc, key: jax.Array, batch: dict) -> dict:
     """{'image': uint8 [B, H, W, 3], 'index': int [B], 'label'} -> the host's `dino_batches` layout:
-    {'global': f32 [B, G, Sg, Sg, 3], 'local': f32 [B, L, Sl, Sl, 3], 'label'}, normalised."""
+    {'global': f32 [B, G, Sg, Sg, 3], 'local': f32 [B, L, Sl, Sl, 3], 'label'} (+ 'index'), normalised."""
     d, c = dc.dino, dc.ssl_color
     color = SSLColor.from_config(dc)
     keys = sample_keys(key, batch["index"])
@@ -557,13 +558,14 @@ def dino_views(dc, key: jax.Array, batch: dict) -> dict:
                          color=color, blur_probs=np.full(n, c.local_blur_prob, np.float32),
                          solarize_probs=np.zeros(n, np.float32))
     return {"global": T.normalize(glob, dc.normalization), "local": T.normalize(local, dc.normalization),
-            "label": batch["label"]}
+            "label": batch["label"], "index": batch["index"]}
 
 
 def lafs_views(dc, key: jax.Array, batch: dict) -> dict:
     """{'image': uint8 [B, H, W, 3], 'index', 'label'} -> the host's `lafs_batches` layout:
     {'global_clean', 'global_aug': f32 [B, G, S, S, 3], 'local_clean', 'local_aug': f32 [B, L, S, S, 3],
-    'label'}, normalised; clean and aug of a view share the crop and flip."""
+    'label'} (+ 'index': the LAFS landmark noise and subsets are then drawn per sample), normalised;
+    clean and aug of a view share the crop and flip."""
     v, c = dc.lafs, dc.ssl_color
     color = SSLColor.from_config(dc)
     keys = sample_keys(key, batch["index"])
@@ -577,7 +579,7 @@ def lafs_views(dc, key: jax.Array, batch: dict) -> dict:
                                solarize_probs=np.zeros(n, np.float32))
     norm = lambda x: T.normalize(x, dc.normalization)
     return {"global_clean": norm(g_clean), "global_aug": norm(g_aug), "local_clean": norm(l_clean),
-            "local_aug": norm(l_aug), "label": batch["label"]}
+            "local_aug": norm(l_aug), "label": batch["label"], "index": batch["index"]}
 
 
 def finetune_params(key: jax.Array, height: int, width: int, dc) -> dict:

@@ -198,6 +198,9 @@ def make_views(networks: Networks, config: ml_collections.ConfigDict, batch: dic
         return networks.landmark_cnn.apply(landmark_variables, images, train=False)
 
     k_global, k_local = jax.random.split(key)
+    if "index" in batch:  # device augmentation: per-sample landmark draws, from the step key and the stream index
+        k_global = device_augment.sample_keys(k_global, batch["index"])
+        k_local = device_augment.sample_keys(k_local, batch["index"])
     lafs = config.lafs
     num_landmarks = config.model.num_landmarks
     if lafs.random_landmarks:

@@ -57,6 +57,22 @@ def perturb_and_select(landmarks: jax.Array, key: jax.Array, *, noise_std: float
     return jnp.take_along_axis(landmarks, idx[..., None], axis=1)
 
 
+def _row_keys(key: jax.Array, b: int, v: int) -> jax.Array | None:
+    """Per-row keys [B*V] from per-sample keys [B] (one per view of each sample); None for one key."""
+    if key.ndim == 0:
+        return None
+    if key.shape != (b,):
+        raise ValueError(f"views: key must be one key or one per sample [B={b}], got shape {key.shape}")
+    return jax.vmap(lambda k: jax.random.split(k, v))(key).reshape(b * v)
+
+
+def perturb_and_select_rows(landmarks: jax.Array, keys: jax.Array, *, noise_std: float,
+                            num_selected: int | None) -> jax.Array:
+    """`perturb_and_select` with one key per row (keys [N]): row n's noise and indices depend on keys[n] only."""
+    one = lambda lm, k: perturb_and_select(lm[None], k, noise_std=noise_std, num_selected=num_selected)[0]
+    return jax.vmap(one)(landmarks, keys)
+
+
 def landmark_views(landmark_fn: Callable[[jax.Array], jax.Array], clean: jax.Array, aug: jax.Array,
                    key: jax.Array, *, noise_std: float, num_selected: int | None,
                    patch_size: int) -> jax.Array:
@@ -66,7 +82,8 @@ def landmark_views(landmark_fn: Callable[[jax.Array], jax.Array], clean: jax.Arr
       landmark_fn: images [N, S, S, 3] -> landmarks [N, R, 2] (pixel (x, y)); the frozen landmark
         CNN in eval mode. Its output is treated as a constant (stop_gradient).
       clean, aug: [B, V, S, S, 3] the clean crops and their colour-augmented twins (same geometry).
-      key: PRNG key for the noise and the landmark resampling.
+      key: PRNG key for the noise and the landmark resampling, or one key per sample [B] (device
+        augmentation: each sample's draws then depend on its own key only, not on the batch).
       noise_std, num_selected: see `perturb_and_select`.
       patch_size: P, side of each sampled patch in pixels.
     Returns:
@@ -76,13 +93,18 @@ def landmark_views(landmark_fn: Callable[[jax.Array], jax.Array], clean: jax.Arr
         raise ValueError(f"landmark_views: clean {clean.shape} and aug {aug.shape} must both be [B, V, S, S, 3]")
     b, v = clean.shape[:2]
     landmarks = landmark_fn(clean.reshape(b * v, *clean.shape[2:]))
-    centers = perturb_and_select(landmarks, key, noise_std=noise_std, num_selected=num_selected)
+    rows = _row_keys(key, b, v)
+    if rows is None:
+        centers = perturb_and_select(landmarks, key, noise_std=noise_std, num_selected=num_selected)
+    else:
+        centers = perturb_and_select_rows(landmarks, rows, noise_std=noise_std, num_selected=num_selected)
     tokens = sample_patches(aug.reshape(b * v, *aug.shape[2:]), centers.astype(aug.dtype), patch_size)
     return tokens.reshape(b, v, *tokens.shape[1:])
 
 
 def random_landmark_views(aug: jax.Array, key: jax.Array, *, num_landmarks: int, patch_size: int) -> jax.Array:
-    """Tokens of V views at uniformly random landmarks (the official `random_coor` ablation).
+    """Tokens of V views at uniformly random landmarks (the official `random_coor` ablation); key: one
+    key or one per sample [B], as `landmark_views`.
 
     aug [B, V, S, S, 3] -> [B, V, num_landmarks, P*P*3]: every coordinate U[0, S - 1) independently
     per landmark, view and sample (official torch.rand * 111 at 112 px), no noise, no landmark CNN;
@@ -91,7 +113,11 @@ def random_landmark_views(aug: jax.Array, key: jax.Array, *, num_landmarks: int,
     if aug.ndim != 5:
         raise ValueError(f"random_landmark_views: aug must be [B, V, S, S, 3], got {aug.shape}")
     b, v, s = aug.shape[:3]
-    centers = jax.random.uniform(key, (b * v, num_landmarks, 2), jnp.float32, 0.0, s - 1.0)
+    rows = _row_keys(key, b, v)
+    if rows is None:
+        centers = jax.random.uniform(key, (b * v, num_landmarks, 2), jnp.float32, 0.0, s - 1.0)
+    else:
+        centers = jax.vmap(lambda k: jax.random.uniform(k, (num_landmarks, 2), jnp.float32, 0.0, s - 1.0))(rows)
     tokens = sample_patches(aug.reshape(b * v, *aug.shape[2:]), centers.astype(aug.dtype), patch_size)
     return tokens.reshape(b, v, *tokens.shape[1:])
 
