@@ -202,6 +202,18 @@ def compiled_memory(compiled: Any) -> dict:
     return out
 
 
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a pytree of jax.Arrays / ShapeDtypeStructs with shardings: each leaf's
+    shard (`sharding.shard_shape`; the whole array for a leaf without a sharding) x its itemsize,
+    summed. Nothing is computed or transferred (abstract trees work)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
 def local_batch_size(global_size: int, mesh: Mesh, name: str = "global batch size") -> int:
     """Rows this process must load for a global batch of `global_size`; a ValueError naming `name`
     (e.g. 'config.batch_size') when the mesh's devices do not divide it."""

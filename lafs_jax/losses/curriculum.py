@@ -24,8 +24,19 @@ device). `update_prototypes` is EPL's rule, per class y of the batch:
     α = softsign(cos(E_y, x̄_y)) = c / (1 + |c|)
     E_y ← normalize(α·E_y + (1 − α)·x̄_y)
 With one sample per class this is EPL's per-sample update exactly. With several samples of a class
-in a batch EPL's code keeps the last write; here they are averaged first (deterministic, order-free).
-Mixup weights each sample by lam for `label` and 1 − lam for `label2`.
+in a batch EPL's code computes every sample's update from the old E and writes them all to E[y]: the
+last write wins, so only the class's last sample in batch order moves its prototype and the others
+are discarded. Here the class's (normalised) features are averaged first and E_y moves once towards
+their mean: every sample counts, the result does not depend on the batch order, and it is the same
+on any device count (a scatter with duplicate indices has no defined order in XLA). The two agree
+when a class appears once in the batch (tests/test_lvface.py checks both against NumPy).
+Mixup weights each sample by lam for `label` and 1 − lam for `label2`. The update runs inside a
+shard_map: every device gathers the global batch's features and labels and updates its own rows.
+
+`train/finetune.py` runs a curriculum as `config.curriculum` (a tuple of `phase()`s; configs/lvface.py).
+The issue's phase fields map to these: prototypes off | epl -> 'none' | 'add' (EPL's stacked
+logits = the mean of the two cross-entropies), epl_k -> prototype_k, margin -> m1, m2, m3, s,
+fallback.
 
 Written by hand: no library implements EPL or LVFace's curriculum.
 """
