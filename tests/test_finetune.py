@@ -1,7 +1,6 @@
 """Fine-tuning: mixup targets and the landmark regulariser in the loss, initialisation, config errors,
 and a tiny end-to-end run on the ORL demo data (accuracy rises; an interrupted run resumes exactly)."""
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import numpy as np
 import flax.linen as nn
 import optax
 import pytest
+from sigterm_at import SigtermAt
 
 from configs import finetune as finetune_recipe
 from lafs_jax import sharding as mesh_lib
@@ -448,19 +448,6 @@ def test_layer_decay_from_scratch_is_a_config_error(tmp_path):
     assert official.optim.layer_decay == 1.0 and official.data.color_order == "bgr"
 
 
-class _SigtermAt:
-    """Wraps the real preemption guard; sends SIGTERM to this process when polled for the n-th time."""
-
-    def __init__(self, guard, at):
-        self.guard, self.at, self.polls = guard, at, 0
-
-    def should_stop(self, step):
-        self.polls += 1
-        if self.polls == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return self.guard.should_stop(step)
-
-
 def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monkeypatch):
     build_orl(str(tmp_path / "data"))
     # 300 of the 900 held-out pairs (seeded), to keep the two evaluations short.
@@ -497,7 +484,7 @@ def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monke
     @contextlib.contextmanager
     def guard_with_kill():
         with real_guard() as g:
-            yield _SigtermAt(g, at=11)
+            yield SigtermAt(g, at=11)
 
     config.eval.bins = ()
     monkeypatch.setattr(loop_utils, "preemption_guard", guard_with_kill)

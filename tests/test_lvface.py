@@ -2,13 +2,12 @@
 EPL prototype update inside the step against NumPy, the recipe's variants, and the tiny recipe end to end
 (every phase, verification on held-out ORL pairs, a run stopped in the middle of phase 2 resumes exactly)."""
 import contextlib
-import os
-import signal
 
 import jax
 import numpy as np
 import optax
 import pytest
+from sigterm_at import SigtermAt
 
 from configs import lvface as lvface_recipe
 from lafs_jax import sharding as mesh_lib
@@ -175,19 +174,6 @@ def test_recipe_variants_and_curriculum_errors():
         finetune.validate(config)
 
 
-class _SigtermAt:
-    """Wraps the real preemption guard; sends SIGTERM to this process when polled for the n-th time."""
-
-    def __init__(self, guard, at):
-        self.guard, self.at, self.polls = guard, at, 0
-
-    def should_stop(self, step):
-        self.polls += 1
-        if self.polls == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return self.guard.should_stop(step)
-
-
 def test_tiny_recipe_runs_every_phase_verifies_and_resumes_in_phase_2_exactly(tmp_path, monkeypatch):
     """configs/lvface.py:tiny (v1: Partial FC r 0.3, then r 1 with EPL prototypes) on the ORL data at
     36 px: 2 steps per phase (batch 128); stopped by SIGTERM at step 3 (the middle of phase 2),
@@ -219,7 +205,7 @@ def test_tiny_recipe_runs_every_phase_verifies_and_resumes_in_phase_2_exactly(tm
     @contextlib.contextmanager
     def guard_with_kill():
         with real_guard() as g:
-            yield _SigtermAt(g, at=3)
+            yield SigtermAt(g, at=3)
 
     config.eval.bins = ()
     monkeypatch.setattr(loop_utils, "preemption_guard", guard_with_kill)
