@@ -37,7 +37,6 @@ draws the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -461,13 +460,23 @@ def state_shardings(tx, params: Any, batch_stats: Any, mesh: Any, rules, ema: bo
     return out
 
 
-def _checked_labels(batch: dict, num_classes: int) -> dict:
-    """The host batch after `partial_fc.check_labels` (a decoded batch of augment_on='device' has only
-    'label': mixup happens on device)."""
-    labels = batch if "lam" in batch else {"label": batch["label"], "label2": batch["label"],
-                                           "lam": np.ones(len(batch["label"]), np.float32)}
+def _local_rows(array) -> np.ndarray:
+    """This process's rows of a batch array (a global jax.Array split over the batch, or numpy)."""
+    if not isinstance(array, jax.Array):
+        return np.asarray(array)
+    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.concatenate([np.asarray(shard.data) for shard in shards])
+
+
+def _check_batch_labels(batch: dict, num_classes: int) -> None:
+    """`partial_fc.check_labels` on this process's rows of the (global) batch; a decoded batch of
+    augment_on='device' has only 'label' (mixup happens on device)."""
+    label = _local_rows(batch["label"])
+    if "lam" in batch:
+        labels = {"label": label, "label2": _local_rows(batch["label2"]), "lam": _local_rows(batch["lam"])}
+    else:
+        labels = {"label": label, "label2": label, "lam": np.ones(len(label), np.float32)}
     partial_fc.check_labels(labels, num_classes)
-    return batch
 
 
 def build_train_step(config: ml_collections.ConfigDict, mesh: Any, num_classes: int, *, steps_per_epoch: int,
@@ -590,11 +599,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     steps_per_epoch = len(source) // global_bs
     check(steps_per_epoch >= 1, "batch_size", global_bs, f"at most the {len(source)} training images of {config.data.path}")
     total_steps = config.total_steps if config.total_steps > 0 else int(round(config.optim.epochs * steps_per_epoch))
-    # global batches on the mesh, the next ones copied while a step runs (labels checked on the host first);
-    # checkpointed with the state
+    # global batches on the mesh, the next ones copied while a step runs; checkpointed with the state
     train_iter = prefetch_lib.device_prefetch(
         pipelines.finetune_batches(source, config.data, batch_size=local_bs, seed=config.seed), mesh,
-        config.data.prefetch, host_fn=functools.partial(_checked_labels, num_classes=num_classes))
+        config.data.prefetch)
     logging.info("fine-tuning: %d images, %d classes, %d steps/epoch, %d steps, global batch %d",
                  len(source), num_classes, steps_per_epoch, total_steps, global_bs)
 
@@ -674,7 +682,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return out
 
     def train_step(state, step: int):
-        batch = loop_utils.next_batch(train_iter)  # labels checked, already global (device_prefetch)
+        batch = loop_utils.next_batch(train_iter)  # already global, on the mesh (device_prefetch)
+        _check_batch_labels(batch, num_classes)  # this process's rows, before the step
         reg_weight = np.float32(landmark_weight(config.landmark_reg, (step - 1) // steps_per_epoch))
         return step_fn(state, teacher_vars, batch, reg_weight)
 
