@@ -42,7 +42,6 @@ draws the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -519,13 +518,23 @@ def state_shardings(tx, params: Any, batch_stats: Any, mesh: Any, rules, ema: bo
     return out
 
 
-def _checked_labels(batch: dict, num_classes: int) -> dict:
-    """The host batch after `partial_fc.check_labels` (a decoded batch of augment_on='device' has only
-    'label': mixup happens on device)."""
-    labels = batch if "lam" in batch else {"label": batch["label"], "label2": batch["label"],
-                                           "lam": np.ones(len(batch["label"]), np.float32)}
+def _local_rows(array) -> np.ndarray:
+    """This process's rows of a batch array (a global jax.Array split over the batch, or numpy)."""
+    if not isinstance(array, jax.Array):
+        return np.asarray(array)
+    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.concatenate([np.asarray(shard.data) for shard in shards])
+
+
+def _check_batch_labels(batch: dict, num_classes: int) -> None:
+    """`partial_fc.check_labels` on this process's rows of the (global) batch; a decoded batch of
+    augment_on='device' has only 'label' (mixup happens on device)."""
+    label = _local_rows(batch["label"])
+    if "lam" in batch:
+        labels = {"label": label, "label2": _local_rows(batch["label2"]), "lam": _local_rows(batch["lam"])}
+    else:
+        labels = {"label": label, "label2": label, "lam": np.ones(len(label), np.float32)}
     partial_fc.check_labels(labels, num_classes)
-    return batch
 
 
 def make_phase_step(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDict, mesh: Any, num_classes: int,
@@ -674,11 +683,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"phase {i}: epochs {p.epochs} (steps {sum(q.epochs for q in config.curriculum[:i]) * steps_per_epoch + 1}"
             f"..), sample rate {p.sample_rate}, prototypes {p.prototypes!r}, margin ({p.m1}, {p.m2}, {p.m3}) s={p.s}"
             for i, p in enumerate(config.curriculum)))
-    # global batches on the mesh, the next ones copied while a step runs (labels checked on the host first);
-    # checkpointed with the state
+    # global batches on the mesh, the next ones copied while a step runs; checkpointed with the state
     train_iter = prefetch_lib.device_prefetch(
         pipelines.finetune_batches(source, config.data, batch_size=local_bs, seed=config.seed), mesh,
-        config.data.prefetch, host_fn=functools.partial(_checked_labels, num_classes=num_classes))
+        config.data.prefetch)
     logging.info("fine-tuning: %d images, %d classes, %d steps/epoch, %d steps, global batch %d",
                  len(source), num_classes, steps_per_epoch, total_steps, global_bs)
 
@@ -768,7 +776,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return out
 
     def train_step(state, step: int):
-        batch = loop_utils.next_batch(train_iter)  # labels checked, already global (device_prefetch)
+        batch = loop_utils.next_batch(train_iter)  # already global, on the mesh (device_prefetch)
+        _check_batch_labels(batch, num_classes)  # this process's rows, before the step
         reg_weight = np.float32(landmark_weight(config.landmark_reg, (step - 1) // steps_per_epoch))
         return step_fn_at(step)(state, teacher_vars, batch, reg_weight)
 

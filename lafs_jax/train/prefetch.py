@@ -10,8 +10,8 @@ uses, which takes a dataset and `jax.device_put`s it; here the loops hold an ite
 after the last batch *returned* (not the prefetched ones) and `set_state()` stops the thread,
 restores the parent and refills: a resumed run reads the same batches.
 
-`host_fn(batch) -> batch` runs on the host batch first, in the thread (fine-tuning checks its labels
-there: an error is raised by the `next()` that would have returned that batch).
+`host_fn(batch) -> batch` (optional) runs on the host batch first, in the thread; an error it raises
+comes out of the `next()` that would have returned that batch.
 """
 from __future__ import annotations
 
