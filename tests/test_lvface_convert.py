@@ -109,3 +109,29 @@ def test_released_names_set_drop_path_and_mask_ratio():
         assert (c.dim, c.depth, c.heads, c.patch_size, c.mlp_dim) == (dim, depth, 8, 9, 4 * dim), name
         assert (c.drop_path_rate, c.insightface.mask_ratio, c.mlp_activation, c.qkv_bias) == (dp, mask, "relu6", False)
         assert c.drop_path_schedule == "linear" and c.kind == "insightface_vit"
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def test_attention_softmax_runs_in_float32_under_bfloat16():
+    """model.dtype bfloat16 (the compute dtype on accelerators): the blocks' matmuls are bf16, every
+    attention softmax exponentiates float32 logits, as LVFace's autocast(False) attention core."""
+    cfg = _custom_config(32, 2, 4, 36, 16)
+    cfg.dtype = "bfloat16"
+    model = presets.build_model(cfg)
+    v = jax.eval_shape(lambda: presets.init_variables(cfg, jax.random.key(0), batch=2))
+    x = jax.ShapeDtypeStruct((2, 36, 36, 3), np.float32)
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(v, x).jaxpr
+    eqns = list(_equations(jaxpr))
+    exps = [e for e in eqns if e.primitive.name == "exp"]
+    assert len(exps) == cfg.depth and all(e.outvars[0].aval.dtype == np.float32 for e in exps)
+    assert any(e.primitive.name == "dot_general" and e.outvars[0].aval.dtype == jax.numpy.bfloat16 for e in eqns)
