@@ -7,7 +7,6 @@ import signal
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from configs import lvface as lvface_recipe
