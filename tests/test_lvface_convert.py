@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import torch_mirror_lvface as mirror_lib
+from configs import lvface as lvface_recipe
 from lafs_jax.convert import mapping
 from lafs_jax.convert.__main__ import main
 from lafs_jax.models import presets
-from lafs_jax.variables import load_variables
+from lafs_jax.train import finetune
+from lafs_jax.variables import load_variables, save_variables
 
 TOL = 1e-5  # embeddings, relative to their largest magnitude
 
@@ -135,3 +137,18 @@ def test_attention_softmax_runs_in_float32_under_bfloat16():
     exps = [e for e in eqns if e.primitive.name == "exp"]
     assert len(exps) == cfg.depth and all(e.outvars[0].aval.dtype == np.float32 for e in exps)
     assert any(e.primitive.name == "dot_general" and e.outvars[0].aval.dtype == jax.numpy.bfloat16 for e in eqns)
+
+
+def test_fine_tuning_starts_from_converted_weights(tmp_path):
+    """A converted LVFace directory is a backbone fine-tuning loads whole (params and BN statistics)."""
+    cfg = _custom_config(48, 2, 4, 36, 24)
+    model = _mirror(48, 2, 4, image_size=36, features=24)
+    variables, report = mapping.convert_state_dict(_state(model), "lvface", cfg)
+    save_variables(str(tmp_path / "lvface"), variables, mapping.metadata("lvface", cfg, "mirror.pt", report=report))
+    config = lvface_recipe.get_config("tiny")
+    config.model = cfg
+    config.init.backbone = str(tmp_path / "lvface")
+    fresh = jax.tree.map(np.asarray, presets.init_variables(cfg, jax.random.key(0)))
+    loaded, origin = finetune.initial_variables(config, fresh)
+    assert origin.startswith("backbone from")
+    jax.tree.map(np.testing.assert_array_equal, loaded, {c: variables[c] for c in ("params", "batch_stats")})
