@@ -60,6 +60,12 @@ version for 2 epochs (18 steps of 32 images), ArcFace with s 32 / m 0.3 (a small
 for 30 classes, as configs/finetune.py:tiny uses s 32; not tuned), verification on the 900 held-out
 pairs at the start, every phase change and the end:
 
+With 30 classes and 32 images a step, r = 0.3 (9 sampled classes on one device) cannot hold every
+class of the batch: 8-10 positives a step fall outside the sampled set (metric `positives_dropped`;
+each sample still keeps its own target in its softmax, lafs_jax/losses/partial_fc.py). InsightFace's
+Partial FC keeps every positive however many (a dynamic shape); at WebFace42M / Glint360K scale a
+batch's positives are a small fraction of r x C and the two agree.
+
     python main.py --config configs/lvface.py:tiny --workdir runs/lvface_tiny          # v1: 2 phases
     python main.py --config configs/lvface.py:tiny,v3 --workdir runs/lvface_tiny_v3   # 3 phases
 """
