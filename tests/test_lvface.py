@@ -5,7 +5,6 @@ import contextlib
 
 import jax
 import numpy as np
-import optax
 import pytest
 from sigterm_at import SigtermAt
 
@@ -15,7 +14,7 @@ from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError
 from lafs_jax.input.orl import build_orl
 from lafs_jax.input.verification_bin import load_bin, save_bin
-from lafs_jax.losses import partial_fc
+from lafs_jax.losses import curriculum, partial_fc
 from lafs_jax.models import presets
 from lafs_jax.train import finetune, loop_utils
 
@@ -221,3 +220,16 @@ def test_tiny_recipe_runs_every_phase_verifies_and_resumes_in_phase_2_exactly(tm
     b, meta = variables_lib.load_variables(str(tmp_path / "resumed" / "backbone"))
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert meta["model"]["kind"] == "insightface_vit" and meta["normalization"] == "[-1,1]"
+
+
+def test_phase_accepts_the_issue_spelling():
+    p = curriculum.phase(epochs=60, sample_rate=1.0, prototypes="epl", epl_k=0.7, margin="arcface")
+    assert (p.prototypes, p.prototype_k, p.m1, p.m2, p.m3, p.fallback) == ("add", 0.7, 1.0, 0.5, 0.0, "th_mm")
+    q = curriculum.phase(prototypes="off", margin="cosface")
+    assert (q.prototypes, q.m2, q.m3, q.fallback) == ("none", 0.0, 0.4, "none")
+    assert curriculum.phase(margin=(1.0, 0.3, 0.1)).m3 == 0.1
+    curriculum.validate_phases([p, q])
+    with pytest.raises(ConfigError, match="margin='sphere'"):
+        curriculum.phase(margin="sphere")
+    with pytest.raises(ConfigError, match="epl_k or prototype_k"):
+        curriculum.phase(epl_k=0.5, prototype_k=0.6)

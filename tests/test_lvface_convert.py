@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import torch_mirror_lvface as mirror_lib
+from configs import lvface as lvface_recipe
 from lafs_jax.convert import mapping
 from lafs_jax.convert.__main__ import main
 from lafs_jax.models import presets
-from lafs_jax.variables import load_variables
+from lafs_jax.train import finetune
+from lafs_jax.variables import load_variables, save_variables
 
 TOL = 1e-5  # embeddings, relative to their largest magnitude
 
@@ -109,3 +111,44 @@ def test_released_names_set_drop_path_and_mask_ratio():
         assert (c.dim, c.depth, c.heads, c.patch_size, c.mlp_dim) == (dim, depth, 8, 9, 4 * dim), name
         assert (c.drop_path_rate, c.insightface.mask_ratio, c.mlp_activation, c.qkv_bias) == (dp, mask, "relu6", False)
         assert c.drop_path_schedule == "linear" and c.kind == "insightface_vit"
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def test_attention_softmax_runs_in_float32_under_bfloat16():
+    """model.dtype bfloat16 (the compute dtype on accelerators): the blocks' matmuls are bf16, every
+    attention softmax exponentiates float32 logits, as LVFace's autocast(False) attention core."""
+    cfg = _custom_config(32, 2, 4, 36, 16)
+    cfg.dtype = "bfloat16"
+    model = presets.build_model(cfg)
+    v = jax.eval_shape(lambda: presets.init_variables(cfg, jax.random.key(0), batch=2))
+    x = jax.ShapeDtypeStruct((2, 36, 36, 3), np.float32)
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(v, x).jaxpr
+    eqns = list(_equations(jaxpr))
+    exps = [e for e in eqns if e.primitive.name == "exp"]
+    assert len(exps) == cfg.depth and all(e.outvars[0].aval.dtype == np.float32 for e in exps)
+    assert any(e.primitive.name == "dot_general" and e.outvars[0].aval.dtype == jax.numpy.bfloat16 for e in eqns)
+
+
+def test_fine_tuning_starts_from_converted_weights(tmp_path):
+    """A converted LVFace directory is a backbone fine-tuning loads whole (params and BN statistics)."""
+    cfg = _custom_config(48, 2, 4, 36, 24)
+    model = _mirror(48, 2, 4, image_size=36, features=24)
+    variables, report = mapping.convert_state_dict(_state(model), "lvface", cfg)
+    save_variables(str(tmp_path / "lvface"), variables, mapping.metadata("lvface", cfg, "mirror.pt", report=report))
+    config = lvface_recipe.get_config("tiny")
+    config.model = cfg
+    config.init.backbone = str(tmp_path / "lvface")
+    fresh = jax.tree.map(np.asarray, presets.init_variables(cfg, jax.random.key(0)))
+    loaded, origin = finetune.initial_variables(config, fresh)
+    assert origin.startswith("backbone from")
+    jax.tree.map(np.testing.assert_array_equal, loaded, {c: variables[c] for c in ("params", "batch_stats")})

@@ -34,9 +34,9 @@ Mixup weights each sample by lam for `label` and 1 − lam for `label2`. The upd
 shard_map: every device gathers the global batch's features and labels and updates its own rows.
 
 `train/finetune.py` runs a curriculum as `config.curriculum` (a tuple of `phase()`s; configs/lvface.py).
-The issue's phase fields map to these: prototypes off | epl -> 'none' | 'add' (EPL's stacked
-logits = the mean of the two cross-entropies), epl_k -> prototype_k, margin -> m1, m2, m3, s,
-fallback.
+`phase()` also takes the LVFace issue's spelling and stores these fields: prototypes off | epl ->
+'none' | 'add' (EPL's stacked logits = the mean of the two cross-entropies), epl_k -> prototype_k,
+margin 'arcface' | 'cosface' | (m1, m2, m3) -> m1, m2, m3.
 
 Written by hand: no library implements EPL or LVFace's curriculum.
 """
@@ -57,10 +57,39 @@ from lafs_jax.numerics import l2_normalize
 
 PHASE_FIELDS = ("epochs", "sample_rate", "m1", "m2", "m3", "s", "fallback", "prototypes", "prototype_k",
                 "prototype_margin", "update_prototypes")
+# The LVFace issue's spelling, accepted by `phase()`: prototypes 'off' | 'epl', epl_k, margin.
+PROTOTYPE_ALIASES = {"off": "none", "epl": "add"}
+MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4)}  # (m1, m2, m3) of a named margin
 
 
 def phase(**overrides: Any) -> ml_collections.ConfigDict:
-    """One curriculum phase with LVFace's defaults (ArcFace s=64 m=0.5, Partial FC r=0.3), overridden."""
+    """One curriculum phase with LVFace's defaults (ArcFace s=64 m=0.5, Partial FC r=0.3), overridden.
+
+    Also takes the LVFace issue's spelling: prototypes='off' | 'epl' (= 'none' | 'add'), epl_k=
+    (= prototype_k), margin='arcface' | 'cosface' | (m1, m2, m3) (sets m1, m2, m3; CosFace also
+    fallback 'none')."""
+    overrides = dict(overrides)
+    if "epl_k" in overrides:
+        if "prototype_k" in overrides:
+            raise ConfigError("curriculum phase: give epl_k or prototype_k, not both")
+        overrides["prototype_k"] = overrides.pop("epl_k")
+    if overrides.get("prototypes") in PROTOTYPE_ALIASES:
+        overrides["prototypes"] = PROTOTYPE_ALIASES[overrides["prototypes"]]
+    if "margin" in overrides:
+        margin = overrides.pop("margin")
+        if isinstance(margin, str):
+            if margin not in MARGINS:
+                raise ConfigError(f"curriculum phase: margin={margin!r} is not one of {sorted(MARGINS)} or an "
+                                  f"(m1, m2, m3) triple")
+            if margin == "cosface":
+                overrides.setdefault("fallback", "none")
+            margin = MARGINS[margin]
+        if len(tuple(margin)) != 3:
+            raise ConfigError(f"curriculum phase: margin={margin!r} must be a name or an (m1, m2, m3) triple")
+        for name, value in zip(("m1", "m2", "m3"), margin):
+            if name in overrides:
+                raise ConfigError(f"curriculum phase: give margin or {name}, not both")
+            overrides[name] = float(value)
     c = ml_collections.ConfigDict()
     c.epochs = 1  # length of this phase in epochs
     c.sample_rate = 0.3  # Partial FC negative sampling; 1.0 = every class (sampling off)
