@@ -68,6 +68,7 @@ def finetune_config(data_dir: str, *, total_steps: int = 5, sample_rate: float =
     c.data.image_size = 32
     c.data.finetune.randaugment = False
     c.data.finetune.mixup_prob = 0.0  # mixup pairs rows of one process's batch: off, so 1 and 2 processes agree
+    c.data.prefetch = 0  # the matrix records the batches each leg reads; prefetch would read ahead of the step
     c.freeze_landmark_cnn = True  # as the demo; the landmark CNN's backward would double the step's compile time
     c.batch_size = BATCH
     c.total_steps = total_steps
@@ -95,6 +96,7 @@ def pretrain_config(data_dir: str, *, total_steps: int = 5, stop_at_step: int = 
     c.data.lafs.view_size = 32
     c.data.lafs.local_views = 0  # the 2 global views only: one view group, half the step's compile time
     c.data.augment_on = "host"  # as the matrix was timed; device views are topology-checked in test_device_augment
+    c.data.prefetch = 0  # the matrix records the batches each leg reads; prefetch would read ahead of the step
     c.lafs.num_local_landmarks = 4
     c.lafs.noise_std = 1.0
     c.batch_size = BATCH
