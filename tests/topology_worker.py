@@ -144,19 +144,19 @@ def _stop_after(steps: int | None):
 
 @contextlib.contextmanager
 def _record_batches(out: list):
-    """Fingerprints (labels, sha1 of the images) of every host batch fine-tuning checks."""
-    real = partial_fc.check_labels
+    """Fingerprints (labels, sha1 of the images) of this process's rows of every batch fine-tuning checks."""
+    real = finetune._check_batch_labels
 
     def check(batch, num_classes):
-        out.append({"label": np.asarray(batch["label"]).tolist(),
-                    "image_sha1": hashlib.sha1(np.ascontiguousarray(batch["image"]).tobytes()).hexdigest()})
+        out.append({"label": finetune._local_rows(batch["label"]).tolist(),
+                    "image_sha1": hashlib.sha1(np.ascontiguousarray(finetune._local_rows(batch["image"])).tobytes()).hexdigest()})
         return real(batch, num_classes)
 
-    partial_fc.check_labels = check
+    finetune._check_batch_labels = check
     try:
         yield
     finally:
-        partial_fc.check_labels = real
+        finetune._check_batch_labels = real
 
 
 def _losses(workdir: str) -> dict:
