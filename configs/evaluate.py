@@ -5,7 +5,7 @@ Demo (after `python -m data.prepare orl --out runs/demo/data` and the tiny fine-
 
     python main.py --config configs/evaluate.py --workdir runs/finetune_tiny
 
-reads runs/finetune_tiny/backbone, scores runs/demo/data/verification.bin, exports
+reads runs/finetune_tiny/backbone, scores runs/demo/data/test.bin, exports
 runs/finetune_tiny/embedding.jaxexport and writes verification.{md,json} and evaluate.json there.
 
 Full benchmarks (official protocol: flip-sum, 10 folds; IJB N1D1F1):
@@ -40,7 +40,7 @@ def get_config(arg=None):
     # '' = WORKDIR/backbone of this run.
     e.checkpoint = ""
     # Verification pair sets (.bin: LFW, CFP-FP, AgeDB-30, ...); each scored by 10-fold accuracy.
-    e.bins = (f"{DEMO_DATA}/verification.bin",) if variant == "tiny" else ()
+    e.bins = (f"{DEMO_DATA}/test.bin",) if variant == "tiny" else ()
     e.flip = True  # embedding = emb(image) + emb(mirrored image) ("Accuracy-Flip"), also the exported function's
     e.nfolds = 10  # folds of the verification protocol
     e.batch_size = 64 if variant == "tiny" else 512  # images per device call, rounded up to the device count

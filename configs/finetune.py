@@ -185,7 +185,7 @@ def get_config(arg=None):
     c.landmark_reg.teacher = ""  # landmark CNN giving lm* ('' = frozen copy of the initial one)
 
     c.eval = ml_collections.ConfigDict()  # verification during training
-    c.eval.bins = (f"{DEMO_DATA}/verification.bin",) if tiny else ()  # .bin pair sets (LFW, CFP-FP, AgeDB-30)
+    c.eval.bins = (f"{DEMO_DATA}/validation.bin",) if tiny else ()  # .bin pair sets (LFW, CFP-FP, AgeDB-30)
     c.eval.every_steps = 30 if tiny else 5000  # and at the last step
     c.eval.at_start = tiny  # also evaluate the initial model (step 0)
     c.eval.batch_size = 64 if tiny else 512  # images per device call

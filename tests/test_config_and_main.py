@@ -120,7 +120,7 @@ def _training_recipes():
     out = {"finetune": finetune.get_config(), "finetune:tiny": finetune.get_config("tiny"),
            "dino_pretrain": dino_pretrain.get_config(), "lafs_pretrain": lafs_pretrain.get_config()}
     d = demo.get_config()
-    out.update({f"demo.{k}": d[k] for k in ("stage1", "pretrain", "finetune")})
+    out.update({f"demo.{k}": d[k] for k in ("stage1", "pretrain_lafs", "pretrain_dino", "finetune")})
     return out
 
 

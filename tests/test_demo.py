@@ -1,14 +1,16 @@
-"""The demo chain: every artefact is written, the table is well formed, a second call skips every finished
-stage, and the stage configs wire the chain. The training stages are stand-ins here that write a freshly
-initialised backbone where the real stage writes its trained one (the real `finetune.run` / `pretrain.run`
-are tested in test_finetune.py / test_pretrain.py, on the same tiny recipes); everything of the demo's own
-(data set, skip logic, evaluation, table, plots) runs for real."""
+"""The demo chain: every artefact is written, the tables are well formed, a second call skips every
+finished stage and evaluation, and the stage configs wire the few-shot experiment. The training stages
+are stand-ins here that write a freshly initialised backbone where the real stage writes its trained one
+(the real `finetune.run` / `pretrain.run` are tested in test_finetune.py / test_pretrain.py, on the same
+tiny recipes); everything of the demo's own (data set, skip logic, evaluation, tables, plots) runs for
+real."""
 import functools
 import json
 import os
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from configs import demo as demo_config
@@ -27,7 +29,7 @@ def _fake_finetune(config, workdir):
     """Writes WORKDIR/backbone as finetune.run does (its metadata), with untrained variables."""
     v = _untrained_variables(config.model.to_json(), config.seed)
     variables.save_variables(os.path.join(workdir, "backbone"), v,
-                             finetune.backbone_metadata(config, step=0, init="stand-in", num_classes=30))
+                             finetune.backbone_metadata(config, step=0, init="stand-in", num_classes=25))
     return {"step": 0}
 
 
@@ -39,62 +41,134 @@ def _fake_pretrain(config, workdir):
     return {"step": 0}
 
 
+PAIRS = 120  # of each verification set the evaluation reads here (the first ones; both kinds, shuffled)
+
+
 @pytest.fixture
 def stand_in_stages(monkeypatch):
+    """Stand-in training stages (each call recorded), and the demo's evaluation on the first PAIRS pairs
+    of each set (its cost is in the forward passes of 9 models over 2,700 pairs)."""
+    load_bin = demo.load_bin
+    monkeypatch.setattr(demo, "load_bin", lambda path, size: tuple(a[:n] for a, n in zip(load_bin(path, size),
+                                                                                         (2 * PAIRS, PAIRS))))
     calls = []
     monkeypatch.setattr(demo.finetune, "run", lambda c, w: calls.append(("finetune", w)) or _fake_finetune(c, w))
     monkeypatch.setattr(demo.pretrain, "run", lambda c, w: calls.append(("pretrain", w)) or _fake_pretrain(c, w))
     return calls
 
 
-def test_demo_chain_writes_every_artefact_and_skips_finished_stages(tmp_path, capsys, stand_in_stages):
-    config = demo_config.get_config()
-    out = demo.run(config, str(tmp_path))
-    assert [(task, os.path.basename(w)) for task, w in stand_in_stages] == [
-        ("finetune", "stage1"), ("pretrain", "pretrain"), ("finetune", "finetune_scratch"),
-        ("finetune", "finetune_lafs")]
-    for name in ("results.md", "results.json", "roc.png", "landmarks.png"):
-        assert os.path.getsize(tmp_path / name) > 0, name
-    assert os.path.exists(tmp_path / "data" / "verification.bin")
+def _small_demo_config(arg=None):
+    """The demo recipe with one-block ViTs: the chain and evaluation are the same, the forward passes cheaper."""
+    c = demo_config.get_config(arg)
+    with c.unlocked():
+        for stage in (c.stage1, c.pretrain_lafs, c.pretrain_dino, c.finetune):
+            stage.model.depth = 1
+    return c
 
-    results = json.load(open(tmp_path / "results.json"))["results"]
-    assert list(results) == list(demo.METHODS)
-    for r in results.values():
-        assert 0.0 <= r["accuracy"] <= 1.0
-        assert r["num_pairs"] == r["num_genuine"] + r["num_impostor"] == 900
-    table = open(tmp_path / "results.md").read().strip().splitlines()
-    rows = [line for line in table if line.startswith("| ")]
-    assert len(rows) == 1 + len(demo.METHODS)  # header + one row per method
-    assert all(row.count("|") == rows[0].count("|") for row in rows)
-    assert out["results"]["raw pixels"]["accuracy"] == results["raw pixels"]["accuracy"]
+
+def test_demo_chain_writes_every_artefact_and_skips_finished_stages(tmp_path, capsys, stand_in_stages):
+    config = _small_demo_config()
+    out = demo.run(config, str(tmp_path))
+    runs = [f"{m}_k{k}" for m in ("scratch", "dino", "lafs") for k in ("1", "all")]
+    assert [(task, os.path.relpath(w, tmp_path)) for task, w in stand_in_stages] == (
+        [("finetune", "seed0/stage1"), ("pretrain", "seed0/pretrain_dino"), ("pretrain", "seed0/pretrain_lafs")]
+        + [("finetune", f"seed0/{r}") for r in runs])
+    for name in ("results.md", "results.json", "fewshot.png", "roc.png", "landmarks.png"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+    for name in ("validation.bin", "test.bin", "train.rec", "manifest.json"):
+        assert os.path.exists(tmp_path / "data" / name), name
+
+    results = json.load(open(tmp_path / "results.json"))
+    assert results["seeds"] == [0] and results["shots"] == [1, 0] and len(results["commit"]) >= 7
+    rows = ["raw", "dino_teacher", "lafs_teacher"] + runs
+    assert sorted(results["test"]) == sorted(rows) and sorted(results["validation"]) == sorted(rows)
+    for split in ("test", "validation"):
+        for row in rows:
+            t = results[split][row]
+            assert 0.0 <= t["accuracy"] <= 1.0 and t["sd_over"] == "folds" and t["seeds"] == [0]
+            assert results["runs"][row]["0"][split]["num_pairs"] == PAIRS
+    table = open(tmp_path / "results.md").read()
+    test_rows = [line for line in table.split("validation people")[0].splitlines() if line.startswith("| ")]
+    assert len(test_rows) == 1 + 6  # header + raw + 2 teachers + 3 fine-tuned methods
+    assert all(row.count("|") == 4 for row in test_rows)  # method, k = 1, k = all
+    assert out["test"]["lafs_k1"]["accuracy"] == results["test"]["lafs_k1"]["accuracy"]
 
     capsys.readouterr()
     again = demo.run(config, str(tmp_path))
     printed = capsys.readouterr().out
-    assert printed.count("done before, skipped") == 6  # data + 4 training stages + the evaluation
-    assert "| fine-tuned from LAFS |" in printed  # the table, from results.md
-    assert len(stand_in_stages) == 4  # nothing trained again
-    assert again["results"]["fine-tuned from LAFS"]["accuracy"] == results["fine-tuned from LAFS"]["accuracy"]
+    assert printed.count("done before, skipped") == 1 + 9  # data + stage 1, 2 pretrainings, 6 fine-tunings
+    assert len(stand_in_stages) == 9  # nothing trained again
+    accuracies = lambda r: {row: t["accuracy"] for row, t in r["test"].items()}
+    assert accuracies(again) == accuracies(out)  # evaluations read back from each run's verification.json
 
 
-def test_stage_configs_wire_the_chain(tmp_path):
-    configs = demo.stage_configs(demo_config.get_config(), str(tmp_path))
-    stage1_backbone = str(tmp_path / "stage1" / "backbone")
-    assert configs["pretrain"].lafs.landmark_path == stage1_backbone
-    assert configs["finetune_lafs"].init.backbone == str(tmp_path / "pretrain" / "teacher_backbone")
-    assert configs["finetune_scratch"].init.backbone == ""
-    assert configs["finetune_scratch"].init.landmark_cnn == configs["finetune_lafs"].init.landmark_cnn == stage1_backbone
-    assert configs["finetune_lafs"].loss.sample_rate < 1.0
+def test_stage_configs_wire_the_few_shot_runs(tmp_path):
+    config = demo_config.get_config("fewshot")
+    configs = demo.stage_configs(config, str(tmp_path), seed=2)
+    root = tmp_path / "seed2"
+    stage1_backbone = str(root / "stage1" / "backbone")
+    assert configs["pretrain_lafs"].lafs.landmark_path == stage1_backbone
+    assert configs["pretrain_dino"].model.kind == "fvit" and configs["pretrain_dino"].method == "dino"
+    for k, steps in zip(("1", "2", "4", "all"), config.finetune_steps):
+        scratch, dino, lafs = (configs[f"{m}_k{k}"] for m in ("scratch", "dino", "lafs"))
+        assert scratch.total_steps == dino.total_steps == lafs.total_steps == steps  # same budget per k
+        assert {c.data.subset.k for c in (scratch, dino, lafs)} == {0 if k == "all" else int(k)}
+        assert all(c.data.subset.seed == c.seed == 2 and c.data.subset.k_draw == "random" for c in (scratch, lafs))
+        assert scratch.init.backbone == "" and scratch.optim.layer_decay == 1.0
+        assert lafs.init.backbone == str(root / "pretrain_lafs" / "teacher_backbone")
+        assert dino.init.backbone == str(root / "pretrain_dino" / "teacher_backbone")
+        assert lafs.optim.layer_decay == dino.optim.layer_decay == config.pretrained_layer_decay
+        assert scratch.init.landmark_cnn == lafs.init.landmark_cnn == stage1_backbone
+        assert scratch.model.kind == lafs.model.kind == "part_fvit" and dino.model.kind == "fvit"
+        images = 25 * (10 if k == "all" else int(k))  # one warmup for every k, in that k's epochs
+        assert lafs.optim.warmup_epochs * (images // lafs.batch_size) == pytest.approx(config.finetune_warmup_steps)
     assert all(c.data.path == str(tmp_path / "data" / "train") for c in configs.values())
+    assert all(c.eval.bins == (str(tmp_path / "data" / "validation.bin"),)
+               for name, c in configs.items() if not name.startswith("pretrain"))
 
 
-def test_stage_configs_are_valid_and_decay_layers_only_from_lafs(tmp_path):
-    """Stage 1 and the scratch run train a random ViT (layer_decay 1.0), the LAFS run fine-tunes the
-    teacher with the paper's 0.58; each stage config passes fine-tuning's validation."""
-    configs = demo.stage_configs(demo_config.get_config(), str(tmp_path))
-    for d in ("stage1/backbone", "pretrain/teacher_backbone", "data"):
+def test_stage_configs_pass_their_tasks_validation(tmp_path):
+    configs = demo.stage_configs(demo_config.get_config(), str(tmp_path), seed=0)
+    for d in ("seed0/stage1/backbone", "seed0/pretrain_lafs/teacher_backbone", "seed0/pretrain_dino/teacher_backbone",
+              "data"):
         os.makedirs(tmp_path / d)
-    open(tmp_path / "data" / "verification.bin", "wb").close()
-    assert [configs[n].optim.layer_decay for n in ("stage1", "finetune_scratch", "finetune_lafs")] == [1.0, 1.0, 0.58]
-    for name in ("stage1", "finetune_scratch", "finetune_lafs"):
-        finetune.validate(configs[name])
+    open(tmp_path / "data" / "validation.bin", "wb").close()
+    for name, c in configs.items():
+        (pretrain.validate if name.startswith("pretrain") else finetune.validate)(c)
+
+
+def test_stage_configs_refuse_a_batch_larger_than_the_k_shot_set(tmp_path):
+    config = demo_config.get_config()
+    with config.unlocked():
+        config.finetune.batch_size = 32
+    with pytest.raises(ValueError, match="k = 1: 25 training images, fewer than config.finetune.batch_size=32"):
+        demo.stage_configs(config, str(tmp_path), seed=0)
+
+
+def _verification(acc, tar, std=0.01):
+    return {"accuracy": acc, "accuracy_std": std, "tar_at_far": {str(demo.FAR): tar}}
+
+
+def test_summary_is_over_seeds_when_there_are_several():
+    runs = {"raw": {0: {"test": _verification(0.8, 0.5)}, 1: {"test": _verification(0.8, 0.5)}},
+            "lafs_k1": {0: {"test": _verification(0.70, 0.30)}, 1: {"test": _verification(0.74, 0.34)}},
+            "lafs_kall": {0: {"test": _verification(0.90, 0.6)}}}
+    table = demo.summarise(runs, "test")
+    assert table["lafs_k1"]["accuracy"] == pytest.approx(0.72)
+    assert table["lafs_k1"]["accuracy_sd"] == pytest.approx(np.std([0.70, 0.74], ddof=1))
+    assert table["lafs_k1"]["tar"] == pytest.approx(0.32) and table["lafs_k1"]["sd_over"] == "seeds"
+    assert table["lafs_kall"]["accuracy_sd"] == 0.01 and table["lafs_kall"]["sd_over"] == "folds"  # one seed
+    text = demo.markdown_tables(table, (1, 0), "test", 900)
+    lines = text.splitlines()
+    assert lines[2] == "| method | k = 1 | k = all |"
+    assert lines[4] == "| raw pixels (no learning) | 80.00 ± 0.00 (50.0) | same |"
+    assert lines[5] == "| Part fViT from LAFS | 72.00 ± 2.83 (32.0) | 90.00 ± 1.00 (60.0) |"
+
+
+def test_a_workdir_with_the_earlier_split_is_refused(tmp_path):
+    os.makedirs(tmp_path / "data")
+    json.dump({"seed": 0, "train": {"people": 30}, "verification": {"people": 10}},
+              open(tmp_path / "data" / "manifest.json", "w"))
+    with pytest.raises(ValueError, match="built by another split.*use a new --workdir"):
+        demo.run(demo_config.get_config(), str(tmp_path))
+

@@ -451,7 +451,7 @@ def test_layer_decay_from_scratch_is_a_config_error(tmp_path):
 def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monkeypatch):
     build_orl(str(tmp_path / "data"))
     # 300 of the 900 held-out pairs (seeded), to keep the two evaluations short.
-    images, issame = load_bin(str(tmp_path / "data" / "verification.bin"), 112)
+    images, issame = load_bin(str(tmp_path / "data" / "test.bin"), 112)
     keep = np.sort(np.random.default_rng(0).permutation(len(issame))[:300])
     save_bin(str(tmp_path / "pairs.bin"), images.reshape(-1, 2, 112, 112, 3)[keep].reshape(-1, 112, 112, 3),
              issame[keep])

