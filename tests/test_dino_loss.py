@@ -67,6 +67,21 @@ def test_entropy_metrics_hand_computed():
     np.testing.assert_allclose(float(m["teacher_entropy"]), np.log(k), rtol=1e-6)
     np.testing.assert_allclose(float(m["student_entropy"]), np.log(k), rtol=1e-6)
     np.testing.assert_allclose(float(loss), np.log(k), rtol=1e-6)  # H(uniform, uniform) = log K
+    np.testing.assert_allclose(float(m["teacher_batch_entropy"]), np.log(k), rtol=1e-6)
+
+
+def test_batch_entropy_tells_one_prototype_from_an_even_spread():
+    """Sharp targets: per-sample entropy ~0 either way; the batch-mean target's entropy is 0 when every
+    sample picks prototype 0 and log 4 when the 4 samples pick 4 different prototypes."""
+    k, b = 8, 4
+    s = jnp.zeros((2, b, k))
+    same = jnp.zeros((2, b, k)).at[:, :, 0].set(10.0)
+    spread = jnp.zeros((2, b, k)).at[:, jnp.arange(b), jnp.arange(b)].set(10.0)
+    _, m_same = dino.dino_loss(s, same, jnp.zeros(k), teacher_temp=0.04)
+    _, m_spread = dino.dino_loss(s, spread, jnp.zeros(k), teacher_temp=0.04)
+    assert float(m_same["teacher_entropy"]) < 1e-3 and float(m_spread["teacher_entropy"]) < 1e-3
+    np.testing.assert_allclose(float(m_same["teacher_batch_entropy"]), 0.0, atol=1e-3)
+    np.testing.assert_allclose(float(m_spread["teacher_batch_entropy"]), np.log(b), rtol=1e-3)
 
 
 def test_center_update_is_global_mean_across_devices():

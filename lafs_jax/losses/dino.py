@@ -89,7 +89,10 @@ def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.
       loss: scalar float32, mean over the (teacher view, student view) pairs with different views of
         the batch-mean cross-entropy in nats.
       metrics: `teacher_entropy` (mean entropy of the teacher targets, nats; a collapse to one
-        dimension drives it to 0, a collapse to uniform to log K) and `student_entropy`.
+        dimension drives it to 0, a collapse to uniform to log K), `teacher_batch_entropy` (entropy of
+        the batch-mean target: how many prototypes the batch uses; log K when spread evenly, 0 when
+        every sample picks the same one; high with a low `teacher_entropy` is the healthy state) and
+        `student_entropy`.
     """
     _check_views(student_logits, teacher_logits, center)
     vs, vt = student_logits.shape[0], teacher_logits.shape[0]
@@ -105,8 +108,11 @@ def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.
     different_view = jnp.arange(vt)[:, None] != jnp.arange(vs)[None, :]
     loss = jnp.sum(jnp.where(different_view, cross, 0.0)) / (vt * vs - vt)
     teacher_entropy = -jnp.mean(jnp.sum(targets * jnp.log(jnp.clip(targets, 1e-30)), axis=-1))
+    mean_target = jnp.mean(targets, axis=(0, 1))  # [K], over views and the (global) batch
+    teacher_batch_entropy = -jnp.sum(mean_target * jnp.log(jnp.clip(mean_target, 1e-30)))
     student_entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
-    return loss, {"teacher_entropy": teacher_entropy, "student_entropy": student_entropy}
+    return loss, {"teacher_entropy": teacher_entropy, "teacher_batch_entropy": teacher_batch_entropy,
+                  "student_entropy": student_entropy}
 
 
 def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float = 0.9) -> jax.Array:
