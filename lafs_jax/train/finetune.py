@@ -42,6 +42,7 @@ draws the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -554,6 +555,18 @@ def make_phase_step(model: Any, landmark_cnn: Any, config: ml_collections.Config
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
+def assemble_state(params: dict, batch_stats: Any, tx: Any, *, use_ema: bool) -> dict:
+    """The train state around `params` ({'backbone', 'centers'}): {'step': 0, 'params', 'batch_stats',
+    'opt_state': tx.init(params)} and, with `use_ema`, 'ema' (a copy of the backbone). Pure: `run` jits
+    it with the state's shardings; `build_train_step`'s fresh init calls it. (The curriculum's prototype
+    buffer is added by the callers.)"""
+    state = {"step": jnp.zeros([], jnp.int32), "params": params, "batch_stats": batch_stats,
+             "opt_state": tx.init(params)}
+    if use_ema:
+        state["ema"] = jax.tree.map(jnp.copy, params["backbone"])
+    return state
+
+
 def build_train_step(config: ml_collections.ConfigDict, mesh: Any, num_classes: int, *, steps_per_epoch: int,
                      total_steps: int, phase: int = 0) -> tuple[Any, tuple, dict, Any]:
     """(step, args, shardings, init): `run`'s jitted step (same loss, optimizer, shardings, donation)
@@ -588,10 +601,7 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: Any, num_classes: 
         protos_key = jax.random.fold_in(centers_key, 1)
         v = presets.init_variables(model_cfg, init_key)
         p = {"backbone": v["params"], "centers": make_centers(config, centers_key, num_classes, emb_dim, mesh)}
-        state = {"step": jnp.zeros([], jnp.int32), "params": p, "batch_stats": v.get("batch_stats", {}),
-                 "opt_state": tx.init(p)}
-        if use_ema:
-            state["ema"] = jax.tree.map(jnp.copy, p["backbone"])
+        state = assemble_state(p, v.get("batch_stats", {}), tx, use_ema=use_ema)
         if use_protos:
             state["prototypes"] = curriculum_lib.init_prototypes(protos_key, num_classes, emb_dim, mesh)
         return state
@@ -709,12 +719,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     shardings = state_shardings(tx, params, batch_stats, mesh, config.sharding_rules, ema=use_ema,
                                 prototypes=use_protos)
     replicated = mesh_lib.replicated(mesh)
-    params = jax.device_put(params, shardings["params"])
-    state = {"step": jax.device_put(jnp.zeros([], jnp.int32), replicated), "params": params,
-             "batch_stats": jax.device_put(batch_stats, shardings["batch_stats"]),
-             "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)}
-    if use_ema:
-        state["ema"] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["ema"])(params["backbone"])
+    state = jax.jit(functools.partial(assemble_state, tx=tx, use_ema=use_ema),
+                    out_shardings={k: v for k, v in shardings.items() if k != "prototypes"})(params, batch_stats)
     if use_protos:  # EPL prototype buffer E[C_pad, D]: random unit rows, sharded by rows like W
         state["prototypes"] = curriculum_lib.init_prototypes(jax.random.fold_in(centers_key, 1), num_classes,
                                                              emb_dim, mesh)
