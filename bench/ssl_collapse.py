@@ -49,6 +49,8 @@ VARIANTS = {
     "teacher_temp=0.02": ("teacher temperature 0.07 -> 0.02 instead of 0.07 -> 0.04 (sharper targets)",
                           {"dino.teacher_temp": 0.02}),
     "teacher_temp=0.01": ("teacher temperature 0.07 -> 0.01", {"dino.teacher_temp": 0.01}),
+    "koleo=0.1": ("KoLeo regulariser, weight 0.1 (DINOv2)", {"dino.koleo_weight": 0.1}),
+    "koleo=0.5": ("KoLeo regulariser, weight 0.5", {"dino.koleo_weight": 0.5}),
 }
 UNTRAINED = "untrained"  # reference row: the randomly initialised ViT, no pretraining
 DINO_VIEW_KEY = {"data.lafs.local_views": "data.dino.local_crops"}  # the DINO-face name of a LAFS setting
@@ -112,7 +114,8 @@ def run_variant(method: str, name: str, args) -> dict:
     if not os.path.exists(os.path.join(workdir, pretrain.TEACHER_BACKBONE_DIR)):
         pretrain.run(c, workdir)
     seconds = time.time() - t0
-    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    # the DINO loss alone (with KoLeo on, 'loss' also holds the regulariser)
+    rows = [dict(r, loss=r.get("dino_loss", r["loss"])) for r in read_metrics(workdir) if "loss" in r]
     log_k = math.log(c.model.dino_head.out_dim)
     lowest = int(np.argmin([r["loss"] for r in rows]))
     near = [r["step"] for r in rows[lowest:] if r["loss"] >= 0.95 * log_k]  # back near ln K after its low

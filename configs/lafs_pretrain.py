@@ -97,6 +97,9 @@ def get_config(arg=None):
     # equipartition over the global batch; the centre is then unused)
     c.dino.centering = "center"
     c.dino.sinkhorn_iterations = 3  # Sinkhorn-Knopp iterations of 'sinkhorn' (DINOv2: 3)
+    # KoLeo regulariser weight (DINOv2 0.1) on the student's global-view embeddings: spreads features that
+    # converge to one point (the ORL demo's collapse, README "The demo"); 0 = off, as the official LAFS
+    c.dino.koleo_weight = 0.0
     c.dino.teacher_momentum = 0.996  # teacher EMA momentum at step 0, cosine to teacher_momentum_end
     c.dino.teacher_momentum_end = 1.0  # teacher EMA momentum at the last step
     c.dino.teacher_train_mode = True  # teacher applies dropout / drop-path (official LAFS: never .eval())

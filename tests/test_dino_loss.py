@@ -173,3 +173,23 @@ def test_sinkhorn_over_a_batch_sharded_on_eight_devices_equals_one_device():
 def test_unknown_centering_is_named():
     with pytest.raises(ValueError, match="centering='mean'"):
         dino.dino_loss(jnp.zeros((3, 2, 4)), jnp.zeros((2, 2, 4)), jnp.zeros(4), teacher_temp=0.04, centering="mean")
+
+
+def test_koleo_is_minus_mean_log_nearest_neighbour_distance():
+    x = jnp.array([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [0.6, 0.8]])  # normalised: 0, 90, 180, 53 degrees
+    u = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]])
+    d = np.linalg.norm(u[:, None] - u[None], axis=-1) + np.diag([np.inf] * 4)
+    np.testing.assert_allclose(float(dino.koleo_loss(x)), -np.mean(np.log(d.min(axis=1))), rtol=1e-5)
+
+
+def test_koleo_gradient_spreads_a_crowded_batch():
+    """Features that all point the same way (the collapse) get apart under gradient descent on KoLeo."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.ones((8, 4)) + 0.01 * rng.normal(size=(8, 4)), jnp.float32)
+    before = float(dino.koleo_loss(x))
+    for _ in range(20):
+        x = x - 0.05 * jax.grad(dino.koleo_loss)(x)
+    u = np.asarray(x) / np.linalg.norm(np.asarray(x), axis=1, keepdims=True)
+    assert float(dino.koleo_loss(x)) < before - 1.0
+    assert (u @ u.T)[~np.eye(8, dtype=bool)].mean() < 0.99  # the mean cosine fell from about 1
+

@@ -15,6 +15,7 @@ import pytest
 from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError
+from lafs_jax.losses import dino as dino_lib
 from lafs_jax.models.sampling import sample_patches
 from lafs_jax.train import checkpoint as ckpt_lib
 from lafs_jax.train import loop_utils
@@ -317,6 +318,33 @@ def test_teacher_is_the_ema_of_the_student_and_center_is_updated(lafs_trainer):
     # the frozen landmark CNN rides through the step unchanged, bit for bit
     for a, b in zip(jax.tree.leaves(after["landmark_cnn"]), jax.tree.leaves(before["landmark_cnn"])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_koleo_term_is_added_on_the_student_global_embeddings():
+    """dino.koleo_weight > 0: loss = DINO loss + w x KoLeo of the student's backbone embeddings of each
+    global view over the batch (recomputed here from the state before the step, same keys)."""
+    c = _fixed_batch_config("dino")
+    c.unlock()
+    c.dino.koleo_weight = 0.5
+    c.lock()
+    t = Trainer(c, mesh_lib.make_mesh(c.mesh))
+    batch = _batch(c)
+    state = t.init()
+    student = _host(state["student"])
+    rng = jax.random.key(3)
+    _, metrics = t.run(state, batch, rng)
+
+    @jax.jit
+    def koleo(student_, batch_):
+        k_views, k_student, _ = pretrain.step_keys(rng)
+        views = pretrain.make_views(t.networks, c, batch_, None, k_views)
+        _, emb = pretrain.head_logits(t.networks, student_, views, k_student, train=True, with_embeddings=True)
+        return jnp.mean(jnp.stack([dino_lib.koleo_loss(emb[:, g]) for g in range(c.data.dino.global_crops)]))
+
+    np.testing.assert_allclose(float(metrics["koleo"]), float(koleo(student, jax.tree.map(jnp.asarray, batch))),
+                               rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["loss"]), float(metrics["dino_loss"]) + 0.5 * float(metrics["koleo"]),
+                               rtol=1e-6)
 
 
 def test_view_token_counts():

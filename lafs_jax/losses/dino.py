@@ -145,3 +145,18 @@ def teacher_temp_at(step, *, steps_per_epoch: int, warmup_temp: float, final_tem
     frac = epoch.astype(jnp.float32) / max(warmup_epochs - 1, 1)
     warm = warmup_temp + (final_temp - warmup_temp) * frac
     return jnp.where(epoch < warmup_epochs, warm, final_temp).astype(jnp.float32)
+
+
+def koleo_loss(features: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """KoLeo regulariser (DINOv2; Sablayrolles et al. 2019): -mean_i log(min_{j != i} ||x_i - x_j||) of the
+    L2-normalised rows of `features` [B, D] (float32 scalar). It grows as samples crowd together, so adding
+    it pushes each one away from its nearest neighbour: it spreads a batch whose features all converge to
+    one point. Inside jit with the batch axis sharded the minimum is over the global batch.
+    """
+    x = features.astype(jnp.float32)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    d2 = jnp.sum(x ** 2, -1)[:, None] + jnp.sum(x ** 2, -1)[None, :] - 2.0 * x @ x.T
+    d2 = jnp.where(jnp.eye(x.shape[0], dtype=bool), jnp.inf, d2)
+    nearest = jnp.sqrt(jnp.maximum(jnp.min(d2, axis=1), 0.0))
+    return -jnp.mean(jnp.log(nearest + eps))
+

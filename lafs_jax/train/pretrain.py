@@ -117,6 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(d.centering in dino_lib.CENTERINGS, "dino.centering", d.centering, f"one of {dino_lib.CENTERINGS}")
     check(isinstance(d.sinkhorn_iterations, int) and d.sinkhorn_iterations >= 1, "dino.sinkhorn_iterations",
           d.sinkhorn_iterations, "an int >= 1")
+    check(d.koleo_weight >= 0, "dino.koleo_weight", d.koleo_weight, ">= 0 (0 = off)")
     for key in ("teacher_momentum", "teacher_momentum_end"):
         check(0 <= d[key] <= 1, f"dino.{key}", d[key], "in [0, 1]")
     check(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, ">= 1")
@@ -236,8 +237,9 @@ def _grid_views(networks: Networks, images: jax.Array) -> jax.Array:
 
 
 def head_logits(networks: Networks, params: dict, views: dict, key: jax.Array, train: bool,
-                names: tuple[str, ...] = ("global", "local")) -> jax.Array:
-    """logits [B, V, K] of the views `names` (in that order), multi-crop style.
+                names: tuple[str, ...] = ("global", "local"), with_embeddings: bool = False):
+    """logits [B, V, K] of the views `names` (in that order), multi-crop style; with `with_embeddings`,
+    (logits, backbone embeddings [B, V, D]).
 
     The backbone runs once per view group (groups differ in token count); the head runs once on the
     concatenated embeddings, as DINO's MultiCropWrapper.
@@ -251,8 +253,8 @@ def head_logits(networks: Networks, params: dict, views: dict, key: jax.Array, t
         embeddings.append(emb.reshape(b, v, -1))
     emb = jnp.concatenate(embeddings, axis=1)
     b, v, d = emb.shape
-    logits = networks.head.apply({"params": params["head"]}, emb.reshape(b * v, d))
-    return logits.reshape(b, v, -1)
+    logits = networks.head.apply({"params": params["head"]}, emb.reshape(b * v, d)).reshape(b, v, -1)
+    return (logits, emb) if with_embeddings else logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,10 +333,15 @@ def make_train_step(networks: Networks, config: ml_collections.ConfigDict, tx: o
         temp = temp_at(state["step"])
 
         def loss_fn(params):
-            student_out = jnp.swapaxes(head_logits(networks, params, views, k_student, train=True), 0, 1)
-            return dino_lib.dino_loss(student_out, teacher_out, state["center"], student_temp=d.student_temp,
-                                      teacher_temp=temp, centering=d.centering,
-                                      sinkhorn_iterations=d.sinkhorn_iterations)
+            student_out, emb = head_logits(networks, params, views, k_student, train=True, with_embeddings=True)
+            loss, aux = dino_lib.dino_loss(jnp.swapaxes(student_out, 0, 1), teacher_out, state["center"],
+                                           student_temp=d.student_temp, teacher_temp=temp, centering=d.centering,
+                                           sinkhorn_iterations=d.sinkhorn_iterations)
+            if d.koleo_weight > 0:  # on the student's backbone embeddings of each global view, over the batch
+                koleo = jnp.mean(jnp.stack([dino_lib.koleo_loss(emb[:, g]) for g in range(teacher_out.shape[0])]))
+                aux = dict(aux, dino_loss=loss, koleo=koleo)
+                loss = loss + d.koleo_weight * koleo
+            return loss, aux
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["student"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["student"])
