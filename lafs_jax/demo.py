@@ -298,9 +298,11 @@ def plot_landmarks(backbone_dir: str, images: np.ndarray, path: str) -> None:
 
 
 def git_commit(path: str) -> str:
-    """The git commit of the checkout holding `path`, or 'unknown' (logged) outside one."""
+    """The git commit of the checkout holding `path` ('-dirty' appended when tracked files differ from
+    it), or 'unknown' (logged) outside one."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=path,
+                             capture_output=True, text=True, timeout=10)
     except OSError as e:
         logging.warning("demo: no git commit recorded (%s)", e)
         return "unknown"
@@ -325,6 +327,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run the chain for every seed, then the evaluation; returns the content of results.json
     ({'test', 'validation': {row: summary}, 'runs': {row: {seed: metrics}}, 'seconds', ...})."""
     t_start = time.time()
+    commit = git_commit(os.path.dirname(os.path.abspath(__file__)))  # the code this process runs
     workdir = os.path.abspath(workdir)
     paths = data_paths(config, workdir)
     manifest = os.path.join(paths["dir"], "manifest.json")
@@ -376,7 +379,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pairs = {split: len(sets[split][1]) for split in SPLIT_FILES}
     text = "\n\n".join(markdown_tables(tables[split], shots, split, pairs[split]) for split in ("test", "validation"))
     seconds["total"] = time.time() - t_start
-    result = {"commit": git_commit(os.path.dirname(os.path.abspath(__file__))), "seeds": list(config.seeds),
+    result = {"commit": commit, "seeds": list(config.seeds),
               "shots": list(shots), "methods": list(config.methods),
               "test": tables["test"], "validation": tables["validation"],
               "runs": {row: {str(s): {split: {k: v for k, v in r[split].items() if k != "fold_thresholds"}
