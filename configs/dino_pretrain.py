@@ -67,7 +67,7 @@ def get_config(arg=None):
     # decay cosine 0.04 -> 0.4; per-tensor clip 3.0; last layer frozen in epoch 0; 41 epochs.
     c.optim = optim_config("pretrain")
     if tiny:
-        c.optim.epochs = 20  # ORL: 300 images / batch 32 = 9 steps per epoch -> 180 steps
+        c.optim.epochs = 20  # ORL: 250 training images / batch 32 = 7 steps per epoch -> 140 steps
         c.optim.warmup_epochs = 2.0
         c.optim.lr = 1e-3  # x 32 / 256
 

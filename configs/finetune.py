@@ -34,7 +34,7 @@ or from the tiny pretraining run's teacher (`--config.init.backbone=runs/demo/la
     python main.py --config configs/finetune.py:tiny --workdir runs/finetune_tiny
     python main.py --config configs/evaluate.py --workdir runs/finetune_tiny
 
-It trains a 231k-parameter Part fViT for 90 steps (about 9 epochs of 300 images) and logs 10-fold
+It trains a 231k-parameter Part fViT for 90 steps (about 11 epochs of the 250 ORL training images) and logs 10-fold
 verification accuracy on the 900 held-out ORL pairs before and after training; expect the accuracy
 to rise above the untrained model's (measured values: bench/RESULTS.md, "Fine-tuning").
 
@@ -156,7 +156,7 @@ def get_config(arg=None):
     c.loss.m1 = 1.0  # multiplicative angular margin (SphereFace); 1 = none
     c.loss.m2 = 0.0  # additive angular margin (ArcFace 0.5)
     c.loss.m3 = 0.2 if tiny else 0.4  # additive cosine margin (CosFace, official 0.4; 0.2 trains the tiny demo faster)
-    c.loss.s = 32.0 if tiny else 64.0  # logit scale (official 64; 32 for the 30-class tiny demo)
+    c.loss.s = 32.0 if tiny else 64.0  # logit scale (official 64; 32 for the 25-class tiny demo)
     # Where m1*theta + m2 passes pi the ArcFace logit stops falling: 'th_mm' (InsightFace's ArcFace,
     # easy_margin=False: c - m2*sin(m2) where c <= cos(pi - m2)) | 'easy' (easy_margin=True: no margin
     # where c <= 0, m3 included) | 'none'. 'th_mm' changes nothing when m2 = 0 (CosFace).

@@ -175,7 +175,7 @@ def test_recipe_variants_and_curriculum_errors():
 
 def test_tiny_recipe_runs_every_phase_verifies_and_resumes_in_phase_2_exactly(tmp_path, monkeypatch):
     """configs/lvface.py:tiny (v1: Partial FC r 0.3, then r 1 with EPL prototypes) on the ORL data at
-    36 px: 2 steps per phase (batch 128); stopped by SIGTERM at step 3 (the middle of phase 2),
+    36 px: 2 steps per phase (batch 120); stopped by SIGTERM at step 3 (the middle of phase 2),
     relaunched: the same losses and the same backbone, bit for bit, as the uninterrupted run, which
     verifies on held-out ORL pairs. (The 3-phase v3 runs through the same code: the phase test above.)"""
     build_orl(str(tmp_path / "data"))
@@ -187,7 +187,7 @@ def test_tiny_recipe_runs_every_phase_verifies_and_resumes_in_phase_2_exactly(tm
     for p in config.curriculum:
         p.epochs = 1
     config.optim.epochs, config.optim.warmup_epochs = 2, 0.0
-    config.batch_size = 128  # 300 images -> 2 steps per epoch
+    config.batch_size = 120  # 250 images -> 2 steps per epoch
     config.data.path = str(tmp_path / "data" / "train")
     config.eval.bins, config.eval.every_steps, config.eval.at_start = (str(tmp_path / "pairs.bin"),), 100, False
     config.checkpoint.every_steps = 100
