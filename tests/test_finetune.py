@@ -1,5 +1,6 @@
 """Fine-tuning: mixup targets and the landmark regulariser in the loss, initialisation, config errors,
-and a tiny end-to-end run on the ORL demo data (accuracy rises; an interrupted run resumes exactly)."""
+and a micro end-to-end run on the ORL demo data at 32 px (accuracy rises; an interrupted run resumes
+exactly)."""
 import os
 
 import jax
@@ -18,31 +19,40 @@ from lafs_jax.config import ConfigError
 from lafs_jax.input import device_augment, pipelines
 from lafs_jax.input.orl import build_orl
 from lafs_jax.input.synthetic import write_synthetic_rec
-from lafs_jax.input.verification_bin import load_bin, save_bin
 from lafs_jax.losses import partial_fc
 from lafs_jax.models import presets
 from lafs_jax.train import checkpoint, finetune, loop_utils, optim
 
 
-def _deterministic_tiny(config):
-    """No dropout anywhere, so a forward pass in train mode is a pure function of the inputs."""
+MICRO_SIZE = 32  # image side (px) of the micro model
+
+
+def _micro_tiny(config):
+    """configs/finetune.py:tiny's Part fViT shrunk to 32 px: 16 landmarks, a one-block landmark CNN
+    (BatchNorm included), a ViT 32 wide and 1 block deep; no dropout anywhere, so a forward pass in train
+    mode is a pure function of the inputs. Its programs compile in seconds."""
     m = config.model
+    m.image_size, m.patch_size, m.num_landmarks = MICRO_SIZE, 8, 16
+    m.dim, m.depth, m.heads, m.head_dim, m.mlp_dim = 32, 1, 2, 16, 64
+    m.landmark.blocks, m.landmark.stem_features = ((3, 16, 16, False, "RE", 2),), 8
     m.dropout = m.emb_dropout = m.drop_path_rate = 0.0
     m.landmark.dropout = 0.0
+    config.data.image_size = MICRO_SIZE
     return config
 
 
 @pytest.fixture(scope="module")
 def synthetic_rec(tmp_path_factory):
     prefix = str(tmp_path_factory.mktemp("rec") / "train")
-    write_synthetic_rec(prefix, num_classes=6, per_class=4)
+    write_synthetic_rec(prefix, num_classes=6, per_class=4, size=MICRO_SIZE)
     return prefix
 
 
 @pytest.fixture(scope="module")
 def setup(synthetic_rec):
-    """Tiny deterministic Part fViT, one mixed batch, centres, the frozen landmark teacher, the loss."""
-    config = _deterministic_tiny(finetune_recipe.get_config("tiny"))
+    """Micro deterministic Part fViT, one mixed batch, centres, the frozen landmark teacher, the loss
+    and its gradient (jitted once for the module)."""
+    config = _micro_tiny(finetune_recipe.get_config("tiny"))
     config.data.path = synthetic_rec
     config.data.finetune.mixup_prob = 1.0  # every batch mixed
     config.landmark_reg.mode = "constant"
@@ -56,10 +66,12 @@ def setup(synthetic_rec):
     params = {"backbone": variables["params"], "centers": centers}
     teacher = finetune.landmark_teacher_variables(config, jax.tree.map(np.asarray, variables))
     loss_fn = finetune.make_loss_fn(model, lcnn, config, mesh, source.num_classes)
-    loss = jax.jit(loss_fn)
+    loss_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))  # one program for every test's loss
     forward = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0])
+    landmarks_eval = jax.jit(lambda v, x: lcnn.apply(v, x, train=False))
     return dict(config=config, model=model, lcnn=lcnn, variables=variables, batch=batch, params=params,
-                teacher=teacher, loss_fn=loss_fn, loss=loss, forward=forward, num_classes=source.num_classes)
+                teacher=teacher, loss_and_grad=loss_and_grad, loss=lambda *args: loss_and_grad(*args)[0],
+                forward=forward, landmarks_eval=landmarks_eval, num_classes=source.num_classes)
 
 
 def _dense_cosface(emb, centers, batch, num_classes, s, m):
@@ -98,15 +110,16 @@ def test_landmark_regulariser_value_and_frozen_teacher(setup):
     loss, (metrics, _) = S["loss"](params, variables["batch_stats"], teacher, batch, jax.random.key(2),
                                    np.float32(0.5))
     _, lms = S["forward"](variables, batch["image"])
-    target = jax.jit(lambda v, x: S["lcnn"].apply(v, x, train=False))(teacher, batch["image"])
-    want = np.mean(np.square((np.asarray(lms) - np.asarray(target)) / 111.0))
+    target = S["landmarks_eval"](teacher, batch["image"])
+    want = np.mean(np.square((np.asarray(lms) - np.asarray(target)) / (MICRO_SIZE - 1.0)))  # image side - 1
     assert float(metrics["landmark_loss"]) == pytest.approx(float(want), rel=1e-4)
     assert float(metrics["landmark_loss"]) > 0  # train-mode BN statistics differ from the running ones
     assert float(loss) == pytest.approx(float(metrics["cls_loss"]) + 0.5 * float(want), rel=1e-4)
     # The regulariser's gradient reaches the landmark CNN; the teacher is an input, never a parameter.
-    grad = jax.jit(jax.grad(lambda p, w: S["loss_fn"](p, variables["batch_stats"], teacher, batch,
-                                                      jax.random.key(2), w)[0]))
-    g, g0 = grad(params, np.float32(1e3)), grad(params, np.float32(0))
+    def grad(w):
+        return S["loss_and_grad"](params, variables["batch_stats"], teacher, batch, jax.random.key(2), w)[1]
+
+    g, g0 = grad(np.float32(1e3)), grad(np.float32(0))
     diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), g["backbone"]["landmark_cnn"],
                         g0["backbone"]["landmark_cnn"])
     assert max(jax.tree.leaves(diff)) > 0
@@ -207,8 +220,7 @@ def test_frozen_landmark_cnn_gives_eval_mode_landmarks_and_no_gradient(setup):
     batch, variables, params = S["batch"], S["variables"], S["params"]
     (loss, (metrics, stats)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
         params, variables["batch_stats"], {}, batch, jax.random.key(2), np.float32(0))
-    lm_eval = jax.jit(lambda v, x: S["lcnn"].apply(v, x, train=False))(
-        {k: v["landmark_cnn"] for k, v in variables.items()}, batch["image"])
+    lm_eval = S["landmarks_eval"]({k: v["landmark_cnn"] for k, v in variables.items()}, batch["image"])
     emb, _ = jax.jit(lambda v, x, lm: S["model"].apply(v, x, train=True, landmarks=lm, mutable=["batch_stats"])[0])(
         variables, batch["image"], lm_eval)
     want = _dense_cosface(np.asarray(emb, np.float64), np.asarray(params["centers"], np.float64),
@@ -218,8 +230,8 @@ def test_frozen_landmark_cnn_gives_eval_mode_landmarks_and_no_gradient(setup):
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["backbone"]["vit"])) > 0
     jax.tree.map(np.testing.assert_array_equal, stats, variables["batch_stats"])
     # unfrozen, the landmarks come from train mode (batch statistics) and do get a gradient
-    (_, (metrics_live, _)), grads_live = jax.jit(jax.value_and_grad(S["loss_fn"], has_aux=True))(
-        params, variables["batch_stats"], S["teacher"], batch, jax.random.key(2), np.float32(0))
+    _, grads_live = S["loss_and_grad"](params, variables["batch_stats"], S["teacher"], batch, jax.random.key(2),
+                                       np.float32(0))
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_live["backbone"]["landmark_cnn"])) > 0
 
 
@@ -448,45 +460,63 @@ def test_layer_decay_from_scratch_is_a_config_error(tmp_path):
     assert official.optim.layer_decay == 1.0 and official.data.color_order == "bgr"
 
 
-def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monkeypatch):
-    build_orl(str(tmp_path / "data"))
-    # 300 of the 900 held-out pairs (seeded), to keep the two evaluations short.
-    images, issame = load_bin(str(tmp_path / "data" / "test.bin"), 112)
-    keep = np.sort(np.random.default_rng(0).permutation(len(issame))[:300])
-    save_bin(str(tmp_path / "pairs.bin"), images.reshape(-1, 2, 112, 112, 3)[keep].reshape(-1, 112, 112, 3),
-             issame[keep])
-    config = finetune_recipe.get_config("tiny")
-    config.data.path = str(tmp_path / "data" / "train")
-    config.eval.bins = (str(tmp_path / "pairs.bin"),)
+@pytest.fixture(scope="module")
+def orl_run(tmp_path_factory):
+    """configs/finetune.py:tiny with the micro model on the ORL demo data at 32 px: 24 steps, the
+    parameter average on, verification on the 900 held-out test pairs at the start, at step 12 and at
+    the last step. Returns the config, the workdir and run's result."""
+    data = str(tmp_path_factory.mktemp("orl"))
+    build_orl(data, size=MICRO_SIZE)
+    config = _micro_tiny(finetune_recipe.get_config("tiny"))
+    config.data.path = os.path.join(data, "train")
+    config.eval.bins = (os.path.join(data, "test.bin"),)
     config.eval.batch_size = 120
     config.total_steps = 24
     config.eval.every_steps = 12  # at the start, step 12 and the last step
     config.checkpoint.every_steps = 1000
     config.ema_decay = 0.9  # the parameter average is part of the resumed state and is what is saved
-    full = finetune.run(config, str(tmp_path / "full"))
-    assert full["verification"]["pairs"] > full["initial_verification"]["pairs"] + 0.05, full
-    # every evaluated step is checkpointed with its accuracy; the best one is WORKDIR/backbone_best
-    accuracy = {r["step"]: r["val/pairs/accuracy"] for r in loop_utils.read_metrics(str(tmp_path / "full"))
-                if "val/pairs/accuracy" in r and r["step"] > 0}
+    work = str(tmp_path_factory.mktemp("full"))
+    return config, work, finetune.run(config, work)
+
+
+def test_tiny_finetune_improves_verification_and_keeps_the_best_checkpoint(orl_run):
+    """Held-out verification rises; every evaluated step is checkpointed with its accuracy, the best one
+    is WORKDIR/backbone_best; WORKDIR/backbone is the parameter average of the last step."""
+    config, work, full = orl_run
+    assert full["verification"]["test"] > full["initial_verification"]["test"] + 0.05, full
+    accuracy = {r["step"]: r["val/test/accuracy"] for r in loop_utils.read_metrics(work)
+                if "val/test/accuracy" in r and r["step"] > 0}
     best_step = max(accuracy, key=accuracy.get)
-    best, best_meta = variables_lib.load_variables(str(tmp_path / "full" / finetune.BEST_BACKBONE_DIR))
+    best, best_meta = variables_lib.load_variables(os.path.join(work, finetune.BEST_BACKBONE_DIR))
     assert sorted(accuracy) == [12, 24] and best_meta["step"] == best_step
     assert best_meta["verification"]["accuracy"] == pytest.approx(accuracy[best_step])
-    with checkpoint.TrainCheckpointer(str(tmp_path / "full" / "checkpoints"),
-                                      best_fn=finetune.verification_score) as ckpt:
+    with checkpoint.TrainCheckpointer(os.path.join(work, "checkpoints"), best_fn=finetune.verification_score) as ckpt:
         assert ckpt.all_steps() == [12, 24] and ckpt.best_step() == best_step
         jax.tree.map(np.testing.assert_array_equal, best["params"], ckpt.restore(best_step)["ema"])
+        last = ckpt.restore(24)
+    out, meta = variables_lib.load_variables(os.path.join(work, "backbone"))
+    assert meta["normalization"] == "[-1,1]" and meta["color_order"] == "rgb" and meta["model"]["preset"] == "tiny"
+    assert meta["ema_decay"] == 0.9
+    jax.tree.map(np.testing.assert_array_equal, out["params"], last["ema"])  # the output is the average
+    assert not np.array_equal(out["params"]["vit"]["head_norm"]["scale"],
+                              last["params"]["backbone"]["vit"]["head_norm"]["scale"])
 
-    real_guard = loop_utils.preemption_guard
 
+def test_tiny_finetune_stopped_by_sigterm_resumes_exactly(orl_run, tmp_path, monkeypatch):
+    """SIGTERM at step 11 saves and returns; a second run resumes to step 24 and ends with the
+    uninterrupted run's loss and backbone (parameter average and BatchNorm statistics), bit for bit."""
     import contextlib
+
+    config, work, full = orl_run
+    config = config.copy_and_resolve_references()
+    config.eval.bins = ()  # evaluation reads the state, never changes it
+    real_guard = loop_utils.preemption_guard
 
     @contextlib.contextmanager
     def guard_with_kill():
         with real_guard() as g:
             yield SigtermAt(g, at=11)
 
-    config.eval.bins = ()
     monkeypatch.setattr(loop_utils, "preemption_guard", guard_with_kill)
     first = finetune.run(config, str(tmp_path / "resumed"))
     assert first["preempted"] and first["step"] == 11
@@ -494,15 +524,10 @@ def test_tiny_finetune_improves_verification_and_resumes_exactly(tmp_path, monke
     second = finetune.run(config, str(tmp_path / "resumed"))
     assert not second["preempted"] and second["step"] == 24
     assert second["final_metrics"]["loss"] == full["final_metrics"]["loss"]
-    a, meta = variables_lib.load_variables(str(tmp_path / "full" / "backbone"))
+    a, _ = variables_lib.load_variables(os.path.join(work, "backbone"))
     b, _ = variables_lib.load_variables(str(tmp_path / "resumed" / "backbone"))
+    assert a["batch_stats"]["landmark_cnn"]  # the landmark CNN trains: its statistics are resumed state too
     jax.tree.map(np.testing.assert_array_equal, a, b)
-    assert meta["normalization"] == "[-1,1]" and meta["color_order"] == "rgb" and meta["model"]["preset"] == "tiny"
-    assert meta["ema_decay"] == 0.9
-    with checkpoint.TrainCheckpointer(str(tmp_path / "full" / "checkpoints")) as ckpt:
-        last = ckpt.restore(24)
-    jax.tree.map(np.testing.assert_array_equal, a["params"], last["ema"])  # the output is the average
-    assert not np.array_equal(a["params"]["vit"]["head_norm"]["scale"], last["params"]["backbone"]["vit"]["head_norm"]["scale"])
 
 
 @pytest.mark.parametrize("kind", ["part_fvit", "fvit"])
