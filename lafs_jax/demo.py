@@ -37,7 +37,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from matplotlib.figure import Figure
 
 from lafs_jax.eval import embed as embed_lib
 from lafs_jax.eval import roc, verification
@@ -255,6 +254,7 @@ def markdown_tables(table: dict[str, dict], shots: tuple[int, ...], split: str, 
 def plot_fewshot(table: dict[str, dict], shots: tuple[int, ...], path: str, images_per_person: int = 10) -> None:
     """Test accuracy against k, one line per fine-tuned method (error bars: the table's sd); raw pixels
     and the teachers as horizontal lines."""
+    from matplotlib.figure import Figure  # optional heavy dependency (0.6 s at import): only plots need it
     fig = Figure(figsize=(6, 4.2), dpi=110)
     ax = fig.subplots()
     xs = [k if k > 0 else images_per_person for k in shots]
@@ -286,6 +286,7 @@ def plot_landmarks(backbone_dir: str, images: np.ndarray, path: str) -> None:
     x = embed_lib.preprocess(images, meta["normalization"], meta["color_order"])
     _, landmarks = jax.jit(lambda v, images: model.apply(v, images, train=False))(variables, x)
     landmarks = np.asarray(landmarks)
+    from matplotlib.figure import Figure  # optional heavy dependency (0.6 s at import): only plots need it
     fig = Figure(figsize=(2.2 * len(images), 2.4))
     axes = fig.subplots(1, len(images))
     for ax, img, lm in zip(np.atleast_1d(axes), images, landmarks):

@@ -23,11 +23,16 @@ _CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_c
 
 @pytest.fixture(scope="session", autouse=True)
 def compile_cache(tmp_path_factory):
-    """A persistent XLA compilation cache shared by every test of the session (and by the
-    subprocesses a test starts with these options in its environment): the same program built by
+    """A persistent XLA compilation cache shared by every test of the session, on every xdist worker
+    (and by the subprocesses a test starts with these options in its environment): the same program built by
     different jit wrappers (the demo's three fine-tuning runs, a resumed run, orbax's many small copy
     programs) is compiled once. Speed only; results do not depend on it. Yields the options."""
-    options = dict(_CACHE_OPTIONS, jax_compilation_cache_dir=str(tmp_path_factory.mktemp("xla_cache")))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one cache for the session's workers: their basetemps' parent
+        directory = tmp_path_factory.getbasetemp().parent / "xla_cache"
+        directory.mkdir(exist_ok=True)
+    else:
+        directory = tmp_path_factory.mktemp("xla_cache")
+    options = dict(_CACHE_OPTIONS, jax_compilation_cache_dir=str(directory))
     previous = {name: getattr(jax.config, name) for name in options}
     for name, value in options.items():
         jax.config.update(name, value)

@@ -14,8 +14,6 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
-from sklearn.metrics import roc_curve
 
 OPERATING_POINTS = ("at_most", "nearest")
 
@@ -23,6 +21,7 @@ OPERATING_POINTS = ("at_most", "nearest")
 def roc_points(scores: np.ndarray, issame: np.ndarray, *, drop_intermediate: bool = True
                ) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, tpr) of the ROC curve of `scores` [N] (higher = more alike) for genuine flags `issame` [N]."""
+    from sklearn.metrics import roc_curve  # heavy (sklearn + scipy: 1.6 s of every process's start-up); imported where used
     fpr, tpr, _ = roc_curve(np.asarray(issame).astype(np.int32), np.asarray(scores, np.float64),
                             drop_intermediate=drop_intermediate)
     return fpr, tpr
@@ -52,6 +51,7 @@ def tar_at_far(scores: np.ndarray, issame: np.ndarray, fars: Sequence[float], *,
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str, *, title: str,
              far_min: float = 1e-6) -> str:
     """Write a ROC plot (PNG) of {name: (fpr, tpr)} with a log FAR axis from `far_min` to 1; returns the path."""
+    from matplotlib.figure import Figure  # optional heavy dependency (0.6 s at import): only plots need it
     fig = Figure(figsize=(6, 4.5), dpi=120)
     ax = fig.subplots()
     for name, (fpr, tpr) in curves.items():
