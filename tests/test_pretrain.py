@@ -588,17 +588,13 @@ def test_sigterm_then_resume_in_a_new_process_equals_a_straight_run(tmp_path, da
     assert not os.path.exists(os.path.join(work_a, pretrain.TEACHER_BACKBONE_DIR))  # stopped early: no final export
 
 
-def test_full_run_writes_teacher_backbone_and_scalars(tmp_path, data_prefix):
-    config = _small_config("dino", data_prefix)
-    config.unlock()
-    config.total_steps, config.optim.warmup_epochs = 3, 0.25
-    _no_dropout(config)
-    config.lock()
-    work = str(tmp_path / "w")
-    result = pretrain.run(config, work)
-    assert result["step"] == 3 and np.isfinite(result["loss"])
+def test_full_run_writes_teacher_backbone_and_scalars(device_runs):
+    """A DINO run to its last step (the device-augmentation run below): the metrics of every step, the
+    TensorBoard events, and WORKDIR/teacher_backbone equal to the last checkpoint's teacher ViT."""
+    config, work, result = device_runs("dino")
+    assert result["step"] == 4 and np.isfinite(result["loss"])
     rows = loop_utils.read_metrics(work)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("loss", "learning_rate", "weight_decay", "momentum", "teacher_temp"):
         assert key in rows[-1]
     assert "img_per_sec" in rows[-1] and "step_time_ms" in rows[-1]
@@ -607,7 +603,7 @@ def test_full_run_writes_teacher_backbone_and_scalars(tmp_path, data_prefix):
     assert meta["kind"] == "token_vit" and meta["normalization"] == "imagenet" and meta["color_order"] == "rgb"
     assert meta["model"]["kind"] == "fvit" and meta["model"]["dim"] == 48
     assert (meta["method"], meta["patch_order"]) == ("dino", "grid")
-    state = _restore_state(work, 3)
+    state = _restore_state(work, 4)
     for x, y in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state["teacher"]["backbone"]["vit"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -671,21 +667,37 @@ def test_device_augmentation_trains_on_a_fixed_decoded_batch(method):
     assert losses[-1] < losses[0] - 0.02 and min(losses) == losses[-1], losses
 
 
+@pytest.fixture(scope="module")
+def device_runs(tmp_path_factory, data_prefix):
+    """device_runs(method) -> (config, workdir, result) of pretrain.run with augment_on='device' to its
+    end (step 4, a checkpoint every 2 steps), run once per method for the module."""
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            config = _device(_small_config(method, data_prefix))
+            config.unlock()
+            config.total_steps, config.optim.warmup_epochs = 4, 0.25  # lr 0 for update 1 only
+            config.checkpoint.every_steps, config.checkpoint.keep = 2, 3
+            _no_dropout(config)
+            config.lock()
+            work = str(tmp_path_factory.mktemp(f"device_{method}"))
+            runs[method] = config, work, pretrain.run(config, work)
+        return runs[method]
+
+    return get
+
+
 @pytest.mark.parametrize("method", ["lafs", "dino"])
-def test_device_augmentation_run_resumes_exactly(tmp_path, data_prefix, method):
+def test_device_augmentation_run_resumes_exactly(tmp_path, device_runs, method):
     """pretrain.run with augment_on='device' to step 4; a second workdir holding only its checkpoint of
     step 2 (and the landmark CNN) resumes to step 4 with the same losses and state, bit for bit (views
     from the run key and each sample's stream index; the device-prefetched iterator checkpoints the
     batches consumed, not the ones in flight)."""
     import shutil
 
-    config = _device(_small_config(method, data_prefix))
-    config.unlock()
-    config.total_steps, config.stop_at_step, config.checkpoint.every_steps, config.checkpoint.keep = 40, 4, 2, 3
-    _no_dropout(config)
-    config.lock()
-    work_a, work_b = str(tmp_path / "a"), str(tmp_path / "b")
-    pretrain.run(config, work_a)
+    config, work_a, _ = device_runs(method)
+    work_b = str(tmp_path / "b")
     shutil.copytree(os.path.join(work_a, "checkpoints", "2"), os.path.join(work_b, "checkpoints", "2"))
     if method == "lafs":
         shutil.copytree(os.path.join(work_a, pretrain.LANDMARK_INIT_DIR), os.path.join(work_b, pretrain.LANDMARK_INIT_DIR))
