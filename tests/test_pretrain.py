@@ -246,6 +246,12 @@ def _no_dropout(c):
     c.model.dropout = c.model.emb_dropout = c.model.drop_path_rate = 0.0
 
 
+def _global_views_only(c):
+    """No local views: the two global views still make a loss; the step is a smaller program to compile
+    (for tests that read no local view)."""
+    c.data.lafs.local_views = c.data.dino.local_crops = 0
+
+
 def _fixed_batch_config(method):
     """No warmup, no frozen last layer, a constant teacher temperature, deterministic teacher."""
     c = _small_config(method)
@@ -326,7 +332,7 @@ def test_koleo_term_is_added_on_the_student_global_embeddings():
     c = _fixed_batch_config("dino")
     c.unlock()
     c.dino.koleo_weight = 0.5
-    c.data.dino.local_crops = 0  # the KoLeo term reads the global views only: a smaller step to compile
+    _global_views_only(c)  # the KoLeo term reads the global views only
     c.lock()
     t = Trainer(c, mesh_lib.make_mesh(c.mesh))
     batch = _batch(c)
@@ -618,7 +624,7 @@ def test_divergence_stops_naming_step_and_metric_and_keeps_only_the_confirmed_ch
     config.total_steps, config.checkpoint.every_steps = 6, 1
     config.optim.freeze_last_layer_epochs, config.optim.lr = 0, 1e36
     config.optim.lr_scaling = "none"
-    config.data.lafs.local_views = 0  # the two global views only: a smaller step to compile
+    _global_views_only(config)
     _no_dropout(config)
     config.lock()
     work = str(tmp_path / "nan")
@@ -654,7 +660,11 @@ def _decoded_batch(config):
 def test_device_augmentation_trains_on_a_fixed_decoded_batch(method):
     """The step makes the views from uint8 images (same index: same views every step); with the
     teacher and centre held, the student's loss falls. The batch crossing is uint8."""
-    t = Trainer(_device(_fixed_batch_config(method)), mesh_lib.make_mesh())
+    c = _fixed_batch_config(method)
+    c.unlock()
+    _global_views_only(c)  # device-made local views: test_device_augmentation_run_resumes_exactly
+    c.lock()
+    t = Trainer(_device(c), mesh_lib.make_mesh())
     batch = _decoded_batch(t.config)
     assert batch["image"].dtype == np.uint8
     state = t.init()
