@@ -274,6 +274,7 @@ def lafs_trainer():
     c = _fixed_batch_config("lafs")
     c.unlock()
     c.mesh.data, c.mesh.model, c.sharding_rules = 4, 2, MLP_RULES
+    _global_views_only(c)  # the teacher and centre read only these; the runs below make local views
     c.lock()
     return Trainer(c, mesh_lib.make_mesh(c.mesh))
 
