@@ -1,5 +1,6 @@
-"""Test harness: 8 CPU devices so every sharding path is exercised without accelerators, and one
-persistent XLA compilation cache for the session."""
+"""Test harness: 8 CPU devices so every sharding path is exercised without accelerators, compiled at
+XLA backend optimisation level 0 (tests/cpu_env.py says why and where not), and one persistent XLA
+compilation cache for the session."""
 import os
 import sys
 

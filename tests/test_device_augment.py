@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
+from cpu_env import USERS_OPTIMIZATION
 from lafs_jax import sharding as mesh_lib
 from lafs_jax.input import device_augment as D
 from lafs_jax.input import pipelines as P
@@ -138,7 +139,7 @@ def test_views_match_host_ops_for_the_drawn_parameters(images):
     blur = np.asarray([1.0, 0.5, 0.5, 0.5], np.float32)
     sol = np.asarray([0.0, 0.5, 0.5, 0.5], np.float32)
     fn = jax.jit(lambda x, k: D.ssl_views(x, k, count=views, size=64, scale=(0.3, 1.0), color=color,
-                                          blur_probs=blur, solarize_probs=sol))
+                                          blur_probs=blur, solarize_probs=sol), compiler_options=USERS_OPTIMIZATION)
     clean, aug = fn(jnp.asarray(images), keys)
     draw = jax.vmap(jax.vmap(lambda k, pb, ps: D.view_params(k, 112, 112, (0.3, 1.0), color, pb, ps),
                              in_axes=(0, 0, 0)), in_axes=(0, None, None))
