@@ -268,7 +268,9 @@ def test_arcface_fallback_reaches_the_loss():
                                                                  num_classes=c, m2=0.5, s=config.loss.s,
                                                                  fallback=fallback))
         want, _ = direct(jnp.asarray(emb), params["centers"])
-        assert float(metrics["cls_loss"]) == pytest.approx(float(want), rel=1e-5)
+        # rel 1e-4: two programs embed the batch, and at theta = pi arccos magnifies their float rounding;
+        # the fallbacks differ by far more (below)
+        assert float(metrics["cls_loss"]) == pytest.approx(float(want), rel=1e-4)
         got[fallback] = float(metrics["cls_loss"])
     assert abs(got["th_mm"] - got["none"]) > 1e-2
     assert finetune_recipe.get_config().loss.arcface_fallback == "th_mm"  # InsightFace's ArcFace
