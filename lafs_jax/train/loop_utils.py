@@ -16,7 +16,7 @@
   `next_batch` make a stalled input pipeline interruptible: SIGTERM during a wait gives the
   pipeline `stall_seconds` to deliver, then raises `InputStalledError` in the main thread;
   `exit_on_input_stall` (main.py) then ends the process, whose reader threads are stuck.
-Thin glue over tensorboardX (event files without TensorFlow or torch at run time), absl logging and
+Thin glue over tensorboardX (event files without TensorFlow or torch), absl logging and
 `signal`. Libraries that do parts of this exist: clu (google/CommonLoopUtils) has `metric_writers`
 (TensorBoard through TensorFlow's or torch's summary writer, logging / multi / async writers) and
 `periodic_actions.ReportProgress` (steps/s, ETA); multi-host preemption is
@@ -57,6 +57,22 @@ def _scalar(name: str, value: Any) -> float:
     return float(arr.reshape(()))
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch whenever it is
+    installed (2-7 s of a training process's start-up), only to accept torch tensors; we write floats.
+    A None in sys.modules makes its `import torch` raise the ImportError it handles; torch itself stays
+    importable afterwards. Where torch is already imported, nothing changes."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter  # optional heavy dependency: imported where used
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter  # optional heavy dependency: imported where used
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Scalars to TensorBoard event files and `<logdir>/metrics.jsonl`, on process 0 only.
 
@@ -75,8 +91,7 @@ class MetricWriter:
         self._tb = None
         self._jsonl = None
         if self.enabled:
-            from tensorboardX import SummaryWriter  # imported here: process > 0 never needs it
-
+            SummaryWriter = _summary_writer_class()  # noqa: N806  (a class; process > 0 never needs it)
             os.makedirs(logdir, exist_ok=True)
             path = os.path.join(logdir, METRICS_FILE)
             if resume_step is not None and os.path.exists(path):
