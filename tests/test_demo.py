@@ -58,11 +58,13 @@ def stand_in_stages(monkeypatch):
 
 
 def _small_demo_config(arg=None):
-    """The demo recipe with one-block ViTs: the chain and evaluation are the same, the forward passes cheaper."""
+    """The demo recipe with one-block ViTs and two-block landmark CNNs: the chain and evaluation are the
+    same, the programs smaller (most of this test's time is tracing and compiling them)."""
     c = demo_config.get_config(arg)
     with c.unlocked():
         for stage in (c.stage1, c.pretrain_lafs, c.pretrain_dino, c.finetune):
             stage.model.depth = 1
+            stage.model.landmark.blocks = stage.model.landmark.blocks[:2]
     return c
 
 
