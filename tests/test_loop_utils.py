@@ -4,12 +4,15 @@ import math
 import os
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cpu_env import cpu_env
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
@@ -299,3 +302,17 @@ def test_sigterm_stops_a_process_stuck_in_the_input_pipeline_promptly(tmp_path):
     assert proc.returncode == lu.EXIT_INPUT_STALLED == 143, err[-2000:]
     assert "the input pipeline has delivered no batch for" in err and "stall_seconds=1" in err
     assert elapsed < 10, elapsed  # stall_seconds (1 s) after the signal, plus the exit
+
+
+def test_metric_writer_leaves_torch_unimported_and_importable(tmp_path):
+    """In a fresh process (the test workers have torch imported already): writing events imports no
+    torch, and torch imports normally afterwards."""
+    code = ("import sys; from lafs_jax.train import loop_utils as lu\n"
+            f"w = lu.MetricWriter({str(tmp_path)!r}); w.write_scalars(1, {{'loss': 1.0}}); w.close()\n"
+            "assert 'torch' not in sys.modules, 'tensorboardX imported torch'\n"
+            "import torch; assert torch.zeros(1).shape == (1,)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=cpu_env(1, PYTHONPATH=root),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert glob.glob(str(tmp_path / "events.out.tfevents.*"))

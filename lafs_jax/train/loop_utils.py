@@ -62,14 +62,14 @@ def _summary_writer_class() -> type:
     installed (2-7 s of a training process's start-up), only to accept torch tensors; we write floats.
     A None in sys.modules makes its `import torch` raise the ImportError it handles; torch itself stays
     importable afterwards. Where torch is already imported, nothing changes."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter  # optional heavy dependency: imported where used
-        return SummaryWriter
-    sys.modules["torch"] = None
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None
     try:
         from tensorboardX import SummaryWriter  # optional heavy dependency: imported where used
     finally:
-        del sys.modules["torch"]
+        if hide_torch:
+            del sys.modules["torch"]
     return SummaryWriter
 
 
