@@ -1,5 +1,5 @@
 """Test harness: 8 CPU devices so every sharding path is exercised without accelerators, compiled at
-XLA backend optimisation level 0 (tests/cpu_env.py says why and where not), and one persistent XLA
+XLA backend optimisation level 0 and XLA:CPU's loop emitters (tests/cpu_env.py says why and where not), and one persistent XLA
 compilation cache for the session."""
 import os
 import sys
