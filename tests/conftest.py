@@ -1,6 +1,6 @@
-"""Test harness: 8 CPU devices so every sharding path is exercised without accelerators, compiled at
-XLA backend optimisation level 0 and XLA:CPU's loop emitters (tests/cpu_env.py says why and where not), and one persistent XLA
-compilation cache for the session."""
+"""Test harness: 8 CPU devices so every sharding path is exercised without accelerators, compiled fast
+(XLA backend optimisation level 0, XLA:CPU's loop emitters; tests/cpu_env.py says why and where not),
+and one persistent XLA compilation cache for the session."""
 import os
 import sys
 

@@ -19,6 +19,8 @@ from tensorboardX.record_writer import masked_crc32c
 from lafs_jax.config import ConfigError
 from lafs_jax.train import loop_utils as lu
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def read_event_scalars(logdir):
     """{tag: [(step, value)]} parsed from the TFRecord event files, checking each record's CRCs."""
@@ -284,11 +286,7 @@ loop_utils.exit_on_input_stall(loop)  # as main.py runs a task
 
 
 def test_sigterm_stops_a_process_stuck_in_the_input_pipeline_promptly(tmp_path):
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-c", STALLED_SCRIPT], cwd=root, env=dict(os.environ, PYTHONPATH=root),
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_SCRIPT], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("waiting"), proc.stderr.read()[-2000:]
@@ -311,8 +309,7 @@ def test_metric_writer_leaves_torch_unimported_and_importable(tmp_path):
             f"w = lu.MetricWriter({str(tmp_path)!r}); w.write_scalars(1, {{'loss': 1.0}}); w.close()\n"
             "assert 'torch' not in sys.modules, 'tensorboardX imported torch'\n"
             "import torch; assert torch.zeros(1).shape == (1,)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=cpu_env(1, PYTHONPATH=root),
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cpu_env(1, PYTHONPATH=ROOT),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert glob.glob(str(tmp_path / "events.out.tfevents.*"))

@@ -4,9 +4,9 @@ materialised, and on a compiled shape-faithful step), and `model.remat` changes 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cpu_env import USERS_OPTIMIZATION
 
 from configs import lvface as lvface_recipe
+from cpu_env import USERS_OPTIMIZATION
 from lafs_jax import sharding as mesh_lib
 from lafs_jax.losses import partial_fc
 from lafs_jax.models import presets
