@@ -171,7 +171,7 @@ def teacher_embedder(finetune_config: ml_collections.ConfigDict) -> embed_lib.Em
     """The model a fine-tuning config starts from (its `init.backbone` teacher, and the frozen landmark
     CNN of a Part fViT), as an Embedder: the pretrained features before any label is seen."""
     c = finetune_config
-    variables, _ = finetune.initial_variables(c, presets.init_variables(c.model, jax.random.key(c.seed)))
+    variables, _ = finetune.initial_variables(c, presets.compiled_init(c.model)(jax.random.key(c.seed)))
     return embed_lib.Embedder(presets.build_model(c.model), variables, image_size=c.model.image_size,
                               normalization=c.data.normalization, color_order=c.data.color_order)
 

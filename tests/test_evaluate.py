@@ -150,3 +150,23 @@ def test_backbone_loads_against_its_model_config_onto_the_callers_mesh(tmp_path,
     with pytest.raises(ValueError, match=r"'params/vit/encoder/block_0/mlp/fc1/bias' is stored with shape "
                                          r"\(256,\), the model needs \(128,\)"):
         embed.load_backbone(other, host=True)
+
+
+def test_embedders_of_one_architecture_share_compilations_not_variables(tiny_backbone):
+    """Two Embedders of equal models reuse one compiled program (one compilation for both), yet each
+    embeds with its own variables; another input range gets its own program."""
+    backbone, cfg, variables = tiny_backbone
+    images = np.stack([face_like_image(k, 0) for k in range(5)])
+    first = embed.Embedder.from_variables_dir(backbone, batch_size=8)
+    doubled = jax.tree.map(lambda x: np.asarray(x) * 2, variables)
+    second = embed.Embedder(presets.build_model(presets.model_config("tiny")), doubled, image_size=112, batch_size=8)
+    assert first._fns[True] is second._fns[True] and first._fns[False] is not first._fns[True]
+    got_first, got_second = first.embed(images), second.embed(images)
+    assert first._fns[True]._cache_size() == 1  # one compilation served both
+
+    fn = jax.jit(embed.embedding_function(presets.build_model(cfg), flip=True))
+    np.testing.assert_allclose(got_first, np.asarray(fn(variables, images)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_second, np.asarray(fn(doubled, images)), rtol=1e-5, atol=1e-5)
+    assert np.abs(got_first - got_second).max() > 1e-2
+    other = embed.Embedder(presets.build_model(cfg), variables, image_size=112, normalization="imagenet", batch_size=8)
+    assert other._fns[True] is not first._fns[True]

@@ -110,6 +110,20 @@ def test_token_vit_matches_numpy_reference(variant):
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4)
 
 
+def test_compiled_init_is_one_program_per_architecture(tiny):
+    """presets.compiled_init: the variables init_variables gives, from one jitted function shared by
+    every config that builds the same model; another architecture gets its own."""
+    cfg, _, _ = tiny
+    init = presets.compiled_init(cfg)
+    assert presets.compiled_init(presets.model_config("tiny")) is init
+    got = init(jax.random.key(3))
+    want = jax.jit(lambda k: presets.init_variables(cfg, k))(jax.random.key(3))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    other = presets.model_config("tiny")
+    other.mlp_dim = 128
+    assert presets.compiled_init(other) is not init
+
+
 def test_token_vit_uses_the_first_n_plus_1_positions():
     vit = TokenViT(num_positions=49, dim=32, depth=1, heads=2, head_dim=16, mlp_dim=32, pool="mean")
     tokens = jax.random.normal(jax.random.key(0), (2, 36, 12))

@@ -13,6 +13,7 @@ they come from the host); every process passes the same images and gets all embe
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
@@ -58,6 +59,23 @@ def embedding_function(model: Any, *, normalization: str = "[-1,1]", color_order
         return emb
 
     return f
+
+
+def compiled_embedding(model: Any, normalization: str, color_order: str, flip: bool, mesh: Any):
+    """jax.jit of `embedding_function(...)` with outputs replicated on `mesh`. Equal models share one
+    jitted function (and so its compilations: one per variables layout and batch shape), so evaluating
+    many checkpoints of one architecture in a process compiles once. No in_shardings: the variables
+    keep theirs, the batch comes sharded by global_batch."""
+    try:
+        return _compiled_embedding(model, normalization, color_order, flip, mesh)
+    except TypeError:  # a model with an unhashable field: compiled for this Embedder only
+        return _compiled_embedding.__wrapped__(model, normalization, color_order, flip, mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_embedding(model, normalization, color_order, flip, mesh):
+    fn = embedding_function(model, normalization=normalization, color_order=color_order, flip=flip)
+    return jax.jit(fn, out_shardings=mesh_lib.replicated(mesh))
 
 
 BACKBONE_META_KEYS = ("model", "normalization", "color_order", "image_size")
@@ -123,11 +141,8 @@ class Embedder:
         n = self.mesh.devices.size
         self.batch_size = -(-int(batch_size) // n) * n
         self.variables = None if variables is None else self.on_mesh(variables)
-        self._fns = {}
-        for flip in (False, True):
-            fn = embedding_function(model, normalization=normalization, color_order=color_order, flip=flip)
-            # No in_shardings: the variables keep theirs, the batch comes sharded by global_batch.
-            self._fns[flip] = jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh))
+        self._fns = {flip: compiled_embedding(model, normalization, color_order, flip, self.mesh)
+                     for flip in (False, True)}
 
     def on_mesh(self, variables: Any) -> Any:
         """`variables` with every leaf on this mesh: jax.Arrays on its devices as they are, the rest

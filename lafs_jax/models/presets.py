@@ -19,7 +19,8 @@ Presets:
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import functools
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -320,6 +321,23 @@ def dummy_images(cfg, batch: int = 1) -> jax.Array:
 def init_variables(cfg, key: jax.Array, batch: int = 1) -> dict:
     """Variables of build_model(cfg) ('params', and 'batch_stats' where BatchNorm is used)."""
     return build_model(cfg).init({"params": key}, dummy_images(cfg, batch), train=False)
+
+
+def compiled_init(cfg, out_sharding: Any = None) -> Callable[[jax.Array], dict]:
+    """`key -> init_variables(cfg, key)` as one jitted program (outputs placed by `out_sharding`, default
+    jax's). Configs that build the same model share it, so a process that trains or evaluates several
+    runs of one architecture (the demo: nine models of two) compiles the initialisation once."""
+    model, shape = build_model(cfg), tuple(dummy_images(cfg).shape)
+    try:
+        return _compiled_init(model, shape, out_sharding)
+    except TypeError:  # a model with an unhashable field: compiled for this call only
+        return _compiled_init.__wrapped__(model, shape, out_sharding)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_init(model: Any, image_shape: tuple[int, ...], out_sharding: Any) -> Callable[[jax.Array], dict]:
+    return jax.jit(lambda key: model.init({"params": key}, jnp.zeros(image_shape, jnp.float32), train=False),
+                   out_shardings=out_sharding)
 
 
 def abstract_variables(cfg) -> dict:

@@ -705,7 +705,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model = presets.build_model(model_cfg)
     landmark_cnn = presets.build_landmark_cnn(model_cfg) if config.model.kind == "part_fvit" else None
     init_key, centers_key = jax.random.split(jax.random.key(config.seed))
-    init_fn = jax.jit(lambda k: presets.init_variables(model_cfg, k), out_shardings=mesh_lib.replicated(mesh))
+    init_fn = presets.compiled_init(model_cfg, mesh_lib.replicated(mesh))  # shared by runs of one architecture
     variables, origin = initial_variables(config, init_fn(init_key))
     logging.info("backbone initialised from %s", origin)
     teacher_np = landmark_teacher_variables(config, variables) if config.landmark_reg.mode != "none" else {}
