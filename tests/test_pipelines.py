@@ -339,6 +339,50 @@ def test_dino_batches_shapes_and_determinism():
     assert batch["global"].min() >= -1 and batch["global"].max() <= 1
 
 
+@pytest.mark.parametrize("method", ["dino", "lafs"])
+def test_identity_positives_take_the_last_views_from_another_image_of_the_same_identity(method):
+    """data.ssl_positives='identity' (diagnostic): of each sample's G global and L local views, the last
+    floor(n/2) come from one other image of its identity, the rest from its own image; the default
+    'views' makes every view from the sample's own image. Constant images: a view's value names its image."""
+    src = IndexSource(20)  # image i has value i, identity i % 5: four images per identity
+    dc = small_config()
+    c = dc.ssl_color
+    c.jitter_prob, c.grayscale_prob, c.global_blur_probs, c.global_solarize_probs, c.local_blur_prob = (
+        0.0, 0.0, (0.0,), (0.0,), 0.0)
+    build = P.dino_batches if method == "dino" else P.lafs_batches
+    keys = ("global", "local") if method == "dino" else ("global_clean", "global_aug", "local_clean", "local_aug")
+    kw = dict(batch_size=4, seed=0, process_index=0, process_count=1)
+
+    def image_of_views(batch):  # {key: int [B, V]}: the source image each view was cut from
+        return {k: np.rint((batch[k] + 1) * 127.5).reshape(*batch[k].shape[:2], -1).mean(-1).astype(int) for k in keys}
+
+    for batch in take(build(src, dc, **kw), 3):
+        views = image_of_views(batch)
+        own = views[keys[0]][:, 0]
+        for k in keys:
+            np.testing.assert_array_equal(views[k], np.repeat(own[:, None], views[k].shape[1], 1), err_msg=k)
+    dc.ssl_positives = "identity"
+    partners = set()
+    for batch in take(build(src, dc, **kw), 5):
+        views = image_of_views(batch)
+        own = views[keys[0]][:, 0]
+        partner = views[keys[0]][:, 1]  # G = 2: view 2 is the partner's
+        assert np.all(partner != own) and np.all(partner % 5 == own % 5) and np.all(own % 5 == batch["label"])
+        partners.update(zip(own.tolist(), partner.tolist()))
+        for k in keys:
+            n = views[k].shape[1]  # 2 global, 3 local views: the last 1 is the partner's
+            want = np.concatenate([np.repeat(own[:, None], n - n // 2, 1), np.repeat(partner[:, None], n // 2, 1)], 1)
+            np.testing.assert_array_equal(views[k], want, err_msg=k)
+    assert len({p for _, p in partners}) > 5  # drawn among the identity's images, not one fixed partner
+    assert_batches_equal(take(build(src, dc, **kw), 2), take(build(src, dc, **kw), 2))
+    dc.augment_on = "device"
+    with pytest.raises(ConfigError, match=r"ssl_positives='identity' needs config.data.augment_on='host'"):
+        build(src, dc, **kw)
+    dc.augment_on, dc.ssl_positives = "host", "labels"
+    with pytest.raises(ConfigError, match=r"ssl_positives"):
+        build(src, dc, **kw)
+
+
 def test_lafs_views_share_geometry_and_differ_in_colour():
     img = synthetic.face_like_image(0, 0, 48)
 

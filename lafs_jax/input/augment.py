@@ -9,6 +9,9 @@
 - `LafsAugment` (`DataAugmentation_LAFS` in the official `lafs_train.py`): every view is a RandomResizedCrop of one size and scale range + flip;
   its clean copy is the crop, its augmented copy the same crop after jitter p=0.8, grayscale p=0.2 and
   the per-view blur / solarisation of DINO.
+- `SameIdentityViews` (`data.ssl_positives='identity'`, a diagnostic that uses labels): DINO's or LAFS's
+  views of a record with the last half of its global and local views made from another image of the
+  same identity.
 - `FinetuneHostAugment`: fine-tuning's host part with `augment_on='device'`: flip and RandAugment only.
 - `EvalPrepare`: resize to the evaluation size; optionally the mirrored copy.
 Normalisation to float happens per batch (pipelines), where it is one vectorised operation.
@@ -174,6 +177,38 @@ class LafsAugment(grain.transforms.RandomMap):
         return {"global_clean": _stack([c for c, _ in g], s), "global_aug": _stack([a for _, a in g], s),
                 "local_clean": _stack([c for c, _ in loc], s), "local_aug": _stack([a for _, a in loc], s),
                 "label": element["label"]}
+
+
+class SameIdentityViews(grain.transforms.RandomMap):
+    """`augment`'s views of a record, the last floor(n/2) of each view stack ('global*' [G, ...], 'local*'
+    [L, ...]: view 2 of 2 global views) made from another image of the same identity, drawn at random.
+
+    A diagnostic, not self-supervision: it reads the labels (`data.ssl_positives='identity'`), to ask
+    what the SSL loss learns when its positive views carry identity rather than one image's crops.
+    Records need 'source_index' (their index in `source`, before shuffling); an identity with a single
+    image keeps its own views.
+    """
+
+    def __init__(self, augment: grain.transforms.RandomMap, source):
+        self.augment, self.source = augment, source
+        labels = np.asarray(source.labels)
+        order = np.argsort(labels, kind="stable")
+        starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
+        self.by_label = {int(labels[order[a]]): order[a:b]
+                         for a, b in zip(starts, np.r_[starts[1:], len(order)])}
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        own = self.augment.random_map(element, rng)
+        same = self.by_label[int(element["label"])]
+        others = same[same != int(element["source_index"])]
+        if len(others) == 0:
+            return own
+        partner = self.augment.random_map(self.source[int(others[rng.integers(len(others))])], rng)
+        for key, views in own.items():
+            if key.startswith(("global", "local")):
+                n = views.shape[0]
+                views[n - n // 2:] = partner[key][n - n // 2:]
+        return own
 
 
 class EvalPrepare(grain.transforms.Map):

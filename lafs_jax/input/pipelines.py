@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("rec", "arrayrecord", "folder", "tfds")
 AUGMENT_ON = ("host", "device")
+SSL_POSITIVES = ("views", "identity")
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -127,6 +128,10 @@ def data_config() -> ml_collections.ConfigDict:
     # or 'device' (Grain only decodes, uint8 images + stream positions cross; the jitted step crops,
     # colours, blurs and normalises: lafs_jax.input.device_augment). Pretraining recipes use 'device'.
     c.augment_on = "host"
+    # what the SSL loss pairs: 'views' (self-supervised: every view of a sample is a crop of one image) or
+    # 'identity' (a diagnostic that reads the labels: the last half of the global and local views come
+    # from another image of the same identity; host augmentation only; bench/ssl_collapse.py)
+    c.ssl_positives = "views"
     c.prefetch = 2  # batches the training loops copy to the devices ahead of the step (background thread; 0 = none)
 
     c.eval = ml_collections.ConfigDict()
@@ -172,7 +177,8 @@ def _get(dc, key: str):
 def validate_data_config(dc: ml_collections.ConfigDict) -> None:
     """Raise ConfigError naming the first invalid `config.data.*` field."""
     for key, choices in (("format", FORMATS), ("augment_on", AUGMENT_ON), ("color_order", S.image_lib.COLOR_ORDERS),
-                         ("normalization", T.NORMALIZATIONS), ("subset.k_draw", subsets.K_DRAWS)):
+                         ("normalization", T.NORMALIZATIONS), ("subset.k_draw", subsets.K_DRAWS),
+                         ("ssl_positives", SSL_POSITIVES)):
         if _get(dc, key) not in choices:
             raise _err(key, _get(dc, key), f"choose one of {list(choices)}")
     for key, minimum in (("image_size", 1), ("workers", 0), ("prefetch", 0), ("worker_buffer_size", 1), ("read_threads", 0),
@@ -296,6 +302,11 @@ class DecodedCollate:
                 "label": np.asarray([r["label"] for r in records], np.int32)}
 
 
+def _with_source_index(index: int, element: dict) -> dict:
+    """The record with its index in the source (map_with_index before shuffling)."""
+    return {**element, "source_index": int(index)}
+
+
 def _with_index(index: int, element: dict) -> dict:
     """The record with its global stream position (map_with_index before the process split)."""
     return {"image": element["image"], "label": element["label"], "index": int(index)}
@@ -353,7 +364,10 @@ def _train_iterator(source, dc, augment: grain.transforms.RandomMap | None, coll
     validate_data_config(dc)
     _check_batch(batch_size, source)
     pi, pc = _process(process_index, process_count)
-    ds = grain.MapDataset.source(source).seed(int(seed)).shuffle().repeat(num_epochs)
+    ds = grain.MapDataset.source(source)
+    if isinstance(augment, A.SameIdentityViews):
+        ds = ds.map_with_index(_with_source_index)
+    ds = ds.seed(int(seed)).shuffle().repeat(num_epochs)
     if dc.augment_on == "device":
         ds = ds.map_with_index(_with_index)
     if augment is not None:
@@ -405,17 +419,34 @@ def _ssl_color_kwargs(dc) -> dict:
                 global_solarize_probs=tuple(c.global_solarize_probs), local_blur_prob=c.local_blur_prob)
 
 
+def _ssl_positives(augment: grain.transforms.RandomMap, source, dc) -> grain.transforms.RandomMap:
+    """`augment`, or with data.ssl_positives='identity' its SameIdentityViews over `source`."""
+    if dc.ssl_positives == "views":
+        return augment
+    if not hasattr(source, "labels"):
+        raise ConfigError(f"config.data.ssl_positives='identity' reads the labels, and the source {source!r} "
+                          f"has none")
+    return A.SameIdentityViews(augment, source)
+
+
+def _check_ssl_positives_host(dc) -> None:
+    if dc.ssl_positives != "views" and dc.augment_on == "device":
+        raise ConfigError(f"config.data.ssl_positives={dc.ssl_positives!r} needs config.data.augment_on='host' "
+                          f"(its views are made on the host)")
+
+
 def dino_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
     """DINO multi-crop batches {'global': f32 [B,G,Sg,Sg,3], 'local': f32 [B,L,Sl,Sl,3], 'label': i32 [B]}
     (augment_on='device': decoded {'image': uint8 [B,H,W,3], 'index', 'label'})."""
     validate_data_config(dc)
+    _check_ssl_positives_host(dc)
     if dc.augment_on == "device":
         return _train_iterator(source, dc, None, DecodedCollate(), batch_size=batch_size, seed=seed,
                                num_epochs=num_epochs, process_index=process_index, process_count=process_count)
     d = dc.dino
-    augment = A.DinoAugment(d.global_size, d.global_crops, tuple(d.global_scale), d.local_size, d.local_crops,
-                            tuple(d.local_scale), **_ssl_color_kwargs(dc))
+    augment = _ssl_positives(A.DinoAugment(d.global_size, d.global_crops, tuple(d.global_scale), d.local_size,
+                                           d.local_crops, tuple(d.local_scale), **_ssl_color_kwargs(dc)), source, dc)
     return _train_iterator(source, dc, augment, ViewsCollate(dc.normalization, ("global", "local")),
                            batch_size=batch_size, seed=seed, num_epochs=num_epochs, process_index=process_index,
                            process_count=process_count)
@@ -427,12 +458,13 @@ def lafs_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int | No
     f32 [B,L,S,S,3], 'label': i32 [B]}; clean/aug of a view share the geometric crop
     (augment_on='device': decoded {'image': uint8 [B,H,W,3], 'index', 'label'})."""
     validate_data_config(dc)
+    _check_ssl_positives_host(dc)
     if dc.augment_on == "device":
         return _train_iterator(source, dc, None, DecodedCollate(), batch_size=batch_size, seed=seed,
                                num_epochs=num_epochs, process_index=process_index, process_count=process_count)
     v = dc.lafs
-    augment = A.LafsAugment(v.view_size, v.global_views, v.local_views, tuple(v.global_scale), tuple(v.local_scale),
-                            **_ssl_color_kwargs(dc))
+    augment = _ssl_positives(A.LafsAugment(v.view_size, v.global_views, v.local_views, tuple(v.global_scale),
+                                           tuple(v.local_scale), **_ssl_color_kwargs(dc)), source, dc)
     keys = ("global_clean", "global_aug", "local_clean", "local_aug")
     return _train_iterator(source, dc, augment, ViewsCollate(dc.normalization, keys), batch_size=batch_size,
                            seed=seed, num_epochs=num_epochs, process_index=process_index, process_count=process_count)
