@@ -447,6 +447,19 @@ def existing_lines(path: str = RESULTS) -> list[dict]:
     return [json.loads(l) for l in m.group(1).splitlines() if l.startswith('{"kind": "aot"')]
 
 
+def existing_note(path: str = RESULTS) -> str:
+    """The prose between the current section's table and its "JSON lines:" ('' if none): kept when a
+    run writes its line without a --note of its own."""
+    if not os.path.exists(path):
+        return ""
+    m = re.search(rf"^{re.escape(SECTION)}\n(.*?)(?=^## |\Z)", open(path).read(), re.S | re.M)
+    if not m:
+        return ""
+    body = m.group(1).split("\nJSON lines:")[0].splitlines()
+    last_row = max((i for i, l in enumerate(body) if l.startswith("|")), default=None)
+    return "" if last_row is None else "\n".join(body[last_row + 1:]).strip()
+
+
 def _classes(line: dict) -> str:
     return f"{line['num_classes']:,}" if "num_classes" in line else "-"
 
@@ -464,8 +477,8 @@ def render_section(lines: list[dict], note: str = "") -> str:
              "```", "python -m bench.aot --config RECIPE --topology TOPOLOGY [--num-classes N] "
                     "[--per-chip-batch B,...] [--config.x=y] --write-results", "```", "",
              "| recipe | overrides | topology | chips | C | global batch | per-chip batch | per-chip GiB | HBM GiB | "
-             "fits | TFLOP/chip/step | params MiB/chip | W + state MiB/chip (split) | largest unsplit | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fits | TFLOP/chip/step | GFLOP/image | params MiB/chip | W + state MiB/chip (split) | largest unsplit | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in lines:
         c = r.get("centers")
         w = f"{c['arrays_bytes_per_chip'] / 2 ** 20:,.0f} ({c['arrays']}, {'all' if c['split_over_every_chip'] else 'NOT all'})" \
@@ -478,11 +491,13 @@ def render_section(lines: list[dict], note: str = "") -> str:
             if "unsplit_bytes_per_chip" in r:
                 big += f" (all unsplit: {r['unsplit_bytes_per_chip'] / 2 ** 20:,.0f} MiB)"
         flops = r.get("flops_per_chip_step")
+        per_image = "-" if flops is None else f"{flops / r['per_chip_batch'] / 1e9:.1f}"  # rises where XLA rematerialises
         parts.append(
             f"| {r['recipe']} | {' '.join(o.replace('--config.', '') for o in r['overrides']) or '-'} | "
             f"{r['topology']} | {r['chips']} | {_classes(r)} | "
             f"{r['global_batch']} | {r['per_chip_batch']} | {_gib(r['per_chip_bytes'])} | {r['hbm_bytes'] / GIB:.0f} | "
             f"{'yes' if r['fits'] else '**no**'} | {'-' if flops is None else f'{flops / 1e12:.2f}'} | "
+            f"{per_image} | "
             f"{r['param_bytes_per_chip'] / 2 ** 20:,.1f} | {w} | {big} | {r['compile_s']} |")
     if note:
         parts += ["", note]
@@ -492,10 +507,10 @@ def render_section(lines: list[dict], note: str = "") -> str:
 
 def write_results(lines: list[dict], note: str = "", path: str = RESULTS) -> None:
     """Merge `lines` into the section (a line with the same recipe, overrides, topology, batch, C and
-    precision is replaced) and write it."""
+    precision is replaced) and write it; without a `note`, the section's present prose stays."""
     merged = {_key(l): l for l in existing_lines(path)}
     merged.update({_key(l): l for l in lines})
-    results_md.write_section(render_section(list(merged.values()), note), path)
+    results_md.write_section(render_section(list(merged.values()), note or existing_note(path)), path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from bench import aot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_NO_LIBTPU = 3
 GIB = 2 ** 30
@@ -73,3 +75,22 @@ def test_impossible_batch_reports_fits_false_and_a_nonzero_status(tiny_v5e):
     assert "does not fit v5e:2x2" in proc.stderr and "per-chip batch 100000" in proc.stderr
     assert f"{16 * GIB:,} bytes" in proc.stderr
     assert search["kind"] == "aot_search" and search["largest_fitting_per_chip_batch"] == 8
+
+
+def test_results_section_keeps_its_prose_and_shows_flops_per_image(tmp_path):
+    """--write-results merges a line into bench/RESULTS.md's section: the prose under the table stays
+    when the new run brings no --note, and GFLOP/image (FLOPs per chip and step over the per-chip batch)
+    shows where XLA rematerialises."""
+    path = str(tmp_path / "RESULTS.md")
+    open(path, "w").write("# Benchmark results\n\n## Other\n\nkept\n")
+    line = {"kind": "aot", "recipe": "configs/x.py", "overrides": [], "task": "finetune", "topology": "v5e:2x2",
+            "chips": 4, "precision": "bfloat16", "global_batch": 32, "per_chip_batch": 8, "num_classes": 30,
+            "hbm_bytes": 16 * GIB, "fits": True, "param_bytes_per_chip": 2 ** 20, "largest_unsplit": [],
+            "per_chip_bytes": GIB, "flops_per_chip_step": 8e12, "compile_s": 1.0}
+    aot.write_results([line], note="Read this first.", path=path)
+    aot.write_results([dict(line, global_batch=64, per_chip_batch=16, flops_per_chip_step=2e13)], path=path)
+    text = open(path).read()
+    assert text.count("Read this first.") == 1 and "## Other\n\nkept" in text
+    rows = [l for l in text.splitlines() if l.startswith("| configs/x.py")]
+    assert [r.split(" | ")[11] for r in rows] == ["1000.0", "1250.0"]  # 8e12 / 8, 2e13 / 16 (GFLOP)
+    assert aot.existing_note(path) == "Read this first."
