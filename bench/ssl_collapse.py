@@ -43,17 +43,38 @@ VARIANTS = {
                     {"dino.warmup_teacher_temp_epochs": "half"}),
     "center_m=0.99": ("centre momentum 0.99 instead of 0.9", {"dino.center_momentum": 0.99}),
     "views": ("8 local views instead of 4", {"data.lafs.local_views": 8}),
+    "lr_x10": ("peak lr 1e-2 x 24/256 = 9.4e-4 instead of 1e-3 x 24/256 = 9.4e-5 (DINO's linear scaling rule)",
+               {"optim.lr": 1e-2}),
+    "lr_x20": ("peak lr 2e-2 x 24/256 = 1.9e-3 (about the fine-tuning's 2e-3)", {"optim.lr": 2e-2}),
     "head_lr=0.1": ("the DINO head at 0.1 x the lr", {"optim.lr_mults": (("^head/", 0.1),)}),
     "sinkhorn": ("Sinkhorn-Knopp centring (DINOv2) instead of the running centre", {"dino.centering": "sinkhorn"}),
     "teacher_m=0.999": ("teacher EMA momentum 0.999 instead of 0.996", {"dino.teacher_momentum": 0.999}),
+    "teacher_m=0.99": ("teacher EMA momentum 0.99 instead of 0.996 (cosine to 1 at the end, as always)",
+                       {"dino.teacher_momentum": 0.99}),
+    "teacher_m=0.9": ("teacher EMA momentum 0.9 instead of 0.996", {"dino.teacher_momentum": 0.9}),
     "teacher_temp=0.02": ("teacher temperature 0.07 -> 0.02 instead of 0.07 -> 0.04 (sharper targets)",
                           {"dino.teacher_temp": 0.02}),
     "teacher_temp=0.01": ("teacher temperature 0.07 -> 0.01", {"dino.teacher_temp": 0.01}),
     "koleo=0.1": ("KoLeo regulariser, weight 0.1 (DINOv2)", {"dino.koleo_weight": 0.1}),
     "koleo=0.5": ("KoLeo regulariser, weight 0.5", {"dino.koleo_weight": 0.5}),
+    # a diagnostic, not SSL: the positives carry identity (the labels pick them), every loss setting the demo's
+    "identity_pairs": ("diagnostic, reads the labels: global view 2 and half the local views from another image "
+                       "of the same person", {"data.ssl_positives": "identity"}),
 }
 UNTRAINED = "untrained"  # reference row: the randomly initialised ViT, no pretraining
 DINO_VIEW_KEY = {"data.lafs.local_views": "data.dino.local_crops"}  # the DINO-face name of a LAFS setting
+
+
+def variant_overrides(name: str) -> dict:
+    """{config path: value} of a variant, or of 'a+b' (the changes of a and b together)."""
+    out = {}
+    for part in name.split("+"):
+        out.update(VARIANTS[part][1])
+    return out
+
+
+def variant_change(name: str) -> str:
+    return "; ".join(VARIANTS[part][0] for part in name.split("+"))
 
 
 def variant_config(method: str, name: str, demo_workdir: str, epochs: int, seed: int) -> ml_collections.ConfigDict:
@@ -61,7 +82,7 @@ def variant_config(method: str, name: str, demo_workdir: str, epochs: int, seed:
     c = demo.stage_configs(demo_config.get_config(), demo_workdir, seed)[f"pretrain_{method}"]
     c = ml_collections.ConfigDict(c.to_dict())
     c.optim.epochs = epochs
-    for path, value in VARIANTS[name][1].items():
+    for path, value in variant_overrides(name).items():
         if method == "dino":
             path = DINO_VIEW_KEY.get(path, path)
         if value == "half":
@@ -121,7 +142,7 @@ def run_variant(method: str, name: str, args) -> dict:
     near = [r["step"] for r in rows[lowest:] if r["loss"] >= 0.95 * log_k]  # back near ln K after its low
     report = teacher_report(method, os.path.join(workdir, pretrain.TEACHER_BACKBONE_DIR), c.model, args)
     last = rows[-1]
-    return {"method": method, "variant": name, "change": VARIANTS[name][0], "epochs": args.epochs,
+    return {"method": method, "variant": name, "change": variant_change(name), "epochs": args.epochs,
             "steps": last["step"], "final_loss": last["loss"], "ln_k": log_k,
             "min_loss": min(r["loss"] for r in rows), "first_step_near_ln_k": near[0] if near else None,
             "teacher_entropy": last.get("teacher_entropy"), "teacher_batch_entropy": last.get("teacher_batch_entropy"),
@@ -169,13 +190,13 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="lafs", choices=("lafs", "dino"))
     p.add_argument("--epochs", type=int, default=30, help="pretraining epochs per variant (10 steps each)")
     p.add_argument("--variants", default=",".join([UNTRAINED, *VARIANTS]),
-                   help=f"comma-separated subset of {[UNTRAINED, *VARIANTS]}")
+                   help=f"comma-separated subset of {[UNTRAINED, *VARIANTS]}; 'a+b' combines two")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/ssl_collapse", help="one pretraining folder per variant")
     p.add_argument("--write-results", action="store_true", help="write bench/RESULTS.md's section and the plot")
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS and v != UNTRAINED]
+    unknown = [v for v in names if v != UNTRAINED and any(part not in VARIANTS for part in v.split("+"))]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     args.demo_workdir = os.path.abspath(args.demo_workdir)
@@ -188,7 +209,8 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         plot(results, os.path.join(args.out, "ssl_collapse.png"))
         command = "python -m bench.ssl_collapse " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_section("## SSL collapse on ORL\n\n" + markdown(results, command))
+        title = "## SSL collapse on ORL" + ("" if args.method == "lafs" else ", DINO-face")
+        write_section(f"{title}\n\n" + markdown(results, command))
     return 0
 
 
