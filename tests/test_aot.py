@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from bench import aot
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_NO_LIBTPU = 3
 GIB = 2 ** 30
@@ -80,17 +78,21 @@ def test_impossible_batch_reports_fits_false_and_a_nonzero_status(tiny_v5e):
 def test_results_section_keeps_its_prose_and_shows_flops_per_image(tmp_path):
     """--write-results merges a line into bench/RESULTS.md's section: the prose under the table stays
     when the new run brings no --note, and GFLOP/image (FLOPs per chip and step over the per-chip batch)
-    shows where XLA rematerialises."""
+    shows where XLA rematerialises. (bench.aot's writer, run in a subprocess as the benchmarks run.)"""
     path = str(tmp_path / "RESULTS.md")
     open(path, "w").write("# Benchmark results\n\n## Other\n\nkept\n")
     line = {"kind": "aot", "recipe": "configs/x.py", "overrides": [], "task": "finetune", "topology": "v5e:2x2",
             "chips": 4, "precision": "bfloat16", "global_batch": 32, "per_chip_batch": 8, "num_classes": 30,
             "hbm_bytes": 16 * GIB, "fits": True, "param_bytes_per_chip": 2 ** 20, "largest_unsplit": [],
             "per_chip_bytes": GIB, "flops_per_chip_step": 8e12, "compile_s": 1.0}
-    aot.write_results([line], note="Read this first.", path=path)
-    aot.write_results([dict(line, global_batch=64, per_chip_batch=16, flops_per_chip_step=2e13)], path=path)
+    bigger = dict(line, global_batch=64, per_chip_batch=16, flops_per_chip_step=2e13)
+    script = (f"import json; from bench import aot; p = {path!r}; "
+              f"aot.write_results([json.loads({json.dumps(line)!r})], note='Read this first.', path=p); "
+              f"aot.write_results([json.loads({json.dumps(bigger)!r})], path=p); print(json.dumps(aot.existing_note(p)))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == "Read this first."
     text = open(path).read()
     assert text.count("Read this first.") == 1 and "## Other\n\nkept" in text
     rows = [l for l in text.splitlines() if l.startswith("| configs/x.py")]
     assert [r.split(" | ")[11] for r in rows] == ["1000.0", "1250.0"]  # 8e12 / 8, 2e13 / 16 (GFLOP)
-    assert aot.existing_note(path) == "Read this first."
