@@ -188,6 +188,9 @@ def validate_data_config(dc: ml_collections.ConfigDict) -> None:
                          ("dino.local_crops", 0), ("lafs.view_size", 1), ("lafs.global_views", 1),
                          ("lafs.local_views", 0)):
         _check_int(dc, key, minimum)
+    if dc.ssl_positives != "views" and dc.augment_on == "device":
+        raise ConfigError(f"config.data.ssl_positives={dc.ssl_positives!r} needs config.data.augment_on='host' "
+                          f"(its views are made on the host)")
     skip = _get(dc, "max_skip_fraction")
     if not (isinstance(skip, (int, float)) and 0.0 <= skip <= 1.0):
         raise _err("max_skip_fraction", skip, "a fraction in [0, 1]")
@@ -429,18 +432,11 @@ def _ssl_positives(augment: grain.transforms.RandomMap, source, dc) -> grain.tra
     return A.SameIdentityViews(augment, source)
 
 
-def _check_ssl_positives_host(dc) -> None:
-    if dc.ssl_positives != "views" and dc.augment_on == "device":
-        raise ConfigError(f"config.data.ssl_positives={dc.ssl_positives!r} needs config.data.augment_on='host' "
-                          f"(its views are made on the host)")
-
-
 def dino_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
     """DINO multi-crop batches {'global': f32 [B,G,Sg,Sg,3], 'local': f32 [B,L,Sl,Sl,3], 'label': i32 [B]}
     (augment_on='device': decoded {'image': uint8 [B,H,W,3], 'index', 'label'})."""
     validate_data_config(dc)
-    _check_ssl_positives_host(dc)
     if dc.augment_on == "device":
         return _train_iterator(source, dc, None, DecodedCollate(), batch_size=batch_size, seed=seed,
                                num_epochs=num_epochs, process_index=process_index, process_count=process_count)
@@ -458,7 +454,6 @@ def lafs_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int | No
     f32 [B,L,S,S,3], 'label': i32 [B]}; clean/aug of a view share the geometric crop
     (augment_on='device': decoded {'image': uint8 [B,H,W,3], 'index', 'label'})."""
     validate_data_config(dc)
-    _check_ssl_positives_host(dc)
     if dc.augment_on == "device":
         return _train_iterator(source, dc, None, DecodedCollate(), batch_size=batch_size, seed=seed,
                                num_epochs=num_epochs, process_index=process_index, process_count=process_count)
