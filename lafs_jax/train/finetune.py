@@ -458,7 +458,7 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, base_key: jax.Arr
                                                          key, reg_weight)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics["param_norm"] = optax.global_norm(params)  # of the state this step hands on (divergence check)
+        metrics["param_norm"] = optax.tree.norm(params)  # of the state this step hands on (divergence check)
         hyper = optim.current_hyperparams(opt_state)
         if "learning_rate" in hyper:
             metrics["learning_rate"] = hyper["learning_rate"]

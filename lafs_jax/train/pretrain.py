@@ -351,7 +351,7 @@ def make_train_step(networks: Networks, config: ml_collections.ConfigDict, tx: o
         center = dino_lib.update_center(state["center"], teacher_out, d.center_momentum)
         hp = optim_lib.current_hyperparams(opt_state)
         metrics = {"loss": loss, **aux, "teacher_temp": temp, "momentum": m,
-                   "param_norm": optax.global_norm(student),  # of the state this step hands on (divergence check)
+                   "param_norm": optax.tree.norm(student),  # of the state this step hands on (divergence check)
                    "learning_rate": hp["learning_rate"], "weight_decay": hp["weight_decay"]}
         new_state = dict(state, student=student, teacher=teacher, opt_state=opt_state, center=center,
                          step=state["step"] + 1)
