@@ -46,6 +46,12 @@ VARIANTS = {
     "lr_x10": ("peak lr 1e-2 x 24/256 = 9.4e-4 instead of 1e-3 x 24/256 = 9.4e-5 (DINO's linear scaling rule)",
                {"optim.lr": 1e-2}),
     "lr_x20": ("peak lr 2e-2 x 24/256 = 1.9e-3 (about the fine-tuning's 2e-3)", {"optim.lr": 2e-2}),
+    # batch size alone: an 'epoch' stays 10 steps (the schedules, the 300 steps) and the peak lr stays 9.4e-5,
+    # against the linear scaling rule, so only the images per step (and per centre update) change
+    "batch=50": ("50 images per step instead of 24; the same steps and peak lr",
+                 {"batch_size": 50, "steps_per_epoch": 10, "optim.lr": 1e-3 * 24 / 50}),
+    "batch=125": ("125 images per step (half the training set); the same steps and peak lr",
+                  {"batch_size": 125, "steps_per_epoch": 10, "optim.lr": 1e-3 * 24 / 125}),
     "head_lr=0.1": ("the DINO head at 0.1 x the lr", {"optim.lr_mults": (("^head/", 0.1),)}),
     "sinkhorn": ("Sinkhorn-Knopp centring (DINOv2) instead of the running centre", {"dino.centering": "sinkhorn"}),
     "teacher_m=0.999": ("teacher EMA momentum 0.999 instead of 0.996", {"dino.teacher_momentum": 0.999}),
