@@ -468,6 +468,58 @@ def _gib(b) -> str:
     return "?" if b is None else f"{b / GIB:.2f}"
 
 
+def batch_search(lines: list[dict]) -> list[dict]:
+    """Per (recipe, overrides, topology, C, precision), in first-seen order: the per-chip batches compiled,
+    the largest that fits, the smallest that does not, and GFLOP/image at the smallest batch and at the
+    largest fitting one (their ratio is what XLA's rematerialisation costs)."""
+    groups: dict[tuple, list[dict]] = {}
+    for line in lines:
+        key = _key(line)
+        groups.setdefault(key[:3] + key[4:], []).append(line)  # all but the batch
+    out = []
+    for rows in groups.values():
+        rows = sorted(rows, key=lambda r: r["per_chip_batch"])
+        fit = [r for r in rows if r["fits"]]
+        no_fit = [r for r in rows if not r["fits"]]
+        per_image = lambda r: (None if r.get("flops_per_chip_step") is None
+                               else r["flops_per_chip_step"] / r["per_chip_batch"] / 1e9)
+        out.append({"first": rows[0], "batches": [(r["per_chip_batch"], bool(r["fits"])) for r in rows],
+                    "largest_fitting": fit[-1]["per_chip_batch"] if fit else None,
+                    "smallest_not_fitting": no_fit[0]["per_chip_batch"] if no_fit else None,
+                    "gflop_per_image_smallest": per_image(rows[0]),
+                    "gflop_per_image_largest_fitting": per_image(fit[-1]) if fit else None})
+    return out
+
+
+def _bracket(s: dict) -> str:
+    """'48-55' (48 fits, 56 does not), '>= 128' (nothing larger compiled) or '< 32' (nothing fits)."""
+    big, small = s["largest_fitting"], s["smallest_not_fitting"]
+    if big is None:
+        return f"< {small}"
+    if small is None:
+        return f">= {big}"
+    if small < big:  # not monotone (should not happen; shown rather than hidden)
+        return f"{big} fits, {small} does not"
+    return f"{big}" if small == big + 1 else f"{big}-{small - 1}"
+
+
+def render_search(lines: list[dict]) -> list[str]:
+    """The 'largest per-chip batch' table of the section."""
+    parts = ["Largest per-chip batch that fits, from the compiles below ('48-55': 48 fits, 56 does not; '>= 128': "
+             "nothing larger compiled). GFLOP/image rises from the smallest batch to the largest fitting one "
+             "where XLA rematerialises to stay in HBM.", "",
+             "| recipe | overrides | topology | C | per-chip batches compiled (fits) | largest per-chip batch | "
+             "GFLOP/image, smallest -> largest fitting |", "|---|---|---|---|---|---|---|"]
+    fmt = lambda x: "-" if x is None else f"{x:.1f}"
+    for s in batch_search(lines):
+        r = s["first"]
+        compiled = ", ".join(f"{b}{'' if ok else ' (no)'}" for b, ok in s["batches"])
+        parts.append(f"| {r['recipe']} | {' '.join(o.replace('--config.', '') for o in r['overrides']) or '-'} | "
+                     f"{r['topology']} | {_classes(r)} | {compiled} | {_bracket(s)} | "
+                     f"{fmt(s['gflop_per_image_smallest'])} -> {fmt(s['gflop_per_image_largest_fitting'])} |")
+    return parts
+
+
 def render_section(lines: list[dict], note: str = "") -> str:
     parts = [SECTION, "",
              "XLA's TPU compiler (libtpu from requirements-tpu-aot.txt) on this CPU-only machine, for abstract "
@@ -476,6 +528,8 @@ def render_section(lines: list[dict], note: str = "") -> str:
              "FLOPs from its cost analysis. Compile times are on this 2-core machine shared with other jobs.", "",
              "```", "python -m bench.aot --config RECIPE --topology TOPOLOGY [--num-classes N] "
                     "[--per-chip-batch B,...] [--config.x=y] --write-results", "```", "",
+             *render_search(lines), "",
+             "Every compile:", "",
              "| recipe | overrides | topology | chips | C | global batch | per-chip batch | per-chip GiB | HBM GiB | "
              "fits | TFLOP/chip/step | GFLOP/image | params MiB/chip | W + state MiB/chip (split) | largest unsplit | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -94,5 +94,32 @@ def test_results_section_keeps_its_prose_and_shows_flops_per_image(tmp_path):
     assert json.loads(proc.stdout.splitlines()[-1]) == "Read this first."
     text = open(path).read()
     assert text.count("Read this first.") == 1 and "## Other\n\nkept" in text
-    rows = [l for l in text.splitlines() if l.startswith("| configs/x.py")]
+    rows = [l for l in text.split("Every compile:")[1].splitlines() if l.startswith("| configs/x.py")]
     assert [r.split(" | ")[11] for r in rows] == ["1000.0", "1250.0"]  # 8e12 / 8, 2e13 / 16 (GFLOP)
+
+
+def test_results_section_brackets_the_largest_per_chip_batch(tmp_path):
+    """The section's first table gives, per recipe / overrides / topology / C, the batches compiled and
+    the largest per-chip batch that fits: a bracket when a larger one did not, '>=' when none larger was
+    compiled, '<' when none fits; with GFLOP/image at the smallest and the largest fitting batch."""
+    path = str(tmp_path / "RESULTS.md")
+    base = {"kind": "aot", "recipe": "configs/x.py", "overrides": [], "task": "pretrain", "topology": "v5e:2x4",
+            "chips": 8, "precision": "bfloat16", "hbm_bytes": 16 * GIB, "param_bytes_per_chip": 2 ** 20,
+            "largest_unsplit": [], "per_chip_bytes": GIB, "compile_s": 1.0}
+    lines = [dict(base, global_batch=8 * b, per_chip_batch=b, fits=fits, flops_per_chip_step=f * b * 1e9)
+             for b, fits, f in [(48, True, 350.0), (32, True, 350.0), (56, False, 364.0), (52, True, 353.5)]]
+    lines.append(dict(base, topology="v5e:4x4", chips=16, global_batch=16 * 64, per_chip_batch=64, fits=True,
+                      flops_per_chip_step=64 * 88.8e9))
+    lines.append(dict(base, overrides=["--config.x=1"], global_batch=8 * 32, per_chip_batch=32, fits=False,
+                      flops_per_chip_step=None))
+    script = (f"import json; from bench import aot; "
+              f"aot.write_results(json.loads({json.dumps(json.dumps(lines))}), path={path!r})")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    search = open(path).read().split("Every compile:")[0]
+    rows = [[c.strip() for c in l.split("|")[1:-1]] for l in search.splitlines() if l.startswith("| configs/x.py")]
+    assert rows == [
+        ["configs/x.py", "-", "v5e:2x4", "-", "32, 48, 52, 56 (no)", "52-55", "350.0 -> 353.5"],
+        ["configs/x.py", "-", "v5e:4x4", "-", "64", ">= 64", "88.8 -> 88.8"],
+        ["configs/x.py", "x=1", "v5e:2x4", "-", "32 (no)", "< 32", "- -> -"],
+    ]
