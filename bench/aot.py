@@ -431,9 +431,20 @@ def run_child(args) -> int:
 # RESULTS.md
 # ----------------------------------------------------------------------------------------------
 
+def _setting(line: dict) -> tuple:
+    """What a compile measured, but for its batch: recipe, overrides, topology, C, precision."""
+    return (line["recipe"], tuple(line["overrides"]), line["topology"], line.get("num_classes"), line["precision"])
+
+
 def _key(line: dict) -> tuple:
-    return (line["recipe"], tuple(line["overrides"]), line["topology"], line["global_batch"],
-            line.get("num_classes"), line["precision"])
+    """One compile: its setting and global batch (a new line with the same key replaces the old one)."""
+    return _setting(line) + (line["global_batch"],)
+
+
+def _gflop_per_image(line: dict) -> float | None:
+    """FLOPs per chip and step over the per-chip batch, in GFLOP; rises where XLA rematerialises."""
+    flops = line.get("flops_per_chip_step")
+    return None if flops is None else flops / line["per_chip_batch"] / 1e9
 
 
 def existing_lines(path: str = RESULTS) -> list[dict]:
@@ -479,15 +490,13 @@ def batch_search(lines: list[dict]) -> list[dict]:
     smallest batch and at the largest fitting one."""
     groups: dict[tuple, list[dict]] = {}
     for line in lines:
-        key = _key(line)
-        groups.setdefault(key[:3] + key[4:], []).append(line)  # all but the batch
+        groups.setdefault(_setting(line), []).append(line)
     out = []
     for rows in groups.values():
         rows = sorted(rows, key=lambda r: r["per_chip_batch"])
         fit = [r for r in rows if r["fits"]]
         no_fit = [r for r in rows if not r["fits"]]
-        per_image = lambda r: (None if r.get("flops_per_chip_step") is None
-                               else r["flops_per_chip_step"] / r["per_chip_batch"] / 1e9)
+        per_image = _gflop_per_image
         costs = [per_image(r) for r in fit if per_image(r) is not None]
         # one fitting batch alone cannot show whether it rematerialises
         lean = [r for r in fit if len(costs) > 1 and per_image(r) is not None
@@ -556,14 +565,13 @@ def render_section(lines: list[dict], note: str = "") -> str:
             big = f"`…/{short}` {unsplit['bytes'] / 2 ** 20:,.1f} MiB"
             if "unsplit_bytes_per_chip" in r:
                 big += f" (all unsplit: {r['unsplit_bytes_per_chip'] / 2 ** 20:,.0f} MiB)"
-        flops = r.get("flops_per_chip_step")
-        per_image = "-" if flops is None else f"{flops / r['per_chip_batch'] / 1e9:.1f}"  # rises where XLA rematerialises
+        flops, per_image = r.get("flops_per_chip_step"), _gflop_per_image(r)
         parts.append(
             f"| {r['recipe']} | {' '.join(o.replace('--config.', '') for o in r['overrides']) or '-'} | "
             f"{r['topology']} | {r['chips']} | {_classes(r)} | "
             f"{r['global_batch']} | {r['per_chip_batch']} | {_gib(r['per_chip_bytes'])} | {r['hbm_bytes'] / GIB:.0f} | "
             f"{'yes' if r['fits'] else '**no**'} | {'-' if flops is None else f'{flops / 1e12:.2f}'} | "
-            f"{per_image} | "
+            f"{'-' if per_image is None else f'{per_image:.1f}'} | "
             f"{r['param_bytes_per_chip'] / 2 ** 20:,.1f} | {w} | {big} | {r['compile_s']} |")
     if note:
         parts += ["", note]
