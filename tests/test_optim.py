@@ -559,3 +559,329 @@ def test_optim_config_presets_have_same_fields_and_validate():
         0.04, 0.4, "per_tensor", 3.0, 1)
     with pytest.raises(ValueError, match="preset"):
         optim.optim_config("other")
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizers by name (sgd, lars, lamb) and the step schedule
+# ---------------------------------------------------------------------------------------------
+
+def small_params(key=0):
+    """Kernels, biases, a norm scale, and an all-zero kernel (its ||p|| = 0 hits the trust ratio's 1)."""
+    rng = np.random.default_rng(key)
+
+    def r(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    return {"conv": {"kernel": r(3, 3, 2, 4), "bias": r(4)}, "bn": {"scale": 1 + r(4), "bias": r(4)},
+            "dense": {"kernel": r(4, 5), "bias": r(5)}, "zero": {"kernel": jnp.zeros((5, 3), jnp.float32)},
+            "head": {"kernel": r(5, 3)}}
+
+
+def flat_np(tree, dtype=np.float64):
+    return {path_str(kp): np.asarray(v, dtype) for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_from(flat, like):
+    return jax.tree_util.tree_unflatten(jax.tree.structure(like), [
+        jnp.asarray(flat[path_str(kp)], jnp.float32) for kp, _ in jax.tree_util.tree_flatten_with_path(like)[0]])
+
+
+def assert_moves_close(got, want, start, rtol, err_msg=""):
+    """got - start == want - start to rtol, with an absolute slack of a few float32 ulps of the parameter
+    (the float32 parameters carry the movement) and 1e-6 of the largest movement."""
+    move = want - start
+    atol = max(8 * np.finfo(np.float32).eps * np.abs(start).max(), 1e-6 * np.abs(move).max(), 1e-12)
+    np.testing.assert_allclose(got - start, move, rtol=rtol, atol=atol, err_msg=err_msg)
+
+
+def named_cfg(name, **fields):
+    cfg = optim.optim_config("finetune")
+    cfg.name = name
+    cfg.update(fields)
+    return cfg
+
+
+def excluded(path, value):
+    """BYOL / LEWEL's exclude_bias_and_bn: biases and 1-D tensors get neither weight decay nor trust ratio."""
+    return path.endswith("bias") or np.ndim(value) < 2
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(0.9, False), (0.9, True), (0.0, False)])
+def test_sgd_equals_torch_sgd_param_groups(momentum, nesterov):
+    """name='sgd': per tensor torch.optim.SGD with lr = lr(t) x lr factor and weight_decay = wd(t) x wd factor;
+    a tensor with lr factor None gets no gradient in torch (no step, no decay)."""
+    params = small_params()
+    lr_mults = [("^dense/", 0.5), ("^bn/bias$", None)]
+    wd_mults = [*optim.no_decay_mults(params), ("^head/", 2.0), ("", 1.0)]
+    lr_s, wd_s = optax.linear_schedule(0.1, 0.02, 5), optax.linear_schedule(0.05, 0.01, 5)
+    tx = optim.make(params, named_cfg("sgd", momentum=momentum, nesterov=nesterov), learning_rate=lr_s,
+                    weight_decay=wd_s, lr_mults=lr_mults, wd_mults=wd_mults)
+    state, update = tx.init(params), jax.jit(tx.update)
+
+    p0 = flat_np(params)
+    lr_f, wd_f = optim.match_mults(params, lr_mults, 1.0), optim.match_mults(params, wd_mults, 0.0)
+    tensors = {p: torch.nn.Parameter(torch.tensor(v)) for p, v in p0.items()}
+    groups = [{"params": [t], "name": p} for p, t in tensors.items() if lr_f[p] is not None]
+    topt = torch.optim.SGD(groups, lr=0.1, momentum=momentum, nesterov=nesterov)
+    rng = np.random.default_rng(3)
+    for t in range(5):
+        grads = {p: rng.normal(size=v.shape) for p, v in p0.items()}
+        updates, state = update(tree_from(grads, params), state, params)
+        params = optax.apply_updates(params, updates)
+        for g in topt.param_groups:
+            g["lr"] = float(lr_s(t)) * lr_f[g["name"]]
+            g["weight_decay"] = float(wd_s(t)) * wd_f[g["name"]]
+        for p, tt in tensors.items():
+            tt.grad = torch.tensor(grads[p]) if lr_f[p] is not None else None
+        topt.step()
+    got = flat_np(params)
+    for p, tt in tensors.items():
+        assert_moves_close(got[p], tt.detach().numpy(), p0[p], rtol=1e-5, err_msg=p)
+    np.testing.assert_array_equal(got["bn/bias"], p0["bn/bias"].astype(np.float32))
+    assert np.abs(got["dense/kernel"] - p0["dense/kernel"]).max() > 1e-2
+
+
+def numpy_byol_lars(p, g, mu, *, lr, wd, trust_coefficient, momentum, skip_adaptation):
+    """One step of BYOL's LARS on one tensor (float64): weight decay and trust ratio unless skipped,
+    momentum on the lr-free update, then the lr."""
+    u = g
+    if not skip_adaptation:
+        u = g + wd * p
+        p_norm, u_norm = np.linalg.norm(p), np.linalg.norm(u)
+        u = u * (trust_coefficient * p_norm / u_norm if p_norm > 0 and u_norm > 0 else 1.0)
+    mu = momentum * mu + u
+    return p - lr * mu, mu
+
+
+def test_pretrain_optimizer_lars_equals_numpy_byol_lars():
+    """cfg.name='lars' through pretrain_optimizer: warmup + cosine lr, cosine weight decay, biases / 1-D tensors
+    excluded from decay and trust ratio, lr factor 0.5 on one layer, one tensor frozen by lr_mults (never
+    moves) and the last layer frozen in epoch 0 (no move, momentum not advanced). The all-zero kernel
+    gets zero gradients in the first step (0 / 0 norms: ratio 1, no NaN) and then moves with ratio 1."""
+    steps_per_epoch, n_steps = 3, 8
+    cfg = optim.optim_config("pretrain")
+    cfg.name, cfg.clip_mode, cfg.epochs, cfg.warmup_epochs, cfg.lr = "lars", "none", 4, 1.0, 2.0
+    cfg.lr_mults = (("^head/dense_0/", 0.5), ("^backbone/head_norm/bias$", None))
+    params = student_like_params()
+    params["head"]["zero_proj"] = {"kernel": jnp.zeros((8, 4), jnp.float32)}
+    tx = optim.pretrain_optimizer(params, cfg, steps_per_epoch, global_batch_size=512)  # peak 4.0
+    state, update = tx.init(params), jax.jit(tx.update)
+
+    total, warmup, peak = cfg.epochs * steps_per_epoch, steps_per_epoch, 4.0
+    wd_table = dino_cosine_table(cfg.weight_decay, cfg.weight_decay_end, total)
+    p0 = flat_np(params)
+    ref, mu = dict(p0), {p: np.zeros_like(v) for p, v in p0.items()}
+    lr_f = {p: 0.5 if p.startswith("head/dense_0/") else 1.0 for p in p0}
+    rng = np.random.default_rng(4)
+    history = []
+    for it in range(n_steps):
+        grads = {p: rng.normal(size=v.shape) for p, v in p0.items()}
+        if it == 0:
+            grads["head/zero_proj/kernel"] = np.zeros_like(grads["head/zero_proj/kernel"])
+        updates, state = update(tree_from(grads, params), state, params)
+        params = optax.apply_updates(params, updates)
+        history.append(np.asarray(params["head"]["last_layer"]["kernel"]))
+        assert float(optim.current_hyperparams(state)["weight_decay"]) == pytest.approx(wd_table[it], rel=1e-5)
+        lr = hand_warmup_cosine(it, peak, total, warmup, cfg.min_lr)
+        for p in p0:
+            if p == "backbone/head_norm/bias" or (p == "head/last_layer/kernel" and it < steps_per_epoch):
+                continue
+            ref[p], mu[p] = numpy_byol_lars(ref[p], grads[p], mu[p], lr=lr * lr_f[p], wd=wd_table[it],
+                                            trust_coefficient=0.001, momentum=0.9,
+                                            skip_adaptation=excluded(p, p0[p]))
+    got = flat_np(params)
+    assert all(np.isfinite(v).all() for v in got.values())
+    for p in p0:
+        assert_moves_close(got[p], ref[p], p0[p], rtol=1e-4, err_msg=p)
+    np.testing.assert_array_equal(got["backbone/head_norm/bias"], p0["backbone/head_norm/bias"].astype(np.float32))
+    for it in range(steps_per_epoch):
+        np.testing.assert_array_equal(history[it], p0["head/last_layer/kernel"].astype(np.float32))
+    assert np.abs(history[steps_per_epoch] - history[steps_per_epoch - 1]).max() > 0
+    # the trust ratio acts: a kernel moves ~ lr x 1e-3 x ||p|| per step, a bias ~ lr x |g|
+    rel = lambda p: np.linalg.norm(got[p] - p0[p]) / np.linalg.norm(p0[p])  # noqa: E731
+    assert rel("backbone/encoder/block_0/mlp/fc1/kernel") < 0.1 < rel("backbone/encoder/block_0/mlp/fc1/bias")
+    assert np.abs(got["head/zero_proj/kernel"]).max() > 0
+
+
+def test_lars_equals_optax_lars_with_masks():
+    """Constant lr: name='lars' equals optax.lars with the no-decay tensors masked out of both the weight
+    decay and the trust ratio (optax.lars traces after the lr, equal for a constant lr)."""
+    params = small_params(1)
+    wd_mults = [*optim.no_decay_mults(params), ("", 1.0)]
+    tx = optim.make(params, named_cfg("lars", trust_coefficient=0.02, momentum=0.8), learning_rate=0.5,
+                    weight_decay=0.01, wd_mults=wd_mults)
+    mask = jax.tree_util.tree_map_with_path(lambda kp, v: not excluded(path_str(kp), v), params)
+    ref_tx = optax.lars(0.5, weight_decay=0.01, weight_decay_mask=mask, trust_coefficient=0.02,
+                        trust_ratio_mask=mask, momentum=0.8)
+    p, q, s, r = params, params, tx.init(params), ref_tx.init(params)
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        g = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), jnp.float32), params)
+        u, s = tx.update(g, s, p)
+        v, r = ref_tx.update(g, r, q)
+        p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
+    got, want, p0 = flat_np(p), flat_np(q), flat_np(params)
+    for k in p0:
+        assert_moves_close(got[k], want[k], p0[k], rtol=1e-5, err_msg=k)
+
+
+def test_lamb_equals_optax_lamb_and_adam():
+    """name='lamb': decayed tensors equal optax.lamb (Adam moments, + wd p, ||p|| / ||u||); the no-decay
+    tensors (biases, norm scale) get neither decay nor trust ratio, i.e. plain Adam (optax.adam)."""
+    params = small_params(2)
+    wd_mults = [*optim.no_decay_mults(params), ("", 1.0)]
+    b1, b2, eps, lr, wd = 0.8, 0.99, 1e-6, 0.01, 0.05
+    tx = optim.make(params, named_cfg("lamb", b1=b1, b2=b2, eps=eps), learning_rate=lr, weight_decay=wd,
+                    wd_mults=wd_mults)
+    mask = jax.tree_util.tree_map_with_path(lambda kp, v: not excluded(path_str(kp), v), params)
+    refs = {"lamb": optax.lamb(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=mask),
+            "adam": optax.adam(lr, b1=b1, b2=b2, eps=eps)}
+    p, s = params, tx.init(params)
+    q = {k: params for k in refs}
+    r = {k: t.init(params) for k, t in refs.items()}
+    rng = np.random.default_rng(6)
+    for _ in range(4):
+        g = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), jnp.float32), params)
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        for k, t in refs.items():
+            v, r[k] = t.update(g, r[k], q[k])
+            q[k] = optax.apply_updates(q[k], v)
+    got, p0 = flat_np(p), flat_np(params)
+    want = {k: flat_np(v) for k, v in q.items()}
+    for k in p0:
+        assert_moves_close(got[k], want["adam" if excluded(k, p0[k]) else "lamb"][k], p0[k], rtol=1e-5, err_msg=k)
+    # the trust ratio acts on the decayed kernels: one lamb step moves ||p|| x lr, an Adam step ~ lr per entry
+    k = "dense/kernel"
+    assert not np.allclose(want["lamb"][k], want["adam"][k], rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_every_name_applies_lr_factors_and_freezing(name):
+    """For each update rule: lr factor 0.5 halves the first update exactly; lr factor None never moves;
+    frozen_until N gives zero updates for N updates and then the first update of an unfrozen optimizer
+    (state not advanced while frozen)."""
+    params = small_params(3)
+    cfg = named_cfg(name)
+    wd_mults = [*optim.no_decay_mults(params), ("", 1.0)]
+    common = dict(learning_rate=0.05, weight_decay=0.1, wd_mults=wd_mults, frozen_until=[("^head/", 2)])
+    tx_half = optim.make(params, cfg, lr_mults=[("^dense/", 0.5), ("^bn/bias$", None)], **common)
+    tx_one = optim.make(params, cfg, lr_mults=[("^bn/bias$", None)], **common)
+    fresh = optim.make(params, cfg, learning_rate=0.05, weight_decay=0.1, wd_mults=wd_mults)
+    rng = np.random.default_rng(7)
+    grads = [jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), jnp.float32), params) for _ in range(3)]
+    u_half, _ = tx_half.update(grads[0], tx_half.init(params), params)
+    u_one, _ = tx_one.update(grads[0], tx_one.init(params), params)
+    for k in ("kernel", "bias"):
+        np.testing.assert_allclose(np.asarray(u_half["dense"][k]), 0.5 * np.asarray(u_one["dense"][k]), rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(u_half["conv"][k]), np.asarray(u_one["conv"][k]))
+    p, s = params, tx_half.init(params)
+    for t, g in enumerate(grads):
+        u, s = tx_half.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        np.testing.assert_array_equal(np.asarray(p["bn"]["bias"]), np.asarray(params["bn"]["bias"]))
+        if t < 2:
+            np.testing.assert_array_equal(np.asarray(p["head"]["kernel"]), np.asarray(params["head"]["kernel"]))
+    u_fresh, _ = fresh.update(grads[2], fresh.init(params), params)
+    np.testing.assert_allclose(np.asarray(u["head"]["kernel"]), np.asarray(u_fresh["head"]["kernel"]), rtol=1e-6)
+    assert np.abs(np.asarray(u["head"]["kernel"])).max() > 0
+
+
+def test_adamw_wrapper_is_make_with_name_adamw():
+    """`adamw(...)` and `make(params, cfg)` with the default name give bit-identical updates."""
+    params = small_params(4)
+    rules = dict(lr_mults=[("^dense/", 0.5)], wd_mults=[*optim.no_decay_mults(params), ("", 1.0)],
+                 frozen_until=[("^head/", 1)])
+    cfg = optim.optim_config()
+    assert cfg.name == "adamw"
+    cfg.b1, cfg.b2, cfg.eps = 0.8, 0.95, 1e-7
+    a = optim.adamw(params, learning_rate=0.01, weight_decay=0.1, b1=0.8, b2=0.95, eps=1e-7, **rules)
+    b = optim.make(params, cfg, learning_rate=0.01, weight_decay=0.1, **rules)
+    pa, pb, sa, sb = params, params, a.init(params), b.init(params)
+    rng = np.random.default_rng(8)
+    for _ in range(3):
+        g = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), jnp.float32), params)
+        ua, sa = a.update(g, sa, pa)
+        ub, sb = b.update(g, sb, pb)
+        pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), pa, pb)
+
+
+def test_finetune_optimizer_uses_cfg_name_sgd():
+    """finetune_optimizer with name='sgd' (no momentum, no warmup): first update of a tensor with layer id i
+    is -lr x 0.58^(3 - i) x (g + wd x p), of a bias -lr x 0.58^(3 - i) x g."""
+    cfg = optim.optim_config("finetune")
+    cfg.name, cfg.momentum, cfg.epochs, cfg.warmup_epochs, cfg.lr = "sgd", 0.0, 4, 0.0, 1e-2
+    params = part_fvit_like_params(depth=2)
+    tx = optim.finetune_optimizer(params, cfg, 2, centers_tx=optax.sgd(0.5))
+    grads = jax.tree.map(lambda v: jnp.full_like(v, 0.5), params)
+    u, _ = tx.update(grads, tx.init(params), params)
+    kernel = params["backbone"]["vit"]["encoder"]["block_0"]["attention"]["qkv"]["kernel"]
+    want = -1e-2 * 0.58 ** 2 * (0.5 + 0.1 * np.asarray(kernel))
+    np.testing.assert_allclose(np.asarray(u["backbone"]["vit"]["encoder"]["block_0"]["attention"]["qkv"]["kernel"]),
+                               want, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(u["backbone"]["vit"]["encoder"]["block_1"]["mlp"]["fc1"]["bias"]),
+                               -1e-2 * 0.58 * 0.5, rtol=1e-6)
+
+
+# Hand table of warmup_step: epochs 10, warmup 2 epochs, boundaries at epochs 5 and 8, factor 0.1, peak 1e-3,
+# 4 optimizer updates per epoch -> warmup 8 updates, boundaries at updates 20 and 32.
+WARMUP_STEP_TABLE = {0: 0.0, 2: 2.5e-4, 4: 5e-4, 7: 8.75e-4, 8: 1e-3, 19: 1e-3, 20: 1e-4, 31: 1e-4, 32: 1e-5,
+                     40: 1e-5, 1000: 1e-5}
+
+
+@pytest.mark.parametrize("steps_per_epoch,accum_steps", [(4, 1), (8, 2)])
+def test_warmup_step_schedule_table(steps_per_epoch, accum_steps):
+    cfg = optim.optim_config("finetune")
+    cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.accum_steps = 10, 2.0, 1e-3, accum_steps
+    cfg.schedule, cfg.step_boundaries, cfg.step_factor = "warmup_step", (5, 8), 0.1
+    s = optim.schedules(cfg, steps_per_epoch)
+    jitted = jax.jit(s["learning_rate"])
+    for step, want in WARMUP_STEP_TABLE.items():
+        assert float(s["learning_rate"](step)) == pytest.approx(want, rel=1e-6, abs=1e-12), step
+        assert float(jitted(jnp.int32(step))) == pytest.approx(want, rel=1e-6, abs=1e-12), step
+    assert float(s["weight_decay"](25)) == pytest.approx(0.1)
+    cfg.step_boundaries = ()
+    assert float(optim.schedules(cfg, steps_per_epoch)["learning_rate"](500)) == pytest.approx(1e-3)
+
+
+def test_warmup_step_without_warmup_and_repeated_boundaries():
+    sched = optim.warmup_step(1.0, 0, [0, 3, 3], 0.5)  # a boundary at the end of warmup applies there
+    assert [float(sched(s)) for s in (0, 2, 3, 10)] == pytest.approx([0.5, 0.5, 0.125, 0.125])
+    with pytest.raises(ValueError, match="warmup_step"):
+        optim.warmup_step(1.0, 5, [3], 0.1)
+
+
+def test_optimizer_and_schedule_fields_defaults_and_errors():
+    for preset in ("finetune", "pretrain"):
+        c = optim.optim_config(preset)
+        assert (c.name, c.momentum, c.nesterov, c.trust_coefficient) == ("adamw", 0.9, False, 0.001)
+        assert (c.schedule, tuple(c.step_boundaries), c.step_factor) == ("warmup_cosine", (), 0.1)
+    cases = [({"name": "adam"}, r"optim\.name"),
+             ({"schedule": "step"}, r"optim\.schedule"),
+             ({"schedule": "warmup_step", "step_boundaries": (20, 10)}, r"optim\.step_boundaries"),
+             ({"schedule": "warmup_step", "step_boundaries": (10, 10)}, r"optim\.step_boundaries"),
+             ({"schedule": "warmup_step", "step_boundaries": (-1,)}, r"optim\.step_boundaries"),
+             ({"schedule": "warmup_step", "step_boundaries": (3,)}, r"optim\.step_boundaries"),  # < warmup 5
+             ({"schedule": "warmup_step", "step_boundaries": (34,)}, r"optim\.step_boundaries"),  # >= epochs
+             ({"schedule": "warmup_step", "step_boundaries": ("20",)}, r"optim\.step_boundaries"),
+             ({"step_boundaries": (20,)}, r"optim\.step_boundaries.*warmup_step"),
+             ({"step_factor": 0.0}, r"optim\.step_factor"),
+             ({"momentum": 1.0}, r"optim\.momentum"),
+             ({"momentum": -0.1}, r"optim\.momentum"),
+             ({"nesterov": True}, r"optim\.nesterov"),  # with adamw
+             ({"trust_coefficient": 0.0}, r"optim\.trust_coefficient")]
+    params = part_fvit_like_params()
+    for fields, message in cases:
+        cfg = optim.optim_config("finetune")
+        cfg.update(fields)
+        with pytest.raises(ConfigError, match=message):
+            optim.validate_optim_config(cfg)
+        with pytest.raises(ConfigError, match=message):
+            optim.finetune_optimizer(params, cfg, 10, centers_tx=optax.sgd(1.0))
+    ok = optim.optim_config("finetune")
+    ok.update({"name": "sgd", "nesterov": True, "momentum": 0.0, "schedule": "warmup_step",
+               "step_boundaries": (5, 30.5)})
+    optim.validate_optim_config(ok)
+    with pytest.raises(ConfigError, match=r"optim\.name"):
+        optim.make(params, named_cfg("rmsprop"), learning_rate=0.1)

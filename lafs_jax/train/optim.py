@@ -1,22 +1,34 @@
-"""Optimizers and schedules of pretraining and fine-tuning: one config-driven AdamW builder on optax.
+"""Optimizers and schedules of pretraining and fine-tuning: one config-driven builder on optax.
 
-`adamw(params, learning_rate=, weight_decay=, lr_mults=, wd_mults=, frozen_until=, own=, ...)` is
-the one builder (in the manner of big_vision's `optax.make`): every parameter gets an lr factor and a
-weight-decay factor from lists of (regex, factor) rules over its 'a/b/c' path (first match wins;
-lr factor None = frozen: no update, no decay, no Adam state), the leaves are labelled once from the
-params tree, and `optax.partition` gives each distinct (lr factor, wd factor, frozen_until) group one
-chain  scale_by_adam -> + wd(step) x wd_factor x p -> x lr_factor -> x -lr(step),  inside one
-`optax.inject_hyperparams` (so the current lr / weight decay are in the state for logging).
+`make(params, cfg, learning_rate=, weight_decay=, lr_mults=, wd_mults=, frozen_until=, own=, ...)` is
+the one builder (in the manner of big_vision's `optax.make`); `cfg.name` picks the update rule, one
+of OPTIMIZERS, and `adamw(...)` is the same builder with name 'adamw'. Every parameter gets an lr
+factor and a weight-decay factor from lists of (regex, factor) rules over its 'a/b/c' path (first
+match wins; lr factor None = frozen: no update, no decay, no optimizer state), the leaves are
+labelled once from the params tree, and `optax.partition` gives each distinct (lr factor, wd factor,
+frozen_until) group one chain inside one `optax.inject_hyperparams` (so the current lr / weight
+decay are in the state for logging). With f_l, f_w the group's factors and wd(t), lr(t) the schedules:
+- adamw: scale_by_adam -> + wd(t) f_w p -> x f_l -> x -lr(t)   (decoupled, torch.optim.AdamW);
+- sgd:   + wd(t) f_w p -> momentum trace (nesterov option) -> x f_l -> x -lr(t)   (torch.optim.SGD);
+- lars:  + wd(t) f_w p -> x trust_coefficient ||p|| / ||u|| -> momentum trace -> x f_l -> x -lr(t)
+  (BYOL's LARS);
+- lamb:  scale_by_adam -> + wd(t) f_w p -> x ||p|| / ||u|| -> x f_l -> x -lr(t)   (optax.lamb).
+The trust ratios are per tensor, 1 where either norm is 0, and not applied in a group with f_w = 0:
+the no-decay rules (biases, ndim < 2 tensors such as norm scales) exclude a tensor from both weight
+decay and the trust ratio, as LARS' `exclude_bias_and_bn`.
 `finetune_optimizer` and `pretrain_optimizer` are thin wrappers that turn `config.optim` into those
 rules: layer-wise lr decay becomes generated (path, layer_decay^(depth + 1 - layer_id)) pairs, the
 weight-decay groups (no decay for biases and ndim < 2 tensors, landmark_weight_decay on the landmark
 CNN) become wd_mults, DINO's frozen last layer becomes `frozen_until`.
+`schedules(cfg, ...)` gives the lr schedule of `cfg.schedule` (one of SCHEDULES: warmup + cosine, or
+warmup + steps at `step_boundaries` epochs) and the weight-decay schedule.
 
-From optax: `scale_by_adam`, `add_decayed_weights`, `scale`, `scale_by_learning_rate`, `partition`,
-`inject_hyperparams`, `conditionally_mask` (a group frozen for its first N updates: zero update,
-inner state not advanced, so Adam's step count starts at 1 when the freeze ends, as PyTorch's AdamW
-treats the tensor whose gradients DINO drops in epoch 0), `MultiSteps`, `clip_by_global_norm`, the
-schedules, `tree_utils.tree_get_all_with_path` (reading the injected hyperparameters). Written here:
+From optax: `scale_by_adam`, `add_decayed_weights`, `trace`, `scale_by_trust_ratio`, `scale`,
+`scale_by_learning_rate`, `partition`, `inject_hyperparams`, `conditionally_mask` (a group frozen
+for its first N updates: zero update, inner state not advanced, so Adam's step count starts at 1
+when the freeze ends, as PyTorch's AdamW treats the tensor whose gradients DINO drops in epoch 0),
+`MultiSteps`, `clip_by_global_norm`, the schedules, `tree_utils.tree_get_all_with_path` (reading the
+injected hyperparameters). Written here:
 - `clip_per_tensor` (DINO's `utils.clip_gradients`); see its docstring for why no optax transform fits;
 - the layer ids of layer-wise lr decay for (Part) fViT parameter paths, and the path rules.
 
@@ -61,6 +73,9 @@ CENTERS_KEY = "centers"
 
 Schedule = Callable[[Any], jax.Array]
 
+OPTIMIZERS = ("adamw", "lars", "sgd", "lamb")  # values of config.optim.name
+SCHEDULES = ("warmup_cosine", "warmup_step")  # values of config.optim.schedule
+
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -80,6 +95,8 @@ def optim_config(preset: str = "finetune") -> ml_collections.ConfigDict:
     # Length of the schedules in epochs (the training loop trains this many epochs unless it passes
     # total_steps to the builder). Official: 41 pretraining, 34 fine-tuning.
     c.epochs = 41 if pre else 34
+    # Update rule, one of OPTIMIZERS: 'adamw' | 'lars' | 'sgd' | 'lamb' (see the module docstring).
+    c.name = "adamw"
     # Peak learning rate, reached at the end of warmup. With lr_scaling != 'none' this is the value
     # for a global batch of lr_base_batch_size. Official pretraining: 5e-4 x batch/256; official
     # fine-tuning: 2.29e-3 (its formula acc/480*1e-3*sqrt(world*B/336)*336 at 2 GPUs x 200 x acc 3).
@@ -88,8 +105,14 @@ def optim_config(preset: str = "finetune") -> ml_collections.ConfigDict:
     c.lr_base_batch_size = 256  # the reference batch of lr_scaling
     c.warmup_epochs = 10.0 if pre else 5.0  # linear warmup from 0 to the peak, per optimizer update
     c.min_lr = 1e-6  # floor reached by the cosine decay at the end of the schedule
-    # AdamW weight decay (decoupled, multiplied by the lr as torch.optim.AdamW). Not applied to biases
-    # or tensors with ndim < 2 (norm scales); applied to cls token / positional embedding.
+    # lr schedule, one of SCHEDULES: 'warmup_cosine' (warmup, cosine to min_lr) | 'warmup_step' (warmup,
+    # then the peak x step_factor^(number of step_boundaries passed); min_lr unused).
+    c.schedule = "warmup_cosine"
+    c.step_boundaries = ()  # 'warmup_step': increasing epochs in [warmup_epochs, epochs) after which lr x step_factor
+    c.step_factor = 0.1  # 'warmup_step': lr multiplier at each boundary
+    # Weight decay: adamw / lamb add it to the Adam update (decoupled, multiplied by the lr as
+    # torch.optim.AdamW), sgd / lars to the gradient (as torch.optim.SGD). Not applied to biases or
+    # tensors with ndim < 2 (norm scales); applied to cls token / positional embedding.
     c.weight_decay = 0.04 if pre else 0.1
     c.weight_decay_schedule = "cosine" if pre else "constant"  # 'constant' | 'cosine' (to weight_decay_end)
     c.weight_decay_end = 0.4 if pre else 0.1  # end value of the cosine weight-decay schedule
@@ -103,9 +126,12 @@ def optim_config(preset: str = "finetune") -> ml_collections.ConfigDict:
     # a config error (the landmark CNN and patch embedding would train at 0.58^13 = 8.4e-4 x the lr)
     # unless this is True.
     c.allow_layer_decay_from_scratch = False
-    c.b1 = 0.9  # Adam beta1
-    c.b2 = 0.999  # Adam beta2
-    c.eps = 1e-8  # Adam epsilon
+    c.b1 = 0.9  # Adam beta1 (adamw, lamb)
+    c.b2 = 0.999  # Adam beta2 (adamw, lamb)
+    c.eps = 1e-8  # Adam epsilon (adamw, lamb)
+    c.momentum = 0.9  # momentum of the trace (sgd, lars)
+    c.nesterov = False  # Nesterov momentum (sgd, lars; an error with adamw / lamb)
+    c.trust_coefficient = 0.001  # lars: trust ratio = trust_coefficient x ||p|| / ||g + wd p|| (lamb has none)
     # Gradient clipping: 'none' | 'per_tensor' (DINO's clip_gradients: each tensor to norm <= clip_norm)
     # | 'global_norm' (optax.clip_by_global_norm). Official: per_tensor 3.0 pretraining, none fine-tuning.
     c.clip_mode = "per_tensor" if pre else "none"
@@ -144,6 +170,8 @@ def validate_optim_config(cfg: ml_collections.ConfigDict, prefix: str = "optim")
         return f"{prefix}.{k}"
 
     check(cfg.epochs > 0, key("epochs"), cfg.epochs, "> 0")
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"config.{key('name')}={cfg.name!r} is not valid; choose one of {sorted(OPTIMIZERS)}")
     check(cfg.lr >= 0, key("lr"), cfg.lr, ">= 0")
     if cfg.lr_scaling not in ("none", "linear", "sqrt"):
         raise ConfigError(f"config.{key('lr_scaling')}={cfg.lr_scaling!r} is not valid; choose one of "
@@ -152,6 +180,17 @@ def validate_optim_config(cfg: ml_collections.ConfigDict, prefix: str = "optim")
     check(0 <= cfg.warmup_epochs < cfg.epochs, key("warmup_epochs"), cfg.warmup_epochs,
           f">= 0 and < epochs ({cfg.epochs})")
     check(cfg.min_lr >= 0, key("min_lr"), cfg.min_lr, ">= 0")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"config.{key('schedule')}={cfg.schedule!r} is not valid; choose one of {sorted(SCHEDULES)}")
+    bounds = cfg.step_boundaries
+    check(isinstance(bounds, (tuple, list)) and all(_is_number(b) for b in bounds)
+          and all(a < b for a, b in zip(bounds, bounds[1:]))
+          and all(cfg.warmup_epochs <= b < cfg.epochs for b in bounds),
+          key("step_boundaries"), bounds,
+          f"strictly increasing epochs in [warmup_epochs, epochs) = [{cfg.warmup_epochs}, {cfg.epochs})")
+    check(not bounds or cfg.schedule == "warmup_step", key("step_boundaries"), bounds,
+          f"empty unless schedule='warmup_step' (schedule is {cfg.schedule!r})")
+    check(_is_number(cfg.step_factor) and cfg.step_factor > 0, key("step_factor"), cfg.step_factor, "> 0")
     for k in ("weight_decay", "weight_decay_end", "landmark_weight_decay"):
         check(cfg[k] >= 0, key(k), cfg[k], ">= 0")
     if cfg.weight_decay_schedule not in ("constant", "cosine"):
@@ -163,6 +202,12 @@ def validate_optim_config(cfg: ml_collections.ConfigDict, prefix: str = "optim")
     for k in ("b1", "b2"):
         check(0 <= cfg[k] < 1, key(k), cfg[k], "in [0, 1)")
     check(cfg.eps > 0, key("eps"), cfg.eps, "> 0")
+    check(_is_number(cfg.momentum) and 0 <= cfg.momentum < 1, key("momentum"), cfg.momentum, "in [0, 1)")
+    check(isinstance(cfg.nesterov, bool), key("nesterov"), cfg.nesterov, "True or False")
+    check(not cfg.nesterov or cfg.name in ("sgd", "lars"), key("nesterov"), cfg.nesterov,
+          f"False with name={cfg.name!r} (Nesterov momentum is for 'sgd' and 'lars')")
+    check(_is_number(cfg.trust_coefficient) and cfg.trust_coefficient > 0, key("trust_coefficient"),
+          cfg.trust_coefficient, "> 0")
     if cfg.clip_mode not in ("none", "per_tensor", "global_norm"):
         raise ConfigError(f"config.{key('clip_mode')}={cfg.clip_mode!r} is not valid; choose one of "
                           f"['global_norm', 'none', 'per_tensor']")
@@ -179,6 +224,10 @@ def validate_optim_config(cfg: ml_collections.ConfigDict, prefix: str = "optim")
           "a regex whose first group captures the block index")
     check_mults(cfg.lr_mults, f"config.{key('lr_mults')}", allow_none=True, error=ConfigError)
     check_mults(cfg.wd_mults, f"config.{key('wd_mults')}", allow_none=False, error=ConfigError)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def peak_lr(cfg: ml_collections.ConfigDict, global_batch_size: int | None = None) -> float:
@@ -212,6 +261,25 @@ def warmup_cosine(peak: float, total_steps: int, warmup_steps: int, floor: float
                                               decay_steps=total_steps, end_value=floor)
 
 
+def warmup_step(peak: float, warmup_steps: int, boundaries: Sequence[int], factor: float) -> Schedule:
+    """Linear 0 -> peak over warmup_steps, then peak x factor^(number of boundaries b with s >= b).
+
+    value(s) = peak * s / warmup_steps                          for s < warmup_steps
+             = peak * factor^#{b in boundaries: b <= s}         for s >= warmup_steps
+    Boundaries are optimizer updates, non-decreasing and >= warmup_steps (a repeated boundary counts
+    twice). After warmup this is torch's MultiStepLR(milestones=boundaries, gamma=factor).
+    """
+    warmup_steps, boundaries = int(warmup_steps), [int(b) for b in boundaries]
+    if warmup_steps < 0 or boundaries != sorted(boundaries) or any(b < warmup_steps for b in boundaries):
+        raise ValueError(f"warmup_step: need 0 <= warmup_steps ({warmup_steps}) <= boundaries ({boundaries}), "
+                         f"non-decreasing")
+    scales: dict[int, float] = {}  # relative to the end of warmup, as join_schedules counts
+    for b in boundaries:
+        scales[b - warmup_steps] = scales.get(b - warmup_steps, 1.0) * factor
+    warm = (optax.linear_schedule(0.0, peak, warmup_steps) if warmup_steps > 0 else optax.constant_schedule(0.0))
+    return optax.join_schedules([warm, optax.piecewise_constant_schedule(peak, scales)], [warmup_steps])
+
+
 def cosine_schedule(start: float, end: float, total_steps: int) -> Schedule:
     """DINO's `cosine_scheduler` without warmup: end + (start - end) * (1 + cos(pi * s / T)) / 2.
 
@@ -238,6 +306,8 @@ def schedules(cfg: ml_collections.ConfigDict, steps_per_epoch: int, *, total_ste
               global_batch_size: int | None = None) -> dict[str, Schedule]:
     """{'learning_rate', 'weight_decay'} schedules in optimizer updates, as the builders use them.
 
+    learning_rate: cfg.schedule, 'warmup_cosine' (`warmup_cosine` to cfg.min_lr) or 'warmup_step'
+    (`warmup_step` with cfg.step_boundaries converted from epochs to optimizer updates like the warmup).
     total_steps (loop steps, i.e. tx.update calls) overrides cfg.epochs x steps_per_epoch.
     """
     validate_optim_config(cfg)
@@ -250,7 +320,11 @@ def schedules(cfg: ml_collections.ConfigDict, steps_per_epoch: int, *, total_ste
         raise ValueError(f"the schedule has {total} optimizer updates, not more than the {warmup} warmup updates "
                          f"(config.optim.warmup_epochs={cfg.warmup_epochs}, steps_per_epoch={steps_per_epoch}, "
                          f"accum_steps={k})")
-    lr = warmup_cosine(peak_lr(cfg, global_batch_size), total, warmup, cfg.min_lr)
+    if cfg.schedule == "warmup_step":
+        lr = warmup_step(peak_lr(cfg, global_batch_size), warmup,
+                         [_epoch_steps(b, steps_per_epoch, k) for b in cfg.step_boundaries], cfg.step_factor)
+    else:
+        lr = warmup_cosine(peak_lr(cfg, global_batch_size), total, warmup, cfg.min_lr)
     if cfg.weight_decay_schedule == "cosine":
         wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total)
     else:
@@ -400,7 +474,7 @@ FROZEN = "frozen"  # label of the parameters with lr factor None
 
 
 class Group(NamedTuple):
-    """One optimizer group: the tensors sharing these factors get one AdamW chain."""
+    """One optimizer group: the tensors sharing these factors get one chain."""
     lr_mult: float | None  # x the lr schedule; None = frozen
     wd_mult: float  # x the weight-decay schedule
     frozen_until: int  # zero update (state not advanced) for the group's first N updates
@@ -413,7 +487,7 @@ def param_groups(params: Any, *, lr_mults: Mults = (), wd_mults: Mults = (),
 
     own: label -> regex for subtrees updated by a caller's transform (label -> None in `groups`);
     they are matched first and ignore the rules. Unmatched lr -> 1.0, unmatched wd -> 0.0 (no decay),
-    unmatched frozen_until -> 0. Labels: the `own` names, 'frozen', and 'group_<i>' for the AdamW
+    unmatched frozen_until -> 0. Labels: the `own` names, 'frozen', and 'group_<i>' for the optimizer
     groups in sorted (lr, wd, frozen_until) order, so they depend only on the tree and the rules.
     """
     check_mults(lr_mults, "lr_mults", allow_none=True)
@@ -449,14 +523,43 @@ def param_groups(params: Any, *, lr_mults: Mults = (), wd_mults: Mults = (),
     return labels, groups
 
 
-def _group_chain(group: Group, learning_rate, weight_decay, b1: float, b2: float,
-                 eps: float) -> optax.GradientTransformation:
+class Hyper(NamedTuple):
+    """The static hyperparameters of the update rules (config.optim fields of the same names)."""
+    b1: float = 0.9  # adamw, lamb
+    b2: float = 0.999  # adamw, lamb
+    eps: float = 1e-8  # adamw, lamb
+    momentum: float = 0.9  # sgd, lars
+    nesterov: bool = False  # sgd, lars
+    trust_coefficient: float = 0.001  # lars
+
+
+def _group_chain(group: Group, name: str, learning_rate, weight_decay, hp: Hyper) -> optax.GradientTransformation:
     if group.lr_mult is None:
         return optax.set_to_zero()
-    parts = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
+    decay = None
     if group.wd_mult:
         # factor 1 multiplies nothing, so the main group's decay is the schedule's value bit for bit
-        parts.append(optax.add_decayed_weights(weight_decay if group.wd_mult == 1.0 else weight_decay * group.wd_mult))
+        decay = optax.add_decayed_weights(weight_decay if group.wd_mult == 1.0 else weight_decay * group.wd_mult)
+    # optax.scale_by_trust_ratio(trust_coefficient=c) is c ||p|| / ||u|| per leaf, 1 where either norm is 0
+    # (BYOL's LARS adaptation with eta = c). It is left out of no-decay groups, like the decay itself.
+    if name == "adamw":
+        parts = [optax.scale_by_adam(b1=hp.b1, b2=hp.b2, eps=hp.eps)] + ([decay] if decay is not None else [])
+    elif name == "lamb":
+        parts = [optax.scale_by_adam(b1=hp.b1, b2=hp.b2, eps=hp.eps)]
+        if decay is not None:
+            parts += [decay, optax.scale_by_trust_ratio()]
+    elif name in ("sgd", "lars"):
+        parts = []
+        if decay is not None:
+            parts.append(decay)
+            if name == "lars":
+                parts.append(optax.scale_by_trust_ratio(trust_coefficient=hp.trust_coefficient))
+        if hp.momentum:
+            # before the lr, as torch.optim.SGD and BYOL's LARS (optax.lars traces after the lr,
+            # which differs once the lr changes)
+            parts.append(optax.trace(decay=hp.momentum, nesterov=hp.nesterov))
+    else:
+        raise ValueError(f"optimizer name {name!r} is not one of {OPTIMIZERS}")
     if group.lr_mult != 1.0:
         parts.append(optax.scale(group.lr_mult))
     parts.append(optax.scale_by_learning_rate(learning_rate))
@@ -466,31 +569,15 @@ def _group_chain(group: Group, learning_rate, weight_decay, b1: float, b2: float
     return tx
 
 
-def adamw(params: Any, *, learning_rate: Schedule | float, weight_decay: Schedule | float = 0.0,
-          lr_mults: Mults = (), wd_mults: Mults = (), frozen_until: Sequence[tuple[str, int]] = (),
-          own: Mapping[str, tuple[str, optax.GradientTransformation]] | None = None,
-          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          clip: optax.GradientTransformation | None = None, accum_steps: int = 1) -> optax.GradientTransformation:
-    """AdamW with per-parameter lr / weight-decay factors from path rules (see the module docstring).
-
-    params: the tree the optimizer will update (arrays or ShapeDtypeStructs); the labels are computed
-      from it once, and `init` / `update` must get a tree of the same structure.
-    learning_rate, weight_decay: schedules of the optimizer-update count (or constants); a tensor
-      with factors (l, w) is updated by  -lr(t) * l * (adam(g) + wd(t) * w * p)  (decoupled, as
-      torch.optim.AdamW with that group's lr and weight_decay).
-    lr_mults: (regex, factor | None); unmatched -> 1; None -> frozen (zero update, no state).
-    wd_mults: (regex, factor >= 0); unmatched -> 0 (no decay).
-    frozen_until: (regex, N): the matched tensors get zero updates for the first N updates, with
-      their Adam state not advanced (optax.conditionally_mask).
-    own: label -> (regex, transform) for subtrees with their own optimizer (e.g. Partial FC's class
-      centres); it runs inside the same inject_hyperparams, after `clip`.
-    clip: applied to the whole gradient tree first; accum_steps > 1 wraps everything in MultiSteps.
-    The current lr / weight decay (and the own transforms' injected values) are readable with
-    `current_hyperparams(opt_state)`.
-    """
+def _build(params: Any, name: str, hp: Hyper, *, learning_rate: Schedule | float, weight_decay: Schedule | float,
+           lr_mults: Mults, wd_mults: Mults, frozen_until: Sequence[tuple[str, int]],
+           own: Mapping[str, tuple[str, optax.GradientTransformation]] | None,
+           clip: optax.GradientTransformation | None, accum_steps: int) -> optax.GradientTransformation:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer name {name!r} is not one of {OPTIMIZERS}")
     own = dict(own or {})
     labels, groups = param_groups(params, lr_mults=lr_mults, wd_mults=wd_mults, frozen_until=frozen_until,
-                                  own={name: regex for name, (regex, _) in own.items()})
+                                  own={label: regex for label, (regex, _) in own.items()})
     structure = jax.tree.structure(params)
 
     def label_fn(tree):
@@ -500,8 +587,8 @@ def adamw(params: Any, *, learning_rate: Schedule | float, weight_decay: Schedul
         return labels
 
     def factory(learning_rate, weight_decay):
-        transforms = {name: own[name][1] if group is None else
-                      _group_chain(group, learning_rate, weight_decay, b1, b2, eps) for name, group in groups.items()}
+        transforms = {label: own[label][1] if group is None else
+                      _group_chain(group, name, learning_rate, weight_decay, hp) for label, group in groups.items()}
         return optax.partition(transforms, label_fn)
 
     core = optax.inject_hyperparams(factory)(learning_rate=learning_rate, weight_decay=weight_decay)
@@ -509,6 +596,52 @@ def adamw(params: Any, *, learning_rate: Schedule | float, weight_decay: Schedul
     if accum_steps == 1:
         return tx
     return optax.MultiSteps(tx, every_k_schedule=accum_steps, use_grad_mean=True).gradient_transformation()
+
+
+def make(params: Any, cfg: ml_collections.ConfigDict, *, learning_rate: Schedule | float,
+         weight_decay: Schedule | float = 0.0, lr_mults: Mults = (), wd_mults: Mults = (),
+         frozen_until: Sequence[tuple[str, int]] = (),
+         own: Mapping[str, tuple[str, optax.GradientTransformation]] | None = None,
+         clip: optax.GradientTransformation | None = None, accum_steps: int = 1) -> optax.GradientTransformation:
+    """The optimizer `cfg.name` with per-parameter lr / weight-decay factors from path rules.
+
+    cfg: a `config.optim` (validated here); the update rule and its static hyperparameters come from
+      cfg.name, b1, b2, eps, momentum, nesterov, trust_coefficient. Schedules, rules, clip and
+      accumulation are arguments (the recipes derive them from the other fields).
+    params: the tree the optimizer will update (arrays or ShapeDtypeStructs); the labels are computed
+      from it once, and `init` / `update` must get a tree of the same structure.
+    learning_rate, weight_decay: schedules of the optimizer-update count (or constants); a tensor with
+      factors (l, w) follows the group chain of the module docstring with f_l = l, f_w = w.
+    lr_mults: (regex, factor | None); unmatched -> 1; None -> frozen (zero update, no state).
+    wd_mults: (regex, factor >= 0); unmatched -> 0 (no decay, and no trust ratio under lars / lamb).
+    frozen_until: (regex, N): the matched tensors get zero updates for the first N updates, with
+      their optimizer state not advanced (optax.conditionally_mask).
+    own: label -> (regex, transform) for subtrees with their own optimizer (e.g. Partial FC's class
+      centres); it runs inside the same inject_hyperparams, after `clip`.
+    clip: applied to the whole gradient tree first; accum_steps > 1 wraps everything in MultiSteps.
+    The current lr / weight decay (and the own transforms' injected values) are readable with
+    `current_hyperparams(opt_state)`.
+    """
+    validate_optim_config(cfg)
+    hp = Hyper(b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps), momentum=float(cfg.momentum),
+               nesterov=bool(cfg.nesterov), trust_coefficient=float(cfg.trust_coefficient))
+    return _build(params, cfg.name, hp, learning_rate=learning_rate, weight_decay=weight_decay, lr_mults=lr_mults,
+                  wd_mults=wd_mults, frozen_until=frozen_until, own=own, clip=clip, accum_steps=accum_steps)
+
+
+def adamw(params: Any, *, learning_rate: Schedule | float, weight_decay: Schedule | float = 0.0,
+          lr_mults: Mults = (), wd_mults: Mults = (), frozen_until: Sequence[tuple[str, int]] = (),
+          own: Mapping[str, tuple[str, optax.GradientTransformation]] | None = None,
+          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          clip: optax.GradientTransformation | None = None, accum_steps: int = 1) -> optax.GradientTransformation:
+    """`make` with name 'adamw' and these Adam hyperparameters, without a config.
+
+    A tensor with factors (l, w) is updated by  -lr(t) * l * (adam(g) + wd(t) * w * p)  (decoupled,
+    as torch.optim.AdamW with that group's lr and weight_decay); frozen tensors keep no Adam state.
+    """
+    return _build(params, "adamw", Hyper(b1=b1, b2=b2, eps=eps), learning_rate=learning_rate,
+                  weight_decay=weight_decay, lr_mults=lr_mults, wd_mults=wd_mults, frozen_until=frozen_until,
+                  own=own, clip=clip, accum_steps=accum_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,12 +713,13 @@ def finetune_mults(backbone: Any, cfg: ml_collections.ConfigDict,
 def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_epoch: int, *,
                        centers_tx: optax.GradientTransformation | None = None, total_steps: int | None = None,
                        global_batch_size: int | None = None, frozen_regex: str = "") -> optax.GradientTransformation:
-    """AdamW with layer-wise lr decay, weight-decay groups and warmup + cosine, for fine-tuning.
+    """The optimizer cfg.name (AdamW by default) with layer-wise lr decay, weight-decay groups and the
+    cfg.schedule lr (warmup + cosine by default), for fine-tuning.
 
     params: the trainable tree (arrays or ShapeDtypeStructs), e.g. {'backbone': ..., 'centers': W}.
     The top-level 'centers' subtree is updated by `centers_tx` (required when present; e.g. the
     Partial FC helper's optimizer, built with `schedules(...)['learning_rate']` if it should follow
-    the same lr). Everything else: `adamw` with
+    the same lr). Everything else: `make(params, cfg, ...)` with
       lr_mults = cfg.lr_mults, (frozen_regex, None), layer-decay pairs layer_decay^(depth + 1 - layer_id);
       wd_mults = cfg.wd_mults, biases / ndim < 2 -> 0, landmark_wd_regex -> landmark_weight_decay /
                  weight_decay, everything else -> 1 (x the weight-decay schedule).
@@ -593,7 +727,7 @@ def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
     landmark_weight_decay; under weight_decay_schedule='cosine' they follow the same cosine in that
     ratio. Clipping (cfg.clip_mode) acts on the whole gradient tree first; `accum_steps > 1` wraps
     all of it in optax.MultiSteps. Backbone params matching `frozen_regex` (e.g. LANDMARK_REGEX) are
-    never changed: no step, no decay, no Adam state.
+    never changed: no step, no decay, no optimizer state.
     """
     validate_optim_config(cfg)
     scheds = schedules(cfg, steps_per_epoch, total_steps=total_steps, global_batch_size=global_batch_size)
@@ -609,21 +743,22 @@ def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
         raise ValueError(f"finetune_optimizer: frozen_regex={frozen_regex!r} matches no backbone parameter")
     _check_overrides(backbone, cfg)
     lr_mults, wd_mults = finetune_mults(backbone, cfg, frozen_regex)
-    return adamw(params, learning_rate=scheds["learning_rate"], weight_decay=scheds["weight_decay"],
-                 lr_mults=lr_mults, wd_mults=wd_mults,
-                 own={CENTERS_KEY: (f"^{CENTERS_KEY}(?:/|$)", centers_tx)} if has_centers else None,
-                 b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, clip=_clip(cfg), accum_steps=cfg.accum_steps)
+    return make(params, cfg, learning_rate=scheds["learning_rate"], weight_decay=scheds["weight_decay"],
+                lr_mults=lr_mults, wd_mults=wd_mults,
+                own={CENTERS_KEY: (f"^{CENTERS_KEY}(?:/|$)", centers_tx)} if has_centers else None,
+                clip=_clip(cfg), accum_steps=cfg.accum_steps)
 
 
 def pretrain_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_epoch: int, *,
                        total_steps: int | None = None, global_batch_size: int | None = None
                        ) -> optax.GradientTransformation:
-    """AdamW for DINO / LAFS pretraining (DINO `main_dino.py`).
+    """The optimizer cfg.name for pretraining: AdamW by default, as DINO / LAFS (DINO `main_dino.py`).
 
-    `adamw` with clip (per-tensor 3.0 officially), weight decay wd(step) (cosine weight_decay ->
-    weight_decay_end) on ndim >= 2 non-bias tensors, lr linear warmup then cosine to min_lr, and the
-    params matching cfg.last_layer_regex frozen for the first freeze_last_layer_epochs epochs (no
-    update, no decay, Adam state not advanced). cfg.lr_mults / wd_mults rules come first. No
+    `make(params, cfg, ...)` with clip (per-tensor 3.0 officially), weight decay wd(step) (cosine
+    weight_decay -> weight_decay_end) on ndim >= 2 non-bias tensors (the others also get no trust
+    ratio under lars / lamb), the cfg.schedule lr (linear warmup then cosine to min_lr by default),
+    and the params matching cfg.last_layer_regex frozen for the first freeze_last_layer_epochs epochs
+    (no update, no decay, optimizer state not advanced). cfg.lr_mults / wd_mults rules come first. No
     layer-wise decay (cfg.layer_decay must be 1.0 here).
     """
     validate_optim_config(cfg)
@@ -636,10 +771,10 @@ def pretrain_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
         raise ConfigError(f"config.optim.last_layer_regex={cfg.last_layer_regex!r} matches no parameter, so "
                           f"freeze_last_layer_epochs={cfg.freeze_last_layer_epochs} would freeze nothing")
     _check_overrides(params, cfg)
-    return adamw(params, learning_rate=scheds["learning_rate"], weight_decay=scheds["weight_decay"],
-                 lr_mults=list(cfg.lr_mults), wd_mults=[*cfg.wd_mults, *no_decay_mults(params), ("", 1.0)],
-                 frozen_until=[(cfg.last_layer_regex, freeze_steps)] if freeze_steps > 0 else [],
-                 b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, clip=_clip(cfg), accum_steps=cfg.accum_steps)
+    return make(params, cfg, learning_rate=scheds["learning_rate"], weight_decay=scheds["weight_decay"],
+                lr_mults=list(cfg.lr_mults), wd_mults=[*cfg.wd_mults, *no_decay_mults(params), ("", 1.0)],
+                frozen_until=[(cfg.last_layer_regex, freeze_steps)] if freeze_steps > 0 else [],
+                clip=_clip(cfg), accum_steps=cfg.accum_steps)
 
 
 def current_hyperparams(opt_state: Any) -> dict[str, jax.Array]:
