@@ -142,7 +142,13 @@ def main(argv):
                      jax.devices()[0].platform)
         logging.info("mesh %s", dict(mesh.shape))
         os.makedirs(_WORKDIR.value, exist_ok=True)
-        loop_utils.exit_on_input_stall(lambda: TASK_RUNNERS[config.task](config, _WORKDIR.value))
+        try:
+            loop_utils.exit_on_input_stall(lambda: TASK_RUNNERS[config.task](config, _WORKDIR.value))
+        except config_lib.ConfigError as e:  # the user's input: one line naming it, no traceback
+            logging.flush()
+            sys.stderr.write(f"FATAL {e}\n")
+            sys.stderr.flush()
+            sys.exit(1)
     finally:
         if lock is not None:
             lock.release()

@@ -75,9 +75,9 @@ def activation_bytes(model_cfg, batch: int) -> int:
     x = jax.ShapeDtypeStruct((batch, model_cfg.image_size, model_cfg.image_size, 3), jnp.float32)
 
     def loss(params, images, stats):
-        out, _ = model.apply({"params": params, "batch_stats": stats}, images, train=True,
-                             rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
-        return jnp.sum(out ** 2)
+        (emb, _), _ = model.apply({"params": params, "batch_stats": stats}, images, train=True,
+                                  rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
+        return jnp.sum(emb ** 2)
 
     res = saved_residuals(loss, v["params"], x, v["batch_stats"])
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, src in res

@@ -113,8 +113,8 @@ def bench_jax(cfg, variables, batch: int, iters: int, mode: str, peak_tflops: fl
     else:
         def step(v, x, key):
             def loss(params):
-                (emb, lm), upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                                             rngs={"dropout": key}, mutable=["batch_stats"])
+                (emb, _), upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                                            rngs={"dropout": key}, mutable=["batch_stats"])
                 return jnp.mean(emb ** 2), upd
             return jax.grad(loss, has_aux=True)(v["params"])
     v = multihost.global_tree({"params": variables["params"], "batch_stats": variables["batch_stats"]},

@@ -105,6 +105,7 @@ def get_config(arg=None):
 
     c.data = data_config()
     c.data.path = f"{DEMO_DATA}/train" if tiny else ""  # .rec prefix of the training set
+    c.data.prepare_command = f"python -m data.prepare orl --out {DEMO_DATA}" if tiny else ""
     # WebFace4M as packed by LAFS's img2rec.py stores swapped channels, which the official loader swaps
     # back ('bgr'); an InsightFace-packed WebFace .rec is true RGB: use 'rgb'. MS1MV3 is true RGB.
     c.data.color_order = "bgr" if webface else "rgb"

@@ -66,6 +66,7 @@ def get_config(arg=None):
     # Pillow-exact up to 1-2 grey levels); 'host' makes them in the Grain workers with Pillow
     c.data.augment_on = "device"
     c.data.path = "runs/demo/data/train" if tiny else ""  # .rec prefix (DIR/train for DIR/train.rec + .idx)
+    c.data.prepare_command = "python -m data.prepare orl --out runs/demo/data" if tiny else ""
     if tiny:
         c.data.lafs.local_views = 4  # fewer local views keep the CPU demo fast
         c.data.workers = 0  # in-process input for the demo and tests

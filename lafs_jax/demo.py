@@ -284,8 +284,8 @@ def plot_landmarks(backbone_dir: str, images: np.ndarray, path: str) -> None:
     """Landmarks a Part fViT's landmark CNN predicts on a few faces, drawn over them."""
     model, variables, meta = embed_lib.load_backbone(backbone_dir, host=True)
     x = embed_lib.preprocess(images, meta["normalization"], meta["color_order"])
-    _, landmarks = jax.jit(lambda v, images: model.apply(v, images, train=False))(variables, x)
-    landmarks = np.asarray(landmarks)
+    _, aux = jax.jit(lambda v, images: model.apply(v, images, train=False))(variables, x)
+    landmarks = np.asarray(aux["landmarks"])
     from matplotlib.figure import Figure  # optional heavy dependency (0.6 s at import): only plots need it
     fig = Figure(figsize=(2.2 * len(images), 2.4))
     axes = fig.subplots(1, len(images))

@@ -49,7 +49,12 @@ def tiny():
     with torch.no_grad():
         emb, landmarks = mirror(images)
     model = presets.build_model(cfg)
-    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+    def embedding_and_landmarks(v, x):
+        emb, aux = model.apply(v, x, train=False)
+        return emb, aux["landmarks"]
+
+    apply = jax.jit(embedding_and_landmarks)
     return cfg, mirror, images, emb.numpy(), landmarks.numpy(), apply
 
 
@@ -117,9 +122,9 @@ def test_cli_part_fvit_base_parity(tmp_path):
     variables, meta = load_variables(str(tmp_path / "out"))
     assert presets.count_params(variables["params"]) == 66_955_616
     model = presets.build_model(presets.model_config_from_dict(meta["model"]))
-    out_emb, out_lm = jax.jit(lambda v, x: model.apply(v, x, train=False))(backbone_variables(variables),
-                                                                          nhwc(images))
-    np.testing.assert_allclose(np.asarray(out_lm), landmarks.numpy(), atol=TOL)
+    out_emb, out_aux = jax.jit(lambda v, x: model.apply(v, x, train=False))(backbone_variables(variables),
+                                                                           nhwc(images))
+    np.testing.assert_allclose(np.asarray(out_aux["landmarks"]), landmarks.numpy(), atol=TOL)
     np.testing.assert_allclose(np.asarray(out_emb), emb.numpy(), atol=TOL)
 
 
@@ -137,8 +142,9 @@ def test_cli_plain_fvit(tmp_path):
     assert meta["model"]["kind"] == "fvit" and set(variables) == {"params"}
     assert (meta["patch_order"], meta["normalization"], meta["color_order"]) == ("grid", "[-1,1]", "rgb")
     model = presets.build_model(presets.model_config_from_dict(meta["model"]))
-    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, nhwc(images))
+    out, aux = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, nhwc(images))
     np.testing.assert_allclose(np.asarray(out), emb.numpy(), atol=TOL)
+    assert aux == {}
 
 
 def ssl_networks(cfg, seed):

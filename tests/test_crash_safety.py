@@ -141,7 +141,7 @@ def test_an_evaluation_error_comes_after_the_step_is_saved_and_confirmed(data, t
         raise RuntimeError("embedding failed")
 
     monkeypatch.setattr(embed_lib.Embedder, "embed", broken_embed)
-    with pytest.raises(finetune.EvaluationError, match=r"verification at step 2 failed \(RuntimeError: embedding "
+    with pytest.raises(finetune.EvaluationError, match=r"evaluation at step 2 failed \(RuntimeError: embedding "
                                                        r"failed\); the step's checkpoint .*checkpoints/2 is kept"):
         finetune.run(config, work)
     with checkpoints(work) as ck:

@@ -39,18 +39,20 @@ def _in_fresh_process(path, x, tmp_path):
 
 
 class _SmallNet(nn.Module):
+    """A stand-in backbone: images -> (embedding [B, 5], {})."""
+
     @nn.compact
     def __call__(self, x, train=False):
         x = nn.Conv(8, (3, 3), strides=2)(x)
         x = nn.BatchNorm(use_running_average=not train)(x)
         x = nn.gelu(x)
-        return nn.Dense(5)(x.mean(axis=(1, 2)))
+        return nn.Dense(5)(x.mean(axis=(1, 2))), {}
 
 
 def test_arbitrary_function_round_trip_in_fresh_process(tmp_path):
     model = _SmallNet()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 12, 12, 3)))
-    fn = lambda x: model.apply(variables, x)  # noqa: E731
+    fn = lambda x: model.apply(variables, x)[0]  # noqa: E731
     exp = export.export_function(fn, (12, 12, 3))
     assert str(exp.in_avals[0].shape[0]) == "b"
     path, sidecar = export.save_exported(exp, str(tmp_path / "net.jaxexport"), {"note": "test"})
@@ -69,7 +71,7 @@ def test_embedding_function_preprocessing_and_flip(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (4, 12, 12, 3)).astype(np.uint8)
     f = embed.embedding_function(model, normalization="[-0.5,0.5]", color_order="bgr", flip=True)
     x = images[..., ::-1].astype(np.float32) / 255.0 - 0.5
-    want = model.apply(variables, x) + model.apply(variables, x[:, :, ::-1])
+    want = model.apply(variables, x)[0] + model.apply(variables, x[:, :, ::-1])[0]
     np.testing.assert_allclose(np.asarray(f(variables, images)), np.asarray(want), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="normalization"):
         embed.embedding_function(model, normalization="[0,1]")

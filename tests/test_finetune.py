@@ -109,7 +109,7 @@ def test_landmark_regulariser_value_and_frozen_teacher(setup):
     batch, variables, params, teacher = S["batch"], S["variables"], S["params"], S["teacher"]
     loss, (metrics, _) = S["loss"](params, variables["batch_stats"], teacher, batch, jax.random.key(2),
                                    np.float32(0.5))
-    _, lms = S["forward"](variables, batch["image"])
+    lms = S["forward"](variables, batch["image"])[1]["landmarks"]
     target = S["landmarks_eval"](teacher, batch["image"])
     want = np.mean(np.square((np.asarray(lms) - np.asarray(target)) / (MICRO_SIZE - 1.0)))  # image side - 1
     assert float(metrics["landmark_loss"]) == pytest.approx(float(want), rel=1e-4)
@@ -236,11 +236,11 @@ def test_frozen_landmark_cnn_gives_eval_mode_landmarks_and_no_gradient(setup):
 
 
 class _FlatDense(nn.Module):
-    """A stand-in backbone (images -> Dense embedding) so the loss wiring compiles in a second."""
+    """A stand-in backbone (images -> (Dense embedding, {})) so the loss wiring compiles in a second."""
 
     @nn.compact
     def __call__(self, images, train, landmarks=None):
-        return nn.Dense(16)(images.reshape(images.shape[0], -1))
+        return nn.Dense(16)(images.reshape(images.shape[0], -1)), {}
 
 
 def test_arcface_fallback_reaches_the_loss():
@@ -252,7 +252,7 @@ def test_arcface_fallback_reaches_the_loss():
     model, c = _FlatDense(), 6
     images = np.asarray(jax.random.normal(jax.random.key(0), (8, 4, 4, 3)))
     variables = model.init(jax.random.key(1), images, train=False)
-    emb = np.asarray(model.apply(variables, images, train=False))
+    emb = np.asarray(model.apply(variables, images, train=False)[0])
     label = np.arange(8, dtype=np.int32) % c
     centers = np.zeros((8, 16), np.float32)
     centers[:c] = -emb[:c]  # samples 0..c-1 sit at theta = pi from their class centre
@@ -376,8 +376,8 @@ def test_standard_grid_model_feeds_grid_patches_with_coordinate_noise(tmp_path):
     grid = np.asarray(sampling.standard_grid_centers(32, 8))
 
     def centres(m, train):  # the backbone's centres only (its ViT output is not needed here)
-        return np.asarray(jax.jit(lambda v: m.apply(v, x, train=train, rngs={"dropout": jax.random.key(1)})[1])(
-            variables))
+        out = jax.jit(lambda v: m.apply(v, x, train=train, rngs={"dropout": jax.random.key(1)})[1])(variables)
+        return np.asarray(out["centers"])
 
     np.testing.assert_array_equal(centres(model, False), np.broadcast_to(grid, (32, 16, 2)))
     d = centres(model, True) - grid

@@ -130,7 +130,8 @@ def test_prototype_update_in_the_step_is_the_segment_mean_epl_rule():
     batch = _batches(1, seed=4)[0]
     model = presets.build_model(config.model)
     k_drop, _ = jax.random.split(jax.random.fold_in(jax.random.key(config.seed + 1), 0))  # as make_train_step
-    emb, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": k_drop}, mutable=["batch_stats"]))(
+    (emb, _), _ = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": k_drop},
+                                                   mutable=["batch_stats"]))(
         {"params": host["params"]["backbone"], "batch_stats": host["batch_stats"]}, batch["image"])
     state, _ = step0(state, {}, mesh_lib.global_batch(batch, mesh), np.float32(0))
     got = np.asarray(state["prototypes"])

@@ -33,7 +33,7 @@ def _flax_embeddings(cfg, variables, images_uint8):
     model = presets.build_model(cfg)
     x = images_uint8.astype(np.float32) / 255.0 * 2.0 - 1.0  # '[-1,1]' = (x/255 - 0.5)/0.5
     v = {c: variables[c] for c in ("params", "batch_stats")}
-    return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x))
+    return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False)[0])(v, x))
 
 
 def _assert_parity(got, want):

@@ -70,8 +70,9 @@ def test_remat_changes_no_number():
     def loss(params, remat):
         c = presets.model_config_from_dict(cfg.to_dict())
         c.remat = remat
-        out, _ = presets.build_model(c).apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                                              rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
+        (out, _), _ = presets.build_model(c).apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                                                   train=True, rngs={"dropout": jax.random.key(2)},
+                                                   mutable=["batch_stats"])
         return jnp.sum(out ** 2)
 
     # compiled as users compile (the suite's fast-compile flags round the two programs ~4e-6 apart)

@@ -246,7 +246,7 @@ def test_part_fvit_trains_the_landmark_cnn_through_the_sampler_and_accepts_landm
     images = jax.random.normal(jax.random.key(0), (4, 112, 112, 3))
 
     def loss(params):
-        (emb, lm), _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
+        (emb, _), _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
                                    rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
         return jnp.sum(emb ** 2)  # no landmark term: the landmark CNN learns only through the sampled patches
 
@@ -256,9 +256,9 @@ def test_part_fvit_trains_the_landmark_cnn_through_the_sampler_and_accepts_landm
     assert float(jnp.abs(grads["landmark_cnn"]["stem_conv"]["kernel"]).max()) > 0
 
     landmarks = jnp.full((4, 49, 2), 55.5)
-    emb, lm = jax.jit(lambda p, x, l: model.apply({"params": p}, x, train=False, landmarks=l))(
+    emb, aux = jax.jit(lambda p, x, l: model.apply({"params": p}, x, train=False, landmarks=l))(
         {"vit": variables["params"]["vit"]}, images, landmarks)
-    np.testing.assert_array_equal(np.asarray(lm), np.asarray(landmarks))
+    np.testing.assert_array_equal(np.asarray(aux["landmarks"]), np.asarray(landmarks))
     assert emb.shape == (4, 96)
     assert isinstance(model, PartFViT)
 
@@ -327,10 +327,10 @@ def test_insightface_vit_shapes_masking_and_parameter_count():
                                                               + 128 * d + d) + 2 * d \
         + n_tokens * d * d + 2 * d + d * 24 + 2 * 24
     assert presets.count_params(variables["params"]) == expected
-    out = jax.jit(lambda v: model.apply(v, images, train=False))(variables)
-    assert out.shape == (3, 24) and out.dtype == jnp.float32
+    out, aux = jax.jit(lambda v: model.apply(v, images, train=False))(variables)
+    assert out.shape == (3, 24) and out.dtype == jnp.float32 and aux == {}
     run = jax.jit(lambda k: model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(k)},
-                                        mutable=["batch_stats"])[0])
+                                        mutable=["batch_stats"])[0][0])
     assert not np.allclose(np.asarray(run(0)), np.asarray(run(1)))
     np.testing.assert_array_equal(np.asarray(run(0)), np.asarray(run(0)))
     with pytest.raises(ValueError, match=r"images must be \[B,36,36,C\]"):

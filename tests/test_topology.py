@@ -128,7 +128,7 @@ def matrix(tmp_path_factory, compile_cache):
     pairs = os.path.join(data, "pairs.bin")
     save_bin(pairs, images.reshape(-1, 2, 32, 32, 3)[keep].reshape(-1, 32, 32, 3), issame[keep])
     w = {name: str(tmp / name) for name in ("ft_ref", "ft_chain", "ft_model", "pt_ref", "pt_chain", "pt_model",
-                                            "ft_mpref", "ft_mp", "ft_sp4", "eval1", "eval1_old")}
+                                            "ft_mpref", "ft_mp", "ft_sp4", "eval1", "eval1_old", "ft_best")}
 
     def ft(name, **kw):
         return {"kind": "finetune", "workdir": w[name], "data": data, "total_steps": TOTAL, **kw}
@@ -144,7 +144,8 @@ def matrix(tmp_path_factory, compile_cache):
     # gloo's 30 s of each other, which other processes competing for the cores could break.
     res = {"A8": _collect(_launch(tmp, "A8", 8, [
         ft("ft_ref", checkpoint_every=1), ft("ft_model", mesh=[4, 2], rules=rules, bins=[pairs]),
-        pt("pt_ref", checkpoint_every=1), pt("pt_model", mesh=[4, 2], rules=rules)], compile_cache))[0]}
+        pt("pt_ref", checkpoint_every=1), pt("pt_model", mesh=[4, 2], rules=rules),
+        ft("ft_best", bins=[pairs], total_steps=3)], compile_cache))[0]}
     res["Amp"] = _collect(_launch(tmp, "Amp", 2, [ft("ft_mpref", checkpoint_every=1)], compile_cache, processes=2))
     seconds["A"] = time.time() - t0
     # "train N steps on topology A": the chains start from the references' checkpoints of step 1 (the
@@ -159,7 +160,8 @@ def matrix(tmp_path_factory, compile_cache):
     evaluate = [{"kind": "evaluate", "workdir": w[name], "checkpoint": checkpoint, "bins": [pairs]}
                 for name, checkpoint in (("eval1", os.path.join(w["ft_ref"], "backbone")), ("eval1_old", old_format))]
     res["B1"] = _collect(_launch(tmp, "B1", 1, [ft("ft_chain", stop_after=1), pt("pt_chain", stop_at_step=2),
-                                                *evaluate], compile_cache))[0]
+                                                *evaluate, ft("ft_best", bins=[pairs], lr=0.0)],
+                                 compile_cache))[0]
     res["Bmp"] = _collect(_launch(tmp, "Bmp", 2, [ft("ft_mp")], compile_cache, processes=2))
     seconds["B"] = time.time() - t
     t = time.time()
@@ -214,7 +216,7 @@ def test_model_axis_rules_train_and_verify_like_data_parallel(matrix):
     """Command 1 of issue 17: fine-tuning on a (4, 2) mesh with the ViT's MLP and attention split over
     'model' verifies during training (the embedder takes the rule-sharded parameters) and trains as
     the (8, 1) run does; LAFS pretraining with the same rules too."""
-    ft_ref, ft_model, pt_ref, pt_model = matrix["results"]["A8"]["legs"]
+    ft_ref, ft_model, pt_ref, pt_model = matrix["results"]["A8"]["legs"][:4]
     _close(_losses(ft_model), _losses(ft_ref), range(1, TOTAL + 1))
     assert set(ft_model["verification"]) == {"pairs"} and 0.0 <= ft_model["verification"]["pairs"] <= 1.0
     _close(_losses(pt_model), _losses(pt_ref), range(1, TOTAL + 1))
@@ -257,6 +259,19 @@ def test_backbones_trained_on_8_devices_evaluate_and_export_on_1(matrix):
         assert 0.0 <= leg["verification"]["pairs"]["accuracy"] <= 1.0
         assert leg["export"]["max_abs_diff"] < 1e-3 and os.path.isfile(leg["export"]["path"])
     assert new["verification"]["pairs"]["fold_accuracies"] == old["verification"]["pairs"]["fold_accuracies"]
+
+
+def test_best_checkpoint_written_on_8_devices_is_exported_by_a_1_device_run(matrix):
+    """Fine-tuning verified at steps 2 and 3 on 8 devices (W stored as 32 rows), continued on 1 device
+    (30 rows) to step 5 with lr 0, so steps 4 and 5 score exactly as step 3 and an 8-device checkpoint
+    stays the best: the end of the run restores it onto 1 device (W re-padded) and writes backbone_best."""
+    first, second = matrix["results"]["A8"]["legs"][4], matrix["results"]["B1"]["legs"][4]
+    assert first["step"] == 3 and first["best_step"] in (2, 3)
+    assert (second["step"], second["preempted"], second["best_step"]) == (TOTAL, False, first["best_step"])
+    best = os.path.join(matrix["workdirs"]["ft_best"], "backbone_best")
+    variables, metadata = variables_lib.load_variables(best)
+    assert metadata["step"] == first["best_step"] and "verification" in metadata
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
 
 
 def test_two_processes_resumed_as_two_continue_with_the_same_batches(matrix):

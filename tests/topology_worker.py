@@ -59,7 +59,7 @@ def micro_model(m) -> None:
 
 
 def finetune_config(data_dir: str, *, total_steps: int = 5, sample_rate: float = 0.5, mesh=(-1, 1), rules=(),
-                    bins=(), checkpoint_every: int = 1000, seed: int = 0):
+                    bins=(), checkpoint_every: int = 1000, seed: int = 0, lr: float | None = None):
     """configs/finetune.py:tiny on the ORL data, shrunk: Partial FC with sample_rate < 1, no mixup."""
     c = finetune_recipe.get_config("tiny")
     micro_model(c.model)
@@ -73,6 +73,8 @@ def finetune_config(data_dir: str, *, total_steps: int = 5, sample_rate: float =
     c.batch_size = BATCH
     c.total_steps = total_steps
     c.optim.warmup_epochs = 0.1
+    if lr is not None:  # peak and floor: lr 0 trains nothing, so every evaluation scores the same
+        c.optim.lr = c.optim.min_lr = lr
     c.loss.sample_rate = sample_rate
     c.log_every_steps = 1
     c.eval.bins = tuple(bins)
@@ -173,12 +175,16 @@ def run_leg(leg: dict) -> dict:
     if kind == "finetune":
         config = finetune_config(data, total_steps=leg.get("total_steps", 5), sample_rate=leg.get("sample_rate", 0.5),
                                  mesh=tuple(leg.get("mesh", (-1, 1))), rules=leg.get("rules", ()),
-                                 bins=leg.get("bins", ()), checkpoint_every=leg.get("checkpoint_every", 1000))
+                                 bins=leg.get("bins", ()), checkpoint_every=leg.get("checkpoint_every", 1000),
+                                 lr=leg.get("lr"))
         batches: list = []
         with _stop_after(leg.get("stop_after")), _record_batches(batches):
             out = finetune.run(config, workdir)
         start = len(batches)
+        best = os.path.join(workdir, finetune.BEST_BACKBONE_DIR, "metadata.json")
+        best_step = json.load(open(best))["step"] if os.path.isfile(best) else None
         return {"kind": kind, "step": out["step"], "preempted": out["preempted"], "losses": _losses(workdir),
+                "best_step": best_step,
                 "verification": out.get("verification", {}), "batches": batches, "num_batches": start}
     if kind == "pretrain":
         config = pretrain_config(data, total_steps=leg.get("total_steps", 5), stop_at_step=leg.get("stop_at_step", -1),

@@ -26,7 +26,7 @@ from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.input.images import COLOR_ORDERS
 from lafs_jax.input.transforms import NORMALIZATIONS, normalize
-from lafs_jax.models import presets
+from lafs_jax.models import presets, registry
 
 
 def preprocess(images: jax.Array, normalization: str = "[-1,1]", color_order: str = "rgb") -> jax.Array:
@@ -41,9 +41,9 @@ def preprocess(images: jax.Array, normalization: str = "[-1,1]", color_order: st
 
 
 def model_embedding(model: Any, variables: Any, x: jax.Array) -> jax.Array:
-    """Embedding [B, D] of a backbone in eval mode; Part fViT's (embedding, landmarks) gives the first."""
-    out = model.apply(variables, x, train=False)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    """Embedding [B, D] of a backbone in eval mode: the first of its (embedding, aux) output."""
+    emb, _ = registry.split_output(model.apply(variables, x, train=False))
+    return emb
 
 
 def embedding_function(model: Any, *, normalization: str = "[-1,1]", color_order: str = "rgb",
@@ -118,7 +118,7 @@ class Embedder:
     """Batched, sharded embedding extraction for one backbone.
 
     Args:
-      model: a Linen module called as `model.apply(variables, images, train=False)`.
+      model: a Linen module called as `model.apply(variables, images, train=False) -> (embedding, aux)`.
       variables: its variables (params and, for the landmark CNN, batch_stats); None if every call
         passes its own (a training loop evaluating its current state).
       image_size: the square input side the model expects (pixels).

@@ -31,6 +31,7 @@ from __future__ import annotations
 import glob
 import logging
 import math
+import os
 
 import grain
 import ml_collections
@@ -55,6 +56,9 @@ def data_config() -> ml_collections.ConfigDict:
     # where the data is: .rec prefix ('dir/train' for dir/train.rec + dir/train.idx, or 'dir'),
     # ArrayRecord file(s) (comma-separated or a glob), image-folder root, or a TFDS data set name
     c.path = ""
+    # The command that makes the files of `path` (and of the recipe's .bin sets), named in the error
+    # when they are missing; '' = see data/README.md.
+    c.prepare_command = ""
     c.format = "rec"  # one of rec | arrayrecord | folder | tfds
     c.tfds_split = "train"  # TFDS split (format tfds)
     c.tfds_data_dir = ""  # TFDS data_dir; '' = TFDS's default
@@ -232,11 +236,21 @@ def _arrayrecord_paths(path: str) -> list[str]:
     return paths
 
 
+def missing_data_hint(dc: ml_collections.ConfigDict) -> str:
+    """How to make a recipe's missing data: its `data.prepare_command`, else where the formats are described."""
+    if dc.prepare_command:
+        return f"make it with `{dc.prepare_command}`"
+    return "point config.data.path at your data set (formats and converters: data/README.md)"
+
+
 def make_source(dc: ml_collections.ConfigDict):
     """The source `config.data` describes (format, path, colour order, skip policy), then its subset."""
     validate_data_config(dc)
     if not dc.path:
         raise ConfigError("config.data.path is empty: set it to the data set (see data/README.md)")
+    if dc.format in ("rec", "folder") and not (os.path.isdir(dc.path) or os.path.exists(dc.path + ".rec")):
+        wanted = f"{dc.path}.rec" if dc.format == "rec" else "the folder"
+        raise ConfigError(f"config.data.path={dc.path!r}: {wanted} does not exist; {missing_data_hint(dc)}")
     common = {"color_order": dc.color_order, "skip_undecodable": dc.skip_undecodable,
               "max_skip_fraction": float(dc.max_skip_fraction)}
     if dc.format == "rec":

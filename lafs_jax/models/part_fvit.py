@@ -4,6 +4,9 @@ The landmark positions are not detached: the ViT's loss trains the landmark CNN 
 bilinear weights of the sampler. LAFS pretraining instead runs a frozen landmark CNN on its own and
 feeds TokenViT tokens directly; fine-tuning can also pass landmarks computed elsewhere through the
 `landmarks=` argument (then `landmark_cnn` is not called).
+
+Both backbones here return (embedding, aux dict), the convention of `registry`: PartFViT's aux is
+{'landmarks'}, StandardGridFViT's {'centers'} (the points its patches were sampled at).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from lafs_jax.models.vit import TokenViT
 
 
 class PartFViT(nn.Module):
-    """images [B, H, W, C] (normalised) -> (embedding [B, dim] float32, landmarks [B, R, 2] pixels (x, y)).
+    """images [B, H, W, C] (normalised) -> (embedding [B, dim] float32, {'landmarks': [B, R, 2] pixels (x, y)}).
 
     Submodules `landmark_cnn` (LandmarkCNN) and `vit` (TokenViT over P*P*C-long tokens); so
     variables['params']['vit'] has the same tree as a LAFS teacher backbone.
@@ -33,12 +36,12 @@ class PartFViT(nn.Module):
         if landmarks is None:
             landmarks = self.landmark_cnn(images, train)
         tokens = sample_patches(images, landmarks, self.patch_size)
-        return self.vit(tokens, train), landmarks
+        return self.vit(tokens, train), {"landmarks": landmarks}
 
 
 class StandardGridFViT(nn.Module):
     """Part fViT's sampler at fixed standard-grid centres (the official `use_standcoord`, an ablation):
-    images [B, H, W, C] -> (embedding [B, dim] float32, centres [B, N, 2] pixels (x, y)).
+    images [B, H, W, C] -> (embedding [B, dim] float32, {'centers': [B, N, 2] pixels (x, y)}).
 
     No landmark CNN. Centres `standard_grid_centers(H, P)`; in training, N(0, noise_std²) px noise on
     every coordinate (official `Random_prob`: 3 px) and, with `shuffle`, the N centres resampled with
@@ -65,4 +68,4 @@ class StandardGridFViT(nn.Module):
                 idx = jax.random.randint(self.make_rng("dropout"), (b, grid.shape[0]), 0, grid.shape[0])
                 landmarks = jnp.take_along_axis(landmarks, idx[..., None], axis=1)
         tokens = grid_layout(sample_patches(images, landmarks, self.patch_size), self.patch_size)
-        return self.vit(tokens, train), landmarks
+        return self.vit(tokens, train), {"centers": landmarks}

@@ -2,6 +2,9 @@
 
 Recipes embed `model_config(preset)` as `config.model` and may override any field; the builders read
 only these fields. `validate_model_config` raises lafs_jax.config.ConfigError naming `config.model.<key>`.
+`config.model.kind` names a backbone family of `registry`; this module registers the four below
+(part_fvit, fvit, part_fvit_grid, insightface_vit) and `build_model` builds whichever kind is registered.
+Every backbone returns `(embedding, aux dict)` (see `registry`).
 
 Presets:
   tiny          CPU tests and the demo on 112x112 faces: 49 landmarks, 4-block landmark trunk,
@@ -28,13 +31,13 @@ import ml_collections
 import numpy as np
 
 from lafs_jax.config import ConfigError, check
+from lafs_jax.models import registry
 from lafs_jax.models.heads import DINOHead
 from lafs_jax.models.landmarks import HEAD_INITS, MOBILENET_V3_LARGE, LandmarkCNN, check_blocks
 from lafs_jax.models.part_fvit import PartFViT, StandardGridFViT
 from lafs_jax.models.vit import (ACTIVATIONS, ATTENTION_SCALES, DROP_PATH_SCHEDULES, FViT, InsightFaceViT,
                                  TokenViT)
 
-KINDS = ("part_fvit", "fvit", "part_fvit_grid", "insightface_vit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PRECISIONS = ("auto", "float32", "bfloat16")  # config.precision of the training tasks (`with_precision`)
 # InsightFace ViT sizes: (dim, depth); 8 heads, MLP 4 x dim (other_seeds.md §3.2 table)
@@ -66,9 +69,10 @@ TINY_LANDMARK_BLOCKS = (
 def _base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = "base"  # the preset these values started from (informational)
-    # 'part_fvit' (landmark patches) | 'fvit' (grid patches) | 'insightface_vit' (LVFace) | 'part_fvit_grid'
-    # (the official use_standcoord ablation: Part fViT's bilinear sampler at a fixed standard grid, no
-    # landmark CNN, grid_noise_std / grid_shuffle in training, plain-fViT token layout)
+    # a family of `registry.names()`: 'part_fvit' (landmark patches) | 'fvit' (grid patches) |
+    # 'insightface_vit' (LVFace) | 'part_fvit_grid' (the official use_standcoord ablation: Part fViT's
+    # bilinear sampler at a fixed standard grid, no landmark CNN, grid_noise_std / grid_shuffle in
+    # training, plain-fViT token layout)
     c.kind = "part_fvit"
     c.image_size = 112  # input side in pixels (square images)
     c.channels = 3  # input channels
@@ -174,7 +178,8 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
     def choice(name, choices):
         check(get(name) in choices, key(name), get(name), f"choose one of {sorted(choices)}")
 
-    choice("kind", KINDS)
+    check(get("kind") in registry.names(), key("kind"), get("kind"),
+          f"choose one of the registered model families {list(registry.names())}")
     for name in ("image_size", "channels", "patch_size", "num_landmarks", "dim", "depth", "heads", "head_dim",
                  "mlp_dim", "landmark.stem_features", "dino_head.out_dim", "dino_head.hidden_dim",
                  "dino_head.bottleneck_dim", "dino_head.num_layers", "insightface.embedding_size"):
@@ -205,18 +210,24 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
         check_blocks(get("landmark.blocks"), f"config.{key('landmark.blocks')}")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    kind = get("kind")
-    if kind in ("fvit", "part_fvit_grid"):
-        check(get("image_size") % get("patch_size") == 0, key("patch_size"), get("patch_size"),
-              f"{kind} needs image_size={get('image_size')} to be a multiple of patch_size")
     check(isinstance(get("grid_noise_std"), (int, float)) and get("grid_noise_std") >= 0, key("grid_noise_std"),
           get("grid_noise_std"), "a number >= 0 (pixels)")
     check(isinstance(get("grid_shuffle"), bool), key("grid_shuffle"), get("grid_shuffle"), "True or False")
-    if kind == "insightface_vit":
-        check(get("heads") * get("head_dim") == get("dim"), key("head_dim"), get("head_dim"),
-              f"insightface_vit needs heads * head_dim == dim={get('dim')}")
-        check(get("patch_size") <= get("image_size"), key("patch_size"), get("patch_size"),
-              "must not exceed image_size")
+    family = registry.get(get("kind"))
+    if family.validate is not None:
+        family.validate(cfg, prefix)
+
+
+def _check_grid_patches(cfg, prefix: str) -> None:
+    """fvit / part_fvit_grid: the image splits into whole grid patches."""
+    check(cfg.image_size % cfg.patch_size == 0, f"{prefix}.patch_size", cfg.patch_size,
+          f"{cfg.kind} needs image_size={cfg.image_size} to be a multiple of patch_size")
+
+
+def _check_insightface(cfg, prefix: str) -> None:
+    check(cfg.heads * cfg.head_dim == cfg.dim, f"{prefix}.head_dim", cfg.head_dim,
+          f"insightface_vit needs heads * head_dim == dim={cfg.dim}")
+    check(cfg.patch_size <= cfg.image_size, f"{prefix}.patch_size", cfg.patch_size, "must not exceed image_size")
 
 
 def with_precision(cfg: ml_collections.ConfigDict, precision: str) -> ml_collections.ConfigDict:
@@ -252,13 +263,31 @@ def build_landmark_cnn(cfg) -> LandmarkCNN:
 # Layout of the patch vectors a model's patch embedding reads: 'landmarks' = (x-offset, y-offset,
 # channel), Part fViT's sampler (`extract_patches_pytorch_gridsample` in the official `ViT_face.py`); 'grid' = (row, col, channel), plain fViT.
 PATCH_ORDERS = ("landmarks", "grid")
-KIND_PATCH_ORDER = {"part_fvit": "landmarks", "fvit": "grid", "part_fvit_grid": "grid"}
+
+
+class _KindPatchOrder(Mapping):
+    """{kind: patch order} of the registered families that have one, read from the registry on each access."""
+
+    def _orders(self) -> dict[str, str]:
+        return {n: f.patch_order for n in registry.names() if (f := registry.get(n)).patch_order is not None}
+
+    def __getitem__(self, kind: str) -> str:
+        return self._orders()[kind]
+
+    def __iter__(self):
+        return iter(self._orders())
+
+    def __len__(self) -> int:
+        return len(self._orders())
+
+
+KIND_PATCH_ORDER: Mapping[str, str] = _KindPatchOrder()
 
 
 def patch_order(cfg) -> str | None:
-    """'landmarks' (part_fvit), 'grid' (fvit, part_fvit_grid), or None (insightface_vit: its own
-    patch embedding)."""
-    return KIND_PATCH_ORDER.get(cfg.kind)
+    """The registered family's patch order: 'landmarks' (part_fvit), 'grid' (fvit, part_fvit_grid), or
+    None (insightface_vit: its own patch embedding)."""
+    return registry.get(cfg.kind).patch_order
 
 
 def grid_tokens(cfg) -> int:
@@ -267,11 +296,11 @@ def grid_tokens(cfg) -> int:
 
 
 def build_token_vit(cfg, num_positions: int | None = None) -> TokenViT:
-    """TokenViT of a model config. Position rows: num_positions, else num_landmarks (part_fvit) or
-    the grid patch count (fvit)."""
+    """TokenViT of a model config. Position rows: num_positions, else the grid patch count for a family
+    with 'grid' patches (fvit, part_fvit_grid), num_landmarks otherwise (part_fvit)."""
     validate_model_config(cfg)
     if num_positions is None:
-        num_positions = grid_tokens(cfg) if cfg.kind in ("fvit", "part_fvit_grid") else cfg.num_landmarks
+        num_positions = grid_tokens(cfg) if patch_order(cfg) == "grid" else cfg.num_landmarks
     return TokenViT(num_positions=num_positions, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
                     head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, attention_scale=cfg.attention_scale,
                     mlp_activation=cfg.mlp_activation, layer_norm_eps=cfg.layer_norm_eps,
@@ -291,19 +320,28 @@ def build_dino_head(cfg) -> DINOHead:
 
 
 def build_model(cfg):
-    """The backbone of `cfg.kind`: PartFViT / StandardGridFViT (-> (embedding, centres)), FViT or
-    InsightFaceViT (-> embedding).
-
-    All take (images [B, H, W, C] normalised, train: bool).
+    """The backbone of the family registered as `cfg.kind`: called with (images [B, H, W, C] normalised,
+    train: bool), it returns (embedding [B, D] float32, aux dict). PartFViT -> {'landmarks': [B, R, 2]},
+    StandardGridFViT -> {'centers': [B, N, 2]}, FViT / InsightFaceViT -> {}.
     """
     validate_model_config(cfg)
-    if cfg.kind == "part_fvit":
-        return PartFViT(landmark_cnn=build_landmark_cnn(cfg), vit=build_token_vit(cfg), patch_size=cfg.patch_size)
-    if cfg.kind == "fvit":
-        return FViT(vit=build_token_vit(cfg), patch_size=cfg.patch_size)
-    if cfg.kind == "part_fvit_grid":
-        return StandardGridFViT(vit=build_token_vit(cfg), patch_size=cfg.patch_size,
-                                noise_std=float(cfg.grid_noise_std), shuffle=cfg.grid_shuffle)
+    return registry.get(cfg.kind).build(cfg)
+
+
+def _build_part_fvit(cfg) -> PartFViT:
+    return PartFViT(landmark_cnn=build_landmark_cnn(cfg), vit=build_token_vit(cfg), patch_size=cfg.patch_size)
+
+
+def _build_fvit(cfg) -> FViT:
+    return FViT(vit=build_token_vit(cfg), patch_size=cfg.patch_size)
+
+
+def _build_part_fvit_grid(cfg) -> StandardGridFViT:
+    return StandardGridFViT(vit=build_token_vit(cfg), patch_size=cfg.patch_size,
+                            noise_std=float(cfg.grid_noise_std), shuffle=cfg.grid_shuffle)
+
+
+def _build_insightface_vit(cfg) -> InsightFaceViT:
     return InsightFaceViT(image_size=cfg.image_size, patch_size=cfg.patch_size, dim=cfg.dim, depth=cfg.depth,
                           heads=cfg.heads, mlp_dim=cfg.mlp_dim, mlp_activation=cfg.mlp_activation,
                           attention_scale=cfg.attention_scale, layer_norm_eps=cfg.layer_norm_eps,
@@ -311,6 +349,14 @@ def build_model(cfg):
                           dropout=cfg.dropout, qkv_bias=cfg.qkv_bias, mask_ratio=cfg.insightface.mask_ratio,
                           embedding_size=cfg.insightface.embedding_size, bn_eps=cfg.insightface.bn_eps,
                           dtype=compute_dtype(cfg), attention_implementation=_attention_impl(cfg), remat=cfg.remat)
+
+
+registry.register("part_fvit", registry.Family(build=_build_part_fvit, patch_order="landmarks",
+                                               aux_keys=("landmarks",), landmark_cnn=True))
+registry.register("fvit", registry.Family(build=_build_fvit, patch_order="grid", validate=_check_grid_patches))
+registry.register("part_fvit_grid", registry.Family(build=_build_part_fvit_grid, patch_order="grid",
+                                                    aux_keys=("centers",), validate=_check_grid_patches))
+registry.register("insightface_vit", registry.Family(build=_build_insightface_vit, validate=_check_insightface))
 
 
 def dummy_images(cfg, batch: int = 1) -> jax.Array:

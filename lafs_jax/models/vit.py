@@ -15,6 +15,9 @@ Every numeric choice of the originals is a field (the official `ViT_face.py`):
 Linear layers of the official ViT keep torch's default init (uniform +-1/sqrt(fan_in)); the
 InsightFace ViT uses truncated normal 0.02, as its code does.
 
+FViT and InsightFaceViT are backbones and return (embedding, {}) (the convention of `registry`);
+TokenViT, which pretraining feeds tokens directly, returns the embedding alone.
+
 Parameter names (the converter and the layer-wise lr decay rules rely on them):
   TokenViT: patch_embedding, cls_token, pos_embedding, encoder/block_{i}/{attention_norm,
   attention/{qkv,out}, mlp_norm, mlp/{fc1,fc2}}, head_norm.
@@ -243,15 +246,15 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 
 
 class FViT(nn.Module):
-    """Plain fViT: grid patches of the image into the TokenViT `vit`. images [B,H,W,C] -> [B, dim]."""
+    """Plain fViT: grid patches of the image into the TokenViT `vit`. images [B,H,W,C] -> ([B, dim], {})."""
 
     vit: TokenViT
     patch_size: int = 8
 
-    def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, dict]:
         if images.ndim != 4:
             raise ValueError(f"FViT: images must be [B,H,W,C], got shape {images.shape}")
-        return self.vit(patchify(images, self.patch_size), train)
+        return self.vit(patchify(images, self.patch_size), train), {}
 
 
 def random_token_mask(key: jax.Array, batch: int, length: int, keep: int):
@@ -267,7 +270,8 @@ def random_token_mask(key: jax.Array, batch: int, length: int, keep: int):
 
 
 class InsightFaceViT(nn.Module):
-    """InsightFace / LVFace ViT: images [B, H, W, C] -> embedding [B, embedding_size] float32 (not normalised).
+    """InsightFace / LVFace ViT: images [B, H, W, C] -> (embedding [B, embedding_size] float32 (not
+    normalised), {}).
 
     Conv patch embedding (kernel = stride = patch_size, bias; VALID, so 112 with patch 9 gives 12 x 12
     tokens), learned positions (truncated normal 0.02), no class token, pre-norm blocks with
@@ -299,7 +303,7 @@ class InsightFaceViT(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, dict]:
         if images.ndim != 4 or images.shape[1] != self.image_size or images.shape[2] != self.image_size:
             raise ValueError(f"InsightFaceViT: images must be [B,{self.image_size},{self.image_size},C], got "
                              f"shape {images.shape}")
@@ -329,4 +333,4 @@ class InsightFaceViT(nn.Module):
             filler = jnp.broadcast_to(mask_token, (b, length - x.shape[1], d))
             x = jnp.take_along_axis(jnp.concatenate([x, filler], axis=1), ids_restore[..., None], axis=1)
         return EmbeddingHead(self.embedding_size, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
-                             dtype=self.dtype, name="feature_head")(x, train)
+                             dtype=self.dtype, name="feature_head")(x, train), {}

@@ -58,18 +58,17 @@ from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError, check, check_choice
 from lafs_jax.eval import embed as embed_lib
-from lafs_jax.eval import roc, verification
+from lafs_jax.eval import evaluators as evaluators_lib
 from lafs_jax.input import device_augment
 from lafs_jax.input import pipelines
 from lafs_jax.input.images import COLOR_ORDERS
 from lafs_jax.input.transforms import NORMALIZATIONS
-from lafs_jax.input.verification_bin import load_bin
 from lafs_jax.input import transforms
 from lafs_jax.losses import curriculum as curriculum_lib
 from lafs_jax.losses import margin, partial_fc
 from lafs_jax.models import presets
 from lafs_jax.train import checkpoint as ckpt_lib
-from lafs_jax.train import loop_utils
+from lafs_jax.train import loop, loop_utils
 from lafs_jax.train import optim
 from lafs_jax.train import prefetch as prefetch_lib
 
@@ -145,7 +144,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(all(b2 > b1 for b1, b2 in zip(bounds, bounds[1:])), "landmark_reg.boundaries", bounds, "strictly increasing")
     check(all(w >= 0 for w in weights), "landmark_reg.weights", weights, "all >= 0")
     for i, path in enumerate(config.eval.bins):
-        check(os.path.isfile(path), f"eval.bins[{i}]", path, "an existing .bin file")
+        check(os.path.isfile(path), f"eval.bins[{i}]", path,
+              f"an existing .bin file ({pipelines.missing_data_hint(config.data)})")
     for key, choices in (("eval.normalization", ("",) + NORMALIZATIONS), ("eval.color_order", COLOR_ORDERS)):
         check_choice(config, key, choices)
     if config.curriculum:
@@ -377,7 +377,8 @@ def make_loss_fn(model: Any, landmark_cnn: Any, config: ml_collections.ConfigDic
             given["landmarks"] = jax.lax.stop_gradient(landmark_cnn.apply(lm_vars, batch["image"], train=False))
         out, new_state = model.apply(variables, batch["image"], train=True, rngs={"dropout": k_drop},
                                      mutable=mutable, **given)
-        emb, landmarks = out if isinstance(out, tuple) else (out, None)
+        emb, aux = out  # every backbone returns (embedding, aux dict)
+        landmarks = aux.get("landmarks")  # Part fViT's, for the landmark regulariser
         labels = {k: batch[k] for k in ("label", "label2", "lam")}
         if phase is None:
             cls_loss, metrics = partial_fc.partial_fc_loss(
@@ -645,34 +646,24 @@ def backbone_metadata(config: ml_collections.ConfigDict, **extra) -> dict:
     }
 
 
-def load_eval_sets(config: ml_collections.ConfigDict) -> dict:
-    """{name: (uint8 images [2N, S, S, 3], issame bool [N])} of `config.eval.bins`, each checked at start-up:
-    at least `eval.nfolds` pairs (ConfigError naming config.eval.bins[i] and the file otherwise)."""
-
-    out = {}
-    for i, path in enumerate(config.eval.bins):
-        images, issame = load_bin(path, config.model.image_size)
-        check(len(issame) >= config.eval.nfolds, f"eval.bins[{i}]", path,
-              f"a .bin with at least config.eval.nfolds={config.eval.nfolds} pairs for the {config.eval.nfolds}-fold "
-              f"protocol; it holds {len(issame)}")
-        out[os.path.splitext(os.path.basename(path))[0]] = (images, issame)
-    return out
+def verification_evaluator(config: ml_collections.ConfigDict, embedder_factory) -> list:
+    """The evaluator of `config.eval` (`.bin` verification named 'val', its errors naming config.eval.*),
+    built and checked at start-up; [] without sets."""
+    if not config.eval.bins:
+        return []
+    fields = {k: config.eval[k] for k in ("bins", "every_steps", "at_start", "batch_size", "flip", "nfolds")}
+    cfg = evaluators_lib.evaluator_config("verification", **fields)
+    return [evaluators_lib.VerificationEvaluator("val", cfg, embedder_factory=embedder_factory,
+                                                 image_size=config.model.image_size, key="eval")]
 
 
-class EvaluationError(RuntimeError):
-    """Verification during training failed; its step's checkpoint was saved (and confirmed) first."""
+EvaluationError = evaluators_lib.EvaluationError
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Fine-tune; returns {'step', 'final_metrics', 'verification': {set: accuracy}}.
-
-    Checkpoints: saved every checkpoint.every_steps, at every evaluation step (with its verification
-    metrics; an evaluation error is raised only after that checkpoint is saved and confirmed, so it
-    loses no training), at the last step and on SIGTERM; each is confirmed by
-    the next step's loss (on SIGTERM and at the end by one extra step whose result is dropped). A
-    relaunch resumes from the newest confirmed checkpoint that restores (TrainCheckpointer.resume).
-    On divergence the unconfirmed checkpoints are deleted and the error names the one kept.
-    """
+    """Fine-tune; returns {'step', 'preempted', 'final_metrics', 'verification': {set: accuracy},
+    'initial_verification'}. Resume, checkpoints, confirmation, SIGTERM, evaluation and the outputs
+    (WORKDIR/backbone, WORKDIR/backbone_best) are the loop's (lafs_jax.train.loop)."""
     validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -680,7 +671,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     local_bs = mesh_lib.local_batch_size(global_bs, mesh, "config.batch_size")
     # Topology errors before any work: the rules against the backbone's shapes (nothing computed).
     mesh_lib.param_shardings(presets.abstract_variables(config.model)["params"], config.sharding_rules, mesh)
-    eval_sets = load_eval_sets(config)  # before anything is built: a bad .bin fails at start-up
+    model_cfg = presets.with_precision(config.model, config.precision)  # compute dtype; parameters stay fp32
+    model = presets.build_model(model_cfg)
+    embedder_factory = lambda batch_size: embed_lib.Embedder(  # noqa: E731
+        model, None, image_size=config.model.image_size,
+        normalization=config.eval.normalization or config.data.normalization,
+        color_order=config.eval.color_order, mesh=mesh, batch_size=batch_size)
+    # every evaluation input is read and checked before anything is built: a bad .bin fails at start-up
+    evaluators = verification_evaluator(config, embedder_factory)
 
     # ------------------------------------------------------------------ data
     source = pipelines.make_source(config.data)
@@ -701,8 +699,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  len(source), num_classes, steps_per_epoch, total_steps, global_bs)
 
     # ------------------------------------------------------------------ model, head, optimizer
-    model_cfg = presets.with_precision(config.model, config.precision)  # compute dtype; parameters stay fp32
-    model = presets.build_model(model_cfg)
     landmark_cnn = presets.build_landmark_cnn(model_cfg) if config.model.kind == "part_fvit" else None
     init_key, centers_key = jax.random.split(jax.random.key(config.seed))
     init_fn = presets.compiled_init(model_cfg, mesh_lib.replicated(mesh))  # shared by runs of one architecture
@@ -730,13 +726,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # one jitted step per curriculum phase (None: config.loss), compiled when first needed
     step_fns: dict = {}
 
-    def step_fn_at(step: int):
+    def train_step(state, batch, step: int):
+        _check_batch_labels(batch, num_classes)  # this process's rows, before the step
         phase = phase_at(config, step, steps_per_epoch)
         if phase not in step_fns:
             if phase is not None:
                 logging.info("curriculum phase %d from step %d: %s", phase, step, dict(config.curriculum[phase]))
             step_fns[phase] = make_phase_step(model, landmark_cnn, config, mesh, num_classes, tx, shardings, phase)
-        return step_fns[phase]
+        reg_weight = np.float32(landmark_weight(config.landmark_reg, (step - 1) // steps_per_epoch))
+        return step_fns[phase](state, teacher_vars, batch, reg_weight)
 
     # ------------------------------------------------------------------ checkpoint / resume
     # with verification sets, every evaluated step is checkpointed with its accuracy, and the best one
@@ -745,25 +743,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       save_every=config.checkpoint.every_steps,
                                       async_save=config.checkpoint.async_save,
                                       metadata={"config": config, **backbone_metadata(config)},
-                                      best_fn=verification_score if config.eval.bins else None)
+                                      best_fn=loop.best_score if evaluators else None)
     abstract_state = ckpt_lib.abstract_like(state, shardings)  # restore targets (the live state gets donated)
-    try:
-        # any mesh: W and its optimizer moments are re-padded for this device count
-        resumed, restored = ckpt.resume(abstract_state, data_iterator=train_iter,
-                                        padded_rows=padded_rows(config, num_classes))
-    except BaseException:
-        ckpt.close()
-        raise
+    rows = padded_rows(config, num_classes)  # any mesh: W and its optimizer moments are re-padded
+    resumed, restored = loop.resume(ckpt, abstract_state, train_iter, padded_rows=rows)
     start = 0
     if resumed is not None:
         state, start = restored, int(restored["step"])
-        logging.info("resumed from step %d", start)
-
-    # ------------------------------------------------------------------ evaluation
-    embedder = embed_lib.Embedder(model, None, image_size=config.model.image_size,
-        normalization=config.eval.normalization or config.data.normalization,
-        color_order=config.eval.color_order, mesh=mesh,
-        batch_size=config.eval.batch_size) if eval_sets else None
 
     def backbone_variables(state) -> dict:
         """What evaluation and the output use: the parameter average when it is on, else the params."""
@@ -772,123 +758,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             variables["batch_stats"] = state["batch_stats"]
         return variables
 
-    def evaluate(state) -> dict:
-        variables = backbone_variables(state)
-        out = {}
-        for name, (images, issame) in eval_sets.items():
-            emb = embedder.embed(images, flip=config.eval.flip, variables=variables)
-            r = verification.evaluate_pairs_embeddings(emb, issame, nfolds=config.eval.nfolds)
-            out[name] = r
-        return out
+    def export(variables, step: int, kind: str) -> None:
+        name = BEST_BACKBONE_DIR if kind == "best" else "backbone"
+        extra = {"verification": ckpt.metrics(step)} if kind == "best" else {}
+        variables_lib.save_variables(os.path.join(workdir, name), variables,
+                                     backbone_metadata(config, step=step, init=origin, num_classes=num_classes,
+                                                       ema_decay=float(config.ema_decay), **extra))
+        logging.info("saved the %s backbone (step %d) to %s", kind, step, os.path.join(workdir, name))
 
-    def train_step(state, step: int):
-        batch = loop_utils.next_batch(train_iter)  # already global, on the mesh (device_prefetch)
-        _check_batch_labels(batch, num_classes)  # this process's rows, before the step
-        reg_weight = np.float32(landmark_weight(config.landmark_reg, (step - 1) // steps_per_epoch))
-        return step_fn_at(step)(state, teacher_vars, batch, reg_weight)
-
-    def confirm_by_one_more_step(state, step: int) -> None:
-        """Run step `step` + 1 (result dropped, the state donated) to check the loss that confirms
-        checkpoint `step`: how the last checkpoint and a SIGTERM one get confirmed."""
-        _, extra = train_step(state, step + 1)
-        ckpt.confirm(step, checked_at_step=step + 1, loss=monitor.check_loss(step + 1, extra))
-
-    # ------------------------------------------------------------------ loop
-    monitor = loop_utils.DivergenceMonitor(config.divergence)
-    metrics: dict = {}
-    results: dict = {}
-    initial: dict = {}
-    unconfirmed = None  # the newest checkpoint's step, until the next checked loss confirms it
-    eval_error: EvaluationError | None = None  # raised once its step's checkpoint is confirmed
-    writer = loop_utils.MetricWriter(workdir, resume_step=start)
-    try:
-        progress = loop_utils.Progress(total_steps, every=config.log_every_steps, batch_size=global_bs,
-                                       start_step=start, name="finetune")
-        if eval_sets and config.eval.at_start and start == 0:
-            initial = evaluate(state)
-            writer.write_scalars(0, {f"val/{n}/accuracy": r["accuracy"] for n, r in initial.items()})
-            logging.info("verification before training:\n%s", roc.markdown_table(initial, verification.DEFAULT_FARS))
-        with loop_utils.preemption_guard() as guard:
-            for step in range(start + 1, total_steps + 1):
-                state, metrics = train_step(state, step)
-                if step == start + 1:
-                    progress.reset(step)
-                logged = step % config.log_every_steps == 0 or step == total_steps
-                evaluating = bool(eval_sets) and (step % config.eval.every_steps == 0 or step == total_steps)
-                saving = ckpt.should_save(step) or step == total_steps or evaluating
-                if logged or saving or unconfirmed is not None:
-                    loss = monitor.check_loss(step, metrics)
-                    if unconfirmed is not None:
-                        ckpt.confirm(unconfirmed, checked_at_step=step, loss=loss)
-                        unconfirmed = None
-                    monitor.check_params(step, metrics)
-                if eval_error is not None:
-                    raise eval_error
-                if logged:
-                    scalars = {f"train/{k}": v for k, v in metrics.items()}
-                    rates = progress.update(step, {"loss": metrics["loss"]})
-                    scalars.update({f"perf/{k}": v for k, v in (rates or {}).items()})
-                    writer.write_scalars(step, scalars)
-                step_results = None
-                if evaluating:
-                    try:
-                        step_results = results = evaluate(state)
-                    except Exception as e:  # pylint: disable=broad-except  (re-raised after the confirmation)
-                        eval_error = EvaluationError(
-                            f"verification at step {step} failed ({type(e).__name__}: {e}); the step's checkpoint "
-                            f"{ckpt.directory / str(step)} is kept: fix the cause and relaunch to resume from it")
-                        eval_error.__cause__ = e
-                        logging.error("%s", eval_error)
-                    else:
-                        writer.write_scalars(step, {f"val/{n}/{k}": r[k] for n, r in results.items()
-                                                    for k in ("accuracy", "accuracy_std", "best_threshold")})
-                        logging.info("step %d verification:\n%s", step, roc.markdown_table(results, verification.DEFAULT_FARS))
-                # saved after the evaluation so it carries its metrics (the best checkpoint is kept); an
-                # evaluation error is only raised once this checkpoint is confirmed
-                metrics_of_step = verification_metrics(step_results) if (step_results and ckpt.best_fn) else None
-                if saving and ckpt.save(step, state, data_iterator=train_iter, force=True, metrics=metrics_of_step):
-                    unconfirmed = step
-                if guard.should_stop(step):
-                    if ckpt.save(step, state, data_iterator=train_iter, force=True):
-                        unconfirmed = step
-                    host_metrics = _host(metrics)
-                    if unconfirmed is not None:
-                        confirm_by_one_more_step(state, step)
-                    if eval_error is not None:
-                        raise eval_error
-                    logging.warning("stopping at step %d on request (SIGTERM); the run resumes from here", step)
-                    return {"step": step, "preempted": True, "final_metrics": host_metrics}
-            final_step = int(state["step"])
-            output = jax.device_get(backbone_variables(state))
-            final_metrics = _host(metrics)
-            if unconfirmed is not None:  # the last checkpoint: confirmed before anything is written from it
-                confirm_by_one_more_step(state, unconfirmed)
-        if eval_error is not None:
-            raise eval_error
-        ckpt.wait()
-        best = ckpt.best_step()
-        if best is not None:
-            best_output = output if best == final_step else jax.device_get(
-                backbone_variables(ckpt.restore(best, abstract_state)))
-            variables_lib.save_variables(os.path.join(workdir, BEST_BACKBONE_DIR), best_output,
-                                         backbone_metadata(config, step=best, init=origin, num_classes=num_classes,
-                                                           ema_decay=float(config.ema_decay),
-                                                           verification=ckpt.metrics(best)))
-            logging.info("saved the best verified backbone (step %d) to %s", best,
-                         os.path.join(workdir, BEST_BACKBONE_DIR))
-    except loop_utils.DivergenceError as e:
-        raise ckpt.after_divergence(e) from None
-    finally:
-        ckpt.close()
-        writer.close()
-
-    # ------------------------------------------------------------------ output
-    variables_lib.save_variables(os.path.join(workdir, "backbone"), output,
-                                 backbone_metadata(config, step=final_step, init=origin, num_classes=num_classes,
-                                                   ema_decay=float(config.ema_decay)))
-    logging.info("saved the backbone to %s", os.path.join(workdir, "backbone"))
-    return {"step": final_step, "preempted": False, "final_metrics": final_metrics,
-            "verification": {n: r["accuracy"] for n, r in results.items()},
+    settings = loop.LoopSettings(name="finetune", total_steps=total_steps, stop_step=total_steps,
+                                 log_every_steps=config.log_every_steps, batch_size=global_bs,
+                                 divergence=config.divergence)
+    out = loop.train(state, train_step, settings, ckpt=ckpt, batches=train_iter, start=start, workdir=workdir,
+                     evaluators=evaluators, eval_variables=backbone_variables, export_variables=backbone_variables,
+                     export=export, abstract_state=abstract_state, padded_rows=rows)
+    val, initial = out.evaluations.get("val", {}), out.initial_evaluations.get("val", {})
+    return {"step": out.step, "preempted": out.preempted, "final_metrics": out.final_metrics,
+            "verification": {n: r["accuracy"] for n, r in val.items()},
             "initial_verification": {n: r["accuracy"] for n, r in initial.items()}}
 
 
@@ -906,8 +792,4 @@ def verification_score(metrics: dict) -> float:
 def embedding_dim(model: Any, variables: Any, model_config: ml_collections.ConfigDict) -> int:
     """D of the backbone's embedding (shape inference only, nothing computed)."""
     out = jax.eval_shape(lambda v: model.apply(v, presets.dummy_images(model_config, 1), train=False), variables)
-    return int((out[0] if isinstance(out, tuple) else out).shape[-1])
-
-
-def _host(metrics: dict) -> dict:
-    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+    return int(out[0].shape[-1])  # (embedding, aux)

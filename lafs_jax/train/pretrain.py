@@ -70,7 +70,7 @@ from lafs_jax.losses import dino as dino_lib
 from lafs_jax.models import presets
 from lafs_jax.models import vit as vit_lib
 from lafs_jax.train import checkpoint as ckpt_lib
-from lafs_jax.train import loop_utils
+from lafs_jax.train import loop, loop_utils
 from lafs_jax.train import optim as optim_lib
 from lafs_jax.train import prefetch as prefetch_lib
 from lafs_jax.train import views as views_lib
@@ -543,14 +543,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                       save_every=config.checkpoint.every_steps,
                                       async_save=config.checkpoint.async_save, metadata=meta)
-    try:  # the newest confirmed checkpoint that restores (see TrainCheckpointer.resume)
-        resumed, restored = ckpt.resume(ckpt_lib.abstract_like(abstract, shardings), data_iterator=data_iter)
-    except BaseException:
-        ckpt.close()
-        raise
+    resumed, restored = loop.resume(ckpt, ckpt_lib.abstract_like(abstract, shardings), data_iter)
     if resumed is not None:
         state = restored
-        logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
     else:
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed), landmarks)
     start = int(state["step"])
@@ -558,81 +553,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("pretrain %s: %d steps (%d per epoch), global batch %d, %d devices, from step %d",
                  config.method, total_steps, steps_per_epoch, global_batch, mesh.devices.size, start)
 
-    # -- loop -------------------------------------------------------------------------------------
-    # Checkpoints are confirmed by the next step's loss (checked lazily with the other pending
-    # metrics, and at the stop by one extra step whose result is dropped); on divergence the
-    # unconfirmed ones are deleted (TrainCheckpointer docstring).
-    writer = loop_utils.MetricWriter(workdir, resume_step=start)
-    progress = loop_utils.Progress(total_steps, every=config.log_every_steps, batch_size=global_batch, start_step=start,
-                                   name=f"pretrain[{config.method}]")
-    monitor = loop_utils.DivergenceMonitor(config.divergence)
-    pending: list[tuple[int, dict]] = []  # device metrics not yet checked / written
-    unconfirmed: int | None = None  # the newest checkpoint's step, until step + 1's loss confirms it
+    def train_step(state, batch, step: int):
+        """Step `step` from `state` (whose step counter is `step` - 1)."""
+        return step_fn(state, batch, jax.random.fold_in(state["rng"], step - 1))
 
-    def check(step: int, metrics: dict) -> None:
-        """Divergence checks of one step; its good loss confirms the checkpoint of step - 1."""
-        nonlocal unconfirmed
-        loss = monitor.check_loss(step, metrics)
-        if unconfirmed is not None and step == unconfirmed + 1:
-            ckpt.confirm(unconfirmed, checked_at_step=step, loss=loss)
-            unconfirmed = None
-        monitor.check_params(step, metrics)
+    def export(teacher, step: int, kind: str) -> None:
+        save_teacher_backbone(os.path.join(workdir, TEACHER_BACKBONE_DIR), teacher, config, step)
 
-    def flush_metrics(rates: dict | None = None) -> float:
-        """Check every pending step's metrics for divergence, write them; the last loss."""
-        last = float("nan")
-        for s, m in pending:
-            host = jax.device_get(m)
-            check(s, host)
-            extra = rates if (rates and s == pending[-1][0]) else {}
-            writer.write_scalars(s, {**host, **extra})
-            last = float(host["loss"])
-        pending.clear()
-        return last
-
-    def run_step(state, step: int):
-        """Step `step` + 1 from `state` (whose step counter is `step`)."""
-        batch = loop_utils.next_batch(data_iter)  # already global, on the mesh (device_prefetch)
-        return step_fn(state, batch, jax.random.fold_in(state["rng"], step))
-
-    last_loss = float("nan")
-    step = start
-    teacher = None
-    try:
-        with loop_utils.preemption_guard() as guard:
-            while step < stop:
-                state, metrics = run_step(state, step)
-                step += 1
-                pending.append((step, metrics))
-                if step == start + 1:
-                    last_loss = flush_metrics()  # includes compilation: excluded from the timing
-                    progress.reset(step)
-                rates = progress.update(step, {"loss": pending[-1][1]["loss"]} if pending else None)
-                preempted = guard.should_stop(step)
-                must_save = ckpt.should_save(step) or step == stop or preempted
-                if rates is not None or must_save or unconfirmed is not None:
-                    last_loss = flush_metrics(rates) if pending else last_loss  # checked before any save
-                if must_save and ckpt.save(step, state, data_iterator=data_iter, force=True):
-                    unconfirmed = step
-                if preempted:
-                    logging.warning("preempted (signal): saved step %d to %s and stopped", step, ckpt.directory)
-                    break
-            if pending:
-                last_loss = flush_metrics()
-            if step >= total_steps:
-                teacher = jax.device_get(state["teacher"]["backbone"]["vit"])
-            if unconfirmed is not None:  # one more step checks the loss of the saved state (state donated)
-                _, extra = run_step(state, step)
-                check(step + 1, {"loss": jax.device_get(extra["loss"])})
-        ckpt.wait()
-        if teacher is not None:
-            save_teacher_backbone(os.path.join(workdir, TEACHER_BACKBONE_DIR), teacher, config, step)
-    except loop_utils.DivergenceError as e:
-        raise ckpt.after_divergence(e) from None
-    finally:
-        ckpt.close()
-        writer.close()
-    return {"step": step, "loss": last_loss}
+    settings = loop.LoopSettings(name=f"pretrain[{config.method}]", total_steps=total_steps, stop_step=stop,
+                                 log_every_steps=config.log_every_steps, batch_size=global_batch,
+                                 divergence=config.divergence, metrics_every_step=True, metric_prefix="",
+                                 perf_prefix="")
+    out = loop.train(state, train_step, settings, ckpt=ckpt, batches=data_iter, start=start, workdir=workdir,
+                     export_variables=lambda state: state["teacher"]["backbone"]["vit"], export=export)
+    return {"step": out.step, "loss": out.last_loss}
 
 
 def save_teacher_backbone(directory: str, teacher_vit: Any, config: ml_collections.ConfigDict, step: int) -> None:

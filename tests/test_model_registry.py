@@ -1,0 +1,127 @@
+"""Backbone families by name (`lafs_jax.models.registry`) and the one return convention of every
+backbone: (embedding [B, D] float32, aux dict with the family's `aux_keys`)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lafs_jax.config import ConfigError, check
+from lafs_jax.eval import embed
+from lafs_jax.models import presets, registry
+
+# family -> (preset it is built from, embedding size, {aux key: shape without the batch axis}) for the
+# preset's 112 x 112 images: tiny has 49 landmarks, D 96, patch 8 (14 x 14 = 196 grid patches)
+FAMILIES = {
+    "part_fvit": ("tiny", 96, {"landmarks": (49, 2)}),
+    "fvit": ("tiny", 96, {}),
+    "part_fvit_grid": ("tiny", 96, {"centers": (196, 2)}),
+    "insightface_vit": ("insightface_t", 512, {}),
+}
+PATCH_ORDERS = {"part_fvit": "landmarks", "fvit": "grid", "part_fvit_grid": "grid", "insightface_vit": None}
+
+
+def family_config(name):
+    cfg = presets.model_config(FAMILIES[name][0])
+    cfg.kind = name
+    return cfg
+
+
+def test_the_registered_families_are_the_documented_ones():
+    assert registry.names() == tuple(FAMILIES)
+    for name in FAMILIES:
+        family = registry.get(name)
+        assert family.patch_order == PATCH_ORDERS[name] == presets.patch_order(family_config(name))
+        assert family.aux_keys == tuple(FAMILIES[name][2])
+        assert family.landmark_cnn == (name == "part_fvit")
+    assert dict(presets.KIND_PATCH_ORDER) == {k: v for k, v in PATCH_ORDERS.items() if v is not None}
+    assert presets.KIND_PATCH_ORDER.get("insightface_vit") is None and presets.KIND_PATCH_ORDER.get("x") is None
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("train", [False, True])
+def test_every_family_returns_embedding_and_aux(name, train):
+    """Shapes only (jax.eval_shape): eval mode, and train mode with dropout rng and batch statistics."""
+    cfg = family_config(name)
+    _, dim, aux_shapes = FAMILIES[name]
+    model = presets.build_model(cfg)
+    variables = presets.abstract_variables(cfg)
+    images = jax.ShapeDtypeStruct((3, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+    if train:
+        (emb, aux), _ = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(0)},
+                                                               mutable=["batch_stats"]), variables, images)
+    else:
+        emb, aux = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+    assert (emb.shape, emb.dtype) == ((3, dim), jnp.float32)
+    assert isinstance(aux, dict) and set(aux) == set(aux_shapes)
+    for key, shape in aux_shapes.items():
+        assert aux[key].shape == (3, *shape)
+
+
+def test_unknown_kind_names_the_key_and_the_families():
+    with pytest.raises(ConfigError, match=r"config\.model\.kind='resnet'.*part_fvit.*insightface_vit"):
+        registry.get("resnet")
+    cfg = presets.model_config("tiny")
+    cfg.kind = "resnet"
+    for call in (presets.build_model, presets.validate_model_config, presets.patch_order):
+        with pytest.raises(ConfigError, match=r"config\.model\.kind='resnet'.*part_fvit"):
+            call(cfg)
+
+
+def test_a_name_registers_once():
+    before = registry.get("fvit")
+    with pytest.raises(ValueError, match="'fvit' is already registered"):
+        registry.register("fvit", registry.Family(build=lambda cfg: None))
+    assert registry.get("fvit") is before
+    with pytest.raises(TypeError, match="expected a Family"):
+        registry.register("other", lambda cfg: None)
+    assert "other" not in registry.names()
+
+
+def test_split_output_refuses_a_bare_embedding():
+    emb = jnp.zeros((2, 4))
+    assert registry.split_output((emb, {}))[0] is emb
+    with pytest.raises(TypeError, match=r"\(embedding, aux dict\)"):
+        registry.split_output(emb)
+
+
+class _PooledDense(nn.Module):
+    """A new family for the test: mean colour -> Dense(dim); aux {'pooled': [B, C]}."""
+
+    dim: int
+
+    @nn.compact
+    def __call__(self, images, train):
+        pooled = images.mean(axis=(1, 2))
+        return nn.Dense(self.dim)(pooled).astype(jnp.float32), {"pooled": pooled}
+
+
+def _check_three_channels(cfg, prefix):
+    check(cfg.channels == 3, f"{prefix}.channels", cfg.channels, "pooled_dense needs RGB")
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """The registry as it is, in a copy that the test may add to; the real one is back afterwards."""
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+
+
+def test_a_new_family_is_one_registration(scratch_registry):
+    registry.register("pooled_dense", registry.Family(build=lambda cfg: _PooledDense(dim=cfg.dim), patch_order="grid",
+                                                      aux_keys=("pooled",), validate=_check_three_channels))
+    cfg = presets.model_config("tiny")
+    cfg.kind = "pooled_dense"
+    presets.validate_model_config(cfg)
+    model = presets.build_model(cfg)
+    assert isinstance(model, _PooledDense)
+    assert presets.patch_order(cfg) == "grid" and presets.KIND_PATCH_ORDER["pooled_dense"] == "grid"
+    variables = presets.init_variables(cfg, jax.random.key(0))
+    images = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3)).astype(np.uint8)
+    emb, aux = model.apply(variables, images.astype(np.float32) / 255.0, train=False)
+    assert emb.shape == (2, cfg.dim)
+    np.testing.assert_allclose(np.asarray(aux["pooled"]), images.mean(axis=(1, 2)) / 255.0, rtol=1e-5)
+    got = embed.embedding_function(model, normalization="[-1,1]", flip=False)(variables, images)
+    assert got.shape == (2, cfg.dim)
+    cfg.channels = 1
+    with pytest.raises(ConfigError, match=r"config\.model\.channels=1 .*pooled_dense needs RGB"):
+        presets.build_model(cfg)
