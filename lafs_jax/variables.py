@@ -147,3 +147,21 @@ def load_variables(directory: str, abstract: Any = None, sharding: Any = None) -
         variables = ckptr.restore(target_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=partial))
     return variables, read_metadata(directory)
+
+
+def subtrees(stored: Any, *paths: tuple[str, ...]) -> dict:
+    """The parts of a stored tree (e.g. `variables_lib.stored_structure`) at `paths` that exist, nested
+    as stored: the target of a partial load that reads nothing else."""
+    out: dict = {}
+    for path in paths:
+        node = stored
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                break
+            node = node[key]
+        else:
+            parent = out
+            for key in path[:-1]:
+                parent = parent.setdefault(key, {})
+            parent[path[-1]] = node
+    return out

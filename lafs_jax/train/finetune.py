@@ -66,6 +66,7 @@ from lafs_jax.input.transforms import NORMALIZATIONS
 from lafs_jax.input import transforms
 from lafs_jax.losses import curriculum as curriculum_lib
 from lafs_jax.losses import margin, partial_fc
+from lafs_jax.methods.lafs import landmark_cnn as landmark_cnn_lib
 from lafs_jax.models import presets
 from lafs_jax.train import checkpoint as ckpt_lib
 from lafs_jax.train import loop, loop_utils
@@ -255,38 +256,6 @@ def check_patch_order(config: ml_collections.ConfigDict, metadata: dict, where: 
         f"(the LAFS paper's Table 7 row (4), 'landmark to standard grid').")
 
 
-def _subtrees(stored: Any, *paths: tuple[str, ...]) -> dict:
-    """The parts of a stored tree (e.g. `variables_lib.stored_structure`) at `paths` that exist, nested
-    as stored: the target of a partial load that reads nothing else."""
-    out: dict = {}
-    for path in paths:
-        node = stored
-        for key in path:
-            if not isinstance(node, dict) or key not in node:
-                break
-            node = node[key]
-        else:
-            parent = out
-            for key in path[:-1]:
-                parent = parent.setdefault(key, {})
-            parent[path[-1]] = node
-    return out
-
-
-def load_landmark_cnn(directory: str) -> dict:
-    """{'params', 'batch_stats'} of the landmark CNN in a variables directory (a Part fViT's
-    'landmark_cnn' subtree, or a landmark CNN alone), as host arrays, written by any device count.
-    Only the landmark CNN's arrays are read (not a Part fViT's ViT or classifier)."""
-    stored = variables_lib.stored_structure(directory)
-    nested = isinstance(stored.get("params"), dict) and "landmark_cnn" in stored["params"]
-    if nested:
-        loaded, _ = variables_lib.load_variables(directory, _subtrees(stored, ("params", "landmark_cnn"),
-                                                                      ("batch_stats", "landmark_cnn")))
-        return {col: loaded[col]["landmark_cnn"] for col in loaded}
-    loaded, _ = variables_lib.load_variables(directory, _subtrees(stored, ("params",), ("batch_stats",)) or stored)
-    return {"params": loaded.get("params", loaded), "batch_stats": loaded.get("batch_stats", {})}
-
-
 def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tuple[dict, str]:
     """The model's starting variables per `config.init`, and a one-line description of the source.
 
@@ -301,7 +270,7 @@ def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tup
         stored = variables_lib.stored_structure(config.init.backbone)
         # the model's collections only (a converted checkpoint may also hold a classifier or DINO head)
         loaded, meta = variables_lib.load_variables(config.init.backbone,
-                                                 _subtrees(stored, ("params",), ("batch_stats",)) or stored)
+                                                 variables_lib.subtrees(stored, ("params",), ("batch_stats",)) or stored)
         src_params = loaded.get("params", loaded)
         kind = config.init.kind
         if kind == "auto":
@@ -321,7 +290,7 @@ def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tup
     if config.init.landmark_cnn:
         if "landmark_cnn" not in params:
             raise ConfigError(f"config.init.landmark_cnn is set but model.kind={config.model.kind!r} has no landmark CNN")
-        loaded = load_landmark_cnn(config.init.landmark_cnn)
+        loaded = landmark_cnn_lib.read(config.init.landmark_cnn)
         where = f"config.init.landmark_cnn={config.init.landmark_cnn!r}"
         params["landmark_cnn"] = merge_variables(params["landmark_cnn"], loaded.get("params", {}), where)
         if "landmark_cnn" in stats:
@@ -337,7 +306,7 @@ def initial_variables(config: ml_collections.ConfigDict, variables: dict) -> tup
 def landmark_teacher_variables(config: ml_collections.ConfigDict, variables: dict) -> dict:
     """Frozen landmark-CNN variables for the regulariser: `landmark_reg.teacher`, else the initial ones."""
     if config.landmark_reg.teacher:
-        loaded = load_landmark_cnn(config.landmark_reg.teacher)
+        loaded = landmark_cnn_lib.read(config.landmark_reg.teacher)
         where = f"config.landmark_reg.teacher={config.landmark_reg.teacher!r}"
         out = {}
         for col in ("params", "batch_stats"):
