@@ -33,7 +33,7 @@ from lafs_jax import demo, workdir_lock
 from lafs_jax.eval import evaluate
 from lafs_jax.train import finetune, info, loop_utils, pretrain
 
-# config.task -> run(config, workdir); config_lib.TASKS names the same tasks
+# config.task -> run(config, workdir): the one list of tasks
 TASK_RUNNERS = {"info": info.run, "demo": demo.run, "pretrain": pretrain.run, "finetune": finetune.run,
                 "evaluate": evaluate.run}
 
@@ -129,7 +129,7 @@ def main(argv):
     logs.configure(flags.FLAGS.verbosity, own_paths=(os.path.abspath(__file__),))
     config = _CONFIG.value
     try:
-        config_lib.validate_common(config)  # config.task is one of config_lib.TASKS
+        config_lib.validate_common(config, tasks=tuple(TASK_RUNNERS))
     except config_lib.ConfigError as e:
         raise app.UsageError(str(e)) from None
 

@@ -12,10 +12,6 @@ from typing import Any
 
 import ml_collections
 
-# task name -> "module:function"; imported lazily so that one task's dependencies never slow another.
-# Task names; main.py maps each to its run(config, workdir) with ordinary top-level imports (the
-# tasks sit above this floor, so the floor names them and does not import them).
-TASKS = ("info", "demo", "pretrain", "finetune", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -25,7 +21,7 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
     """Fields every task reads. Recipes add their own sections and then call `.lock()`."""
     c = ml_collections.ConfigDict()
-    c.task = "info"  # one of TASKS
+    c.task = "info"  # the task main.py runs: one of main.TASK_RUNNERS
     c.seed = 0  # root of every jax.random key and Grain seed of the run
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the 'data' axis; -1 = all devices not used by other axes
@@ -79,11 +75,12 @@ def check_finite_numbers(config: Any, prefix: str = "config") -> None:
         raise ConfigError(f"{prefix}={config!r} is not valid: a finite number (not NaN or inf)")
 
 
-def validate_common(config: ml_collections.ConfigDict) -> None:
-    """Checks of the base fields (and that no float field is NaN / inf); tasks check their own
-    sections in their run()."""
+def validate_common(config: ml_collections.ConfigDict, tasks=None) -> None:
+    """Checks of the base fields (and that no float field is NaN / inf), `config.task` among `tasks`
+    when given (main.py passes its task list); tasks check their own sections in their run()."""
     check_finite_numbers(config)
-    check_choice(config, "task", TASKS)
+    if tasks is not None:
+        check_choice(config, "task", tasks)
     for axis in ("data", "model"):
         v = get_path(config, f"mesh.{axis}")
         check(isinstance(v, int) and (v == -1 or v >= 1), f"mesh.{axis}", v, "an int >= 1, or -1")

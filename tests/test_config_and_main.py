@@ -1,4 +1,6 @@
 """Recipe loading, command-line overrides and validation errors of main.py and lafs_jax.config."""
+import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -89,7 +91,6 @@ def test_get_path_names_missing_part():
                                         ("demo.py", "stage1.loss.centers_momentum")])  # nested recipe
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), -float("inf")])
 def test_non_finite_numbers_are_rejected_in_every_field(recipe, key, bad):
-    import importlib.util
     import re
 
     path, _, arg = recipe.partition(":")
@@ -174,6 +175,19 @@ def test_log_setup_hides_library_info_and_keeps_ours():
         logs.configure(1)
 
 
-def test_every_task_name_has_a_runner():
-    assert set(main.TASK_RUNNERS) == set(config_lib.TASKS)
+def test_every_recipe_names_a_task_main_runs():
+    """main.TASK_RUNNERS is the one task list: every recipe's config.task is in it, a base config's too,
+    and an unknown task is a ConfigError naming config.task."""
     assert all(callable(run) for run in main.TASK_RUNNERS.values())
+    tasks = set()
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
+        spec = importlib.util.spec_from_file_location("recipe_task", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if hasattr(module, "get_config"):
+            tasks.add(module.get_config().task)
+    assert tasks | {config_lib.base_config().task} <= set(main.TASK_RUNNERS)
+    bad = config_lib.base_config()
+    bad.task = "nope"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.task='nope'"):
+        config_lib.validate_common(bad, tasks=tuple(main.TASK_RUNNERS))

@@ -141,3 +141,12 @@ def test_no_import_by_name_inside_the_package():
                 if name in ("import_module", "__import__"):
                     bad.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
     assert not bad, "imports by name under lafs_jax:\n" + "\n".join(bad)
+
+
+def test_methods_never_import_the_tasks():
+    """A method is hooks on the shared tasks: it may import models/, losses/, input/ and the floor,
+    never train/ or eval/ (which call the hooks)."""
+    bad = [f"{os.path.relpath(MODULES[m], ROOT)}:{line} imports {n}" for m, imports in IMPORTS.items()
+           if m.startswith(PACKAGE + ".methods") for n, line, _ in imports
+           if (t := _ours(n)) and _package(t) in (PACKAGE + ".train", PACKAGE + ".eval")]
+    assert not bad, "\n".join(bad)
