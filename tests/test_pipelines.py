@@ -544,3 +544,23 @@ def test_device_prefetch_checkpoints_the_consumed_batches():
     assert isinstance(batch["image"], jax.Array) and batch["image"].sharding.num_devices == jax.device_count()
     it.close()
     again.close()
+
+
+def test_a_recipe_carries_only_its_views_sections(tmp_path):
+    """data_config('finetune') has no DINO / LAFS / SSL colour sections, validates, and the SSL builders
+    refuse it naming the missing section and how to add it; no sections = all of them."""
+    dc = P.data_config("finetune")
+    assert "finetune" in dc and not {"dino", "lafs", "ssl_color"} & set(dc.keys())
+    P.validate_data_config(dc)
+    assert set(P.VIEW_SECTIONS) <= set(P.data_config().keys())
+    prefix = str(tmp_path / "train")
+    synthetic.write_synthetic_rec(prefix, num_classes=2, per_class=2, size=16)
+    dc.path = prefix
+    source = P.make_source(dc)
+    for build, name in ((P.dino_batches, "dino"), (P.lafs_batches, "lafs")):
+        with pytest.raises(ConfigError, match=rf"config\.data\.{name} is missing: .*data_config\('{name}', 'ssl_color'\)"):
+            build(source, dc, batch_size=2, seed=0)
+    with pytest.raises(ConfigError, match=r"config\.data\.finetune is missing"):
+        P.finetune_batches(source, P.data_config("dino", "ssl_color"), batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="unknown sections"):
+        P.data_config("fra")

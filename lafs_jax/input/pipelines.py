@@ -50,8 +50,20 @@ AUGMENT_ON = ("host", "device")
 SSL_POSITIVES = ("views", "identity")
 
 
-def data_config() -> ml_collections.ConfigDict:
-    """Every data field with its default; recipes embed it as `config.data`."""
+VIEW_SECTIONS = ("finetune", "dino", "lafs", "ssl_color")  # settings of one task's training views each
+
+
+def data_config(*sections: str) -> ml_collections.ConfigDict:
+    """The data fields with their defaults; recipes embed it as `config.data`.
+
+    `sections`: which training-view sections of VIEW_SECTIONS to include -- a recipe names those its
+    views read ('finetune'; 'dino', 'ssl_color'; 'lafs', 'ssl_color'); none = all of them (tools and
+    tests that build every pipeline). The builders refuse a config without their sections.
+    """
+    unknown = [s for s in sections if s not in VIEW_SECTIONS]
+    if unknown:
+        raise ValueError(f"data_config: unknown sections {unknown}; choose from {VIEW_SECTIONS}")
+    sections = sections or VIEW_SECTIONS
     c = ml_collections.ConfigDict()
     # where the data is: .rec prefix ('dir/train' for dir/train.rec + dir/train.idx, or 'dir'),
     # ArrayRecord file(s) (comma-separated or a glob), image-folder root, or a TFDS data set name
@@ -88,45 +100,49 @@ def data_config() -> ml_collections.ConfigDict:
     c.subset.identity_fraction = 1.0  # then a seeded random fraction of the identities (not in the official code)
     c.subset.seed = 0  # seed of the random draws (independent of the run seed)
 
-    c.finetune = ml_collections.ConfigDict()  # the official `image_iter.py`
-    c.finetune.flip = True  # random horizontal flip, p=0.5
-    c.finetune.random_resized_crop = True  # RandomResizedCrop to image_size (else resize)
-    c.finetune.crop_scale = (0.9, 1.0)  # area fraction range of the crop
-    c.finetune.randaugment = True  # timm RandAugment with the face op list
-    c.finetune.randaugment_magnitude = 1.0  # M: 1 for WebFace4M, 2 for MS1MV3 (LAFS README)
-    c.finetune.randaugment_num_ops = 2  # ops drawn per image
-    c.finetune.randaugment_prob = 0.5  # probability each drawn op is applied
-    c.finetune.randaugment_magnitude_std = 0.5  # std of the per-op magnitude noise (timm 'mstd')
-    c.finetune.randaugment_fill = 128  # grey level of pixels uncovered by rotate/shear/translate
-    c.finetune.color_jitter = 0.1  # brightness = contrast = saturation = hue jitter strength; 0 = off
-    c.finetune.random_erasing_prob = 0.5  # probability of erasing one rectangle (value 0); 0 = off
-    c.finetune.random_erasing_scale = (0.02, 0.1)  # erased area fraction range
-    c.finetune.mixup_prob = 0.1  # probability a batch is mixed (0.1 WebFace4M, 0.2 MS1MV3); 0 = off
-    c.finetune.mixup_alpha = 0.2  # Beta(alpha, alpha) of the batch's mixing weight lam
+    if "finetune" in sections:
+        c.finetune = ml_collections.ConfigDict()  # the official `image_iter.py`
+        c.finetune.flip = True  # random horizontal flip, p=0.5
+        c.finetune.random_resized_crop = True  # RandomResizedCrop to image_size (else resize)
+        c.finetune.crop_scale = (0.9, 1.0)  # area fraction range of the crop
+        c.finetune.randaugment = True  # timm RandAugment with the face op list
+        c.finetune.randaugment_magnitude = 1.0  # M: 1 for WebFace4M, 2 for MS1MV3 (LAFS README)
+        c.finetune.randaugment_num_ops = 2  # ops drawn per image
+        c.finetune.randaugment_prob = 0.5  # probability each drawn op is applied
+        c.finetune.randaugment_magnitude_std = 0.5  # std of the per-op magnitude noise (timm 'mstd')
+        c.finetune.randaugment_fill = 128  # grey level of pixels uncovered by rotate/shear/translate
+        c.finetune.color_jitter = 0.1  # brightness = contrast = saturation = hue jitter strength; 0 = off
+        c.finetune.random_erasing_prob = 0.5  # probability of erasing one rectangle (value 0); 0 = off
+        c.finetune.random_erasing_scale = (0.02, 0.1)  # erased area fraction range
+        c.finetune.mixup_prob = 0.1  # probability a batch is mixed (0.1 WebFace4M, 0.2 MS1MV3); 0 = off
+        c.finetune.mixup_alpha = 0.2  # Beta(alpha, alpha) of the batch's mixing weight lam
 
-    c.dino = ml_collections.ConfigDict()  # DINO-face multi-crop
-    c.dino.global_size = 112  # global crop side (px)
-    c.dino.global_crops = 2  # number of global crops
-    c.dino.global_scale = (0.4, 1.0)  # area fraction range of global crops
-    c.dino.local_size = 48  # local crop side (px)
-    c.dino.local_crops = 8  # number of local crops
-    c.dino.local_scale = (0.05, 0.4)  # area fraction range of local crops (lafs_train.py --local_crops_scale)
+    if "dino" in sections:
+        c.dino = ml_collections.ConfigDict()  # DINO-face multi-crop
+        c.dino.global_size = 112  # global crop side (px)
+        c.dino.global_crops = 2  # number of global crops
+        c.dino.global_scale = (0.4, 1.0)  # area fraction range of global crops
+        c.dino.local_size = 48  # local crop side (px)
+        c.dino.local_crops = 8  # number of local crops
+        c.dino.local_scale = (0.05, 0.4)  # area fraction range of local crops (lafs_train.py --local_crops_scale)
 
-    c.lafs = ml_collections.ConfigDict()  # LAFS views, `DataAugmentation_LAFS` in the official `lafs_train.py`
-    c.lafs.view_size = 112  # side of every view, global and local (px)
-    c.lafs.global_views = 2  # (clean, augmented) global pairs
-    c.lafs.local_views = 8  # (clean, augmented) local pairs; fewer for tiny demos
-    c.lafs.global_scale = (0.4, 1.0)  # area fraction range of global views
-    c.lafs.local_scale = (0.4, 1.0)  # of local views: the official code uses the global range [!]
+    if "lafs" in sections:
+        c.lafs = ml_collections.ConfigDict()  # LAFS views, `DataAugmentation_LAFS` in the official `lafs_train.py`
+        c.lafs.view_size = 112  # side of every view, global and local (px)
+        c.lafs.global_views = 2  # (clean, augmented) global pairs
+        c.lafs.local_views = 8  # (clean, augmented) local pairs; fewer for tiny demos
+        c.lafs.global_scale = (0.4, 1.0)  # area fraction range of global views
+        c.lafs.local_scale = (0.4, 1.0)  # of local views: the official code uses the global range [!]
 
-    c.ssl_color = ml_collections.ConfigDict()  # colour block shared by DINO crops and LAFS augmented views
-    c.ssl_color.jitter = (0.4, 0.4, 0.2, 0.1)  # ColorJitter brightness, contrast, saturation, hue
-    c.ssl_color.jitter_prob = 0.8  # probability of the jitter
-    c.ssl_color.grayscale_prob = 0.2  # probability of grey conversion
-    c.ssl_color.blur_radius = (0.1, 2.0)  # Gaussian blur radius range (px)
-    c.ssl_color.global_blur_probs = (1.0, 0.1)  # blur probability of global view 1, 2 (further views: the last)
-    c.ssl_color.global_solarize_probs = (0.0, 0.2)  # solarisation probability of global view 1, 2 (further: 0)
-    c.ssl_color.local_blur_prob = 0.5  # blur probability of every local view
+    if "ssl_color" in sections:
+        c.ssl_color = ml_collections.ConfigDict()  # colour block shared by DINO crops and LAFS augmented views
+        c.ssl_color.jitter = (0.4, 0.4, 0.2, 0.1)  # ColorJitter brightness, contrast, saturation, hue
+        c.ssl_color.jitter_prob = 0.8  # probability of the jitter
+        c.ssl_color.grayscale_prob = 0.2  # probability of grey conversion
+        c.ssl_color.blur_radius = (0.1, 2.0)  # Gaussian blur radius range (px)
+        c.ssl_color.global_blur_probs = (1.0, 0.1)  # blur probability of global view 1, 2 (further views: the last)
+        c.ssl_color.global_solarize_probs = (0.0, 0.2)  # solarisation probability of global view 1, 2 (further: 0)
+        c.ssl_color.local_blur_prob = 0.5  # blur probability of every local view
 
     # where the training views are made: 'host' (Grain workers, Pillow: float32 views cross to the device)
     # or 'device' (Grain only decodes, uint8 images + stream positions cross; the jitted step crops,
@@ -169,6 +185,19 @@ def _check_int(dc, key: str, minimum: int) -> None:
         raise _err(key, value, f"an int >= {minimum}")
 
 
+def _present(dc, key: str) -> bool:
+    """Whether the section of a dotted key is in this config (a recipe carries only its views' sections)."""
+    return "." not in key or key.split(".")[0] not in VIEW_SECTIONS or key.split(".")[0] in dc
+
+
+def require_sections(dc, *sections: str, views: str) -> None:
+    """ConfigError naming the config.data section the `views` builder needs and how to add it."""
+    for name in sections:
+        if name not in dc:
+            raise ConfigError(f"config.data.{name} is missing: {views} need it; build config.data with "
+                              f"pipelines.data_config({', '.join(repr(s) for s in sections)})")
+
+
 def _get(dc, key: str):
     node = dc
     for part in key.split("."):
@@ -191,7 +220,8 @@ def validate_data_config(dc: ml_collections.ConfigDict) -> None:
                          ("dino.global_size", 1), ("dino.global_crops", 1), ("dino.local_size", 1),
                          ("dino.local_crops", 0), ("lafs.view_size", 1), ("lafs.global_views", 1),
                          ("lafs.local_views", 0)):
-        _check_int(dc, key, minimum)
+        if _present(dc, key):
+            _check_int(dc, key, minimum)
     if dc.ssl_positives != "views" and dc.augment_on == "device":
         raise ConfigError(f"config.data.ssl_positives={dc.ssl_positives!r} needs config.data.augment_on='host' "
                           f"(its views are made on the host)")
@@ -204,17 +234,23 @@ def validate_data_config(dc: ml_collections.ConfigDict) -> None:
             raise _err(key, fraction, "a fraction in (0, 1] (1 = keep all)")
     for key in ("finetune.randaugment_prob", "finetune.random_erasing_prob", "finetune.mixup_prob",
                 "ssl_color.jitter_prob", "ssl_color.grayscale_prob", "ssl_color.local_blur_prob"):
-        _check_prob(dc, key)
+        if _present(dc, key):
+            _check_prob(dc, key)
     for key in ("finetune.crop_scale", "dino.global_scale", "dino.local_scale", "lafs.global_scale",
-                "lafs.local_scale"):
-        _check_range(dc, key, 1e-6, 1.0)
-    _check_range(dc, "finetune.random_erasing_scale", 1e-6, 1.0)
-    _check_range(dc, "ssl_color.blur_radius", 0.0, None)
+                "lafs.local_scale", "finetune.random_erasing_scale"):
+        if _present(dc, key):
+            _check_range(dc, key, 1e-6, 1.0)
+    if _present(dc, "ssl_color.blur_radius"):
+        _check_range(dc, "ssl_color.blur_radius", 0.0, None)
     for key in ("finetune.randaugment_magnitude", "finetune.randaugment_magnitude_std", "finetune.color_jitter",
                 "finetune.mixup_alpha"):
+        if not _present(dc, key):
+            continue
         value = _get(dc, key)
         if not (isinstance(value, (int, float)) and value >= 0):
             raise _err(key, value, "a number >= 0")
+    if "ssl_color" not in dc:
+        return
     jitter = _get(dc, "ssl_color.jitter")
     if not (isinstance(jitter, (tuple, list)) and len(jitter) == 4 and all(v >= 0 for v in jitter) and jitter[3] <= 0.5):
         raise _err("ssl_color.jitter", jitter, "(brightness, contrast, saturation, hue) >= 0 with hue <= 0.5")
@@ -412,6 +448,7 @@ def finetune_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int 
     `batch_size` is per process; `num_epochs` None repeats forever.
     """
     validate_data_config(dc)
+    require_sections(dc, "finetune", views="fine-tuning batches")
     if dc.augment_on == "device":
         augment, collate = finetune_host_augment(dc), DecodedCollate()
     else:
@@ -451,6 +488,7 @@ def dino_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int | No
     """DINO multi-crop batches {'global': f32 [B,G,Sg,Sg,3], 'local': f32 [B,L,Sl,Sl,3], 'label': i32 [B]}
     (augment_on='device': decoded {'image': uint8 [B,H,W,3], 'index', 'label'})."""
     validate_data_config(dc)
+    require_sections(dc, "dino", "ssl_color", views="DINO multi-crop views")
     if dc.augment_on == "device":
         return _train_iterator(source, dc, None, DecodedCollate(), batch_size=batch_size, seed=seed,
                                num_epochs=num_epochs, process_index=process_index, process_count=process_count)
@@ -468,6 +506,7 @@ def lafs_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int | No
     f32 [B,L,S,S,3], 'label': i32 [B]}; clean/aug of a view share the geometric crop
     (augment_on='device': decoded {'image': uint8 [B,H,W,3], 'index', 'label'})."""
     validate_data_config(dc)
+    require_sections(dc, "lafs", "ssl_color", views="LAFS landmark views")
     if dc.augment_on == "device":
         return _train_iterator(source, dc, None, DecodedCollate(), batch_size=batch_size, seed=seed,
                                num_epochs=num_epochs, process_index=process_index, process_count=process_count)
