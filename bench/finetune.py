@@ -105,9 +105,9 @@ def measure(args, per_device: int, peak_tflops: float) -> dict:
     rng = np.random.default_rng(jax.process_index())
     local = mesh_lib.local_batch_size(config.batch_size, mesh)
     batch = mesh_lib.global_batch(random_batch(config, local, args.num_classes, rng), mesh)
-    teacher = jax.jit(lambda: jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype), abstract[1]),
-                      out_shardings=mesh_lib.replicated(mesh))()  # {} unless the landmark regulariser is on
-    reg_weight = np.float32(0.0)
+    # the methods' constants and per-step inputs ({method: tree}; e.g. a loss term's teacher and weight), zeros
+    constants, inputs = jax.jit(lambda: jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype), (abstract[1], abstract[3])),
+                                out_shardings=mesh_lib.replicated(mesh))()
 
     t0 = time.perf_counter()
     compiled = step.lower(*abstract).compile()
@@ -117,7 +117,7 @@ def measure(args, per_device: int, peak_tflops: float) -> dict:
 
     def call(_):
         nonlocal state
-        state, metrics = compiled(state, teacher, batch, reg_weight)
+        state, metrics = compiled(state, constants, batch, inputs)
         return metrics
 
     losses.append(float(call(0)["loss"]))  # first execution (allocations, autotuning)

@@ -5,13 +5,15 @@
                              [--write-results]
                              [--coordinator_address H:P --num_processes N --process_id I]
 
-The step is exactly `lafs_jax.train.pretrain`'s (`build_train_step`: run's make_train_step + jit_step
-with its shardings, donated state, a fresh state from `init`): LAFS = frozen landmark CNN on every
-clean view + patch sampling + student on all views + teacher on the global views + DINO loss + AdamW
-+ EMA + centre; DINO-face = the same on grid patches of 2 x 112 px + L x 48 px crops. Views per image
-as the recipe (2 global + 8 local for base; the :tiny recipe's counts for tiny); `--set` overrides a
-recipe field (e.g. `model.attention_implementation=cudnn`). Inputs are random normalised images
-(the input pipeline has its own benchmark, bench/input.py), so this measures the accelerator side only.
+The step is exactly the one `lafs_jax.train.pretrain.run` trains (`build_train_step`: `ssl.build`, the
+function run builds its step with: the method's objective, optimizer, shardings, donated state; a
+fresh state from `init`; tests/test_pretrain.py checks that the two lower to the same HLO): LAFS =
+frozen landmark CNN on every clean view + patch sampling + student on all views + teacher on the
+global views + DINO loss + AdamW + EMA + centre; DINO-face = the same on grid patches of 2 x 112 px
++ L x 48 px crops. Views per image as the recipe (2 global + 8 local for base; the :tiny recipe's
+counts for tiny); `--set` overrides a recipe field (e.g. `model.attention_implementation=cudnn`).
+Inputs are random normalised images (the input pipeline has its own benchmark, bench/input.py), so
+this measures the accelerator side only.
 
 `--augment-on host,device` measures each (preset, method) both ways in the same run: 'host' is the
 base step fed ready views (float32, as the host pipeline makes them); 'device' is the same step fed

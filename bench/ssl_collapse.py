@@ -13,7 +13,9 @@ back within 5 % of ln K, the
 teacher's per-sample and batch entropies at the end, and the teacher's own verification accuracy on the
 validation people (no fine-tuning; `lafs_jax.demo.teacher_embedder`). `--write-results` writes the
 `## SSL collapse on ORL` section of bench/RESULTS.md and `ssl_collapse.png` (loss / ln K per variant)
-beside it in `--out`.
+beside it in `--out`. `--eval-every N` also evaluates the teacher on the validation people every N steps
+during pretraining (the task's `config.evals`; the rows `val/validation/accuracy` of each variant's
+metrics.jsonl, `accuracy_curve` in its JSON line).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from matplotlib.figure import Figure
 from bench.results_md import write_section
 from configs import demo as demo_config
 from lafs_jax import demo
+from lafs_jax.eval import evaluators
 from lafs_jax.input.verification_bin import load_bin
 from lafs_jax.train import pretrain
 
@@ -68,6 +71,7 @@ VARIANTS = {
                        "of the same person", {"data.ssl_positives": "identity"}),
 }
 UNTRAINED = "untrained"  # reference row: the randomly initialised ViT, no pretraining
+EVAL_KEY = "val/validation/accuracy"  # the teacher's accuracy rows of --eval-every (metrics.jsonl)
 DINO_VIEW_KEY = {"data.lafs.local_views": "data.dino.local_crops"}  # the DINO-face name of a LAFS setting
 
 
@@ -83,11 +87,16 @@ def variant_change(name: str) -> str:
     return "; ".join(VARIANTS[part][0] for part in name.split("+"))
 
 
-def variant_config(method: str, name: str, demo_workdir: str, epochs: int, seed: int) -> ml_collections.ConfigDict:
-    """The demo's pretraining config of `method` with the variant's overrides and `epochs`."""
+def variant_config(method: str, name: str, demo_workdir: str, epochs: int, seed: int,
+                   eval_every: int = 0) -> ml_collections.ConfigDict:
+    """The demo's pretraining config of `method` with the variant's overrides and `epochs`; with
+    `eval_every` > 0 the teacher is verified on the demo's validation people every that many steps."""
     c = demo.stage_configs(demo_config.get_config(), demo_workdir, seed)[f"pretrain_{method}"]
     c = ml_collections.ConfigDict(c.to_dict())
     c.optim.epochs = epochs
+    if eval_every > 0:
+        c.evals = ml_collections.ConfigDict({"val": evaluators.evaluator_config(
+            "verification", bins=(os.path.join(demo_workdir, "data", "validation.bin"),), every_steps=eval_every)})
     for path, value in variant_overrides(name).items():
         if method == "dino":
             path = DINO_VIEW_KEY.get(path, path)
@@ -135,7 +144,7 @@ def run_variant(method: str, name: str, args) -> dict:
                 "steps": 0, "final_loss": float("nan"), "ln_k": math.log(c.model.dino_head.out_dim),
                 "min_loss": float("nan"), "first_step_near_ln_k": None, "teacher_entropy": float("nan"),
                 "teacher_batch_entropy": float("nan"), **report, "seconds": 0.0, "curve": []}
-    c = variant_config(method, name, args.demo_workdir, args.epochs, args.seed)
+    c = variant_config(method, name, args.demo_workdir, args.epochs, args.seed, args.eval_every)
     workdir = os.path.join(args.out, f"{method}_{name}")
     t0 = time.time()
     if not os.path.exists(os.path.join(workdir, pretrain.TEACHER_BACKBONE_DIR)):
@@ -143,6 +152,7 @@ def run_variant(method: str, name: str, args) -> dict:
     seconds = time.time() - t0
     # the DINO loss alone (with KoLeo on, 'loss' also holds the regulariser)
     rows = [dict(r, loss=r.get("dino_loss", r["loss"])) for r in read_metrics(workdir) if "loss" in r]
+    accuracy_curve = [(r["step"], r[EVAL_KEY]) for r in read_metrics(workdir) if EVAL_KEY in r]
     log_k = math.log(c.model.dino_head.out_dim)
     lowest = int(np.argmin([r["loss"] for r in rows]))
     near = [r["step"] for r in rows[lowest:] if r["loss"] >= 0.95 * log_k]  # back near ln K after its low
@@ -152,7 +162,7 @@ def run_variant(method: str, name: str, args) -> dict:
             "steps": last["step"], "final_loss": last["loss"], "ln_k": log_k,
             "min_loss": min(r["loss"] for r in rows), "first_step_near_ln_k": near[0] if near else None,
             "teacher_entropy": last.get("teacher_entropy"), "teacher_batch_entropy": last.get("teacher_batch_entropy"),
-            **report, "seconds": round(seconds, 1),
+            **report, "seconds": round(seconds, 1), "accuracy_curve": accuracy_curve,
             "curve": [(r["step"], r["loss"] / log_k) for r in rows]}
 
 
@@ -198,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join([UNTRAINED, *VARIANTS]),
                    help=f"comma-separated subset of {[UNTRAINED, *VARIANTS]}; 'a+b' combines two")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="verify the teacher on the validation people every this many steps (0 = only at the end)")
     p.add_argument("--out", default="runs/ssl_collapse", help="one pretraining folder per variant")
     p.add_argument("--write-results", action="store_true", help="write bench/RESULTS.md's section and the plot")
     args = p.parse_args(argv)

@@ -20,6 +20,16 @@ Tiny CPU demo on the ORL faces (`python -m data.prepare orl --out runs/demo/data
 
     python main.py --config configs/dino_pretrain.py:tiny --workdir runs/demo/dino_pretrain
 
+The teacher is evaluated during pretraining by `config.evals` (empty in the recipe, so that it runs on
+any data); on the demo's validation people every 35 of its 140 steps:
+
+    python main.py --config configs/dino_pretrain.py:tiny --workdir runs/demo/dino_pretrain \\
+        --config.evals="{'val': {'type': 'verification', 'every_steps': 35, 'nfolds': 10,
+                                 'bins': ('runs/demo/data/validation.bin',)}}"
+
+(rows `val/validation/accuracy` in WORKDIR/metrics.jsonl; the best evaluated teacher is kept as
+`WORKDIR/teacher_backbone_best`).
+
 The teacher backbone lands in `WORKDIR/teacher_backbone` (fine-tune with model.kind='fvit'; its
 metadata records the grid patch order and the ImageNet normalisation).
 
@@ -30,6 +40,7 @@ import ml_collections
 
 from lafs_jax.config import base_config
 from lafs_jax.input.pipelines import data_config
+from lafs_jax.methods.dino import config as dino_config
 from lafs_jax.models.presets import model_config
 from lafs_jax.train.loop_utils import divergence_config
 from lafs_jax.train.optim import optim_config
@@ -51,7 +62,7 @@ def get_config(arg=None):
     c.model.kind = "fvit"
 
     # DINO multi-crop as DataAugmentationDINO: 2 x 112 px global (0.4-1) + 8 x 48 px local (0.05-0.4)
-    c.data = data_config()
+    c.data = data_config("dino", "ssl_color")
     c.data.dino.local_scale = (0.05, 0.4)  # lafs_train.py --local_crops_scale (DINO: 0.05-0.4)
     c.data.normalization = "imagenet"  # DataAugmentationDINO: Normalize(ImageNet mean, std); LAFS views: [-1,1]
     # the views are made in the jitted step from uint8 decoded images (lafs_jax.input.device_augment,
@@ -78,23 +89,13 @@ def get_config(arg=None):
     c.stop_at_step = -1  # stop (saving a checkpoint) at this step though the schedules go on; -1: never
     c.precision = "auto"  # compute dtype: 'auto' (bf16 on GPU/TPU, fp32 on CPU) | 'float32' | 'bfloat16'
 
-    c.dino = ml_collections.ConfigDict()
-    c.dino.student_temp = 0.1  # student softmax temperature
-    c.dino.warmup_teacher_temp = 0.07  # teacher temperature at epoch 0 (lafs_train.py default; DINO 0.04)
-    c.dino.teacher_temp = 0.04  # teacher temperature after the warmup (lafs_train.py default; DINO boost 0.07)
-    c.dino.warmup_teacher_temp_epochs = 2 if tiny else 30  # epochs of linear temperature warmup
-    c.dino.center_momentum = 0.9  # EMA momentum of the centre (teacher output mean, global batch)
-    # Teacher centring: 'center' (official: minus the running centre) | 'sinkhorn' (DINOv2's Sinkhorn-Knopp
-    # equipartition over the global batch; the centre is then unused)
-    c.dino.centering = "center"
-    c.dino.sinkhorn_iterations = 3  # Sinkhorn-Knopp iterations of 'sinkhorn' (DINOv2: 3)
-    # KoLeo regulariser weight (DINOv2 0.1) on the student's global-view embeddings: spreads features that
-    # converge to one point (the ORL demo's collapse, README "The demo"); 0 = off, as the official LAFS
-    c.dino.koleo_weight = 0.0
-    c.dino.teacher_momentum = 0.996  # teacher EMA momentum at step 0, cosine to teacher_momentum_end
-    c.dino.teacher_momentum_end = 1.0  # teacher EMA momentum at the last step
-    # teacher applies dropout / drop-path (lafs_train.py never calls teacher.eval(); False = DINO's own)
-    c.dino.teacher_train_mode = True
+    # DINO loss and teacher: lafs_train.py's argparse defaults (student temperature 0.1, teacher 0.07 -> 0.04
+    # over 30 epochs, centre EMA 0.9, teacher EMA 0.996 -> 1, the teacher in train mode)
+    c.dino = dino_config.config(warmup_teacher_temp_epochs=2 if tiny else 30)
+
+    # Evaluators of the teacher (an fViT over the teacher's ViT) every N steps: {name:
+    # lafs_jax.eval.evaluators.evaluator_config(type, ...)}; none by default (see the docstring).
+    c.evals = ml_collections.ConfigDict()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # training checkpoints kept (the latest)

@@ -61,6 +61,7 @@ import ml_collections
 
 from lafs_jax.config import base_config
 from lafs_jax.input.pipelines import data_config
+from lafs_jax.methods.lafs import finetune as lafs_finetune
 from lafs_jax.models.presets import model_config
 from lafs_jax.train.loop_utils import divergence_config
 from lafs_jax.train.optim import optim_config
@@ -103,7 +104,7 @@ def get_config(arg=None):
     c.task = "finetune"
     c.model = model_config("tiny" if tiny else "base")  # Part fViT; model.kind='fvit' for grid patches
 
-    c.data = data_config()
+    c.data = data_config("finetune")
     c.data.path = f"{DEMO_DATA}/train" if tiny else ""  # .rec prefix of the training set
     c.data.prepare_command = f"python -m data.prepare orl --out {DEMO_DATA}" if tiny else ""
     # WebFace4M as packed by LAFS's img2rec.py stores swapped channels, which the official loader swaps
@@ -172,18 +173,17 @@ def get_config(arg=None):
     c.loss.centers_momentum = 0.9  # momentum of 'sgd'
     c.loss.centers_lazy = True  # rows not sampled this step keep their values and optimizer state
 
-    # LVFace's loss curriculum (lafs_jax.losses.curriculum, configs/lvface.py): a tuple of
+    # LVFace's loss curriculum (lafs_jax.methods.lvface, configs/lvface.py): a tuple of
     # curriculum.phase(epochs=, sample_rate=, prototypes=, prototype_k=, m1/m2/m3/s/fallback=, ...) by
     # epoch; each phase's sample rate and margin replace loss.sample_rate / m1 / m2 / m3 / s /
     # arcface_fallback (W's init and optimizer stay loss.*). () = no curriculum: one phase of loss.*.
     c.curriculum = ()
 
-    c.landmark_reg = ml_collections.ConfigDict()  # w * mean(((lm - lm*)/(H-1))^2), Part fViT only
-    c.landmark_reg.mode = "none"  # 'none' (released command) | 'schedule' (official epochs) | 'constant' (beta)
-    c.landmark_reg.beta = 0.1  # constant weight of mode 'constant' (the paper's beta)
-    c.landmark_reg.boundaries = (7, 13, 20, 27)  # mode 'schedule': last epoch (0-based) of each interval
-    c.landmark_reg.weights = (1000.0, 100.0, 1.0, 0.11, 0.0)  # mode 'schedule': weight per interval
-    c.landmark_reg.teacher = ""  # landmark CNN giving lm* ('' = frozen copy of the initial one)
+    # Part fViT's landmark CNN (lafs_jax.methods.lafs.finetune; unused by models without one): the
+    # pseudo-label regulariser w * mean(((lm - lm*)/(H-1))^2), off in the released command, and the
+    # optimizer's rules (weight decay 0.05 except its output layer, layer id 0 in layer-wise decay).
+    c.landmark_reg = lafs_finetune.regularizer_config()
+    c.landmark_optim = lafs_finetune.optimizer_config()
 
     c.eval = ml_collections.ConfigDict()  # verification during training
     c.eval.bins = (f"{DEMO_DATA}/validation.bin",) if tiny else ()  # .bin pair sets (LFW, CFP-FP, AgeDB-30)

@@ -26,6 +26,16 @@ landmark CNN, a few hundred steps):
 
     python main.py --config configs/lafs_pretrain.py:tiny --workdir runs/demo/lafs_pretrain
 
+The teacher is evaluated during pretraining by `config.evals` (empty in the recipe, so that it runs on
+any data); on the demo's validation people every 35 of its 140 steps:
+
+    python main.py --config configs/lafs_pretrain.py:tiny --workdir runs/demo/lafs_pretrain \\
+        --config.evals="{'val': {'type': 'verification', 'every_steps': 35, 'nfolds': 10,
+                                 'bins': ('runs/demo/data/validation.bin',)}}"
+
+(rows `val/validation/accuracy` in WORKDIR/metrics.jsonl; the best evaluated teacher is kept as
+`WORKDIR/teacher_backbone_best`).
+
 The teacher backbone lands in `WORKDIR/teacher_backbone` (fine-tuning: `configs/finetune.py` with
 `--config.init.backbone=WORKDIR/teacher_backbone`).
 
@@ -39,6 +49,8 @@ import ml_collections
 
 from lafs_jax.config import base_config
 from lafs_jax.input.pipelines import data_config
+from lafs_jax.methods.dino import config as dino_config
+from lafs_jax.methods.lafs import config as lafs_config
 from lafs_jax.models.presets import model_config
 from lafs_jax.train.loop_utils import divergence_config
 from lafs_jax.train.optim import optim_config
@@ -61,7 +73,7 @@ def get_config(arg=None):
 
     # Input: LAFS views (§2.2): 2 global + 8 local (clean, colour-augmented) pairs, all 112 px crops
     # with the global scale range (0.4, 1) as the official code; normalised to [-1, 1].
-    c.data = data_config()
+    c.data = data_config("lafs", "ssl_color")
     # the views are made in the jitted step from uint8 decoded images (lafs_jax.input.device_augment,
     # Pillow-exact up to 1-2 grey levels); 'host' makes them in the Grain workers with Pillow
     c.data.augment_on = "device"
@@ -87,41 +99,16 @@ def get_config(arg=None):
     c.stop_at_step = -1  # stop (saving a checkpoint) at this step though the schedules go on; -1: never
     c.precision = "auto"  # compute dtype: 'auto' (bf16 on GPU/TPU, fp32 on CPU) | 'float32' | 'bfloat16'
 
-    # DINO loss and teacher (§2.5).
-    c.dino = ml_collections.ConfigDict()
-    c.dino.student_temp = 0.1  # student softmax temperature
-    c.dino.warmup_teacher_temp = 0.07  # teacher temperature at epoch 0 (LAFS 0.07; DINO 0.04)
-    c.dino.teacher_temp = 0.04  # teacher temperature after the warmup (LAFS 0.04; DINO boost 0.07)
-    c.dino.warmup_teacher_temp_epochs = 2 if tiny else 30  # epochs of linear temperature warmup
-    c.dino.center_momentum = 0.9  # EMA momentum of the centre (teacher output mean, global batch)
-    # Teacher centring: 'center' (official: minus the running centre) | 'sinkhorn' (DINOv2's Sinkhorn-Knopp
-    # equipartition over the global batch; the centre is then unused)
-    c.dino.centering = "center"
-    c.dino.sinkhorn_iterations = 3  # Sinkhorn-Knopp iterations of 'sinkhorn' (DINOv2: 3)
-    # KoLeo regulariser weight (DINOv2 0.1) on the student's global-view embeddings: spreads features that
-    # converge to one point (the ORL demo's collapse, README "The demo"); 0 = off, as the official LAFS
-    c.dino.koleo_weight = 0.0
-    c.dino.teacher_momentum = 0.996  # teacher EMA momentum at step 0, cosine to teacher_momentum_end
-    c.dino.teacher_momentum_end = 1.0  # teacher EMA momentum at the last step
-    c.dino.teacher_train_mode = True  # teacher applies dropout / drop-path (official LAFS: never .eval())
+    # DINO loss and teacher (§2.5): student temperature 0.1, teacher 0.07 -> 0.04, centre EMA 0.9, teacher
+    # EMA 0.996 -> 1, the teacher in train mode (the official code never calls teacher.eval()).
+    c.dino = dino_config.config(warmup_teacher_temp_epochs=2 if tiny else 30)
 
-    # Landmark views (§2.3).
-    c.lafs = ml_collections.ConfigDict()
-    # Variables directory of a supervised Part fViT (or a landmark CNN alone); '' = initialise an
-    # untrained one from `seed` (demo and tests only; saved in WORKDIR/landmark_cnn_init).
-    c.lafs.landmark_path = ""
-    c.lafs.noise_std = 5.0  # σ of the Gaussian noise on every landmark coordinate (pixels)
-    c.lafs.num_local_landmarks = 36  # landmarks drawn with replacement per local view (6x6 mosaic)
-    # 'landmarks' (official) | 'grid': mixed views, DINO-style local views = the augmented local crop
-    # resized to grid_size px and cut into a regular patch grid ((grid_size / patch_size)**2 tokens)
-    c.lafs.local_views = "landmarks"
-    c.lafs.grid_size = 48  # side of the resized local crop of 'grid' local views (px)
-    # Official ablations (off in the released run). random_landmarks: every view's landmarks uniform in
-    # [0, S-1), no landmark CNN, no noise (official random_coor; its local views take 25 landmarks: set
-    # num_local_landmarks=25 to match). global_resample: global views take R landmarks drawn with
-    # replacement after the noise (the official landmark function without return_prob).
-    c.lafs.random_landmarks = False
-    c.lafs.global_resample = False
+    # Landmark views (§2.3): the frozen landmark CNN, σ = 5 px noise, 36 local landmarks.
+    c.lafs = lafs_config.config()
+
+    # Evaluators of the teacher (a Part fViT of the frozen landmark CNN and the teacher's ViT) every N
+    # steps: {name: lafs_jax.eval.evaluators.evaluator_config(type, ...)}; none by default (see above).
+    c.evals = ml_collections.ConfigDict()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # training checkpoints kept (the latest)

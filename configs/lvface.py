@@ -18,7 +18,7 @@ bench/lvface_memory.py measures the per-device bytes).
 Input (§3.2): 112 x 112 RGB, (x/255 - 0.5)/0.5 (`'[-1,1]'`), random horizontal flip only (InsightFace's
 training transform: no crop, RandAugment, erasing or mixup).
 
-Curriculum (`config.curriculum`, lafs_jax.losses.curriculum; phase lengths in epochs):
+Curriculum (`config.curriculum`, lafs_jax.methods.lvface; phase lengths in epochs):
   v1 (§3.1, §3.3; LVFace arXiv v1): 40 epochs ArcFace (s 64, m 0.5, InsightFace's th / mm guard) with
      Partial FC r = 0.3, then 60 epochs without sampling (r = 1) with EPL prototypes: a second set of
      logits against E (the target's cosine minus k * sg(v_y), k = 0.7) averaged with W's loss, as EPL
@@ -146,7 +146,6 @@ def get_config(arg=None):
     c.optim.warmup_epochs = 1.0 if tiny else 4.0  # §3.3: 4 warmup epochs
     c.optim.layer_decay = 1.0  # from scratch
     c.optim.accum_steps = 1
-    c.optim.landmark_weight_decay = 0.1  # unused (no landmark CNN)
     c.batch_size = 32 if tiny else 384 * 8  # §3.3: 384 per GPU, one 8-GPU host
     c.total_steps = -1  # the curriculum's epochs x steps per epoch
     c.log_every_steps = 7 if tiny else 100

@@ -35,9 +35,9 @@ def _fake_finetune(config, workdir):
 
 def _fake_pretrain(config, workdir):
     """Writes WORKDIR/teacher_backbone as pretrain.run does, with an untrained teacher ViT."""
-    student = pretrain.init_student(pretrain.build_networks(config), config, jax.random.key(config.seed))
+    student = pretrain.objective(config).init_student(jax.random.key(config.seed))["params"]
     pretrain.save_teacher_backbone(os.path.join(workdir, pretrain.TEACHER_BACKBONE_DIR),
-                                   student["backbone"]["vit"], config, 0)
+                                   {"params": student["backbone"]["vit"]}, config, 0)
     return {"step": 0}
 
 

@@ -2,6 +2,8 @@
 and a micro end-to-end run on the ORL demo data at 32 px (accuracy rises; an interrupted run resumes
 exactly)."""
 import os
+import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,8 @@ import pytest
 from sigterm_at import SigtermAt
 
 from configs import finetune as finetune_recipe
+from configs import lvface as lvface_recipe
+from lafs_jax import methods
 from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError
@@ -20,8 +24,9 @@ from lafs_jax.input import device_augment, pipelines
 from lafs_jax.input.orl import build_orl
 from lafs_jax.input.synthetic import write_synthetic_rec
 from lafs_jax.losses import partial_fc
+from lafs_jax.methods.lafs import finetune as lafs_finetune
 from lafs_jax.models import presets
-from lafs_jax.train import checkpoint, finetune, loop_utils, optim
+from lafs_jax.train import checkpoint, finetune, loop_utils, optim, recognition
 
 
 MICRO_SIZE = 32  # image side (px) of the micro model
@@ -48,6 +53,18 @@ def synthetic_rec(tmp_path_factory):
     return prefix
 
 
+def _loss_fn(model, config, mesh, num_classes, hooks=None):
+    """recognition.make_loss_fn as (params, batch_stats, teacher, batch, key, weight) -> (loss, (metrics,
+    batch_stats)): the landmark regulariser's teacher and weight are the LAFS hooks' constants and inputs."""
+    raw = recognition.make_loss_fn(model, hooks, config, mesh, num_classes)
+
+    def loss_fn(params, batch_stats, teacher, batch, key, weight):
+        loss, (metrics, stats, _) = raw(params, batch_stats, {}, {"lafs": teacher}, batch, key, {"lafs": weight})
+        return loss, (metrics, stats)
+
+    return loss_fn
+
+
 @pytest.fixture(scope="module")
 def setup(synthetic_rec):
     """Micro deterministic Part fViT, one mixed batch, centres, the frozen landmark teacher, the loss
@@ -64,8 +81,8 @@ def setup(synthetic_rec):
     batch = next(pipelines.finetune_batches(source, config.data, batch_size=8, seed=3))
     centers = partial_fc.init_centers(jax.random.key(1), source.num_classes, config.model.dim, mesh)
     params = {"backbone": variables["params"], "centers": centers}
-    teacher = finetune.landmark_teacher_variables(config, jax.tree.map(np.asarray, variables))
-    loss_fn = finetune.make_loss_fn(model, lcnn, config, mesh, source.num_classes)
+    teacher = lafs_finetune.LafsHooks(config).constants(jax.tree.map(np.asarray, variables))
+    loss_fn = _loss_fn(model, config, mesh, source.num_classes)
     loss_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))  # one program for every test's loss
     forward = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0])
     landmarks_eval = jax.jit(lambda v, x: lcnn.apply(v, x, train=False))
@@ -131,21 +148,21 @@ def test_parameter_average_follows_its_formula_and_leaves_training_alone():
     params = {"backbone": {"w": jnp.array([1.0, -2.0, 3.0])}, "centers": jnp.ones((2, 3))}
     target = np.array([0.5, 0.5, -1.0], np.float32)
 
-    def loss_fn(p, batch_stats, teacher_vars, batch, key, reg_weight):
+    def loss_fn(p, batch_stats, extra, constants, batch, key, inputs):
         loss = jnp.sum(jnp.square(p["backbone"]["w"] * batch["x"] - target)) + jnp.sum(p["centers"] ** 2)
-        return loss, ({"loss": loss}, batch_stats)
+        return loss, ({"loss": loss}, batch_stats, None)
 
     tx = optax.sgd(0.1)
     batches = [{"x": np.float32(1.0 + 0.1 * i)} for i in range(30)]
 
     def train(ema_decay):
-        step = jax.jit(finetune.make_train_step(loss_fn, tx, jax.random.key(0), ema_decay))
+        step = jax.jit(recognition.make_train_step(loss_fn, tx, jax.random.key(0), ema_decay))
         state = {"step": jnp.int32(0), "params": params, "batch_stats": {}, "opt_state": tx.init(params)}
         if ema_decay:
             state["ema"] = params["backbone"]
         history = []
         for b in batches:
-            state, _ = step(state, {}, b, np.float32(0))
+            state, _ = step(state, {}, b, {})
             history.append(np.asarray(state["params"]["backbone"]["w"]))
         return state, history
 
@@ -167,18 +184,18 @@ def test_parameter_average_moves_once_per_update_under_accumulation():
     params = {"backbone": {"w": jnp.array([1.0, -2.0, 3.0])}, "centers": jnp.ones((2, 3))}
     target = np.array([0.5, 0.5, -1.0], np.float32)
 
-    def loss_fn(p, batch_stats, teacher_vars, batch, key, reg_weight):
+    def loss_fn(p, batch_stats, extra, constants, batch, key, inputs):
         loss = jnp.sum(jnp.square(p["backbone"]["w"] * batch["x"] - target)) + jnp.sum(p["centers"] ** 2)
-        return loss, ({"loss": loss}, batch_stats)
+        return loss, ({"loss": loss}, batch_stats, None)
 
     tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2, use_grad_mean=True).gradient_transformation()
-    step = jax.jit(finetune.make_train_step(loss_fn, tx, jax.random.key(0), 0.9))
+    step = jax.jit(recognition.make_train_step(loss_fn, tx, jax.random.key(0), 0.9))
     state = {"step": jnp.int32(0), "params": params, "batch_stats": {}, "opt_state": tx.init(params),
              "ema": params["backbone"]}
     ema, t = np.array([1.0, -2.0, 3.0]), 0
     previous = np.asarray(params["backbone"]["w"])
     for i in range(12):
-        state, metrics = step(state, {}, {"x": np.float32(1.0 + 0.1 * i)}, np.float32(0))
+        state, metrics = step(state, {}, {"x": np.float32(1.0 + 0.1 * i)}, {})
         w = np.asarray(state["params"]["backbone"]["w"])
         if i % 2 == 1:  # the inner optimizer stepped on the second micro-batch of each pair
             assert not np.array_equal(w, previous)
@@ -200,7 +217,7 @@ def test_lr_scaling_counts_the_images_of_one_update():
     config.optim.lr, config.optim.lr_scaling, config.optim.lr_base_batch_size = 1e-3, "linear", 256
     config.optim.warmup_epochs = 0.0
     params = {"backbone": {"vit": {"head_norm": {"scale": jnp.ones(4)}}}, "centers": jnp.zeros((8, 4))}
-    tx = finetune.make_optimizer(config, params, steps_per_epoch=9, total_steps=90)
+    tx = recognition.make_optimizer(config, params, steps_per_epoch=9, total_steps=90)
     state = jax.jit(tx.init)(params)
     grads = jax.tree.map(jnp.ones_like, params)
     update = jax.jit(tx.update)
@@ -216,7 +233,7 @@ def test_frozen_landmark_cnn_gives_eval_mode_landmarks_and_no_gradient(setup):
     S = setup
     config = S["config"].copy_and_resolve_references()
     config.freeze_landmark_cnn, config.landmark_reg.mode = True, "none"
-    loss_fn = finetune.make_loss_fn(S["model"], S["lcnn"], config, mesh_lib.make_mesh(), S["num_classes"])
+    loss_fn = _loss_fn(S["model"], config, mesh_lib.make_mesh(), S["num_classes"])
     batch, variables, params = S["batch"], S["variables"], S["params"]
     (loss, (metrics, stats)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
         params, variables["batch_stats"], {}, batch, jax.random.key(2), np.float32(0))
@@ -262,7 +279,7 @@ def test_arcface_fallback_reaches_the_loss():
     got = {}
     for fallback in ("th_mm", "none"):
         config.loss.arcface_fallback = fallback
-        loss_fn = finetune.make_loss_fn(model, None, config, mesh, c)
+        loss_fn = _loss_fn(model, config, mesh, c, hooks=())
         _, (metrics, _) = jax.jit(loss_fn)(params, {}, {}, batch, jax.random.key(2), np.float32(0))
         direct = jax.jit(lambda e, w: partial_fc.partial_fc_loss(e, labels, w, jax.random.key(0), mesh=mesh,
                                                                  num_classes=c, m2=0.5, s=config.loss.s,
@@ -279,23 +296,23 @@ def test_arcface_fallback_reaches_the_loss():
 def test_centers_init_default_is_the_official_xavier_uniform():
     config = finetune_recipe.get_config("tiny")
     mesh = mesh_lib.make_mesh()
-    w = np.asarray(finetune.make_centers(config, jax.random.key(0), 1001, 64, mesh))
+    w = np.asarray(recognition.make_centers(config, jax.random.key(0), 1001, 64, mesh))
     assert config.loss.centers_init == "xavier_uniform"
     assert abs(w[:1001].std() - np.sqrt(2.0 / (1001 + 64))) < 1e-3  # 0.043, not 0.01
     config.loss.centers_init = "normal_0.01"
-    w = np.asarray(finetune.make_centers(config, jax.random.key(0), 1001, 64, mesh))
+    w = np.asarray(recognition.make_centers(config, jax.random.key(0), 1001, 64, mesh))
     assert abs(w[:1001].std() - 0.01) < 5e-4
 
 
 def test_landmark_weight_schedule():
     reg = finetune_recipe.get_config("tiny").landmark_reg
     reg.mode = "schedule"
-    got = [finetune.landmark_weight(reg, e) for e in (0, 7, 8, 13, 14, 20, 21, 27, 28, 40)]
+    got = [lafs_finetune.landmark_weight(reg, e) for e in (0, 7, 8, 13, 14, 20, 21, 27, 28, 40)]
     assert got == [1000.0, 1000.0, 100.0, 100.0, 1.0, 1.0, 0.11, 0.11, 0.0, 0.0]
     reg.mode = "constant"
-    assert finetune.landmark_weight(reg, 3) == 0.1
+    assert lafs_finetune.landmark_weight(reg, 3) == 0.1
     reg.mode = "none"
-    assert finetune.landmark_weight(reg, 3) == 0.0
+    assert lafs_finetune.landmark_weight(reg, 3) == 0.0
 
 
 def test_initialisation_from_variables_directories(tmp_path):
@@ -551,6 +568,60 @@ def test_build_train_step_traces_the_step_for_both_backbones(kind):
     assert "loss" in metrics
     abstract_init = jax.eval_shape(init, jax.random.key(0))
     assert jax.tree.structure(abstract_init) == jax.tree.structure(args[0])
+
+
+def test_run_trains_the_step_build_train_step_returns(synthetic_rec, tmp_path, monkeypatch):
+    """One code path: the step `run` calls, lowered with the arguments it calls it with, and the step
+    `build_train_step` returns, lowered with its abstract arguments, are the same HLO text (landmark
+    regulariser on, so the methods' constants and per-step inputs are arguments too). Nothing is
+    compiled: run stops at its first step."""
+    config = _micro_tiny(finetune_recipe.get_config("tiny"))
+    config.data.path = synthetic_rec  # 6 classes x 4 images: 3 steps of 8 per epoch
+    config.eval.bins = ()
+    config.batch_size, config.total_steps = 8, 6
+    config.landmark_reg.mode = "schedule"
+
+    class Stop(Exception):
+        pass
+
+    lowered = []
+    real = recognition.jitted_step
+
+    def spy(program, phase):
+        step = real(program, phase)
+
+        def call(*args):
+            lowered.append(step.lower(*args).as_text())
+            raise Stop
+
+        return call
+
+    monkeypatch.setattr(recognition, "jitted_step", spy)
+    with pytest.raises(Stop):
+        finetune.run(config, str(tmp_path / "w"))
+    monkeypatch.undo()
+    step, args, _, _ = finetune.build_train_step(config, mesh_lib.make_mesh(), 6, steps_per_epoch=3, total_steps=6)
+    assert set(args[1]) == {"lafs"} and set(args[3]) == {"lafs"}  # the teacher and the regulariser's weight
+    assert len(lowered) == 1 and step.lower(*args).as_text() == lowered[0]
+
+
+def test_the_config_turns_the_methods_on(monkeypatch):
+    """The task names no method: `methods.finetune_hooks` picks them from the config (Part fViT's landmark
+    CNN for a family that has one, LVFace's curriculum when config.curriculum is set); two methods with
+    phases are a ConfigError; the recognition modules of train/ contain no method's name."""
+    config = finetune_recipe.get_config("tiny")
+    assert [h.name for h in methods.finetune_hooks(config)] == ["lafs"]
+    config.model.kind = "fvit"
+    assert methods.finetune_hooks(config) == ()
+    assert [h.name for h in methods.finetune_hooks(lvface_recipe.get_config("tiny"))] == ["lvface"]
+    other = types.SimpleNamespace(validate=lambda c: None, hooks=lambda c: types.SimpleNamespace(name="x", phased=True))
+    monkeypatch.setattr(methods, "FINETUNING", (*methods.FINETUNING, other))
+    with pytest.raises(ConfigError, match=r"\['lvface', 'x'\] each define training phases"):
+        methods.finetune_hooks(lvface_recipe.get_config("tiny"))
+    names = re.compile(r"\b(curriculum|landmark|dino|lvface|prototype)", re.IGNORECASE)
+    for module in (finetune, recognition, optim):
+        with open(module.__file__) as f:
+            assert not names.search(f.read()), module.__name__
 
 
 def test_bad_topologies_fail_before_any_work(tmp_path, monkeypatch):

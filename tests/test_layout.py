@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import graphlib
 import os
+import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "lafs_jax"
@@ -150,3 +151,21 @@ def test_methods_never_import_the_tasks():
            if m.startswith(PACKAGE + ".methods") for n, line, _ in imports
            if (t := _ours(n)) and _package(t) in (PACKAGE + ".train", PACKAGE + ".eval")]
     assert not bad, "\n".join(bad)
+METHOD_WORDS = re.compile(r"\b(curriculum|landmark|dino|lvface|prototype)", re.IGNORECASE)
+MAX_METHOD_LINES_IN_TRAIN = 10
+MAX_LINES = 600
+
+
+def test_the_shared_tasks_do_not_name_methods():
+    """train/ is shared by every method: lines naming one (code, comments, config keys) stay few."""
+    hits = []
+    for m, path in MODULES.items():
+        if m.startswith(PACKAGE + ".train"):
+            hits += [f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()}"
+                     for i, line in enumerate(open(path), 1) if METHOD_WORDS.search(line)]
+    assert len(hits) <= MAX_METHOD_LINES_IN_TRAIN, f"{len(hits)} lines name a method:\n" + "\n".join(hits)
+
+
+def test_no_module_is_longer_than_600_lines():
+    long = {os.path.relpath(p, ROOT): n for p in MODULES.values() if (n := sum(1 for _ in open(p))) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"

@@ -67,7 +67,7 @@ def test_phase_change_keeps_w_optimizer_and_prototypes_and_the_loss_continues():
     state = init(jax.random.key(config.seed))
     losses = []
     for batch in batches[:4]:
-        state, m = step0(state, {}, mesh_lib.global_batch(batch, mesh), np.float32(0))
+        state, m = step0(state, {}, mesh_lib.global_batch(batch, mesh), {})
         losses.append(float(m["loss"]))
     before = jax.device_get(state)
     # the prototype buffer moved in phase 0 (EPL updates from the start), W trained
@@ -77,14 +77,14 @@ def test_phase_change_keeps_w_optimizer_and_prototypes_and_the_loss_continues():
     assert jax.tree.structure(state) == jax.tree.structure(shardings)
     for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
         assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
-    state, m1 = step1(state, {}, mesh_lib.global_batch(batches[4], mesh), np.float32(0))
+    state, m1 = step1(state, {}, mesh_lib.global_batch(batches[4], mesh), {})
     after = jax.device_get(state)
     assert float(m1["phase"]) == 1.0 and float(m["phase"]) == 0.0
     assert _count(after["opt_state"]) == [5]  # the optimizer counts on: 4 updates of phase 0, 1 of phase 1
     assert float(m1["learning_rate"]) < float(m["learning_rate"])  # the cosine continues, no new warmup
     # the loss continues: W's loss just after the change (now over every class) stays near the last
     # phase-0 loss, far below what the same phase-1 step reports from a fresh W, optimizer and E
-    _, m_fresh = step1(init(jax.random.key(config.seed)), {}, mesh_lib.global_batch(batches[4], mesh), np.float32(0))
+    _, m_fresh = step1(init(jax.random.key(config.seed)), {}, mesh_lib.global_batch(batches[4], mesh), {})
     jump = float(m1["loss_centers"]) - losses[-1]
     assert abs(jump) < 0.25 * (float(m_fresh["loss_centers"]) - losses[-1]), (losses, m1, m_fresh)
     assert float(m1["loss_prototypes"]) < float(m_fresh["loss_prototypes"])  # E was warm
@@ -133,7 +133,7 @@ def test_prototype_update_in_the_step_is_the_segment_mean_epl_rule():
     (emb, _), _ = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": k_drop},
                                                    mutable=["batch_stats"]))(
         {"params": host["params"]["backbone"], "batch_stats": host["batch_stats"]}, batch["image"])
-    state, _ = step0(state, {}, mesh_lib.global_batch(batch, mesh), np.float32(0))
+    state, _ = step0(state, {}, mesh_lib.global_batch(batch, mesh), {})
     got = np.asarray(state["prototypes"])
     want = np_epl(host["prototypes"], np.asarray(emb), batch["label"], "segment_mean")
     np.testing.assert_allclose(got[:C], want[:C], atol=2e-5)

@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from lafs_jax.config import ConfigError
+from lafs_jax.methods.lafs import finetune as lafs_finetune
 from lafs_jax.sharding import path_str
 from lafs_jax.train import optim
+
+# The rules Part fViT's landmark CNN adds in fine-tuning (lafs_jax.methods.lafs.finetune): layer id 0, weight
+# decay 0.05 except its output layer; LAFS_LAYER0 for the layer-id helpers.
+LAFS_LAYER0 = (lafs_finetune.LANDMARK_REGEX,)
+
+
+def lafs_rules(cfg, frozen=False):
+    return lafs_finetune.optimizer_rules(lafs_finetune.optimizer_config(), cfg.weight_decay, freeze=frozen)
 
 
 def hand_warmup_cosine(step, peak, total, warmup, floor):
@@ -127,7 +136,7 @@ def part_fvit_like_params(depth=2, dim=8, key=0):
     ("backbone/landmark_cnn/landmark_head/kernel", 0),
 ])
 def test_layer_id_base_depth(path, expected):
-    assert optim.layer_id(path, 12) == expected
+    assert optim.layer_id(path, 12, layer0_regexes=LAFS_LAYER0) == expected
 
 
 def test_layer_id_custom_block_regex_and_range_error():
@@ -139,8 +148,8 @@ def test_layer_id_custom_block_regex_and_range_error():
 
 def test_layer_decay_lr_mults_base_depth_12():
     params = part_fvit_like_params(depth=12, dim=4)["backbone"]
-    assert optim.model_depth(params) == 12
-    flat = optim.match_mults(params, optim.layer_decay_mults(params, 0.58), 1.0)
+    assert optim.model_depth(params) == 12 == optim.model_depth(params, layer0_regexes=LAFS_LAYER0)
+    flat = optim.match_mults(params, optim.layer_decay_mults(params, 0.58, layer0_regexes=LAFS_LAYER0), 1.0)
     assert flat["vit/cls_token"] == pytest.approx(0.58 ** 13)  # 8.41e-4 as the reference notes
     assert flat["vit/cls_token"] == pytest.approx(8.41e-4, rel=1e-3)
     assert flat["landmark_cnn/stem_conv/kernel"] == pytest.approx(0.58 ** 13)
@@ -152,17 +161,17 @@ def test_layer_decay_lr_mults_base_depth_12():
 
 
 def test_weight_decay_mults_of_finetuning():
-    """wd factors x the schedule: 1 on ndim >= 2 non-bias tensors, landmark_weight_decay / weight_decay
+    """wd factors x the schedule: 1 on ndim >= 2 non-bias tensors, landmark_optim.weight_decay / weight_decay
     on the landmark CNN except its output layer, 0 on biases and ndim < 2 tensors."""
     params = part_fvit_like_params()
     cfg = optim.optim_config("finetune")
-    _, wd_mults = optim.finetune_mults(params, cfg)
+    _, wd_mults = optim.finetune_mults(params, cfg, **lafs_rules(cfg))
     flat = optim.match_mults(params, wd_mults, 0.0)
     assert flat["backbone/vit/cls_token"] == 1.0 and flat["backbone/vit/pos_embedding"] == 1.0
     assert flat["backbone/vit/encoder/block_1/attention/qkv/kernel"] == 1.0
     assert flat["backbone/vit/encoder/block_1/attention/out/bias"] == 0.0
     assert flat["backbone/vit/head_norm/scale"] == 0.0 and flat["backbone/landmark_cnn/stem_bn/scale"] == 0.0
-    # landmark_weight_decay 0.05 = 0.5 x weight_decay 0.1
+    # landmark_optim.weight_decay 0.05 = 0.5 x weight_decay 0.1
     assert flat["backbone/landmark_cnn/stem_conv/kernel"] == 0.5
     assert flat["backbone/landmark_cnn/bottleneck_1/expand_conv/kernel"] == 0.5
     assert flat["backbone/landmark_cnn/landmark_head/kernel"] == 1.0  # the output layer keeps the main decay
@@ -199,10 +208,10 @@ def torch_finetune_groups(params_np, cfg, depth):
         if value.ndim < 2 or path.endswith("/bias"):
             wd = 0.0
         elif path.startswith("backbone/landmark_cnn/") and "landmark_head" not in path:
-            wd = cfg.landmark_weight_decay
+            wd = lafs_finetune.optimizer_config().weight_decay
         else:
             wd = cfg.weight_decay
-        scale = cfg.layer_decay ** (depth + 1 - optim.layer_id(path, depth))
+        scale = cfg.layer_decay ** (depth + 1 - optim.layer_id(path, depth, layer0_regexes=LAFS_LAYER0))
         groups.append({"params": [t], "weight_decay": wd, "lr_scale": scale, "name": path})
     return groups, tensors
 
@@ -214,7 +223,7 @@ def test_finetune_optimizer_equals_torch_adamw_groups(layer_decay):
     cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.min_lr, cfg.layer_decay = 4, 1.0, 1e-2, 1e-4, layer_decay
     params = part_fvit_like_params(depth=depth)
     centers_lr = 0.5
-    tx = optim.finetune_optimizer(params, cfg, steps_per_epoch, centers_tx=optax.sgd(centers_lr))
+    tx = optim.finetune_optimizer(params, cfg, steps_per_epoch, centers_tx=optax.sgd(centers_lr), **lafs_rules(cfg))
     state = tx.init(params)
     update = jax.jit(tx.update)
 
@@ -276,8 +285,7 @@ def test_finetune_optimizer_equals_numpy_float32_adamw_with_per_tensor_factors(f
     cfg = optim.optim_config("finetune")
     cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.min_lr, cfg.layer_decay = 4, 1.0, 1e-2, 1e-4, 0.58
     params = part_fvit_like_params(depth=2)
-    tx = optim.finetune_optimizer(params, cfg, 2, centers_tx=optax.sgd(0.5),
-                                  frozen_regex=optim.LANDMARK_REGEX if frozen else "")
+    tx = optim.finetune_optimizer(params, cfg, 2, centers_tx=optax.sgd(0.5), **lafs_rules(cfg, frozen))
     state, update = tx.init(params), jax.jit(tx.update)
     treedef = jax.tree.structure(params)
     paths = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
@@ -363,8 +371,8 @@ def test_config_lr_mults_and_wd_mults_overrides():
             optim.finetune_optimizer(params, bad, 10, centers_tx=optax.sgd(1.0))
     bad = optim.optim_config("finetune")
     bad.weight_decay = 0.0
-    with pytest.raises(ConfigError, match=r"optim\.landmark_weight_decay"):
-        optim.finetune_optimizer(params, bad, 10, centers_tx=optax.sgd(1.0))
+    with pytest.raises(ConfigError, match=r"landmark_optim\.weight_decay=0\.05 needs config\.optim\.weight_decay > 0"):
+        optim.finetune_optimizer(params, bad, 10, centers_tx=optax.sgd(1.0), **lafs_rules(bad))
 
 
 def test_finetune_optimizer_frozen_regex_keeps_those_params_exactly():
@@ -372,7 +380,7 @@ def test_finetune_optimizer_frozen_regex_keeps_those_params_exactly():
     cfg = optim.optim_config("finetune")
     cfg.epochs, cfg.warmup_epochs, cfg.lr = 4, 0.0, 1e-2
     params = part_fvit_like_params()
-    tx = optim.finetune_optimizer(params, cfg, 2, centers_tx=optax.sgd(0.5), frozen_regex=optim.LANDMARK_REGEX)
+    tx = optim.finetune_optimizer(params, cfg, 2, centers_tx=optax.sgd(0.5), frozen_regex=lafs_finetune.LANDMARK_REGEX)
     state, new = tx.init(params), params
     for _ in range(3):
         updates, state = tx.update(jax.tree.map(jnp.ones_like, new), state, new)
@@ -554,7 +562,8 @@ def test_optim_config_presets_have_same_fields_and_validate():
     assert set(a.keys()) == set(b.keys())
     optim.validate_optim_config(a)
     optim.validate_optim_config(b)
-    assert (a.layer_decay, a.weight_decay, a.landmark_weight_decay, a.min_lr) == (0.58, 0.1, 0.05, 1e-6)
+    assert (a.layer_decay, a.weight_decay, a.min_lr) == (0.58, 0.1, 1e-6)
+    assert lafs_finetune.optimizer_config().weight_decay == 0.05  # the landmark CNN's, fine-tuning's method rule
     assert (b.weight_decay, b.weight_decay_end, b.clip_mode, b.clip_norm, b.freeze_last_layer_epochs) == (
         0.04, 0.4, "per_tensor", 3.0, 1)
     with pytest.raises(ValueError, match="preset"):

@@ -85,8 +85,10 @@ def _pretrain_config(data: str, method: str):
     c.data.path = data
     c.data.image_size = SIZE
     c.data.augment_on = "device"
-    c.data.lafs.view_size, c.data.lafs.local_views = SIZE, 2
-    c.data.dino.global_size, c.data.dino.local_size, c.data.dino.local_crops = SIZE, 16, 2
+    if method == "lafs":  # each recipe carries its own views' section
+        c.data.lafs.view_size, c.data.lafs.local_views = SIZE, 2
+    else:
+        c.data.dino.global_size, c.data.dino.local_size, c.data.dino.local_crops = SIZE, 16, 2
     if method == "lafs":
         c.lafs.num_local_landmarks = 4
     c.batch_size = 8

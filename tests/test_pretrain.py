@@ -1,4 +1,5 @@
-"""Pretraining: LAFS landmark views and grid views (lafs_jax.train.views), the pretraining step and run()."""
+"""Pretraining: LAFS landmark views and grid views (lafs_jax.methods.lafs.views), the teacher-student step
+(lafs_jax.train.ssl with the DINO-face and LAFS objectives) and pretrain.run()."""
 import importlib.util
 import os
 import signal
@@ -15,13 +16,17 @@ import pytest
 from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError
+from lafs_jax.eval import evaluators as evaluators_lib
+from lafs_jax.input.verification_bin import load_bin, save_bin
 from lafs_jax.losses import dino as dino_lib
+from lafs_jax.methods.lafs import landmark_cnn as landmark_cnn_lib
+from lafs_jax.methods.lafs import views
 from lafs_jax.models.sampling import sample_patches
 from lafs_jax.train import checkpoint as ckpt_lib
 from lafs_jax.train import loop_utils
 from lafs_jax.train import optim as optim_lib
 from lafs_jax.train import pretrain
-from lafs_jax.train import views
+from lafs_jax.train import ssl
 
 
 def test_noise_has_the_configured_sigma_and_no_gradient():
@@ -164,8 +169,10 @@ def _small_config(method: str, data_path: str = "") -> ml_collections.ConfigDict
     m.dino_head.out_dim, m.dino_head.hidden_dim, m.dino_head.bottleneck_dim = 64, 64, 32
     c.data.path = data_path
     c.data.augment_on = "host"  # the step tests feed view batches; 'device' is covered below and in test_device_augment.py
-    c.data.lafs.view_size, c.data.lafs.local_views = SIZE, 2
-    c.data.dino.global_size, c.data.dino.local_size, c.data.dino.local_crops = SIZE, 16, 2
+    if method == "lafs":  # each recipe carries its own views' section
+        c.data.lafs.view_size, c.data.lafs.local_views = SIZE, 2
+    else:
+        c.data.dino.global_size, c.data.dino.local_size, c.data.dino.local_crops = SIZE, 16, 2
     m.landmark.blocks = m.landmark.blocks[:2]  # 32 -> 16 -> 8 -> 4 px
     c.batch_size = 8
     c.optim.epochs, c.optim.warmup_epochs = 4, 1.0
@@ -203,30 +210,29 @@ def _batch(config, seed=0):
     return out
 
 
-def _init_landmarks(networks, seed):
-    return jax.jit(lambda k: networks.landmark_cnn.init({"params": k}, jnp.zeros((1, SIZE, SIZE, 3)),
-                                                       train=False))(jax.random.key(seed))
+def _init_landmarks(objective, seed):
+    return jax.jit(lambda k: objective.landmark_cnn.init({"params": k}, jnp.zeros((1, SIZE, SIZE, 3)),
+                                                        train=False))(jax.random.key(seed))
+
+
+def _views(objective, batch, landmarks, key):
+    """The objective's views of a view batch (LAFS reads the frozen landmark CNN from the state)."""
+    return objective.views({"landmark_cnn": landmarks}, batch, key)
 
 
 class Trainer:
-    """Networks, optimizer, initial state and jitted step of a config on a mesh (for step-level tests)."""
+    """Objective, optimizer, initial state and jitted step of a config on a mesh (ssl.build, as run builds
+    them; for step-level tests)."""
 
     def __init__(self, config, mesh, steps_per_epoch=4, total_steps=16):
         self.config, self.mesh = config, mesh
-        self.networks = pretrain.build_networks(config)
-        abstract_student = jax.eval_shape(lambda k: pretrain.init_student(self.networks, config, k), jax.random.key(0))
-        self.tx = optim_lib.pretrain_optimizer(abstract_student, config.optim, steps_per_epoch, total_steps=total_steps,
-                                               global_batch_size=config.batch_size)
+        self.objective = pretrain.objective(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        task = ssl.build(self.objective, config, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        self.tx, self.shardings, self.step = task.tx, task.shardings, task.step
         lm = None
         if config.method == "lafs":
-            lm = jax.device_get(_init_landmarks(self.networks, 7))
-        init_fn = lambda key, lm_: pretrain.init_state(self.networks, config, self.tx, key, lm_)
-        abstract = jax.eval_shape(init_fn, jax.random.key(0), lm)
-        self.shardings = pretrain.state_shardings(abstract, config, mesh)
-        self.init = lambda: jax.jit(init_fn, out_shardings=self.shardings)(jax.random.key(0), lm)
-        self.step_fn = pretrain.make_train_step(self.networks, config, self.tx, steps_per_epoch=steps_per_epoch,
-                                                total_steps=total_steps)
-        self.step = pretrain.jit_step(self.step_fn, self.shardings, mesh)
+            lm = jax.device_get(_init_landmarks(self.objective, 7))
+        self.init = lambda: task.init(jax.random.key(0), lm)
 
     def run(self, state, batch, rng):
         return self.step(state, mesh_lib.global_batch(batch, self.mesh), rng)
@@ -249,7 +255,10 @@ def _no_dropout(c):
 def _global_views_only(c):
     """No local views: the two global views still make a loss; the step is a smaller program to compile
     (for tests that read no local view)."""
-    c.data.lafs.local_views = c.data.dino.local_crops = 0
+    if c.method == "lafs":
+        c.data.lafs.local_views = 0
+    else:
+        c.data.dino.local_crops = 0
 
 
 def _fixed_batch_config(method):
@@ -315,9 +324,9 @@ def test_teacher_is_the_ema_of_the_student_and_center_is_updated(lafs_trainer):
     # centre: 0.9 * old + 0.1 * mean of this step's teacher logits (deterministic teacher in this config)
     @jax.jit
     def teacher_logits(batch_, landmarks, teacher):
-        k_views, _, k_teacher = pretrain.step_keys(rng)
-        views = pretrain.make_views(t.networks, t.config, batch_, landmarks, k_views)
-        return pretrain.head_logits(t.networks, teacher, views, k_teacher, train=False, names=("global",))
+        k_views, _, k_teacher = jax.random.split(rng, 3)  # the step's keys
+        views = _views(t.objective, batch_, landmarks, k_views)
+        return t.objective.logits(teacher, views, k_teacher, train=False, names=("global",))
 
     logits = np.asarray(teacher_logits(batch, before["landmark_cnn"], before["teacher"]))
     want_center = before["center"] * np.float32(0.9) + logits.reshape(-1, logits.shape[-1]).mean(0) * np.float32(0.1)
@@ -344,9 +353,9 @@ def test_koleo_term_is_added_on_the_student_global_embeddings():
 
     @jax.jit
     def koleo(student_, batch_):
-        k_views, k_student, _ = pretrain.step_keys(rng)
-        views = pretrain.make_views(t.networks, c, batch_, None, k_views)
-        _, emb = pretrain.head_logits(t.networks, student_, views, k_student, train=True, with_embeddings=True)
+        k_views, k_student, _ = jax.random.split(rng, 3)  # the step's keys
+        views = _views(t.objective, batch_, None, k_views)
+        _, emb = t.objective.logits(student_, views, k_student, train=True, with_embeddings=True)
         return jnp.mean(jnp.stack([dino_lib.koleo_loss(emb[:, g]) for g in range(c.data.dino.global_crops)]))
 
     np.testing.assert_allclose(float(metrics["koleo"]), float(koleo(student, jax.tree.map(jnp.asarray, batch))),
@@ -361,13 +370,13 @@ def test_view_token_counts():
         c.unlock()
         c.lafs.local_views, c.lafs.grid_size = local_views, SIZE
         c.lock()
-        nets = pretrain.build_networks(c)
-        lm = _init_landmarks(nets, 0)
-        v = pretrain.make_views(nets, c, jax.tree.map(jnp.asarray, _batch(c)), lm, jax.random.key(0))
+        obj = pretrain.objective(c)
+        lm = _init_landmarks(obj, 0)
+        v = _views(obj, jax.tree.map(jnp.asarray, _batch(c)), lm, jax.random.key(0))
         assert v["global"].shape == (8, 2, 16, 192)
         assert v["local"].shape == (8, 2, n, 192)
     c = _small_config("dino")
-    v = pretrain.make_views(pretrain.build_networks(c), c, jax.tree.map(jnp.asarray, _batch(c)), None, jax.random.key(0))
+    v = _views(pretrain.objective(c), jax.tree.map(jnp.asarray, _batch(c)), None, jax.random.key(0))
     assert v["global"].shape == (8, 2, 16, 192) and v["local"].shape == (8, 2, 4, 192)
 
 
@@ -395,17 +404,17 @@ def test_random_landmarks_feed_uniform_positions_without_the_landmark_cnn():
     c.unlock()
     c.lafs.random_landmarks = True
     c.lock()
-    nets = pretrain.build_networks(c)
-    lm = _init_landmarks(nets, 0)
+    obj = pretrain.objective(c)
+    lm = _init_landmarks(obj, 0)
     batch = _ramp_batch(c)
-    v = pretrain.make_views(nets, c, batch, lm, jax.random.key(0))
+    v = _views(obj, batch, lm, jax.random.key(0))
     assert v["global"].shape == (8, 2, 16, 192) and v["local"].shape == (8, 2, 4, 192)
     xy = _centre_taps(v["global"], 8)
     inside = xy[(xy > 1).all(-1) & (xy < SIZE - 1).all(-1)]
     assert len(inside) > 0.8 * xy.reshape(-1, 2).shape[0]
     assert abs(inside.mean() - (SIZE - 1) / 2) < 1.5 and abs(inside.std() - (SIZE - 1) / np.sqrt(12)) < 1.0
     assert not np.allclose(xy[:, 0], xy[:, 1])  # the two global views draw their own positions
-    cnn = np.asarray(nets.landmark_cnn.apply(lm, batch["global_clean"].reshape(16, SIZE, SIZE, 3), train=False))
+    cnn = np.asarray(obj.landmark_cnn.apply(lm, batch["global_clean"].reshape(16, SIZE, SIZE, 3), train=False))
     assert np.abs(xy.reshape(16, 16, 2) - cnn).mean() > 3.0
 
 
@@ -416,18 +425,18 @@ def test_global_resample_draws_the_cnn_landmarks_with_replacement():
     c.unlock()
     c.lafs.noise_std = 0.0
     c.lock()
-    nets = pretrain.build_networks(c)
-    lm = _init_landmarks(nets, 0)
+    obj = pretrain.objective(c)
+    lm = _init_landmarks(obj, 0)
     batch = jax.tree.map(jnp.asarray, _batch(c))
-    plain = np.asarray(pretrain.make_views(nets, c, batch, lm, jax.random.key(0))["global"])
+    plain = np.asarray(_views(obj, batch, lm, jax.random.key(0))["global"])
     expected = sample_patches(batch["global_aug"].reshape(16, SIZE, SIZE, 3),
-                              nets.landmark_cnn.apply(lm, batch["global_clean"].reshape(16, SIZE, SIZE, 3), train=False),
+                              obj.landmark_cnn.apply(lm, batch["global_clean"].reshape(16, SIZE, SIZE, 3), train=False),
                               8)
     np.testing.assert_allclose(plain.reshape(16, 16, -1), np.asarray(expected), atol=1e-5)
     c.unlock()
     c.lafs.global_resample = True
     c.lock()
-    resampled = np.asarray(pretrain.make_views(nets, c, batch, lm, jax.random.key(0))["global"]).reshape(16, 16, -1)
+    resampled = np.asarray(_views(pretrain.objective(c), batch, lm, jax.random.key(0))["global"]).reshape(16, 16, -1)
     plain = plain.reshape(16, 16, -1)
     picked = np.array([[np.flatnonzero(np.abs(plain[r] - t).max(-1) < 1e-6)[0] for t in resampled[r]]
                        for r in range(16)])  # raises IndexError if a token is not one of the view's patches
@@ -514,7 +523,6 @@ def test_bad_config_values_name_the_key():
 
 def test_landmark_checkpoint_with_wrong_shapes_names_the_parameter(tmp_path):
     c = _small_config("lafs")
-    nets = pretrain.build_networks(c)
     other = ml_collections.ConfigDict(c.model.to_dict())
     other.num_landmarks = 9
     from lafs_jax.models import presets
@@ -525,7 +533,7 @@ def test_landmark_checkpoint_with_wrong_shapes_names_the_parameter(tmp_path):
     c.unlock()
     c.lafs.landmark_path = str(tmp_path / "lm")
     with pytest.raises(ConfigError, match=r"parameter 'landmark_head/(bias|kernel)' has shape \(.*18,\)"):
-        pretrain.landmark_variables(c, nets, str(tmp_path))
+        pretrain.objective(c).load_resources(str(tmp_path))
 
 
 # ---- run(): resume, SIGTERM, NaN guard, outputs ----
@@ -590,7 +598,7 @@ def test_sigterm_then_resume_in_a_new_process_equals_a_straight_run(tmp_path, da
         for x, y in zip(jax.tree.leaves(state_a[name]), jax.tree.leaves(state_b[name])):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
     # the landmark CNN in the state is bit-identical to the one the run started from
-    init_lm, _ = variables_lib.load_variables(os.path.join(work_a, pretrain.LANDMARK_INIT_DIR))
+    init_lm, _ = variables_lib.load_variables(os.path.join(work_a, landmark_cnn_lib.INIT_DIR))
     for x, y in zip(jax.tree.leaves(state_a["landmark_cnn"]), jax.tree.leaves(init_lm)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert not os.path.exists(os.path.join(work_a, pretrain.TEACHER_BACKBONE_DIR))  # stopped early: no final export
@@ -713,7 +721,7 @@ def test_device_augmentation_run_resumes_exactly(tmp_path, device_runs, method):
     work_b = str(tmp_path / "b")
     shutil.copytree(os.path.join(work_a, "checkpoints", "2"), os.path.join(work_b, "checkpoints", "2"))
     if method == "lafs":
-        shutil.copytree(os.path.join(work_a, pretrain.LANDMARK_INIT_DIR), os.path.join(work_b, pretrain.LANDMARK_INIT_DIR))
+        shutil.copytree(os.path.join(work_a, landmark_cnn_lib.INIT_DIR), os.path.join(work_b, landmark_cnn_lib.INIT_DIR))
     pretrain.run(config, work_b)
     losses_a = {r["step"]: r["loss"] for r in loop_utils.read_metrics(work_a)}
     losses_b = {r["step"]: r["loss"] for r in loop_utils.read_metrics(work_b)}
@@ -722,3 +730,211 @@ def test_device_augmentation_run_resumes_exactly(tmp_path, device_runs, method):
     state_a, state_b = _restore_state(work_a, 4), _restore_state(work_b, 4)
     for x, y in zip(jax.tree.leaves(state_a["student"]), jax.tree.leaves(state_b["student"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------------------------------------------
+# One code path: the step bench/ and bench/aot.py lower is the step run trains
+# ------------------------------------------------------------------------------------------------
+
+class _Captured(Exception):
+    """Raised by the recording step instead of running it."""
+
+
+@pytest.mark.parametrize("method", ["lafs", "dino"])
+def test_run_trains_the_program_build_train_step_lowers(tmp_path, data_prefix, monkeypatch, method):
+    """run's jitted step on run's first arguments (the resources loaded, the batch from the pipeline) and
+    build_train_step's step on its abstract arguments lower to the same HLO text."""
+    config = _device(_small_config(method, data_prefix))
+    config.unlock()
+    config.steps_per_epoch, config.total_steps = 4, 16
+    config.lock()
+    real_jit_step, recorded = ssl.jit_step, []
+
+    class Recording:
+        def __init__(self, jitted):
+            self.jitted, self.args = jitted, None
+
+        def __call__(self, *args):
+            self.args = args
+            raise _Captured
+
+        def lower(self, *args):
+            return self.jitted.lower(*args)
+
+    def recording_jit_step(step, shardings, mesh):
+        recorded.append(Recording(real_jit_step(step, shardings, mesh)))
+        return recorded[-1]
+
+    monkeypatch.setattr(ssl, "jit_step", recording_jit_step)
+    with pytest.raises(_Captured):
+        pretrain.run(config, str(tmp_path))
+    [trained] = recorded
+    step, args, _, _ = pretrain.build_train_step(config, mesh_lib.make_mesh(config.mesh), steps_per_epoch=4,
+                                                 total_steps=16)
+    assert recorded[1] is step
+    run_hlo = trained.lower(*trained.args).as_text()
+    assert "dot_general" in run_hlo or "dot(" in run_hlo or "convolution" in run_hlo
+    assert step.lower(*args).as_text() == run_hlo
+
+
+# ------------------------------------------------------------------------------------------------
+# config.evals: pretraining evaluates the teacher
+# ------------------------------------------------------------------------------------------------
+
+class _EmbeddingsProbe(evaluators_lib.Evaluator):
+    """The embeddings of a .bin's images, as the loop's evaluators see the teacher (test only)."""
+
+    @classmethod
+    def default_config(cls):
+        c = super().default_config()
+        c.bin = ""  # a .bin file
+        return c
+
+    def __init__(self, name, config, *, embedder_factory, image_size, key):
+        super().__init__(name, config, embedder_factory=embedder_factory, image_size=image_size, key=key)
+        self.embedder = embedder_factory(16)
+        self.images, _ = load_bin(config.bin, image_size)
+
+    def run(self, variables):
+        return {"embeddings": self.embedder.embed(self.images, flip=False, variables=variables)}
+
+    def scalars(self, results):
+        return {"sum": float(np.sum(results["embeddings"]))}
+
+
+def _write_val_bin(path, pairs=10):
+    """A .bin of synthetic faces at the test size: genuine pairs two images of one identity."""
+    from lafs_jax.input.synthetic import face_like_image
+
+    issame = np.arange(pairs) % 2 == 0
+    images = []
+    for p, same in enumerate(issame):
+        images += [face_like_image(p, 0, size=SIZE), face_like_image(p if same else p + 100, 1, size=SIZE)]
+    save_bin(str(path), np.stack(images), issame)
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["lafs", "dino"])
+def test_pretraining_evaluates_the_teacher(tmp_path, data_prefix, method, monkeypatch):
+    """config.evals during pretraining: `val/<set>/accuracy` rows at the evaluated steps, computed from the
+    teacher as the method embeds it (LAFS: a Part fViT of the frozen landmark CNN and the teacher's ViT;
+    DINO-face: an fViT); the last ones equal an evaluation of the exported teacher_backbone, and the
+    embeddings equal an independent forward pass of the exported variables."""
+    monkeypatch.setattr(evaluators_lib, "_REGISTRY", dict(evaluators_lib._REGISTRY))  # the probe stays here
+    evaluators_lib.register("pretrain_test_embeddings")(_EmbeddingsProbe)
+    from lafs_jax.eval import embed, verification
+    from lafs_jax.models import presets
+
+    bin_path = _write_val_bin(tmp_path / "val.bin")
+    config = _small_config(method, data_prefix)
+    config.unlock()
+    config.total_steps, config.optim.warmup_epochs = 2, 0.25
+    _global_views_only(config)
+    _no_dropout(config)
+    config.evals = ml_collections.ConfigDict({
+        "val": evaluators_lib.evaluator_config("verification", bins=(bin_path,), every_steps=2, at_start=True,
+                                               nfolds=2, batch_size=16),
+        "probe": evaluators_lib.evaluator_config("pretrain_test_embeddings", bin=bin_path, every_steps=2)})
+    config.lock()
+    work = str(tmp_path / "run")
+    result = pretrain.run(config, work)
+    rows = {r["step"]: r for r in loop_utils.read_metrics(work) if "val/val/accuracy" in r}
+    assert sorted(rows) == [0, 2]
+    assert {"val/val/accuracy_std", "val/val/best_threshold"} <= set(rows[2])
+
+    # the exported teacher, evaluated on its own: the same accuracy, the same embeddings
+    exported, meta = variables_lib.load_variables(os.path.join(work, pretrain.TEACHER_BACKBONE_DIR))
+    model = presets.build_model(config.model)
+    variables = {"params": {"vit": exported["params"]}}
+    if method == "lafs":
+        lm = landmark_cnn_lib.read(os.path.join(work, landmark_cnn_lib.INIT_DIR))
+        variables = {"params": {"landmark_cnn": lm["params"], "vit": exported["params"]},
+                     "batch_stats": {"landmark_cnn": lm["batch_stats"]}}
+    embedder = embed.Embedder(model, variables, image_size=SIZE, normalization=meta["normalization"],
+                              color_order="rgb", batch_size=16)
+    images, issame = load_bin(bin_path, SIZE)
+    want = verification.evaluate_pairs_embeddings(embedder.embed(images, flip=True), issame, nfolds=2)
+    assert rows[2]["val/val/accuracy"] == want["accuracy"]
+    assert rows[2]["val/val/best_threshold"] == want["best_threshold"]
+    direct, _ = model.apply(variables, embed.preprocess(images, meta["normalization"]), train=False)
+    np.testing.assert_allclose(result["evaluations"]["probe"]["embeddings"], np.asarray(direct), rtol=1e-5, atol=1e-6)
+    # the ranking evaluator kept the best evaluated step's teacher beside the final one
+    _, best_meta = variables_lib.load_variables(os.path.join(work, pretrain.BEST_TEACHER_BACKBONE_DIR))
+    assert best_meta["step"] == 2 and best_meta["evaluation"]["val/accuracy"] == rows[2]["val/val/accuracy"]
+
+
+# ------------------------------------------------------------------------------------------------
+# ssl's step with a BYOL-shaped objective: a subtree EMA'd, BatchNorm-style statistics EMA'd too
+# ------------------------------------------------------------------------------------------------
+
+class _ByolLike:
+    """A toy objective shaped like FRA's BYOL: online {'backbone', 'predictor'} + running statistics; the
+    target averages the backbone only; a symmetric loss over two views; a buffer of target outputs."""
+
+    name = "byol_like"
+    momentum = (0.9, 1.0)
+
+    def init_student(self, key):
+        k1, k2 = jax.random.split(key)
+        params = {"backbone": {"w": jax.random.normal(k1, (4, 3))}, "predictor": {"w": jax.random.normal(k2, (3, 3))}}
+        return {"params": params, "batch_stats": {"mean": jnp.zeros((3,))}}
+
+    def teacher_params(self, student):
+        return {"backbone": student["backbone"]}
+
+    def load_resources(self, workdir):
+        return None
+
+    def init_extra_state(self, key, resources=None):
+        return {"buffer": jnp.zeros((3,))}
+
+    def view_batch_shapes(self, batch_size):
+        return {"x": jax.ShapeDtypeStruct((batch_size, 4), jnp.float32)}
+
+    def views(self, state, batch, key):
+        return {"a": batch["x"], "b": batch["x"] + 0.1 * jax.random.normal(key, batch["x"].shape)}
+
+    def teacher_outputs(self, teacher, views, state, key):
+        return {v: views[v] @ teacher["backbone"]["w"] for v in ("a", "b")}
+
+    def loss(self, student, views, teacher_out, state, key):
+        online = {v: views[v] @ student["backbone"]["w"] for v in ("a", "b")}
+        pred = {v: online[v] @ student["predictor"]["w"] for v in ("a", "b")}
+        loss = jnp.mean((pred["a"] - teacher_out["b"]) ** 2) + jnp.mean((pred["b"] - teacher_out["a"]) ** 2)
+        stats = {"mean": 0.5 * state["student_stats"]["mean"] + 0.5 * jnp.mean(online["a"], axis=0)}
+        return loss, {"mse": loss, ssl.BATCH_STATS: stats}
+
+    def update_state(self, state, teacher_out):
+        return {"buffer": jnp.mean(teacher_out["a"], axis=0)}
+
+
+def test_ssl_step_averages_a_subtree_and_the_batch_statistics():
+    """How FRA fits ssl.py unchanged: the teacher averages only the student's backbone (no predictor), the
+    statistics a loss returns as aux['batch_stats'] become 'student_stats' and their EMA 'teacher_stats',
+    the extra state moves by update_state, the rest of aux is metrics."""
+    c = ml_collections.ConfigDict({"batch_size": 8, "sharding_rules": (), "data": {"augment_on": "host"}})
+    c.optim = optim_lib.optim_config("pretrain")
+    c.optim.warmup_epochs, c.optim.freeze_last_layer_epochs = 0.0, 0
+    objective, mesh = _ByolLike(), mesh_lib.make_mesh()
+    task = ssl.build(objective, c, mesh, steps_per_epoch=4, total_steps=16)
+    state = task.init(jax.random.key(0))
+    assert set(state) == {"student", "teacher", "opt_state", "step", "rng", "student_stats", "teacher_stats", "buffer"}
+    assert set(state["teacher"]) == {"backbone"}
+    before = _host(state)
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    after, metrics = task.step(state, mesh_lib.global_batch({"x": x}, mesh), jax.random.key(1))
+    after = _host(after)
+    assert "mse" in metrics and ssl.BATCH_STATS not in metrics and float(metrics["loss"]) == float(metrics["mse"])
+    m = np.float32(metrics["momentum"])
+    np.testing.assert_allclose(m, 0.9, rtol=1e-6)
+    assert not np.allclose(after["student"]["predictor"]["w"], before["student"]["predictor"]["w"])
+    np.testing.assert_allclose(after["teacher"]["backbone"]["w"],
+                               m * before["teacher"]["backbone"]["w"] + (1 - m) * after["student"]["backbone"]["w"],
+                               rtol=1e-5, atol=1e-6)
+    stats = 0.5 * before["student_stats"]["mean"] + 0.5 * (x @ before["student"]["backbone"]["w"]).mean(0)
+    np.testing.assert_allclose(after["student_stats"]["mean"], stats, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(after["teacher_stats"]["mean"], m * before["teacher_stats"]["mean"] + (1 - m) * stats,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(after["buffer"], (x @ before["teacher"]["backbone"]["w"]).mean(0), rtol=1e-5, atol=1e-6)
+    step, args, _, _ = ssl.build_train_step(objective, c, mesh, steps_per_epoch=4, total_steps=16)
+    assert set(args[1]) == {"x", "label"} and args[1]["x"].shape == (8, 4)

@@ -33,10 +33,10 @@ when a class appears once in the batch (tests/test_lvface.py checks both against
 Mixup weights each sample by lam for `label` and 1 − lam for `label2`. The update runs inside a
 shard_map: every device gathers the global batch's features and labels and updates its own rows.
 
-`train/finetune.py` runs a curriculum as `config.curriculum` (a tuple of `phase()`s; configs/lvface.py).
-`phase()` also takes the LVFace issue's spelling and stores these fields: prototypes off | epl ->
-'none' | 'add' (EPL's stacked logits = the mean of the two cross-entropies), epl_k -> prototype_k,
-margin 'arcface' | 'cosface' | (m1, m2, m3) -> m1, m2, m3.
+Fine-tuning runs a curriculum as `config.curriculum` (a tuple of `phase()`s; configs/lvface.py) through
+the hooks of `lafs_jax.methods.lvface.finetune`. `phase()` also takes the LVFace issue's spelling and
+stores these fields: prototypes off | epl -> 'none' | 'add' (EPL's stacked logits = the mean of the two
+cross-entropies), epl_k -> prototype_k, margin 'arcface' | 'cosface' | (m1, m2, m3) -> m1, m2, m3.
 
 Written by hand: no library implements EPL or LVFace's curriculum.
 """

@@ -5,3 +5,44 @@ validator, its export -- and gets the loop's resume, topology changes, crash saf
 ahead-of-time compilation for free. Methods import models/, losses/, input/ and the floor, never train/
 or eval/ (tests/test_layout.py checks it).
 """
+
+# ---- pretraining objectives (lafs_jax.train.ssl's teacher-student step; task 'pretrain') ----------------
+from lafs_jax.config import ConfigError  # noqa: E402
+from lafs_jax.methods.dino import objective as _dino_objective  # noqa: E402
+from lafs_jax.methods.lafs import objective as _lafs_objective  # noqa: E402
+
+# config.method -> its objective class: `cls.validate(config)`, `cls(config, *, steps_per_epoch, total_steps)`
+# (the hooks of lafs_jax.train.ssl.Objective)
+PRETRAINING = {"dino": _dino_objective.Objective, "lafs": _lafs_objective.Objective}
+
+
+def pretraining(method: str) -> type:
+    """The objective class of pretraining method `method`; ConfigError naming config.method otherwise."""
+    if method not in PRETRAINING:
+        raise ConfigError(f"config.method={method!r} is not valid; choose one of {sorted(PRETRAINING)}")
+    return PRETRAINING[method]
+# ---- end of pretraining objectives ---------------------------------------------------------------------
+
+# ---- recognition fine-tuning hooks (lafs_jax.train.recognition's margin-softmax step; task 'finetune') -
+from lafs_jax.methods import recognition as _recognition  # noqa: E402
+from lafs_jax.methods.lafs import finetune as _lafs_finetune  # noqa: E402
+from lafs_jax.methods.lvface import finetune as _lvface_finetune  # noqa: E402
+
+# modules with `validate(config)` (run on every fine-tuning config) and `hooks(config) -> Hooks | None`
+FINETUNING = (_lafs_finetune, _lvface_finetune)
+
+
+def validate_finetune(config) -> None:
+    """Every fine-tuning method's checks of its own config fields (ConfigError naming the key)."""
+    for module in FINETUNING:
+        module.validate(config)
+
+
+def finetune_hooks(config) -> tuple[_recognition.Hooks, ...]:
+    """The fine-tuning hooks `config` turns on, in FINETUNING's order (at most one with phases)."""
+    hooks = tuple(h for module in FINETUNING if (h := module.hooks(config)) is not None)
+    phased = [h.name for h in hooks if h.phased]
+    if len(phased) > 1:
+        raise ConfigError(f"config: the methods {phased} each define training phases; use one of them")
+    return hooks
+# ---- end of recognition fine-tuning hooks --------------------------------------------------------------

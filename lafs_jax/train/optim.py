@@ -1,13 +1,14 @@
-"""Optimizers and schedules of pretraining and fine-tuning: one config-driven builder on optax.
+"""Optimizers of pretraining and fine-tuning: one config-driven builder on optax.
 
 `make(params, cfg, learning_rate=, weight_decay=, lr_mults=, wd_mults=, frozen_until=, own=, ...)` is
 the one builder (in the manner of big_vision's `optax.make`); `cfg.name` picks the update rule, one
 of OPTIMIZERS, and `adamw(...)` is the same builder with name 'adamw'. Every parameter gets an lr
-factor and a weight-decay factor from lists of (regex, factor) rules over its 'a/b/c' path (first
-match wins; lr factor None = frozen: no update, no decay, no optimizer state), the leaves are
-labelled once from the params tree, and `optax.partition` gives each distinct (lr factor, wd factor,
-frozen_until) group one chain inside one `optax.inject_hyperparams` (so the current lr / weight
-decay are in the state for logging). With f_l, f_w the group's factors and wd(t), lr(t) the schedules:
+factor and a weight-decay factor from lists of (regex, factor) rules over its 'a/b/c' path
+(`lafs_jax.train.param_rules`; first match wins; lr factor None = frozen: no update, no decay, no
+optimizer state), the leaves are labelled once from the params tree, and `optax.partition` gives each
+distinct (lr factor, wd factor, frozen_until) group one chain inside one `optax.inject_hyperparams`
+(so the current lr / weight decay are in the state for logging). With f_l, f_w the group's factors
+and wd(t), lr(t) the schedules:
 - adamw: scale_by_adam -> + wd(t) f_w p -> x f_l -> x -lr(t)   (decoupled, torch.optim.AdamW);
 - sgd:   + wd(t) f_w p -> momentum trace (nesterov option) -> x f_l -> x -lr(t)   (torch.optim.SGD);
 - lars:  + wd(t) f_w p -> x trust_coefficient ||p|| / ||u|| -> momentum trace -> x f_l -> x -lr(t)
@@ -16,36 +17,31 @@ decay are in the state for logging). With f_l, f_w the group's factors and wd(t)
 The trust ratios are per tensor, 1 where either norm is 0, and not applied in a group with f_w = 0:
 the no-decay rules (biases, ndim < 2 tensors such as norm scales) exclude a tensor from both weight
 decay and the trust ratio, as LARS' `exclude_bias_and_bn`.
-`finetune_optimizer` and `pretrain_optimizer` are thin wrappers that turn `config.optim` into those
-rules: layer-wise lr decay becomes generated (path, layer_decay^(depth + 1 - layer_id)) pairs, the
-weight-decay groups (no decay for biases and ndim < 2 tensors, landmark_weight_decay on the landmark
-CNN) become wd_mults, DINO's frozen last layer becomes `frozen_until`.
-`schedules(cfg, ...)` gives the lr schedule of `cfg.schedule` (one of SCHEDULES: warmup + cosine, or
-warmup + steps at `step_boundaries` epochs) and the weight-decay schedule.
+`finetune_optimizer` and `pretrain_optimizer` turn `config.optim` (plus the rules a method adds:
+`lr_rules`, `wd_rules`, `layer0_regexes`) into those rules: layer-wise lr decay becomes generated
+(path, layer_decay^(depth + 1 - layer_id)) pairs, the weight-decay groups become wd_mults, the
+pretraining head's frozen last layer becomes `frozen_until`. `schedules(cfg, ...)` gives the lr
+schedule of `cfg.schedule` (one of SCHEDULES, `lafs_jax.train.schedules`) and the weight-decay schedule.
 
-From optax: `scale_by_adam`, `add_decayed_weights`, `trace`, `scale_by_trust_ratio`, `scale`,
-`scale_by_learning_rate`, `partition`, `inject_hyperparams`, `conditionally_mask` (a group frozen
-for its first N updates: zero update, inner state not advanced, so Adam's step count starts at 1
-when the freeze ends, as PyTorch's AdamW treats the tensor whose gradients DINO drops in epoch 0),
-`MultiSteps`, `clip_by_global_norm`, the schedules, `tree_utils.tree_get_all_with_path` (reading the
-injected hyperparameters). Written here:
-- `clip_per_tensor` (DINO's `utils.clip_gradients`); see its docstring for why no optax transform fits;
-- the layer ids of layer-wise lr decay for (Part) fViT parameter paths, and the path rules.
+From optax: the update rules' transforms, `partition`, `inject_hyperparams`, `conditionally_mask` (a
+group frozen for its first N updates: zero update, inner state not advanced, so Adam's step count
+starts at 1 when the freeze ends, as PyTorch's AdamW treats a tensor whose gradients are dropped),
+`MultiSteps`, `clip_by_global_norm`, `tree_utils.tree_get_all_with_path`. Written here:
+`clip_per_tensor` (see its docstring for why no optax transform fits).
 
 Units: every schedule counts *optimizer updates*. With gradient accumulation (`accum_steps = k`)
 the loop calls `tx.update` once per micro-batch, and the wrapped optimizer moves the parameters once
 per k calls; `steps_per_epoch` passed to the builders is the number of `tx.update` calls (loop
 steps) per epoch, so an epoch is `steps_per_epoch // k` optimizer updates.
 
-Official behaviour (LAFS fine-tuning `param_groups_lrd` / DINO `main_dino.py`) and the one deliberate
-difference: the official fine-tuning code computes lr_scale = decay^(num_layers + 1 - layer_id) but
-never applies it; here `layer_decay` is applied, and `layer_decay = 1.0` reproduces the official code.
+The one deliberate difference from the official fine-tuning (`param_groups_lrd`): it computes lr_scale
+= decay^(num_layers + 1 - layer_id) but never applies it; here `layer_decay` is applied, and
+`layer_decay = 1.0` reproduces the official code.
 """
 from __future__ import annotations
 
-import math
 import re
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,23 +51,16 @@ import optax
 
 from lafs_jax.config import ConfigError, check
 from lafs_jax.sharding import path_str
+from lafs_jax.train.param_rules import (BLOCK_REGEX, EMBED_REGEX, Mults, check_mults, compiled, first,  # noqa: F401
+                                        layer_decay_mults, layer_id, match_mults, model_depth, no_decay_mults,
+                                        paths, unmatched_rules)
+from lafs_jax.train import schedules as schedules_lib
+from lafs_jax.train.schedules import Schedule, cosine_schedule, peak_lr, warmup_cosine, warmup_step  # noqa: F401
 
-# Parameter-path patterns ('a/b/c' paths, re.search). The ViT block index is group 1 of BLOCK_REGEX.
-BLOCK_REGEX = r"(?:^|/)(?:block|blocks|layers|encoderblock)_(\d+)(?:/|$)"
-# Patch embedding, class token, positional embedding: layer id 0.
-EMBED_REGEX = (r"(?:^|/)(?:cls|cls_token|pos_embed|pos_embedding|embedding|patch_embed|patch_embedding|"
-               r"patch_to_embedding|global_token)(?:/|$)")
-# The landmark CNN of Part fViT (with its output layer): layer id 0.
-LANDMARK_REGEX = r"(?:^|/)landmark_cnn(?:/|$)"
-# Tensors that get landmark_weight_decay: the landmark CNN except its output layer `landmark_head`
-# (official: `stn.*` gets 0.05, the output layer `output_layer.*` the main 0.1).
-LANDMARK_WD_REGEX = r"(?:^|/)landmark_cnn/(?!landmark_head(?:/|$))"
-# DINO head's weight-normalised last layer, frozen during the first epoch(s) of pretraining.
+# The pretraining head's weight-normalised last layer, frozen during its first epoch(s).
 LAST_LAYER_REGEX = r"(?:^|/)last_layer(?:/|$)"
 # Top-level key of the class-centre matrix in fine-tuning params ({'backbone': ..., 'centers': W}).
 CENTERS_KEY = "centers"
-
-Schedule = Callable[[Any], jax.Array]
 
 OPTIMIZERS = ("adamw", "lars", "sgd", "lamb")  # values of config.optim.name
 SCHEDULES = ("warmup_cosine", "warmup_step")  # values of config.optim.schedule
@@ -85,8 +74,8 @@ def optim_config(preset: str = "finetune") -> ml_collections.ConfigDict:
     """Every optimizer field with its default; recipes embed it as `config.optim`.
 
     preset 'finetune' follows the official fine-tuning (LAFS `finetune` scripts: AdamW, layer-decay
-    groups, warmup + cosine), 'pretrain' the official LAFS / DINO pretraining (DINO `main_dino.py`).
-    Both presets have the same fields.
+    groups, warmup + cosine), 'pretrain' the official self-distillation pretraining (AdamW, cosine
+    weight decay, per-tensor clipping, a frozen last layer in epoch 0). Both presets have the same fields.
     """
     if preset not in ("finetune", "pretrain"):
         raise ValueError(f"optim_config(preset={preset!r}): choose 'finetune' or 'pretrain'")
@@ -116,15 +105,12 @@ def optim_config(preset: str = "finetune") -> ml_collections.ConfigDict:
     c.weight_decay = 0.04 if pre else 0.1
     c.weight_decay_schedule = "cosine" if pre else "constant"  # 'constant' | 'cosine' (to weight_decay_end)
     c.weight_decay_end = 0.4 if pre else 0.1  # end value of the cosine weight-decay schedule
-    # Fine-tuning: weight decay of the landmark CNN's ndim >= 2 tensors matching landmark_wd_regex
-    # (official 0.05 on `stn.*`; its output layer keeps weight_decay).
-    c.landmark_weight_decay = 0.05
     # Fine-tuning: layer-wise lr decay, lr_scale = layer_decay^(depth + 1 - layer_id). 0.58 is the
     # paper's value and is applied; 1.0 reproduces the official code, which never applies it.
     c.layer_decay = 1.0 if pre else 0.58
     # Fine-tuning: layer_decay < 1 with a randomly initialised backbone (config.init.backbone = '') is
-    # a config error (the landmark CNN and patch embedding would train at 0.58^13 = 8.4e-4 x the lr)
-    # unless this is True.
+    # a config error (the first layers would train at 0.58^13 = 8.4e-4 x the lr at depth 12) unless
+    # this is True.
     c.allow_layer_decay_from_scratch = False
     c.b1 = 0.9  # Adam beta1 (adamw, lamb)
     c.b2 = 0.999  # Adam beta2 (adamw, lamb)
@@ -132,7 +118,7 @@ def optim_config(preset: str = "finetune") -> ml_collections.ConfigDict:
     c.momentum = 0.9  # momentum of the trace (sgd, lars)
     c.nesterov = False  # Nesterov momentum (sgd, lars; an error with adamw / lamb)
     c.trust_coefficient = 0.001  # lars: trust ratio = trust_coefficient x ||p|| / ||g + wd p|| (lamb has none)
-    # Gradient clipping: 'none' | 'per_tensor' (DINO's clip_gradients: each tensor to norm <= clip_norm)
+    # Gradient clipping: 'none' | 'per_tensor' (each tensor to norm <= clip_norm, `clip_per_tensor`)
     # | 'global_norm' (optax.clip_by_global_norm). Official: per_tensor 3.0 pretraining, none fine-tuning.
     c.clip_mode = "per_tensor" if pre else "none"
     c.clip_norm = 3.0
@@ -142,15 +128,13 @@ def optim_config(preset: str = "finetune") -> ml_collections.ConfigDict:
     # Pretraining: epochs during which the params matching last_layer_regex are frozen (official 1).
     c.freeze_last_layer_epochs = 1 if pre else 0
     c.last_layer_regex = LAST_LAYER_REGEX
-    # Layer ids for layer-wise decay (regexes on 'a/b/c' parameter paths): landmark CNN -> 0,
-    # blocks -> index + 1 (group 1 of block_regex), embeddings -> 0; everything else -> depth + 1.
+    # Layer ids for layer-wise decay (regexes on 'a/b/c' parameter paths): blocks -> index + 1 (group
+    # 1 of block_regex), embeddings -> 0; everything else -> depth + 1 (a method may add layer-0 modules).
     c.block_regex = BLOCK_REGEX
     c.embed_regex = EMBED_REGEX
-    c.landmark_regex = LANDMARK_REGEX
-    c.landmark_wd_regex = LANDMARK_WD_REGEX  # which tensors get landmark_weight_decay
     # Extra (regex, factor) rules on 'a/b/c' parameter paths, checked before the rules the task
     # derives from the fields above (first match wins). lr_mults: factor x the lr of the matched
-    # tensors, or None to freeze them (no update, no decay), e.g. (('landmark_cnn/', None),).
+    # tensors, or None to freeze them (no update, no decay), e.g. (('vit/patch_embedding/', None),).
     # wd_mults: factor x the weight-decay schedule, e.g. (('(?:^|/)bias$', 1.0),) decays biases too.
     # Paths start at the optimised tree: 'backbone/...' (fine-tuning; the class centres 'centers' have
     # their own optimizer, config.loss.centers_*), 'backbone/...' / 'head/...' (pretraining). A rule that
@@ -191,7 +175,7 @@ def validate_optim_config(cfg: ml_collections.ConfigDict, prefix: str = "optim")
     check(not bounds or cfg.schedule == "warmup_step", key("step_boundaries"), bounds,
           f"empty unless schedule='warmup_step' (schedule is {cfg.schedule!r})")
     check(_is_number(cfg.step_factor) and cfg.step_factor > 0, key("step_factor"), cfg.step_factor, "> 0")
-    for k in ("weight_decay", "weight_decay_end", "landmark_weight_decay"):
+    for k in ("weight_decay", "weight_decay_end"):
         check(cfg[k] >= 0, key(k), cfg[k], ">= 0")
     if cfg.weight_decay_schedule not in ("constant", "cosine"):
         raise ConfigError(f"config.{key('weight_decay_schedule')}={cfg.weight_decay_schedule!r} is not valid; "
@@ -215,7 +199,7 @@ def validate_optim_config(cfg: ml_collections.ConfigDict, prefix: str = "optim")
     check(isinstance(cfg.accum_steps, int) and cfg.accum_steps >= 1, key("accum_steps"), cfg.accum_steps,
           "an int >= 1")
     check(cfg.freeze_last_layer_epochs >= 0, key("freeze_last_layer_epochs"), cfg.freeze_last_layer_epochs, ">= 0")
-    for k in ("last_layer_regex", "block_regex", "embed_regex", "landmark_regex", "landmark_wd_regex"):
+    for k in ("last_layer_regex", "block_regex", "embed_regex"):
         try:
             re.compile(cfg[k])
         except re.error as e:
@@ -230,240 +214,13 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-def peak_lr(cfg: ml_collections.ConfigDict, global_batch_size: int | None = None) -> float:
-    """cfg.lr scaled by the global batch (per optimizer update, so micro-batch x accum_steps)."""
-    if cfg.lr_scaling == "none":
-        return float(cfg.lr)
-    if not global_batch_size:
-        raise ValueError(f"config.optim.lr_scaling={cfg.lr_scaling!r} needs the global batch size; pass "
-                         f"global_batch_size= to the optimizer builder")
-    ratio = global_batch_size / cfg.lr_base_batch_size
-    return float(cfg.lr * (ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Schedules (callable with Python ints and traceable with jnp arrays)
-# ----------------------------------------------------------------------------------------------
-
-def warmup_cosine(peak: float, total_steps: int, warmup_steps: int, floor: float) -> Schedule:
-    """Linear 0 -> peak over warmup_steps, then cosine peak -> floor until total_steps, then floor.
-
-    value(s) = peak * s / warmup_steps                                    for s < warmup_steps
-             = floor + (peak - floor) * (1 + cos(pi * (s - w) / (T - w))) / 2   for w <= s <= T
-    This is the official fine-tuning's GradualWarmupScheduler + CosineAnnealingLR. DINO's numpy
-    table (`cosine_scheduler`) has the same cosine part; its warmup is linspace(0, peak, w), which
-    reaches the peak one step earlier (peak * s / (w - 1)).
-    """
-    total_steps, warmup_steps = int(total_steps), int(warmup_steps)
-    if warmup_steps < 0 or total_steps <= warmup_steps:
-        raise ValueError(f"warmup_cosine: need 0 <= warmup_steps ({warmup_steps}) < total_steps ({total_steps})")
-    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-                                              decay_steps=total_steps, end_value=floor)
-
-
-def warmup_step(peak: float, warmup_steps: int, boundaries: Sequence[int], factor: float) -> Schedule:
-    """Linear 0 -> peak over warmup_steps, then peak x factor^(number of boundaries b with s >= b).
-
-    value(s) = peak * s / warmup_steps                          for s < warmup_steps
-             = peak * factor^#{b in boundaries: b <= s}         for s >= warmup_steps
-    Boundaries are optimizer updates, non-decreasing and >= warmup_steps (a repeated boundary counts
-    twice). After warmup this is torch's MultiStepLR(milestones=boundaries, gamma=factor).
-    """
-    warmup_steps, boundaries = int(warmup_steps), [int(b) for b in boundaries]
-    if warmup_steps < 0 or boundaries != sorted(boundaries) or any(b < warmup_steps for b in boundaries):
-        raise ValueError(f"warmup_step: need 0 <= warmup_steps ({warmup_steps}) <= boundaries ({boundaries}), "
-                         f"non-decreasing")
-    scales: dict[int, float] = {}  # relative to the end of warmup, as join_schedules counts
-    for b in boundaries:
-        scales[b - warmup_steps] = scales.get(b - warmup_steps, 1.0) * factor
-    warm = (optax.linear_schedule(0.0, peak, warmup_steps) if warmup_steps > 0 else optax.constant_schedule(0.0))
-    return optax.join_schedules([warm, optax.piecewise_constant_schedule(peak, scales)], [warmup_steps])
-
-
-def cosine_schedule(start: float, end: float, total_steps: int) -> Schedule:
-    """DINO's `cosine_scheduler` without warmup: end + (start - end) * (1 + cos(pi * s / T)) / 2.
-
-    Used for the weight decay (0.04 -> 0.4) and the teacher momentum (0.996 -> 1); held at `end`
-    after total_steps. Works for start < end and start == 0 (unlike optax's alpha form).
-    """
-    total_steps = int(total_steps)
-    if total_steps <= 0:
-        raise ValueError(f"cosine_schedule: total_steps must be > 0, got {total_steps}")
-    unit = optax.cosine_decay_schedule(init_value=1.0, decay_steps=total_steps)  # 1 -> 0
-
-    def schedule(step):
-        return end + (start - end) * unit(step)
-
-    return schedule
-
-
-def _epoch_steps(epochs: float, steps_per_epoch: int, accum_steps: int) -> int:
-    """Optimizer updates in `epochs` epochs of `steps_per_epoch` loop steps."""
-    return int(round(epochs * steps_per_epoch)) // accum_steps
-
-
 def schedules(cfg: ml_collections.ConfigDict, steps_per_epoch: int, *, total_steps: int | None = None,
               global_batch_size: int | None = None) -> dict[str, Schedule]:
-    """{'learning_rate', 'weight_decay'} schedules in optimizer updates, as the builders use them.
-
-    learning_rate: cfg.schedule, 'warmup_cosine' (`warmup_cosine` to cfg.min_lr) or 'warmup_step'
-    (`warmup_step` with cfg.step_boundaries converted from epochs to optimizer updates like the warmup).
-    total_steps (loop steps, i.e. tx.update calls) overrides cfg.epochs x steps_per_epoch.
-    """
+    """{'learning_rate', 'weight_decay'} schedules in optimizer updates, as the builders use them
+    (`lafs_jax.train.schedules.from_config` of the validated cfg)."""
     validate_optim_config(cfg)
-    if steps_per_epoch <= 0:
-        raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
-    k = cfg.accum_steps
-    total = (int(total_steps) // k) if total_steps is not None else _epoch_steps(cfg.epochs, steps_per_epoch, k)
-    warmup = _epoch_steps(cfg.warmup_epochs, steps_per_epoch, k)
-    if total <= warmup:
-        raise ValueError(f"the schedule has {total} optimizer updates, not more than the {warmup} warmup updates "
-                         f"(config.optim.warmup_epochs={cfg.warmup_epochs}, steps_per_epoch={steps_per_epoch}, "
-                         f"accum_steps={k})")
-    if cfg.schedule == "warmup_step":
-        lr = warmup_step(peak_lr(cfg, global_batch_size), warmup,
-                         [_epoch_steps(b, steps_per_epoch, k) for b in cfg.step_boundaries], cfg.step_factor)
-    else:
-        lr = warmup_cosine(peak_lr(cfg, global_batch_size), total, warmup, cfg.min_lr)
-    if cfg.weight_decay_schedule == "cosine":
-        wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total)
-    else:
-        wd = optax.constant_schedule(cfg.weight_decay)
-    return {"learning_rate": lr, "weight_decay": wd}
-
-
-# ----------------------------------------------------------------------------------------------
-# Parameter rules: (regex, factor) pairs on 'a/b/c' paths
-# ----------------------------------------------------------------------------------------------
-
-Mults = Sequence[tuple[str, Any]]  # ((regex, factor), ...); re.search on the path, first match wins
-
-
-def _shape(x) -> tuple:
-    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
-
-
-def _leaf_name(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
-
-
-def _paths(params: Any) -> list[str]:
-    return [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
-def _exact(path: str) -> str:
-    """A regex matching exactly this path (how generated per-tensor rules are written)."""
-    return "^" + re.escape(path) + "$"
-
-
-def check_mults(rules: Any, name: str, *, allow_none: bool, error: type = ValueError) -> None:
-    """Raise `error` naming `name[i]` unless `rules` is a sequence of (valid regex, factor) pairs.
-
-    Factors: finite numbers > 0 for lr rules (None = frozen when allow_none), >= 0 for wd rules.
-    """
-    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-        raise error(f"{name}={rules!r} is not valid: a sequence of (regex, factor) pairs")
-    for i, entry in enumerate(rules):
-        if isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence) or len(entry) != 2 \
-                or not isinstance(entry[0], str):
-            raise error(f"{name}[{i}]={entry!r} is not valid: a (regex, factor) pair")
-        pattern, factor = entry
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise error(f"{name}[{i}]: {pattern!r} is not a valid regex: {e}") from None
-        if factor is None and allow_none:
-            continue
-        ok = (isinstance(factor, (int, float, np.floating, np.integer)) and not isinstance(factor, bool)
-              and math.isfinite(factor) and (factor > 0 if allow_none else factor >= 0))
-        if not ok:
-            want = "a finite number > 0, or None to freeze" if allow_none else "a finite number >= 0"
-            raise error(f"{name}[{i}]: factor {factor!r} of {pattern!r} is not valid: {want}")
-
-
-def _compiled(rules: Mults) -> list[tuple[re.Pattern, Any]]:
-    return [(re.compile(p), f) for p, f in rules]
-
-
-def _first(path: str, compiled: list[tuple[re.Pattern, Any]], default: Any) -> Any:
-    return next((f for r, f in compiled if r.search(path)), default)
-
-
-def match_mults(params: Any, rules: Mults, default: Any) -> dict[str, Any]:
-    """{'a/b/c' path: factor of the first rule whose regex matches it (re.search), or `default`}
-    for every leaf of `params`."""
-    compiled = _compiled(rules)
-    return {path: _first(path, compiled, default) for path in _paths(params)}
-
-
-def unmatched_rules(params: Any, rules: Mults) -> list[int]:
-    """Indices of the rules whose regex matches no path of `params`."""
-    paths = _paths(params)
-    return [i for i, (r, _) in enumerate(_compiled(rules)) if not any(r.search(path) for path in paths)]
-
-
-def layer_id(path: str, depth: int, *, block_regex: str = BLOCK_REGEX, embed_regex: str = EMBED_REGEX,
-             landmark_regex: str = LANDMARK_REGEX) -> int:
-    """Layer id of one parameter for layer-wise lr decay (official `param_groups_lrd` numbering).
-
-    landmark CNN -> 0; ViT block i -> i + 1; patch embedding / class token / positions -> 0;
-    everything else (final norm, heads, ...) -> depth + 1. Checked in that order, so a block inside
-    the landmark CNN stays 0.
-    """
-    if re.search(landmark_regex, path):
-        return 0
-    m = re.search(block_regex, path)
-    if m:
-        i = int(m.group(1))
-        if not 0 <= i < depth:
-            raise ValueError(f"parameter '{path}': block index {i} is outside 0..{depth - 1} (depth {depth})")
-        return i + 1
-    if re.search(embed_regex, path):
-        return 0
-    return depth + 1
-
-
-def model_depth(params: Any, block_regex: str = BLOCK_REGEX, landmark_regex: str = LANDMARK_REGEX) -> int:
-    """1 + the largest block index among parameter paths outside the landmark CNN (0 if none)."""
-    indices = []
-    for path in _paths(params):
-        if re.search(landmark_regex, path):
-            continue
-        m = re.search(block_regex, path)
-        if m:
-            indices.append(int(m.group(1)))
-    return max(indices) + 1 if indices else 0
-
-
-def layer_decay_mults(params: Any, layer_decay: float, depth: int | None = None, *, block_regex: str = BLOCK_REGEX,
-                      embed_regex: str = EMBED_REGEX, landmark_regex: str = LANDMARK_REGEX) -> list[tuple[str, float]]:
-    """lr rules of layer-wise decay: (exact path, layer_decay^(depth + 1 - layer_id)) for every tensor
-    whose factor is not 1 (depth inferred from the block indices if None). [] for layer_decay 1."""
-    if layer_decay == 1.0:
-        return []
-    if depth is None:
-        depth = model_depth(params, block_regex, landmark_regex)
-    if depth == 0:
-        raise ValueError(f"layer-wise lr decay {layer_decay}: no parameter path matches the block regex "
-                         f"{block_regex!r} (set config.optim.block_regex to the model's block names)")
-    rules = []
-    for path in _paths(params):
-        lid = layer_id(path, depth, block_regex=block_regex, embed_regex=embed_regex, landmark_regex=landmark_regex)
-        factor = float(layer_decay ** (depth + 1 - lid))
-        if factor != 1.0:
-            rules.append((_exact(path), factor))
-    return rules
-
-
-def no_decay_mults(params: Any) -> list[tuple[str, float]]:
-    """wd rules with factor 0 for the tensors that get no weight decay in both official recipes:
-    biases and tensors with ndim < 2 (norm scales). Class token and positions (ndim 3) are decayed."""
-    rules = [(r"(?:^|/)bias$", 0.0)]
-    for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = path_str(kp)
-        if len(_shape(x)) < 2 and _leaf_name(path) != "bias":
-            rules.append((_exact(path), 0.0))
-    return rules
+    return schedules_lib.from_config(cfg, steps_per_epoch, total_steps=total_steps,
+                                     global_batch_size=global_batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,19 +252,19 @@ def param_groups(params: Any, *, lr_mults: Mults = (), wd_mults: Mults = (),
     for i, entry in enumerate(frozen_until):
         if len(entry) != 2 or not isinstance(entry[1], (int, np.integer)) or entry[1] < 0:
             raise ValueError(f"frozen_until[{i}]={entry!r} is not valid: a (regex, int >= 0) pair")
-    own_rules = _compiled([(regex, name) for name, regex in (own or {}).items()])
-    lr_rules, wd_rules, until_rules = _compiled(lr_mults), _compiled(wd_mults), _compiled(frozen_until)
+    own_rules = compiled([(regex, name) for name, regex in (own or {}).items()])
+    lr_rules, wd_rules, until_rules = compiled(lr_mults), compiled(wd_mults), compiled(frozen_until)
 
     def key(path):
-        name = _first(path, own_rules, None)
+        name = first(path, own_rules, None)
         if name is not None:
             return name
-        lr = _first(path, lr_rules, 1.0)
+        lr = first(path, lr_rules, 1.0)
         if lr is None:
             return FROZEN
-        return Group(float(lr), float(_first(path, wd_rules, 0.0)), int(_first(path, until_rules, 0)))
+        return Group(float(lr), float(first(path, wd_rules, 0.0)), int(first(path, until_rules, 0)))
 
-    keys = {path: key(path) for path in _paths(params)}
+    keys = {path: key(path) for path in paths(params)}
     adam_groups = sorted({k for k in keys.values() if isinstance(k, Group)})
     names = {g: f"group_{i}" for i, g in enumerate(adam_groups)}
     labels = jax.tree_util.tree_map_with_path(lambda kp, _: names.get(keys[path_str(kp)], keys[path_str(kp)]),
@@ -651,14 +408,15 @@ def adamw(params: Any, *, learning_rate: Schedule | float, weight_decay: Schedul
 def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
     """Each gradient tensor g scaled by max_norm / (||g||_2 + 1e-6) when that factor is below 1.
 
-    DINO's `utils.clip_gradients` (per parameter tensor, not the global norm). Hand-written because
+    The official pretraining's `utils.clip_gradients` (per parameter tensor, not the global norm).
+    Hand-written because
     no optax 0.2.8 transform bounds each tensor's L2 norm: `clip` is element-wise,
     `clip_by_global_norm` uses one norm for the whole tree, `clip_by_block_rms` bounds each tensor's
     RMS = ||g|| / sqrt(size) with one threshold (a norm bound would need a threshold per tensor
     size), `adaptive_grad_clip` is unit-wise and relative to the parameter norm, `per_example_*`
     need a per-example batch axis. `optax.projections.projection_l2_ball` mapped over the leaves is
-    the same clip without DINO's +1e-6: it differs by up to 3.4e-7 relative (a few fp32 ulps) on
-    clipped tensors, so it would not reproduce DINO (or this module's earlier numbers) exactly.
+    the same clip without the official +1e-6: it differs by up to 3.4e-7 relative (a few fp32 ulps) on
+    clipped tensors, so it would not reproduce the official numbers exactly.
     """
 
     def one(g):
@@ -683,51 +441,48 @@ def _check_overrides(params: Any, cfg: ml_collections.ConfigDict) -> None:
         if missing:
             i = missing[0]
             raise ConfigError(f"config.optim.{key}[{i}]: {cfg[key][i][0]!r} matches no parameter path "
-                              f"(paths look like {_paths(params)[0]!r})")
+                              f"(paths look like {paths(params)[0]!r})")
 
 
 # ----------------------------------------------------------------------------------------------
 # The two recipes
 # ----------------------------------------------------------------------------------------------
 
-def finetune_mults(backbone: Any, cfg: ml_collections.ConfigDict,
-                   frozen_regex: str = "") -> tuple[list[tuple[str, Any]], list[tuple[str, float]]]:
-    """(lr_mults, wd_mults) of fine-tuning for the backbone tree (paths as `adamw` sees them).
+def finetune_mults(backbone: Any, cfg: ml_collections.ConfigDict, frozen_regex: str = "", *,
+                   lr_rules: Mults = (), wd_rules: Mults = (),
+                   layer0_regexes: Sequence[str] = ()) -> tuple[list[tuple[str, Any]], list[tuple[str, float]]]:
+    """(lr_mults, wd_mults) of fine-tuning for the backbone tree (paths as `make` sees them).
 
-    lr: cfg.lr_mults, then (frozen_regex, None), then the layer-decay pairs.
-    wd: cfg.wd_mults, then 0 for biases / ndim < 2, then landmark_wd_regex -> landmark_weight_decay /
-    weight_decay, then 1 for everything else.
+    lr: cfg.lr_mults, then (frozen_regex, None), then `lr_rules`, then the layer-decay pairs (layer id 0
+    for `layer0_regexes`). wd: cfg.wd_mults, then 0 for biases / ndim < 2, then `wd_rules`, then 1 for
+    everything else. `lr_rules`, `wd_rules`, `layer0_regexes` are what a method adds for its own
+    modules (lafs_jax.methods; e.g. another weight decay, as a factor of cfg.weight_decay).
     """
-    if cfg.landmark_weight_decay and not cfg.weight_decay:
-        raise ConfigError(f"config.optim.landmark_weight_decay={cfg.landmark_weight_decay!r} needs "
-                          f"config.optim.weight_decay > 0 (it is a multiple of the weight-decay schedule); "
-                          f"set landmark_weight_decay=0, or decay the landmark CNN with config.optim.wd_mults")
-    lr_mults = [*cfg.lr_mults, *([(frozen_regex, None)] if frozen_regex else []),
+    lr_mults = [*cfg.lr_mults, *([(frozen_regex, None)] if frozen_regex else []), *lr_rules,
                 *layer_decay_mults(backbone, cfg.layer_decay, block_regex=cfg.block_regex,
-                                   embed_regex=cfg.embed_regex, landmark_regex=cfg.landmark_regex)]
-    landmark_factor = cfg.landmark_weight_decay / cfg.weight_decay if cfg.weight_decay else 0.0
-    wd_mults = [*cfg.wd_mults, *no_decay_mults(backbone), (cfg.landmark_wd_regex, landmark_factor), ("", 1.0)]
+                                   embed_regex=cfg.embed_regex, layer0_regexes=layer0_regexes)]
+    wd_mults = [*cfg.wd_mults, *no_decay_mults(backbone), *wd_rules, ("", 1.0)]
     return lr_mults, wd_mults
 
 
 def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_epoch: int, *,
                        centers_tx: optax.GradientTransformation | None = None, total_steps: int | None = None,
-                       global_batch_size: int | None = None, frozen_regex: str = "") -> optax.GradientTransformation:
+                       global_batch_size: int | None = None, frozen_regex: str = "", lr_rules: Mults = (),
+                       wd_rules: Mults = (), layer0_regexes: Sequence[str] = ()) -> optax.GradientTransformation:
     """The optimizer cfg.name (AdamW by default) with layer-wise lr decay, weight-decay groups and the
     cfg.schedule lr (warmup + cosine by default), for fine-tuning.
 
     params: the trainable tree (arrays or ShapeDtypeStructs), e.g. {'backbone': ..., 'centers': W}.
     The top-level 'centers' subtree is updated by `centers_tx` (required when present; e.g. the
     Partial FC helper's optimizer, built with `schedules(...)['learning_rate']` if it should follow
-    the same lr). Everything else: `make(params, cfg, ...)` with
-      lr_mults = cfg.lr_mults, (frozen_regex, None), layer-decay pairs layer_decay^(depth + 1 - layer_id);
-      wd_mults = cfg.wd_mults, biases / ndim < 2 -> 0, landmark_wd_regex -> landmark_weight_decay /
-                 weight_decay, everything else -> 1 (x the weight-decay schedule).
-    So with the default constant schedule the landmark CNN's ndim >= 2 tensors decay with
-    landmark_weight_decay; under weight_decay_schedule='cosine' they follow the same cosine in that
-    ratio. Clipping (cfg.clip_mode) acts on the whole gradient tree first; `accum_steps > 1` wraps
-    all of it in optax.MultiSteps. Backbone params matching `frozen_regex` (e.g. LANDMARK_REGEX) are
-    never changed: no step, no decay, no optimizer state.
+    the same lr). Everything else: `make(params, cfg, ...)` with the rules of `finetune_mults`:
+      lr_mults = cfg.lr_mults, (frozen_regex, None), lr_rules, layer-decay pairs
+                 layer_decay^(depth + 1 - layer_id) (layer id 0 for layer0_regexes);
+      wd_mults = cfg.wd_mults, biases / ndim < 2 -> 0, wd_rules, everything else -> 1 (x the
+                 weight-decay schedule, so a wd rule's factor is a ratio to cfg.weight_decay).
+    Clipping (cfg.clip_mode) acts on the whole gradient tree first; `accum_steps > 1` wraps all of it
+    in optax.MultiSteps. Backbone params matching `frozen_regex` or an lr rule with factor None are
+    never changed: no step, no decay, no optimizer state (such a rule matching nothing is a ValueError).
     """
     validate_optim_config(cfg)
     scheds = schedules(cfg, steps_per_epoch, total_steps=total_steps, global_batch_size=global_batch_size)
@@ -739,10 +494,13 @@ def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
         raise ValueError(f"centers_tx was given but params has no top-level '{CENTERS_KEY}' entry "
                          f"(keys: {sorted(params) if isinstance(params, dict) else type(params).__name__})")
     backbone = ({k: v for k, v in params.items() if k != CENTERS_KEY} if has_centers else params)
-    if frozen_regex and unmatched_rules(backbone, [(frozen_regex, None)]):
-        raise ValueError(f"finetune_optimizer: frozen_regex={frozen_regex!r} matches no backbone parameter")
+    frozen = [(frozen_regex, None)] if frozen_regex else []
+    for regex, _ in [*frozen, *((r, f) for r, f in lr_rules if f is None)]:
+        if unmatched_rules(backbone, [(regex, None)]):
+            raise ValueError(f"finetune_optimizer: the frozen_regex {regex!r} matches no backbone parameter")
     _check_overrides(backbone, cfg)
-    lr_mults, wd_mults = finetune_mults(backbone, cfg, frozen_regex)
+    lr_mults, wd_mults = finetune_mults(backbone, cfg, frozen_regex, lr_rules=lr_rules, wd_rules=wd_rules,
+                                        layer0_regexes=layer0_regexes)
     return make(params, cfg, learning_rate=scheds["learning_rate"], weight_decay=scheds["weight_decay"],
                 lr_mults=lr_mults, wd_mults=wd_mults,
                 own={CENTERS_KEY: (f"^{CENTERS_KEY}(?:/|$)", centers_tx)} if has_centers else None,
@@ -752,7 +510,8 @@ def finetune_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
 def pretrain_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_epoch: int, *,
                        total_steps: int | None = None, global_batch_size: int | None = None
                        ) -> optax.GradientTransformation:
-    """The optimizer cfg.name for pretraining: AdamW by default, as DINO / LAFS (DINO `main_dino.py`).
+    """The optimizer cfg.name for pretraining: AdamW by default, as the official self-distillation
+    pretraining.
 
     `make(params, cfg, ...)` with clip (per-tensor 3.0 officially), weight decay wd(step) (cosine
     weight_decay -> weight_decay_end) on ndim >= 2 non-bias tensors (the others also get no trust
@@ -766,7 +525,7 @@ def pretrain_optimizer(params: Any, cfg: ml_collections.ConfigDict, steps_per_ep
         raise ConfigError(f"config.optim.layer_decay={cfg.layer_decay!r}: pretraining applies no layer-wise "
                           f"decay; set it to 1.0")
     scheds = schedules(cfg, steps_per_epoch, total_steps=total_steps, global_batch_size=global_batch_size)
-    freeze_steps = _epoch_steps(cfg.freeze_last_layer_epochs, steps_per_epoch, cfg.accum_steps)
+    freeze_steps = schedules_lib.epoch_steps(cfg.freeze_last_layer_epochs, steps_per_epoch, cfg.accum_steps)
     if freeze_steps > 0 and unmatched_rules(params, [(cfg.last_layer_regex, None)]):
         raise ConfigError(f"config.optim.last_layer_regex={cfg.last_layer_regex!r} matches no parameter, so "
                           f"freeze_last_layer_epochs={cfg.freeze_last_layer_epochs} would freeze nothing")

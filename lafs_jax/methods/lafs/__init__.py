@@ -1,2 +1,3 @@
-"""LAFS (CVPR 2024) and Part fViT: the landmark CNN's loading, landmark views for pretraining, and the
-landmark regulariser of fine-tuning."""
+"""LAFS (CVPR 2024) and Part fViT: the landmark CNN's loading (`landmark_cnn`), the pretraining objective
+(`objective`: landmark views `views`, config section `config.lafs` in `config`) and the landmark
+regulariser of fine-tuning."""
