@@ -196,6 +196,10 @@ def get_config(arg=None):
     # Channel order the backbone is fed relative to true-RGB images (.bin files are true RGB). 'rgb'
     # whenever data.color_order describes the training files correctly. Recorded in the metadata.
     c.eval.color_order = "rgb"
+    # More evaluators of the backbone every N steps, e.g. IJB-C during training: {name:
+    # lafs_jax.eval.evaluators.evaluator_config(type, ...)} (name 'val' is config.eval's); none by default.
+    # The first one that ranks (config.eval's sets when given) picks WORKDIR/backbone_best.
+    c.evals = ml_collections.ConfigDict()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 30 if tiny else 2000  # train state + Grain iterator, asynchronous

@@ -20,6 +20,7 @@ from lafs_jax import methods
 from lafs_jax import sharding as mesh_lib
 from lafs_jax import variables as variables_lib
 from lafs_jax.config import ConfigError
+from lafs_jax.eval import evaluators as evaluators_lib
 from lafs_jax.input import device_augment, pipelines
 from lafs_jax.input.orl import build_orl
 from lafs_jax.input.synthetic import write_synthetic_rec
@@ -494,6 +495,8 @@ def orl_run(tmp_path_factory):
     config.eval.every_steps = 12  # at the start, step 12 and the last step
     config.checkpoint.every_steps = 1000
     config.ema_decay = 0.9  # the parameter average is part of the resumed state and is what is saved
+    config.evals = ml_collections.ConfigDict({"again": evaluators_lib.evaluator_config(
+        "verification", bins=config.eval.bins, every_steps=24, batch_size=120)})  # a second, at the end only
     work = str(tmp_path_factory.mktemp("full"))
     return config, work, finetune.run(config, work)
 
@@ -508,6 +511,8 @@ def test_tiny_finetune_improves_verification_and_keeps_the_best_checkpoint(orl_r
     best_step = max(accuracy, key=accuracy.get)
     best, best_meta = variables_lib.load_variables(os.path.join(work, finetune.BEST_BACKBONE_DIR))
     assert sorted(accuracy) == [12, 24] and best_meta["step"] == best_step
+    again = {r["step"]: r["again/test/accuracy"] for r in loop_utils.read_metrics(work) if "again/test/accuracy" in r}
+    assert again == {24: accuracy[24]}  # config.evals runs beside config.eval's sets, on the same embeddings
     assert best_meta["verification"]["accuracy"] == pytest.approx(accuracy[best_step])
     with checkpoint.TrainCheckpointer(os.path.join(work, "checkpoints"), best_fn=finetune.verification_score) as ckpt:
         assert ckpt.all_steps() == [12, 24] and ckpt.best_step() == best_step

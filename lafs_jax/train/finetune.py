@@ -73,6 +73,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     optim.validate_optim_config(config.optim)
     loop_utils.validate_divergence_config(config.divergence)
     check(isinstance(config.eval.at_start, bool), "eval.at_start", config.eval.at_start, "True or False")
+    evaluators_lib.validate_evals(config.evals)
+    check(not (config.eval.bins and "val" in config.evals), "evals.val", "an evaluator",
+          "another name: 'val' is the verification of config.eval.bins")
     check(isinstance(config.eval.flip, bool), "eval.flip", config.eval.flip, "True or False")
     for key in ("batch_size", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep", "eval.batch_size",
                 "eval.every_steps"):
@@ -177,7 +180,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         normalization=config.eval.normalization or config.data.normalization,
         color_order=config.eval.color_order, mesh=mesh, batch_size=batch_size)
     # every evaluation input is read and checked before anything is built: a bad .bin fails at start-up
-    evaluators = verification_evaluator(config, embedder_factory)
+    evaluators = verification_evaluator(config, embedder_factory) + evaluators_lib.build_evaluators(
+        config.evals, embedder_factory=embedder_factory, image_size=config.model.image_size)
 
     # ------------------------------------------------------------------ data
     source = pipelines.make_source(config.data)
