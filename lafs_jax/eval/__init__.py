@@ -1,1 +1,1 @@
-"""Evaluation: 1:1 verification (.bin), IJB-B/C TAR@FAR, embedding export."""
+"""Evaluation: evaluators by name (.bin verification, IJB-B/C 1:1 and 1:N), ROC read-outs, embeddings, export."""

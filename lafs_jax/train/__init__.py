@@ -1,1 +1,1 @@
-"""Training: mesh and shardings, optimizers, checkpoints, one loop per task."""
+"""Training tasks shared by every method: the one loop, the teacher-student and margin-softmax steps, optimizers, checkpoints."""
