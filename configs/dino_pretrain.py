@@ -60,6 +60,7 @@ def get_config(arg=None):
     # fViT with Part fViT's ViT (dim 768, depth 12, 11 x 64, MLP 2048) on grid patches; DINO head to 100000.
     c.model = model_config("tiny" if tiny else "base")
     c.model.kind = "fvit"
+    c.model.dino_head = dino_config.head_config(c.model.preset)  # the DINO objective's projection head
 
     # DINO multi-crop as DataAugmentationDINO: 2 x 112 px global (0.4-1) + 8 x 48 px local (0.05-0.4)
     c.data = data_config("dino", "ssl_color")

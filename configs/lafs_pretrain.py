@@ -70,6 +70,7 @@ def get_config(arg=None):
     # Part fViT (official: 196 landmarks, dim 768, depth 12, 11 heads x 64, MLP 2048, dropout and
     # drop-path 0.1; DINO head 768 -> 2048 -> 2048 -> 256 -> 100000, last layer weight-normalised, g = 1).
     c.model = model_config("tiny" if tiny else "base")
+    c.model.dino_head = dino_config.head_config(c.model.preset)  # the DINO objective's projection head
 
     # Input: LAFS views (§2.2): 2 global + 8 local (clean, colour-augmented) pairs, all 112 px crops
     # with the global scale range (0.4, 1) as the official code; normalised to [-1, 1].

@@ -160,7 +160,7 @@ def ssl_networks(cfg, seed):
 
 @pytest.fixture(scope="module")
 def ssl_case(tmp_path_factory):
-    cfg = presets.model_config("tiny")
+    cfg = mapping.target_model_config("lafs_ssl", "tiny")
     student, teacher = ssl_networks(cfg, 11)
     center = torch.randn(1, cfg.dino_head.out_dim)
     path = tmp_path_factory.mktemp("ssl") / "checkpoint0040.pth"
@@ -222,7 +222,7 @@ def test_trainable_weight_g_converts_and_fixed_g_must_be_one(ssl_case):
     state = numpy_state(teacher.state_dict())
     with pytest.raises(mapping.ConversionError, match="head.last_layer.weight_g: weight_g is not 1"):
         mapping.convert_state_dict(state, "lafs_ssl", cfg)
-    cfg = presets.model_config("tiny")
+    cfg = mapping.target_model_config("lafs_ssl", "tiny")
     cfg.dino_head.use_bn = True
     with pytest.raises(mapping.ConversionError, match="use_bn=True"):
         mapping.convert_state_dict(state, "lafs_ssl", cfg)

@@ -1,8 +1,11 @@
 """Backbone families by name (`lafs_jax.models.registry`) and the one return convention of every
 backbone: (embedding [B, D] float32, aux dict with the family's `aux_keys`)."""
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -125,3 +128,113 @@ def test_a_new_family_is_one_registration(scratch_registry):
     cfg.channels = 1
     with pytest.raises(ConfigError, match=r"config\.model\.channels=1 .*pooled_dense needs RGB"):
         presets.build_model(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- config sections
+SECTIONS = {"part_fvit": {"landmark"}, "fvit": set(), "part_fvit_grid": set(), "insightface_vit": {"insightface"}}
+ALL_SECTIONS = {"landmark", "insightface", "dino_head"}
+
+
+def test_each_family_owns_its_config_sections():
+    for name in FAMILIES:
+        assert set(registry.get(name).sections) == SECTIONS[name]
+        assert set(presets.family_sections(name, "tiny")) == SECTIONS[name]
+    assert set(presets.known_sections()) == ALL_SECTIONS
+
+
+@pytest.mark.parametrize("preset", presets.PRESETS)
+def test_each_preset_carries_exactly_its_family_sections(preset):
+    cfg = presets.model_config(preset)
+    assert {k for k in cfg if isinstance(cfg[k], ml_collections.ConfigDict)} == SECTIONS[cfg.kind]
+    presets.validate_model_config(cfg)
+
+
+def test_a_missing_family_section_is_one_error_naming_it():
+    cfg = presets.model_config("tiny")
+    cfg.kind = "insightface_vit"  # what --config.model.kind=insightface_vit does to a tiny recipe
+    with pytest.raises(ConfigError, match=r"config\.model\.insightface is missing: .*insightface_t.*"
+                                          r"add_family_sections"):
+        presets.validate_model_config(cfg)
+    assert set(presets.add_family_sections(cfg)) >= {"insightface", "landmark"}
+    presets.validate_model_config(cfg)
+    assert cfg.insightface.to_dict() == presets.model_config("insightface_t").insightface.to_dict()
+    cfg = presets.model_config("vit_t")
+    del cfg["insightface"]
+    with pytest.raises(ConfigError, match=r"config\.model\.insightface is missing"):
+        presets.build_model(cfg)
+    cfg = presets.model_config("tiny")
+    del cfg["landmark"]
+    with pytest.raises(ConfigError, match=r"config\.model\.landmark is missing: model\.kind='part_fvit'.*tiny"):
+        presets.validate_model_config(cfg)
+
+
+def test_an_unused_section_is_allowed_and_checked():
+    cfg = presets.model_config("tiny")
+    cfg.kind = "fvit"  # --config.model.kind=fvit on a Part fViT recipe keeps working
+    presets.validate_model_config(cfg)
+    presets.build_model(cfg)
+    cfg.landmark.dropout = 1.5
+    with pytest.raises(ConfigError, match=r"config\.model\.landmark\.dropout=1\.5"):
+        presets.validate_model_config(cfg)
+
+
+def test_the_dino_head_section_belongs_to_the_dino_objective():
+    from lafs_jax.methods.dino import config as dino_config
+
+    cfg = presets.model_config("tiny")
+    with pytest.raises(ConfigError, match=r"config\.model\.dino_head is missing.*head_config"):
+        presets.build_dino_head(cfg)
+    cfg.dino_head = dino_config.head_config("tiny")
+    assert (cfg.dino_head.out_dim, cfg.dino_head.hidden_dim, cfg.dino_head.bottleneck_dim) == (1024, 256, 64)
+    presets.build_dino_head(cfg)
+    assert presets.dino_head_config("small").out_dim == 65536 and presets.dino_head_config("base").out_dim == 100000
+    cfg.dino_head.out_dim = -1
+    with pytest.raises(ConfigError, match=r"config\.model\.dino_head\.out_dim=-1"):
+        presets.validate_model_config(cfg)
+
+
+def test_model_config_from_an_old_style_dict_with_every_section():
+    """Metadata dicts that carry landmark, dino_head and insightface whatever the kind read back with all
+    three (extra sections are kept); a dict without its family's section gets the preset's defaults."""
+    for preset, kind in (("tiny", "part_fvit"), ("tiny", "fvit"), ("vit_t", "insightface_vit")):
+        values = presets.model_config(preset).to_dict()
+        values["kind"] = kind
+        values["landmark"] = presets.landmark_config(preset).to_dict()
+        values["insightface"] = presets.insightface_config(preset).to_dict()
+        values["dino_head"] = presets.dino_head_config(preset).to_dict()
+        values["dino_head"]["out_dim"] = 77
+        cfg = presets.model_config_from_dict(json.loads(json.dumps(values)))
+        assert set(ALL_SECTIONS) <= set(cfg) and cfg.kind == kind and cfg.dino_head.out_dim == 77
+        assert cfg.to_dict() == presets.model_config_from_dict(cfg.to_dict()).to_dict()
+    values = presets.model_config("tiny").to_dict()
+    del values["landmark"]
+    cfg = presets.model_config_from_dict(values)
+    assert cfg.landmark.blocks == presets.TINY_LANDMARK_BLOCKS
+    values = presets.model_config("tiny").to_dict()
+    values["kind"] = "insightface_vit"
+    assert presets.model_config_from_dict(values).insightface.embedding_size == 512
+
+
+def test_pretraining_recipes_carry_the_dino_head_and_finetuning_recipes_do_not():
+    from configs import dino_pretrain, finetune, lafs_pretrain, lvface
+
+    for recipe in (dino_pretrain, lafs_pretrain):
+        for variant in recipe.VARIANTS:
+            c = recipe.get_config(variant)
+            assert c.model.dino_head.to_dict() == presets.dino_head_config(c.model.preset).to_dict()
+    for recipe in (finetune, lvface):
+        for variant in (None, "tiny"):
+            c = recipe.get_config(variant)
+            assert "dino_head" not in c.model
+            assert {k for k in c.model if isinstance(c.model[k], ml_collections.ConfigDict)} == SECTIONS[c.model.kind]
+
+
+def test_a_pretraining_config_without_the_dino_head_names_it():
+    from configs import lafs_pretrain
+    from lafs_jax.methods.dino import config as dino_config
+
+    c = lafs_pretrain.get_config("tiny")
+    with c.unlocked():
+        del c.model["dino_head"]
+    with pytest.raises(ConfigError, match=r"config\.model\.dino_head is missing"):
+        dino_config.validate_section(c)

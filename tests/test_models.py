@@ -401,7 +401,6 @@ def test_every_preset_builds(tiny):
     ("dtype", "float8", "config.model.dtype"),
     ("landmark.blocks", ((3, 16, 16, False, "RE", 1), (3, 16, 16, False, "XX", 1)),
      r"config.model.landmark.blocks\[1\]"),
-    ("dino_head.out_dim", -1, "config.model.dino_head.out_dim"),
     ("token_init_std", 0.0, "config.model.token_init_std=0.0"),
 ])
 def test_bad_model_config_names_the_key(key, value, message):
@@ -422,6 +421,7 @@ def test_fvit_and_insightface_configs_are_checked():
         presets.validate_model_config(cfg)
     cfg = presets.model_config("tiny")
     cfg.kind, cfg.head_dim = "insightface_vit", 16
+    presets.add_family_sections(cfg)
     with pytest.raises(ConfigError, match="config.model.head_dim"):
         presets.validate_model_config(cfg)
     with pytest.raises(ConfigError, match="preset 'huge'"):

@@ -48,14 +48,16 @@ def _rules(rules) -> tuple:
 
 
 def micro_model(m) -> None:
-    """A 32 px Part fViT: 16 landmarks, a 1-block landmark trunk, ViT 32 wide, 1 block; no dropout."""
+    """A 32 px Part fViT: 16 landmarks, a 1-block landmark trunk, ViT 32 wide, 1 block; no dropout; a
+    2-layer DINO head to 64 prototypes where the config has one (pretraining)."""
     m.image_size, m.patch_size, m.num_landmarks = 32, 8, 16
     m.dim, m.depth, m.heads, m.head_dim, m.mlp_dim = 32, 1, 2, 16, 64
     m.dropout = m.emb_dropout = m.drop_path_rate = 0.0
     m.landmark.dropout = 0.0
     m.landmark.blocks, m.landmark.stem_features = MICRO_BLOCKS, 8
-    m.dino_head.out_dim, m.dino_head.hidden_dim, m.dino_head.bottleneck_dim = 64, 32, 16
-    m.dino_head.num_layers = 2
+    if "dino_head" in m:  # the pretraining recipes' DINO head
+        m.dino_head.out_dim, m.dino_head.hidden_dim, m.dino_head.bottleneck_dim = 64, 32, 16
+        m.dino_head.num_layers = 2
 
 
 def finetune_config(data_dir: str, *, total_steps: int = 5, sample_rate: float = 0.5, mesh=(-1, 1), rules=(),

@@ -282,11 +282,16 @@ def select_state_dict(checkpoint: Mapping[str, Any], kind: str, which: str = "te
 
 # ---------------------------------------------------------------------------------------------- conversion
 def target_model_config(kind: str, preset_or_cfg: Any = "base"):
-    """The model config a conversion targets: a preset name or a config, with `kind` set for the backbone."""
+    """The model config a conversion targets: a preset name or a config, with `kind` set for the backbone,
+    the sections that family reads, and (lafs_ssl) the DINO head's `dino_head` at the preset's defaults
+    where the config has none."""
     cfg = presets.model_config(preset_or_cfg) if isinstance(preset_or_cfg, str) else \
         presets.model_config_from_dict(preset_or_cfg.to_dict() if hasattr(preset_or_cfg, "to_dict") else
                                        dict(preset_or_cfg))
     cfg.kind = {"fvit": "fvit", "lvface": "insightface_vit"}.get(kind, "part_fvit")
+    presets.add_family_sections(cfg)
+    if kind == "lafs_ssl" and "dino_head" not in cfg:
+        cfg.dino_head = presets.dino_head_config(cfg.preset)
     presets.validate_model_config(cfg)
     return cfg
 

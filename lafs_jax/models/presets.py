@@ -6,6 +6,14 @@ only these fields. `validate_model_config` raises lafs_jax.config.ConfigError na
 (part_fvit, fvit, part_fvit_grid, insightface_vit) and `build_model` builds whichever kind is registered.
 Every backbone returns `(embedding, aux dict)` (see `registry`).
 
+A model config holds the shared fields plus the sections of its owners only: a family's sections come
+with its registration (`registry.Family.sections`: part_fvit -> `landmark` (the landmark CNN),
+insightface_vit -> `insightface`; fvit and part_fvit_grid read none), so `model_config(preset)` carries
+the preset's family's; `dino_head` (the DINO projection head) belongs to the DINO objective, whose
+pretraining recipes add `dino_head_config(preset)` (via `lafs_jax.methods.dino.config.head_config`).
+A section present but unused (e.g. `landmark` after `--config.model.kind=fvit`) is allowed; a missing
+one the family reads is a ConfigError (`add_family_sections` adds it in a recipe).
+
 Presets:
   tiny          CPU tests and the demo on 112x112 faces: 49 landmarks, 4-block landmark trunk,
                 ViT dim 96 / depth 2 / 3 heads x 32 (231,226 parameters).
@@ -67,6 +75,7 @@ TINY_LANDMARK_BLOCKS = (
 
 
 def _base() -> ml_collections.ConfigDict:
+    """The fields every model config shares (no sections), at the base preset's values."""
     c = ml_collections.ConfigDict()
     c.preset = "base"  # the preset these values started from (informational)
     # a family of `registry.names()`: 'part_fvit' (landmark patches) | 'fvit' (grid patches) |
@@ -102,52 +111,103 @@ def _base() -> ml_collections.ConfigDict:
     c.remat = False
     c.grid_noise_std = 3.0  # part_fvit_grid: N(0, s^2) px noise on the grid centres in training (official 3)
     c.grid_shuffle = False  # part_fvit_grid: resample the centres with replacement in training (official shuffle)
-
-    c.landmark = ml_collections.ConfigDict()
-    # bottleneck table: (kernel, expansion, out channels, squeeze-excite, 'RE'|'HS', stride) per block
-    c.landmark.blocks = MOBILENET_V3_LARGE
-    c.landmark.stem_features = 16  # channels of the 3x3/2 stem convolution
-    c.landmark.dropout = 0.5  # dropout before the landmark Linear
-    c.landmark.bn_momentum = 0.9  # BatchNorm running-average momentum (torch momentum 0.1)
-    c.landmark.bn_eps = 1e-5  # BatchNorm epsilon
-    # init of the landmark Linear: 'default' (official, scattered landmarks) | 'grid' (zero kernel, grid
-    # bias: starts as grid patches; for training from scratch on small data)
-    c.landmark.head_init = "default"
-
-    c.dino_head = ml_collections.ConfigDict()
-    c.dino_head.out_dim = 100000  # prototypes K (LAFS 100000; DINO 65536)
-    c.dino_head.hidden_dim = 2048  # MLP hidden width
-    c.dino_head.bottleneck_dim = 256  # width before L2 normalisation and the weight-normalised layer
-    c.dino_head.num_layers = 3  # Linear layers before normalisation
-    c.dino_head.use_bn = False  # BatchNorm after hidden Linear layers
-    c.dino_head.norm_last_layer = True  # weight-norm scale g fixed to 1 (not trained)
-
-    c.insightface = ml_collections.ConfigDict()
-    c.insightface.mask_ratio = 0.1  # fraction of tokens dropped during training (insightface_vit only)
-    c.insightface.embedding_size = 512  # output of the feature head (insightface_vit only)
-    c.insightface.bn_eps = 2e-5  # BatchNorm epsilon of the feature head
     return c
 
 
+# Config sections of `config.model`: each belongs to its owner. A family's sections are registered with it
+# (`registry.Family.sections`: part_fvit -> 'landmark', insightface_vit -> 'insightface'); 'dino_head'
+# belongs to the DINO objective (methods/dino adds it to the pretraining recipes, lafs_jax.convert to a
+# lafs_ssl conversion). Each builder takes the preset name and returns that section's defaults.
+def landmark_config(preset: str = "base") -> ml_collections.ConfigDict:
+    """`config.model.landmark`: Part fViT's landmark CNN (MobileNetV3 trunk; the tiny preset's 4 blocks)."""
+    c = ml_collections.ConfigDict()
+    # bottleneck table: (kernel, expansion, out channels, squeeze-excite, 'RE'|'HS', stride) per block
+    c.blocks = TINY_LANDMARK_BLOCKS if preset == "tiny" else MOBILENET_V3_LARGE
+    c.stem_features = 16  # channels of the 3x3/2 stem convolution
+    c.dropout = 0.5  # dropout before the landmark Linear
+    c.bn_momentum = 0.9  # BatchNorm running-average momentum (torch momentum 0.1)
+    c.bn_eps = 1e-5  # BatchNorm epsilon
+    # init of the landmark Linear: 'default' (official, scattered landmarks) | 'grid' (zero kernel, grid
+    # bias: starts as grid patches; for training from scratch on small data)
+    c.head_init = "default"
+    return c
+
+
+def insightface_config(preset: str = "base") -> ml_collections.ConfigDict:
+    """`config.model.insightface`: InsightFace ViT's token mask and feature head (an LVFace name's mask)."""
+    c = ml_collections.ConfigDict()
+    c.mask_ratio = LVFACE_NAMES[preset][2] if preset in LVFACE_NAMES else 0.1  # tokens dropped in training
+    c.embedding_size = 512  # output of the feature head
+    c.bn_eps = 2e-5  # BatchNorm epsilon of the feature head
+    return c
+
+
+def dino_head_config(preset: str = "base") -> ml_collections.ConfigDict:
+    """`config.model.dino_head`: the DINO projection head of pretraining with the DINO objective
+    (`lafs_jax.methods.dino.config.head_config`) and of `lafs_jax.convert --kind lafs_ssl`."""
+    c = ml_collections.ConfigDict()
+    # prototypes K (LAFS 100000; DINO 65536 (small); 1024 (tiny))
+    c.out_dim = {"tiny": 1024, "small": 65536}.get(preset, 100000)
+    c.hidden_dim = 256 if preset == "tiny" else 2048  # MLP hidden width
+    # width before L2 normalisation and the weight-normalised layer
+    c.bottleneck_dim = 64 if preset == "tiny" else 256
+    c.num_layers = 3  # Linear layers before normalisation
+    c.use_bn = False  # BatchNorm after hidden Linear layers
+    c.norm_last_layer = True  # weight-norm scale g fixed to 1 (not trained)
+    return c
+
+
+# Sections a training objective adds to `config.model` (not owned by a family).
+OBJECTIVE_SECTIONS: Mapping[str, Callable[[str], ml_collections.ConfigDict]] = {"dino_head": dino_head_config}
+
+
+def _preset_kind(preset: str) -> str:
+    size = LVFACE_NAMES[preset][0] if preset in LVFACE_NAMES else preset
+    return "insightface_vit" if size in INSIGHTFACE_SIZES else "part_fvit"
+
+
+def family_sections(kind: str, preset: str = "base") -> dict[str, ml_collections.ConfigDict]:
+    """{name: defaults for `preset`} of the config sections family `kind` reads (`registry.Family.sections`)."""
+    return {name: build(preset) for name, build in registry.get(kind).sections.items()}
+
+
+def add_family_sections(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Add to model config `cfg` (in place; returned) the sections of its family `cfg.kind` that it lacks,
+    at the defaults of `cfg.preset`: for a recipe that switches `kind` to a family its preset does not
+    build (e.g. a tiny config made an insightface_vit)."""
+    for name, section in family_sections(cfg.kind, cfg.get("preset", "base")).items():
+        if name not in cfg:
+            cfg[name] = section
+    return cfg
+
+
+def known_sections() -> dict[str, Callable[[str], ml_collections.ConfigDict]]:
+    """{name: defaults builder} of every config section a model config may carry: the registered
+    families' and `OBJECTIVE_SECTIONS`."""
+    out = {}
+    for kind in registry.names():
+        out.update(registry.get(kind).sections)
+    out.update(OBJECTIVE_SECTIONS)
+    return out
+
+
 def model_config(preset: str = "base") -> ml_collections.ConfigDict:
-    """The model ConfigDict of a preset (see the module docstring), unlocked so recipes can override."""
+    """The model ConfigDict of a preset (see the module docstring), unlocked so recipes can override:
+    the shared fields and the config sections of the preset's family only (`family_sections`)."""
     if preset not in PRESETS:
         raise ConfigError(f"model preset {preset!r} is not valid; choose one of {list(PRESETS)}")
     c = _base()
     c.preset = preset
+    c.kind = _preset_kind(preset)
     size = preset
     if preset in LVFACE_NAMES:
-        size, c.drop_path_rate, c.insightface.mask_ratio = LVFACE_NAMES[preset]
+        size, c.drop_path_rate, _ = LVFACE_NAMES[preset]
     if preset == "tiny":
         c.num_landmarks = 49
         c.dim, c.depth, c.heads, c.head_dim, c.mlp_dim = 96, 2, 3, 32, 256
-        c.landmark.blocks = TINY_LANDMARK_BLOCKS
-        c.dino_head.out_dim, c.dino_head.hidden_dim, c.dino_head.bottleneck_dim = 1024, 256, 64
     elif preset == "small":
         c.dim, c.depth, c.heads, c.head_dim, c.mlp_dim = 384, 12, 6, 64, 1536
-        c.dino_head.out_dim = 65536
     elif size in INSIGHTFACE_SIZES:
-        c.kind = "insightface_vit"
         c.patch_size = 9
         c.dim, c.depth = INSIGHTFACE_SIZES[size]
         c.heads = 8
@@ -158,11 +218,14 @@ def model_config(preset: str = "base") -> ml_collections.ConfigDict:
         c.drop_path_schedule = "linear"
         c.dropout = 0.0
         c.emb_dropout = 0.0
-    return c
+    return add_family_sections(c)
 
 
 def validate_model_config(cfg: Any, prefix: str = "model") -> None:
-    """Raise ConfigError naming `config.<prefix>.<key>` for a missing key or a bad value."""
+    """Raise ConfigError naming `config.<prefix>.<key>` for a missing key or a bad value. The sections of
+    the family `cfg.kind` (`registry.Family.sections`) must be present; any other known section present
+    (e.g. 'landmark' after switching a Part fViT preset to kind 'fvit', or the DINO objective's
+    'dino_head') is allowed and checked too."""
 
     def key(name):
         return f"{prefix}.{name}"
@@ -180,20 +243,42 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
 
     check(get("kind") in registry.names(), key("kind"), get("kind"),
           f"choose one of the registered model families {list(registry.names())}")
-    for name in ("image_size", "channels", "patch_size", "num_landmarks", "dim", "depth", "heads", "head_dim",
-                 "mlp_dim", "landmark.stem_features", "dino_head.out_dim", "dino_head.hidden_dim",
-                 "dino_head.bottleneck_dim", "dino_head.num_layers", "insightface.embedding_size"):
+    kind = get("kind")
+    for name in registry.get(kind).sections:
+        if name not in cfg:
+            presets_of_kind = [p for p in PRESETS if _preset_kind(p) == kind]
+            where = (f"start from a preset of that family ({', '.join(presets_of_kind)})" if presets_of_kind
+                     else "no preset builds that family")
+            raise ConfigError(f"config.{key(name)} is missing: {prefix}.kind={kind!r} reads the {name!r} section; "
+                              f"{where}, or add its defaults in the recipe with "
+                              f"lafs_jax.models.presets.add_family_sections(config.{prefix})")
+    present = {name for name in known_sections() if name in cfg}
+    ints = ["image_size", "channels", "patch_size", "num_landmarks", "dim", "depth", "heads", "head_dim", "mlp_dim"]
+    units = ["drop_path_rate", "dropout", "emb_dropout"]
+    positives = ["layer_norm_eps", "token_init_std"]
+    bools = ["qkv_bias", "remat"]
+    if "landmark" in present:
+        ints.append("landmark.stem_features")
+        units += ["landmark.dropout", "landmark.bn_momentum"]
+        positives.append("landmark.bn_eps")
+    if "insightface" in present:
+        ints.append("insightface.embedding_size")
+        units.append("insightface.mask_ratio")
+        positives.append("insightface.bn_eps")
+    if "dino_head" in present:
+        ints += ["dino_head.out_dim", "dino_head.hidden_dim", "dino_head.bottleneck_dim", "dino_head.num_layers"]
+        bools += ["dino_head.use_bn", "dino_head.norm_last_layer"]
+    for name in ints:
         v = get(name)
         check(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1, key(name), v, "an int >= 1")
-    for name in ("drop_path_rate", "dropout", "emb_dropout", "landmark.dropout", "insightface.mask_ratio",
-                 "landmark.bn_momentum"):
+    for name in units:
         v = get(name)
         check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0, key(name), v,
               "a number in [0, 1)")
-    for name in ("layer_norm_eps", "token_init_std", "landmark.bn_eps", "insightface.bn_eps"):
+    for name in positives:
         v = get(name)
         check(isinstance(v, (int, float)) and v > 0, key(name), v, "a positive number")
-    for name in ("qkv_bias", "remat", "dino_head.use_bn", "dino_head.norm_last_layer"):
+    for name in bools:
         check(isinstance(get(name), bool), key(name), get(name), "True or False")
     choice("attention_scale", ATTENTION_SCALES)
     choice("mlp_activation", ACTIVATIONS)
@@ -201,19 +286,20 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
     choice("pool", ("cls", "mean"))
     choice("dtype", DTYPES)
     choice("attention_implementation", ("", "xla", "cudnn"))
-    choice("landmark.head_init", HEAD_INITS)
-    if get("landmark.head_init") == "grid":
-        r = get("num_landmarks")
-        check(int(round(r ** 0.5)) ** 2 == r and r >= 4, key("num_landmarks"), r,
-              "a square number >= 4 with landmark.head_init='grid'")
-    try:
-        check_blocks(get("landmark.blocks"), f"config.{key('landmark.blocks')}")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    if "landmark" in present:
+        choice("landmark.head_init", HEAD_INITS)
+        if get("landmark.head_init") == "grid":
+            r = get("num_landmarks")
+            check(int(round(r ** 0.5)) ** 2 == r and r >= 4, key("num_landmarks"), r,
+                  "a square number >= 4 with landmark.head_init='grid'")
+        try:
+            check_blocks(get("landmark.blocks"), f"config.{key('landmark.blocks')}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     check(isinstance(get("grid_noise_std"), (int, float)) and get("grid_noise_std") >= 0, key("grid_noise_std"),
           get("grid_noise_std"), "a number >= 0 (pixels)")
     check(isinstance(get("grid_shuffle"), bool), key("grid_shuffle"), get("grid_shuffle"), "True or False")
-    family = registry.get(get("kind"))
+    family = registry.get(kind)
     if family.validate is not None:
         family.validate(cfg, prefix)
 
@@ -311,7 +397,11 @@ def build_token_vit(cfg, num_positions: int | None = None) -> TokenViT:
 
 
 def build_dino_head(cfg) -> DINOHead:
-    """DINOHead of a model config (its `dino_head` section)."""
+    """DINOHead of a model config (its `dino_head` section, which the DINO objective's recipes add)."""
+    if "dino_head" not in cfg:
+        raise ConfigError("config.model.dino_head is missing: the DINO head's section belongs to the DINO "
+                          "objective; add it with config.model.dino_head = "
+                          "lafs_jax.methods.dino.config.head_config(config.model.preset)")
     validate_model_config(cfg)
     h = cfg.dino_head
     return DINOHead(out_dim=h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
@@ -352,11 +442,13 @@ def _build_insightface_vit(cfg) -> InsightFaceViT:
 
 
 registry.register("part_fvit", registry.Family(build=_build_part_fvit, patch_order="landmarks",
-                                               aux_keys=("landmarks",), landmark_cnn=True))
+                                               aux_keys=("landmarks",), landmark_cnn=True,
+                                               sections={"landmark": landmark_config}))
 registry.register("fvit", registry.Family(build=_build_fvit, patch_order="grid", validate=_check_grid_patches))
 registry.register("part_fvit_grid", registry.Family(build=_build_part_fvit_grid, patch_order="grid",
                                                     aux_keys=("centers",), validate=_check_grid_patches))
-registry.register("insightface_vit", registry.Family(build=_build_insightface_vit, validate=_check_insightface))
+registry.register("insightface_vit", registry.Family(build=_build_insightface_vit, validate=_check_insightface,
+                                                     sections={"insightface": insightface_config}))
 
 
 def dummy_images(cfg, batch: int = 1) -> jax.Array:
@@ -399,10 +491,23 @@ def count_params(tree: Any) -> int:
 def model_config_from_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """A validated model config from a plain dict (e.g. checkpoint metadata['model']).
 
-    Starts from the preset named by values['preset'] (default 'base') and overrides every given key;
-    an unknown key raises ConfigError naming it.
+    Starts from the preset named by values['preset'] (default 'base') and overrides every given key.
+    Extra sections are kept: a known section (`known_sections()`) in `values` that the preset lacks is
+    added at the preset's defaults and overridden (a metadata dict with 'landmark', 'dino_head' and
+    'insightface' reads back with all three, whatever its kind). A section the family values['kind']
+    reads but `values` lacks gets the preset's defaults. Any other unknown key raises ConfigError naming it.
     """
-    cfg = model_config(values.get("preset", "base"))
+    preset = values.get("preset", "base")
+    cfg = model_config(preset)
+    sections = known_sections()
+    for name, v in values.items():
+        if name in sections and name not in cfg and isinstance(v, Mapping):
+            cfg[name] = sections[name](preset)
+    kind = values.get("kind", cfg.kind)
+    if kind in registry.names():
+        for name, build in registry.get(kind).sections.items():
+            if name not in cfg:
+                cfg[name] = build(preset)
 
     def update(node, vals, path):
         for k, v in vals.items():

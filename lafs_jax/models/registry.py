@@ -6,12 +6,13 @@ extra outputs, keyed as its `Family.aux_keys` say (e.g. Part fViT's {'landmarks'
 a family without any). `split_output` checks that form.
 
 A family is added by one `register(name, Family(...))` call; `presets` registers the ones it builds
-and dispatches every "which family" question (building, validation, patch order) through `get`.
+and dispatches every "which family" question (building, validation, patch order, config sections)
+through `get`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from lafs_jax.config import ConfigError
 
@@ -29,6 +30,9 @@ class Family:
       `landmark` section) that can be frozen, loaded on its own or regularised.
     validate: (model config, key prefix such as 'model') -> None, the family's own checks on top of
       the shared ones; raises ConfigError naming `config.<prefix>.<key>`.
+    sections: {name: preset name -> ConfigDict of that section's defaults} of the config sections the
+      family reads (`config.model.<name>`, e.g. part_fvit's 'landmark'): `presets.model_config` gives a
+      preset only its family's sections, and `presets.validate_model_config` requires them.
     """
 
     build: Callable[[Any], Any]
@@ -36,6 +40,7 @@ class Family:
     aux_keys: tuple[str, ...] = ()
     landmark_cnn: bool = False
     validate: Callable[[Any, str], None] | None = None
+    sections: Mapping[str, Callable[[str], Any]] = dataclasses.field(default_factory=dict)
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -2,14 +2,16 @@
 validator.
 
 `config()` builds the section with every field commented (LAFS pretraining embeds the same section);
-`validate_section(config)` checks it, `validate(config)` checks a DINO-face recipe (the section, the fViT
-backbone and the multi-crop sizes); errors are ConfigErrors naming `config.dino.<key>` or the field.
+`head_config(preset)` builds the DINO head's section, which the pretraining recipes put at
+`config.model.dino_head`; `validate_section(config)` checks both, `validate(config)` checks a DINO-face
+recipe (the sections, the fViT backbone and the multi-crop sizes); errors are ConfigErrors naming
+`config.dino.<key>` or the field.
 """
 from __future__ import annotations
 
 import ml_collections
 
-from lafs_jax.config import check
+from lafs_jax.config import ConfigError, check
 from lafs_jax.losses import dino as dino_lib
 from lafs_jax.models import presets
 
@@ -38,8 +40,19 @@ def config(*, warmup_teacher_temp_epochs: int = 30) -> ml_collections.ConfigDict
     return c
 
 
+def head_config(preset: str = "base") -> ml_collections.ConfigDict:
+    """The DINO projection head's section `config.model.dino_head` at the model preset's defaults (LAFS:
+    768 -> 2048 -> 2048 -> 256 -> 100000, last layer weight-normalised with g = 1; the tiny preset's
+    96 -> 256 -> 256 -> 64 -> 1024); its values are checked with the model config."""
+    return presets.dino_head_config(preset)
+
+
 def validate_section(config: ml_collections.ConfigDict) -> None:
-    """ConfigError naming the first bad `config.dino.<key>`."""
+    """ConfigError naming the first bad `config.dino.<key>`, or a missing `config.model.dino_head`."""
+    if "dino_head" not in config.model:
+        raise ConfigError("config.model.dino_head is missing: the DINO objective's projection head; add it in "
+                          "the recipe with config.model.dino_head = "
+                          "lafs_jax.methods.dino.config.head_config(config.model.preset)")
     d = config.dino
     for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
         check(d[key] > 0, f"dino.{key}", d[key], "> 0")
