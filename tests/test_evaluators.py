@@ -105,7 +105,9 @@ def test_verification_evaluator_equals_the_pair_protocol(tmp_path):
     assert ev.score(results) == pytest.approx(mean, abs=1e-15)
     assert ev.checkpoint_metrics(results) == {"accuracy": pytest.approx(mean, abs=1e-15),
                                               "lfw/accuracy": results["lfw"]["accuracy"],
-                                              "cfp_fp/accuracy": results["cfp_fp"]["accuracy"]}
+                                              "cfp_fp/accuracy": results["cfp_fp"]["accuracy"],
+                                              "lfw/best_threshold": results["lfw"]["best_threshold"],
+                                              "cfp_fp/best_threshold": results["cfp_fp"]["best_threshold"]}
     assert ev.report(results) == roc.markdown_table(results, verification.DEFAULT_FARS)
 
     # other variables, other embeddings; flip=False reaches the embedder

@@ -239,9 +239,11 @@ class VerificationEvaluator(Evaluator):
                 for k in ("accuracy", "accuracy_std", "best_threshold")}
 
     def checkpoint_metrics(self, results: dict[str, dict]) -> dict[str, float]:
-        """{'accuracy': mean over the sets, '<set>/accuracy': ...}."""
+        """{'accuracy': mean over the sets, '<set>/accuracy': ..., '<set>/best_threshold': the squared-L2
+        distance threshold of the best accuracy (what `python -m lafs_jax.compare` reads)}."""
         accuracies = {f"{name}/accuracy": float(r["accuracy"]) for name, r in results.items()}
-        return {"accuracy": float(np.mean(list(accuracies.values()))), **accuracies}
+        thresholds = {f"{name}/best_threshold": float(r["best_threshold"]) for name, r in results.items()}
+        return {"accuracy": float(np.mean(list(accuracies.values()))), **accuracies, **thresholds}
 
     def score(self, results: dict[str, dict]) -> float:
         """The mean 10-fold accuracy over the sets."""
