@@ -19,15 +19,21 @@ from lafs_jax.input.verification_bin import save_bin
 from lafs_jax.models import presets
 
 
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory):
-    """A randomly initialised tiny Part fViT saved as fine-tuning saves its backbone."""
-    d = str(tmp_path_factory.mktemp("backbone") / "backbone")
+def write_tiny_backbone(directory: str):
+    """A randomly initialised tiny Part fViT saved in `directory` as fine-tuning saves its backbone;
+    (model config, variables)."""
     cfg = presets.model_config("tiny")
     variables = jax.jit(lambda k: presets.init_variables(cfg, k))(jax.random.key(0))
-    variables_lib.save_variables(d, variables, {"model": variables_lib.to_json_dict(cfg), "normalization": "[-1,1]",
-                                                 "color_order": "rgb", "image_size": 112})
-    return d, cfg, variables
+    variables_lib.save_variables(directory, variables, {"model": variables_lib.to_json_dict(cfg),
+                                                        "normalization": "[-1,1]", "color_order": "rgb",
+                                                        "image_size": 112})
+    return cfg, variables
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("backbone") / "backbone")
+    return (d, *write_tiny_backbone(d))
 
 
 def _write_bin(path, pairs=6):

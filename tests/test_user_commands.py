@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,14 +12,13 @@ from PIL import Image
 from cpu_env import cpu_env
 from lafs_jax import compare as compare_cli
 from lafs_jax import embed as embed_cli
-from lafs_jax import variables as variables_lib
 from lafs_jax.eval import embed as embed_lib
 from lafs_jax.eval import ijb, roc
 from lafs_jax.input import images as image_lib
 from lafs_jax.input import sources, writers
 from lafs_jax.input.synthetic import face_like_image
 from lafs_jax.input.verification_bin import save_bin
-from lafs_jax.models import presets
+from test_evaluate import write_tiny_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8
@@ -30,10 +28,7 @@ BATCH = 8
 def backbone(tmp_path_factory):
     """A randomly initialised tiny Part fViT saved as fine-tuning saves its backbone."""
     d = str(tmp_path_factory.mktemp("backbone") / "backbone")
-    cfg = presets.model_config("tiny")
-    variables = jax.jit(lambda k: presets.init_variables(cfg, k))(jax.random.key(0))
-    variables_lib.save_variables(d, variables, {"model": variables_lib.to_json_dict(cfg), "normalization": "[-1,1]",
-                                                 "color_order": "rgb", "image_size": 112})
+    write_tiny_backbone(d)
     return d
 
 
