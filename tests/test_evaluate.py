@@ -167,8 +167,9 @@ def test_embedders_of_one_architecture_share_compilations_not_variables(tiny_bac
     doubled = jax.tree.map(lambda x: np.asarray(x) * 2, variables)
     second = embed.Embedder(presets.build_model(presets.model_config("tiny")), doubled, image_size=112, batch_size=8)
     assert first._fns[True] is second._fns[True] and first._fns[False] is not first._fns[True]
+    before = first._fns[True]._cache_size()  # other tests in this process may have compiled it already
     got_first, got_second = first.embed(images), second.embed(images)
-    assert first._fns[True]._cache_size() == 1  # one compilation served both
+    assert first._fns[True]._cache_size() - before <= 1  # at most one compilation served both
 
     fn = jax.jit(embed.embedding_function(presets.build_model(cfg), flip=True))
     np.testing.assert_allclose(got_first, np.asarray(fn(variables, images)), rtol=1e-5, atol=1e-5)
