@@ -31,24 +31,16 @@ import tempfile
 import time
 
 
-def _threads_from_argv(argv) -> int | None:
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
-    return None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
+from threads import THREADS, single_thread_xla  # noqa: E402  (before jax and torch)
 
-
-THREADS = _threads_from_argv(sys.argv[1:])
 PINNED = None
 if THREADS:
     if hasattr(os, "sched_setaffinity"):
         PINNED = sorted(os.sched_getaffinity(0))[:THREADS]
         os.sched_setaffinity(0, PINNED)
     if THREADS == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+        single_thread_xla()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -71,7 +63,7 @@ def import_torch():
         torch.set_num_threads(THREADS)
         try:
             torch.set_num_interop_threads(THREADS)
-        except RuntimeError:  # already set in this process
+        except RuntimeError:  # already set in this process: the first setting stays
             pass
     return torch
 

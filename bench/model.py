@@ -30,20 +30,11 @@ import sys
 import time
 
 
-def _threads_from_argv(argv) -> int | None:
-    """--threads must act before jax and torch start their thread pools."""
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
-    return None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
+from threads import THREADS, single_thread_xla  # noqa: E402  (before jax and torch)
 
-
-THREADS = _threads_from_argv(sys.argv[1:])
 if THREADS == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    single_thread_xla()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -52,7 +43,6 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
 
 import common  # noqa: E402
 import multihost  # noqa: E402

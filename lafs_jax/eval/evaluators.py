@@ -11,6 +11,8 @@ not rank), `checkpoint_metrics(results)` and `report(results)` (Markdown). Types
 """
 from __future__ import annotations
 
+import abc
+
 import os
 from typing import Any, Callable, Mapping
 
@@ -48,7 +50,7 @@ def names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
     """One configured evaluation. Subclasses set their fields in `default_config`, check them in
     `validate` (config only, nothing read) and load and check their inputs in `__init__`. `ranks`:
     whether its `score` can pick the best checkpoint."""
@@ -72,13 +74,13 @@ class Evaluator:
         self.name, self.config, self.key = name, config, key
         self.every_steps, self.at_start = int(config.every_steps), bool(config.at_start)
 
+    @abc.abstractmethod
     def run(self, variables: Any) -> dict:
         """Full results of the evaluation of `variables` (host values)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def scalars(self, results: dict) -> dict[str, float]:
         """Flat metrics to log, keys without the evaluator's name."""
-        raise NotImplementedError
 
     def score(self, results: dict) -> float | None:
         """What ranks checkpoints (higher is better); None: this evaluator does not rank."""

@@ -65,7 +65,8 @@ class Hooks:
 
     def phase_loss(self, phase: int, embeddings: Any, labels: dict, centers: Any, state: dict, key: Any, *,
                    mesh: Any, num_classes: int) -> tuple[Any, dict]:
-        raise NotImplementedError(f"method {self.name!r} has no phases")
+        # the step asks only hooks with `phased = True`, which define this
+        raise TypeError(f"method {self.name!r} has no phases: phase_loss is for hooks with phased = True")
 
     def extra_loss(self, aux: dict, batch: dict, constants: Any, inputs: Any) -> tuple[Any, dict]:
         return None, {}
