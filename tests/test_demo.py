@@ -3,20 +3,30 @@ finished stage and evaluation, and the stage configs wire the few-shot experimen
 are stand-ins here that write a freshly initialised backbone where the real stage writes its trained one
 (the real `finetune.run` / `pretrain.run` are tested in test_finetune.py / test_pretrain.py, on the same
 tiny recipes); everything of the demo's own (data set, skip logic, evaluation, tables, plots) runs for
-real."""
+real, and so do the user commands of the README's Quick start (embed, compare, search, ONNX export) on a
+backbone the chain wrote."""
 import functools
 import json
 import os
 
+import csv
+
 import jax
 import ml_collections
 import numpy as np
+import onnxruntime as ort
 import pytest
+from PIL import Image
 
 from configs import demo as demo_config
+from lafs_jax import compare as compare_cli
 from lafs_jax import demo, variables
+from lafs_jax import embed as embed_cli
+from lafs_jax import search as search_cli
+from lafs_jax.eval import export as export_cli
 from lafs_jax.models import presets
 from lafs_jax.train import finetune, pretrain
+from test_onnx_export import _onnx_input
 
 
 @functools.cache
@@ -102,6 +112,43 @@ def test_demo_chain_writes_every_artefact_and_skips_finished_stages(tmp_path, ca
     assert len(stand_in_stages) == 9  # nothing trained again
     accuracies = lambda r: {row: t["accuracy"] for row, t in r["test"].items()}
     assert accuracies(again) == accuracies(out)  # evaluations read back from each run's verification.json
+
+    _user_commands_run_on(str(tmp_path / "seed0" / "lafs_k1" / "backbone"), tmp_path / "data", tmp_path / "user")
+
+
+def _user_commands_run_on(backbone, data, out):
+    """The README's next steps after the demo, on a backbone the demo wrote and the demo's own data: embed its
+    training images (.rec), compare two of them with a threshold calibrated on its validation pairs, search
+    the embeddings against themselves, export to ONNX and run the graph in onnxruntime."""
+    out.mkdir()
+    emb = str(out / "train.npy")
+    assert embed_cli.main(["--backbone", backbone, "--images", str(data / "train.rec"), "--out", emb,
+                           "--no-flip", "--batch", "32"]) == 0
+    embeddings, sources = np.load(emb), json.load(open(out / "train.json"))["sources"]
+    images, read_sources, _ = embed_cli.read_images(str(data / "train.rec"))
+    assert embeddings.shape[0] == len(sources) == len(images) and sources == read_sources
+    Image.fromarray(images[0]).save(out / "a.png")
+    Image.fromarray(images[1]).save(out / "b.png")
+
+    result = compare_cli.compare(str(out / "a.png"), str(out / "b.png"), backbone,
+                                 calibrate=str(data / "validation.bin"), far=0.01, flip=False, batch=32)
+    unit = embeddings[:2] / np.linalg.norm(embeddings[:2], axis=1, keepdims=True)
+    assert result["similarity"] == pytest.approx(float(unit[0] @ unit[1]), abs=1e-4)
+    assert result["threshold_source"].startswith("calibrated on") and result["far"] <= 0.01
+    assert result["verdict"] == ("same" if result["similarity"] >= result["threshold"] else "different")
+
+    matches = str(out / "matches.csv")
+    assert search_cli.main(["--gallery", emb, "--probes", emb, "--top-k", "3", "--out", matches]) == 0
+    rows = list(csv.DictReader(open(matches)))
+    assert len(rows) == 3 * len(sources)
+    first = [r for r in rows if r["rank"] == "1"]
+    assert [r["probe"] for r in first] == [r["gallery"] for r in first] == [str(s) for s in sources]  # itself first
+
+    onnx_path = str(out / "model.onnx")
+    export_cli.main(["--backbone", backbone, "--format", "onnx", "--out", onnx_path])
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"data": _onnx_input(images[:4])})
+    np.testing.assert_allclose(got, embeddings[:4], atol=1e-4 * np.abs(embeddings[:4]).max())
 
 
 def test_stage_configs_wire_the_few_shot_runs(tmp_path):

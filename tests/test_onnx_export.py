@@ -2,7 +2,7 @@
 family, the symbolic batch, the sidecar, and the command line."""
 import json
 import os
-import subprocess
+import runpy
 import sys
 
 import jax
@@ -15,7 +15,6 @@ from lafs_jax import variables as variables_lib
 from lafs_jax.eval import embed, export
 from lafs_jax.models import presets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # family -> (model config, normalization, colour order): each input normalisation re-expressed once
 FAMILIES = ("part_fvit", "fvit", "insightface_vit")
 SETTINGS = {"part_fvit": ("[-1,1]", "rgb"), "fvit": ("imagenet", "bgr"), "insightface_vit": ("[-0.5,0.5]", "rgb")}
@@ -112,25 +111,29 @@ def test_jax_format_still_writes_the_jaxexport_artefact(exported, tmp_path):
     np.testing.assert_allclose(np.asarray(exp.call(images)), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def _cli(*args, cwd, module="lafs_jax.eval.export"):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=cwd)
+def _cli(monkeypatch, *args, module="lafs_jax.export"):
+    """`python -m MODULE ARGS` in this process (runpy runs the module as __main__, as python -m does; the
+    user command and lafs_jax.eval.export share one main). Returns the exit status."""
+    monkeypatch.setattr(sys, "argv", [module, *args])
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=False)
+    except SystemExit as e:
+        return e.code
+    return 0
 
 
-def test_command_line_onnx_and_fatal_on_a_non_variables_directory(exported, tmp_path):
+def test_command_line_onnx_and_fatal_on_a_non_variables_directory(exported, tmp_path, monkeypatch, capsys):
     d = exported["insightface_vit"][0]
-    r = _cli("--backbone", d, "--format", "onnx", "--out", str(tmp_path / "model.onnx"), cwd=str(tmp_path))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert _cli(monkeypatch, "--backbone", d, "--format", "onnx", "--out", str(tmp_path / "model.onnx")) == 0
     assert os.path.exists(tmp_path / "model.onnx") and os.path.exists(tmp_path / "model.onnx.json")
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].name == "data" and sess.get_outputs()[0].shape[-1] == 32
     bad = tmp_path / "not_variables"
     bad.mkdir()
     (bad / "notes.txt").write_text("no checkpoint here")
-    r = _cli("--backbone", str(bad), "--format", "onnx", "--out", str(tmp_path / "bad.onnx"), cwd=str(tmp_path),
-             module="lafs_jax.export")  # the user command's name runs the same main
-    fatal = [line for line in r.stderr.splitlines() if "FATAL" in line]
-    assert r.returncode == 1 and len(fatal) == 1, r.stderr[-3000:]
+    capsys.readouterr()
+    status = _cli(monkeypatch, "--backbone", str(bad), "--format", "onnx", "--out", str(tmp_path / "bad.onnx"),
+                  module="lafs_jax.eval.export")
+    err = capsys.readouterr().err
+    assert status == 1 and err.startswith("FATAL") and err.count("\n") == 1, err[-3000:]
     assert not os.path.exists(tmp_path / "bad.onnx") and not os.path.exists(tmp_path / "bad.onnx.json")
