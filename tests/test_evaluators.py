@@ -248,7 +248,7 @@ def test_ijb_evaluator_equals_evaluate_target(tmp_path, nested):
     scalars = ev.scalars(results)
     assert scalars == {f"IJBC/tar@far={far:g}": want["tar_at_far"][far] for far in ijb.FARS}
     assert "IJBC/tar@far=0.0001" in scalars
-    assert ev.score(results) == want["tar_at_far"][min(ijb.FARS)]
+    assert ev.score(results) == want["tar_at_far"][1e-4]
     assert "| IJBC |" in ev.report(results)
     assert ev.checkpoint_metrics(results) == scalars
 
@@ -273,11 +273,16 @@ def test_ijb_identification_scalars_and_report(tmp_path):
     assert "rank-1" in ev.report(results) and "| IJBC |" in ev.report(results)
 
 
-def test_ijb_score_skips_fars_without_a_value():
+def test_ijb_score_is_the_mean_tar_at_score_far():
     ev = evaluators.IJBEvaluator.__new__(evaluators.IJBEvaluator)
+    ev.config = evaluators.evaluator_config("ijb")
     results = {"IJBB": {"tar_at_far": {1e-6: None, 1e-5: 0.5, 1e-4: 0.75}},
                "IJBC": {"tar_at_far": {1e-6: 0.25, 1e-5: 0.7, 1e-4: 0.8}}}
+    assert ev.score(results) == pytest.approx(0.775)
+    ev.config.score_far = 1e-5
     assert ev.score(results) == pytest.approx(0.6)
+    ev.config.score_far = 1e-6
+    assert ev.score(results) is None  # IJBB has no value at 1e-6
     assert ev.scalars(results) == {"IJBB/tar@far=1e-05": 0.5, "IJBB/tar@far=0.0001": 0.75, "IJBC/tar@far=1e-06": 0.25,
                                    "IJBC/tar@far=1e-05": 0.7, "IJBC/tar@far=0.0001": 0.8}
     assert ev.score({"IJBB": {"tar_at_far": {1e-4: None}}}) is None
@@ -293,6 +298,8 @@ def test_ijb_inputs_are_checked_at_build(tmp_path):
 
     with pytest.raises(ConfigError, match=r"^config\.evals\.ijb\.root='' "):
         build(root="")
+    with pytest.raises(ConfigError, match=r"^config\.evals\.ijb\.score_far=0\.0003 "):
+        build(score_far=3e-4)
     with pytest.raises(ConfigError, match=r"^config\.evals\.ijb\.root=.*nowhere"):
         build(root=str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match=r"^config\.evals\.ijb\.root=.*IJBB.*ijbb_face_tid_mid\.txt"):
