@@ -199,3 +199,46 @@ def backbone_of(model: dict, which: str) -> dict:
     if which not in WHICH:
         raise ConversionError(f"--which {which!r}: choose one of {WHICH}")
     return {c: model[c][which]["backbone"] for c in ("params", "batch_stats")}
+
+
+def check_preset(backbone: dict, preset: str) -> None:
+    """ConversionError naming the first variable whose shape differs from model preset `preset`'s."""
+    want = _flat(presets.abstract_variables(presets.model_config(preset)))
+    have = _flat(backbone)
+    for path, v in sorted(want.items(), key=lambda kv: kv[0][0] != "params"):  # parameters first
+        if path not in have:
+            raise ConversionError(f"--preset {preset}: {'/'.join(path)} is not in the checkpoint")
+        if tuple(have[path].shape) != tuple(v.shape):
+            raise ConversionError(f"--preset {preset}: {'/'.join(path)} has shape {tuple(have[path].shape)} in the "
+                                  f"checkpoint, {tuple(v.shape)} in {preset}")
+    extra = sorted("/".join(p) for p in have if p not in want)
+    if extra:
+        raise ConversionError(f"--preset {preset}: the checkpoint has {extra[0]}, which {preset} does not")
+
+
+def metadata(cfg: ml_collections.ConfigDict, source: str, which: str | None) -> dict:
+    """metadata.json of a converted FRA backbone directory (FRA's input: VGGFace2 mean/std, RGB)."""
+    meta = {"kind": "fra", "model": cfg.model.to_dict(), "method": "fra", "patch_order": None,
+            "normalization": NORMALIZATION, "color_order": "rgb",
+            "official_input": {"normalization": NORMALIZATION, "color_order": "rgb",
+                               "note": "FRA data/transforms.py: Normalize(VGGFace2 mean, std) on RGB"},
+            "source": source, "converter": "lafs_jax.convert --kind fra"}
+    if which is not None:
+        meta["which"] = which
+        meta["fra"] = cfg.fra.to_dict()
+    return meta
+
+
+def convert(checkpoint: Mapping[str, Any], which: str = "online", preset: str | None = None
+            ) -> tuple[dict, dict | None, ml_collections.ConfigDict]:
+    """(backbone variables of `which`, whole-model variables or None for a plain ResNet, config)."""
+    state = unwrap(checkpoint)
+    if is_training_checkpoint(state):
+        model, cfg = convert_training(state)
+        backbone = backbone_of(model, which)
+    else:
+        backbone, model_cfg = convert_resnet(state)
+        model, cfg = None, ml_collections.ConfigDict({"model": model_cfg.to_dict()})
+    if preset is not None:
+        check_preset(backbone, preset)
+    return backbone, model, cfg
