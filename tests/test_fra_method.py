@@ -1,0 +1,107 @@
+"""FRA as a pretraining method: the recipe and its bad values, LARS's exclusions by name, and a small
+`pretrain.run` on 8 devices that resumes exactly, with the target keeping its own BatchNorm statistics."""
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import fra as fra_recipe
+from lafs_jax import methods
+from lafs_jax.config import ConfigError
+from lafs_jax.input.synthetic import write_synthetic_rec
+from lafs_jax.methods.fra import objective as fra_objective
+from lafs_jax.train import checkpoint as ckpt_lib
+from lafs_jax.train import loop_utils, pretrain
+from lafs_jax.train.param_rules import match_mults
+
+
+def _small(data_prefix=""):
+    """configs/fra.py:tiny shrunk for tests: resnet_tiny at 32 px, a small neck, batch 16, 4 steps."""
+    c = fra_recipe.get_config("tiny")
+    c.unlock()
+    c.model.resnet.width, c.model.resnet.layers, c.model.dim, c.model.image_size = 8, (1, 1, 1, 1), 64, 32
+    c.fra.view_size, c.fra.hidden_dim, c.fra.out_dim, c.fra.num_proto, c.fra.dropout = 32, 32, 16, 4, 0.1
+    c.data.path, c.data.image_size, c.data.prefetch = data_prefix, 48, 0
+    c.evals = {}
+    c.batch_size, c.total_steps, c.optim.warmup_epochs = 16, 4, 0.5
+    c.checkpoint.every_steps, c.checkpoint.keep, c.checkpoint.async_save = 2, 3, False
+    c.log_every_steps = 2
+    c.lock()
+    return c
+
+
+def test_recipes_build_and_bad_values_name_the_key():
+    assert methods.pretraining("fra") is fra_objective.Objective
+    full = fra_recipe.get_config("vggface2")
+    assert (full.batch_size, full.optim.lr, full.optim.lr_scaling, full.optim.epochs) == (512, 0.9, "none", 50)
+    assert (full.fra.num_proto, full.fra.teacher_temp, full.fra.cluster_weight, full.model.dim) == (8, 0.04, 0.1, 2048)
+    fra_objective.Objective.validate(full)
+    for key, value, words in (("fra.num_proto", 1, "fra.num_proto"), ("fra.teacher_temp", 0.0, "fra.teacher_temp"),
+                              ("fra.student_temp", -1.0, "fra.student_temp"), ("model.kind", "fvit", "model.kind"),
+                              ("fra.view_size", 100, "fra.view_size")):
+        c = _small()
+        c.unlock()
+        section, name = key.split(".")
+        c[section][name] = value
+        with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+            fra_objective.Objective.validate(c)
+
+
+def test_lars_excludes_parameters_by_the_official_names():
+    c = _small()
+    params = jax.eval_shape(lambda k: fra_objective.init_variables(c, k), jax.random.key(0))["params"]
+    wd = match_mults(params, list(c.optim.wd_mults), None)  # {'a/b/c' path: weight-decay factor}
+    expect = {"online/backbone/bn1/scale": 0.0, "online/backbone/layer2_0/downsample_1/scale": 0.0,
+              "online/backbone/layer2_0/downsample_0/kernel": 1.0, "online/backbone/conv1/kernel": 1.0,
+              "online/neck/proj/mlp_1/scale": 1.0,  # the neck's BatchNorm is decayed (official quirk)
+              "online/neck/proj_attn/transformer/decoder/layers_0/norm1/scale": 1.0,
+              "online/neck/proj_attn/query_embed/embedding": 1.0,
+              "online/neck/proj_attn/transformer/decoder/layers_0/self_attn/in_proj_bias": 0.0,
+              "online/neck/proj_attn/input_proj/bias": 0.0, "predictor/mlp_1/bias": 0.0}
+    for path, factor in expect.items():
+        assert wd[path] == factor, path
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("fra_data") / "train")
+    write_synthetic_rec(prefix, num_classes=4, per_class=8, size=48)  # 32 images: 2 steps per epoch at 16
+    return prefix
+
+
+def _state(workdir, step):
+    with ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+        return ckpt.restore(step)
+
+
+def test_run_resumes_exactly_and_the_target_keeps_its_own_statistics(tmp_path, data_prefix):
+    config = _small(data_prefix)
+    work_a, work_b = str(tmp_path / "a"), str(tmp_path / "b")
+    pretrain.run(config, work_a)
+    rows = loop_utils.read_metrics(work_a)
+    assert all(np.isfinite(r["loss"]) for r in rows) and {"heatmap_entropy", "cluster_usage"} <= set(rows[-1])
+    shutil.copytree(os.path.join(work_a, "checkpoints", "2"), os.path.join(work_b, "checkpoints", "2"))
+    pretrain.run(config, work_b)
+    losses_a = {r["step"]: r["loss"] for r in loop_utils.read_metrics(work_a)}
+    losses_b = {r["step"]: r["loss"] for r in loop_utils.read_metrics(work_b)}
+    assert sorted(losses_b) == [3, 4] and {s: losses_a[s] for s in (3, 4)} == losses_b
+    a, b = _state(work_a, 4), _state(work_b, 4)
+    for name in ("student", "teacher", "student_stats", "teacher_stats", "opt_state"):
+        for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    # the target's statistics move through its own forwards (4 steps x 2 views, momentum 0.1), like the
+    # online network's, not as a 0.996-momentum EMA of them (which would stay near the initial zeros)
+    t, s = a["teacher_stats"]["online"]["backbone"]["bn1"]["mean"], a["student_stats"]["online"]["backbone"]["bn1"]["mean"]
+    assert np.max(np.abs(s)) > 0.05
+    np.testing.assert_allclose(np.asarray(t), np.asarray(s), rtol=0.2, atol=0.02)
+    assert os.path.isfile(os.path.join(work_a, pretrain.TEACHER_BACKBONE_DIR, "metadata.json"))
+
+
+def test_a_batch_the_devices_do_not_divide_fails_naming_the_key(tmp_path, data_prefix):
+    config = _small(data_prefix)
+    config.unlock()
+    config.batch_size = 12
+    with pytest.raises(ValueError, match=r"config\.batch_size=12 does not divide by the 8 devices"):
+        pretrain.run(config, str(tmp_path / "w"))
