@@ -23,6 +23,7 @@ def _small(data_prefix=""):
     c.unlock()
     c.model.resnet.width, c.model.resnet.layers, c.model.dim, c.model.image_size = 8, (1, 1, 1, 1), 64, 32
     c.fra.view_size, c.fra.hidden_dim, c.fra.out_dim, c.fra.num_proto, c.fra.dropout = 32, 32, 16, 4, 0.1
+    c.fra.decoder_layers = 1  # a smaller program to compile (the parity tests use 2)
     c.data.path, c.data.image_size, c.data.prefetch = data_prefix, 48, 0
     c.evals = {}
     c.batch_size, c.total_steps, c.optim.warmup_epochs = 16, 4, 0.5
