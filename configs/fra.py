@@ -33,7 +33,7 @@ unless named otherwise:
   student assignment) / Q; 1 = every region used) are logged every step, so a collapse shows.
 - AMP (official --amp): `precision = 'auto'` (bf16 compute on GPU / TPU, fp32 parameters).
 
-`tiny`: a quarter-width ResNet-18 (BasicBlocks 2-2-2-2, stem width 16, 512-d features) with a small neck
+`tiny`: a quarter-width ResNet-18 (BasicBlocks 2-2-2-2, stem width 16, 128-d features) with a small neck
 (hidden 256, projection 64, Q 8) on the ORL demo's 25 training people (250 images, labels unused) at
 64 px, batch 32, 40 epochs = 280 steps, LARS lr 0.3; the target is evaluated on the 5 validation
 people (`validation.bin`, 450 pairs, 10 folds) before the first step and at the end.
