@@ -26,7 +26,8 @@ unless named otherwise:
   BatchNorm scales (`mlp_1`), the decoder's LayerNorms and the query embeddings are decayed and adapted
   (official quirk). Differences of the update rule: the official LARS puts the lr inside the momentum
   buffer and divides by ||g|| + wd ||p||; `optim` traces before the lr and divides by ||g + wd p||.
-- monitoring: the official code prints LFW-pairs accuracy of the global projection every few epochs;
+- monitoring: the official code prints LFW-pairs accuracy of the global projection every few epochs
+  (`fra.eval_features = 'projection'` makes the evaluators embed z_g; default 'pooled', the exported feature);
   here `config.evals` (verification on .bin sets, pooled backbone features of the target) is empty in
   the recipe (it runs on any data): add e.g. --config.evals="{'lfw': {'type': 'verification', 'every_steps':
   5000, 'bins': ('lfw.bin',)}}". Heatmap entropy (nats, log Q = uniform) and cluster usage (exp H(mean

@@ -41,7 +41,7 @@ def test_recipes_build_and_bad_values_name_the_key():
     fra_objective.Objective.validate(full)
     for key, value, words in (("fra.num_proto", 1, "fra.num_proto"), ("fra.teacher_temp", 0.0, "fra.teacher_temp"),
                               ("fra.student_temp", -1.0, "fra.student_temp"), ("model.kind", "fvit", "model.kind"),
-                              ("fra.view_size", 100, "fra.view_size")):
+                              ("fra.view_size", 100, "fra.view_size"), ("fra.eval_features", "z", "fra.eval_features")):
         c = _small()
         c.unlock()
         section, name = key.split(".")
@@ -106,3 +106,17 @@ def test_a_batch_the_devices_do_not_divide_fails_naming_the_key(tmp_path, data_p
     config.batch_size = 12
     with pytest.raises(ValueError, match=r"config\.batch_size=12 does not divide by the 8 devices"):
         pretrain.run(config, str(tmp_path / "w"))
+
+
+@pytest.mark.parametrize("features,dim", [("pooled", 64), ("projection", 16)])
+def test_evaluators_embed_the_target_pooled_or_projected(features, dim):
+    c = _small()
+    c.unlock()
+    c.fra.eval_features = features
+    obj = fra_objective.Objective(c)
+    variables = jax.eval_shape(lambda k: fra_objective.init_variables(c, k), jax.random.key(0))  # shapes only
+    state = {"teacher": variables["params"]["online"], "teacher_stats": variables["batch_stats"]}
+    images = jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32)
+    emb, _ = jax.eval_shape(lambda v, x: obj.eval_model().apply(v, x, train=False), obj.eval_variables(state), images)
+    assert (emb.shape, emb.dtype) == ((2, dim), np.float32)
+    assert set(obj.export_variables(state)["params"]) == set(variables["params"]["online"]["backbone"])

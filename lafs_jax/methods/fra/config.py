@@ -14,6 +14,7 @@ import ml_collections
 from lafs_jax.config import ConfigError, check
 
 MODEL_KIND = "resnet"
+EVAL_FEATURES = ("pooled", "projection")
 
 
 def config() -> ml_collections.ConfigDict:
@@ -41,6 +42,9 @@ def config() -> ml_collections.ConfigDict:
     # p 0.8, grey 0.2, blur p (1.0, 0.1), solarise p (0.0, 0.2))
     c.view_size = 224
     c.crop_scale = (0.2, 1.0)
+    # what config.evals embed with: 'pooled' (the target backbone's average-pooled feature, what is exported
+    # and what FRA's FER fine-tuning starts from) | 'projection' (z_g = proj(pooled), the official LFW monitor)
+    c.eval_features = "pooled"
     return c
 
 
@@ -66,6 +70,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("decorrelation_weight", "cluster_weight"):
         check(f[key] >= 0, f"fra.{key}", f[key], ">= 0")
     check(isinstance(f.me_max, bool), "fra.me_max", f.me_max, "True or False")
+    check(f.eval_features in EVAL_FEATURES, "fra.eval_features", f.eval_features, f"one of {list(EVAL_FEATURES)}")
     lo, hi = f.crop_scale
     check(0 < lo <= hi <= 1, "fra.crop_scale", f.crop_scale, "0 < low <= high <= 1")
     check(f.view_size == config.model.image_size, "fra.view_size", f.view_size,

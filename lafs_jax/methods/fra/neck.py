@@ -237,3 +237,16 @@ class Encoder(nn.Module):
     def __call__(self, images: jax.Array, train: bool) -> dict:
         pooled, aux = self.backbone(images, train=train)
         return {"pooled": pooled, **self.neck(aux["feature_map"], train)}
+
+
+class ProjectedBackbone(nn.Module):
+    """The backbone followed by the global projection `proj` (eval mode: running statistics): what the
+    official pretraining monitors (LFW pairs on z_g). Returns (z_g [B, d] float32, {'pooled': [B, C]})."""
+
+    backbone: ResNet
+    proj: MLP1D
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
+        pooled, _ = self.backbone(images, train=train)
+        return self.proj(pooled[:, None], train)[:, 0].astype(jnp.float32), {"pooled": pooled}

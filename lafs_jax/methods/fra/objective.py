@@ -39,7 +39,7 @@ from lafs_jax.input import transforms as T
 from lafs_jax.losses import byol as byol_lib
 from lafs_jax.losses import clustering
 from lafs_jax.methods.fra import config as fra_config
-from lafs_jax.methods.fra.neck import MLP1D, Encoder, Neck
+from lafs_jax.methods.fra.neck import MLP1D, Encoder, Neck, ProjectedBackbone
 from lafs_jax.models import presets
 
 HEADS = ("predictor", "predictor_obj")
@@ -213,14 +213,21 @@ class Objective:
     # -- evaluation and export --------------------------------------------------------------------
 
     def eval_model(self) -> Any:
-        """The target's ResNet (pooled features)."""
-        return presets.build_model(self.config.model)
+        """The target's ResNet (pooled features), or with fra.eval_features='projection' the ResNet + proj."""
+        backbone = presets.build_model(self.config.model)
+        if self.config.fra.eval_features == "pooled":
+            return backbone
+        return ProjectedBackbone(backbone=backbone, proj=MLP1D(self.config.fra.hidden_dim, self.config.fra.out_dim))
 
     def eval_variables(self, state: dict) -> dict:
-        return {"params": state["teacher"]["backbone"], "batch_stats": state["teacher_stats"]["online"]["backbone"]}
+        t, s = state["teacher"], state["teacher_stats"]["online"]
+        if self.config.fra.eval_features == "pooled":
+            return {"params": t["backbone"], "batch_stats": s["backbone"]}
+        return {c: {"backbone": v["backbone"], "proj": v["neck"]["proj"]} for c, v in (("params", t), ("batch_stats", s))}
 
     def export_variables(self, state: dict) -> dict:
-        return self.eval_variables(state)
+        """The target backbone's variables directory {'params', 'batch_stats'} (pooled features)."""
+        return {"params": state["teacher"]["backbone"], "batch_stats": state["teacher_stats"]["online"]["backbone"]}
 
     def export_metadata(self) -> dict:
         return {"kind": "resnet", "patch_order": None}
