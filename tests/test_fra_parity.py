@@ -16,6 +16,7 @@ import fra_torch_mirror as M  # noqa: E402
 from lafs_jax.convert import fra as conv  # noqa: E402
 from lafs_jax.losses import clustering  # noqa: E402
 from lafs_jax.methods import fra  # noqa: E402
+from lafs_jax.methods.fra import objective as fra_objective  # noqa: E402
 from lafs_jax.models import presets  # noqa: E402
 
 
@@ -135,15 +136,22 @@ def test_loss_terms_and_gradients_match_the_mirror():
     def terms_and_grads(student):  # loss_terms and the gradient of its loss (the target's is stopped)
         terms = lambda q: fra.loss_terms({"params": {**p, **q}, "batch_stats": s}, v1, v2, cfg)  # noqa: E731
         (_, out), grads = jax.value_and_grad(lambda q: (lambda t: (t["loss"], t))(terms(q)), has_aux=True)(student)
-        return out, grads
+        target = fra_objective.target_outputs(cfg, p["target"], s["target"], (v1, v2), jax.random.key(0))
+        return out, grads, target["batch_stats"]
 
-    terms, grads = jax.jit(terms_and_grads)({k: p[k] for k in ("online", "predictor", "predictor_obj")})
+    terms, grads, target_stats = jax.jit(terms_and_grads)({k: p[k] for k in ("online", "predictor", "predictor_obj")})
     for key, value in ref.items():  # ME-MAX = sum pbar log pbar + log Q: its scale is log Q (cancellation)
         _close(terms[key], float(value.detach()), 1e-4, key, scale=np.log(4) if key.startswith("memax") else None)
     with torch.no_grad():
         pooled = torch.stack([net.online_net.backbone(x).mean((2, 3)) for x in (x1, x2)]).numpy()
     _close(terms["pooled"], pooled, 1e-4, "pooled features")
 
+    # the target's own forwards (v1 then v2) moved its proto and BatchNorm statistics as torch's
+    _close(target_stats["neck"]["proto"], net.target_net.neck.proto.numpy(), 1e-4, "target proto")
+    _close(target_stats["backbone"]["layer2_0"]["bn2"]["var"], net.target_net.backbone.layer2[0].bn2.running_var.numpy(),
+           1e-4, "target running var")
+    _close(target_stats["neck"]["proj_pixel"]["mlp_1"]["mean"],
+           net.target_net.neck.proj_pixel.mlp[1].running_mean.numpy(), 1e-4, "target neck running mean")
     torch_params = dict(net.named_parameters())
     for name, path in GRAD_PARAMS.items():
         g = grads
