@@ -18,6 +18,7 @@ from lafs_jax.losses import clustering  # noqa: E402
 from lafs_jax.methods import fra  # noqa: E402
 from lafs_jax.methods.fra import objective as fra_objective  # noqa: E402
 from lafs_jax.models import presets  # noqa: E402
+from lafs_jax.models.resnet import BatchNorm  # noqa: E402
 
 
 def _nhwc(x):
@@ -65,21 +66,24 @@ def test_resnet_matches_torchvision_layout_in_train_and_eval_mode():
 
 
 def test_batchnorm_statistics_are_global_on_1_and_8_devices():
-    cfg = presets.model_config("resnet_tiny")
-    model = presets.build_model(cfg)
-    variables = presets.init_variables(cfg, jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3)) * jnp.arange(1, 9)[:, None, None, None]
+    """The ResNet's BatchNorm under jit with the batch sharded over 'data': the same outputs and running
+    statistics on 1 device and on 8 (SyncBatchNorm semantics, from GSPMD)."""
+    bn = BatchNorm()
+    x = jax.random.normal(jax.random.key(1), (8, 4, 4, 3)) * jnp.arange(1, 9)[:, None, None, None] + 2.0
+    variables = bn.init(jax.random.key(0), x, train=False)
 
     def run(devices):
         mesh = Mesh(np.asarray(devices), ("data",))
         xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-        f = jax.jit(lambda v, im: model.apply(v, im, train=True, mutable=["batch_stats"]))
-        (emb, _), mut = f(variables, xs)
-        return np.asarray(emb), np.asarray(mut["batch_stats"]["layer1_0"]["bn1"]["var"])
+        y, mut = jax.jit(lambda v, im: bn.apply(v, im, train=True, mutable=["batch_stats"]))(variables, xs)
+        return np.asarray(y), np.asarray(mut["batch_stats"]["mean"]), np.asarray(mut["batch_stats"]["var"])
 
     one, eight = run(jax.devices()[:1]), run(jax.devices()[:8])
-    np.testing.assert_allclose(one[0], eight[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(one[1], eight[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(one, eight):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    flat = np.asarray(x).reshape(-1, 3)  # torch's update: momentum 0.1, unbiased variance
+    np.testing.assert_allclose(one[1], 0.1 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(one[2], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
 
 
 def test_cluster_loss_matches_the_official_sinkhorn_ce_and_me_max():
