@@ -1,7 +1,6 @@
-"""FRA as a pretraining method: the recipe and its bad values, LARS's exclusions by name, and a small
-`pretrain.run` on 8 devices that resumes exactly, with the target keeping its own BatchNorm statistics."""
+"""FRA as a pretraining method: the recipe and its bad values, LARS's exclusions by name, the evaluation
+model, and a small `pretrain.run` on 8 devices in which the target keeps its own BatchNorm statistics."""
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -28,7 +27,7 @@ def _small(data_prefix=""):
     c.data.ssl_color.global_blur_probs = (0.0, 0.0)  # no blur in the program: ~2 s less to compile
     c.evals = {}
     c.batch_size, c.total_steps, c.optim.warmup_epochs = 16, 4, 0.5
-    c.checkpoint.every_steps, c.checkpoint.keep, c.checkpoint.async_save = 2, 3, False
+    c.checkpoint.every_steps, c.checkpoint.keep, c.checkpoint.async_save = 4, 1, False
     c.log_every_steps = 2
     c.lock()
     return c
@@ -78,27 +77,24 @@ def _state(workdir, step):
         return ckpt.restore(step)
 
 
-def test_run_resumes_exactly_and_the_target_keeps_its_own_statistics(tmp_path, data_prefix):
+def test_run_trains_logs_exports_and_the_target_keeps_its_own_statistics(tmp_path, data_prefix):
+    """pretrain.run of the small recipe on 8 devices (resuming after SIGTERM is the shared loop's, tested
+    for the other methods; for FRA's tiny recipe it was checked by hand: README, "FRA")."""
     config = _small(data_prefix)
-    work_a, work_b = str(tmp_path / "a"), str(tmp_path / "b")
-    pretrain.run(config, work_a)
-    rows = loop_utils.read_metrics(work_a)
-    assert all(np.isfinite(r["loss"]) for r in rows) and {"heatmap_entropy", "cluster_usage"} <= set(rows[-1])
-    shutil.copytree(os.path.join(work_a, "checkpoints", "2"), os.path.join(work_b, "checkpoints", "2"))
-    pretrain.run(config, work_b)
-    losses_a = {r["step"]: r["loss"] for r in loop_utils.read_metrics(work_a)}
-    losses_b = {r["step"]: r["loss"] for r in loop_utils.read_metrics(work_b)}
-    assert sorted(losses_b) == [3, 4] and {s: losses_a[s] for s in (3, 4)} == losses_b
-    a, b = _state(work_a, 4), _state(work_b, 4)
-    for name in ("student", "teacher", "student_stats", "teacher_stats", "opt_state"):
-        for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    work = str(tmp_path / "a")
+    pretrain.run(config, work)
+    rows = loop_utils.read_metrics(work)
+    assert sorted(r["step"] for r in rows) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    assert {"heatmap_entropy", "cluster_usage", "cluster_ce_1", "memax_2", "decorrelation_12"} <= set(rows[-1])
+    a = _state(work, 4)
     # the target's statistics move through its own forwards (4 steps x 2 views, momentum 0.1), like the
     # online network's, not as a 0.996-momentum EMA of them (which would stay near the initial zeros)
     t, s = a["teacher_stats"]["online"]["backbone"]["bn1"]["mean"], a["student_stats"]["online"]["backbone"]["bn1"]["mean"]
     assert np.max(np.abs(s)) > 0.05
     np.testing.assert_allclose(np.asarray(t), np.asarray(s), rtol=0.2, atol=0.02)
-    assert os.path.isfile(os.path.join(work_a, pretrain.TEACHER_BACKBONE_DIR, "metadata.json"))
+    assert not np.array_equal(np.asarray(a["teacher_stats"]["online"]["neck"]["proto"]),
+                              np.asarray(a["student_stats"]["online"]["neck"]["proto"]))
+    assert os.path.isfile(os.path.join(work, pretrain.TEACHER_BACKBONE_DIR, "metadata.json"))
 
 
 def test_a_batch_the_devices_do_not_divide_fails_naming_the_key(tmp_path, data_prefix):
