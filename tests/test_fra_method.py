@@ -11,6 +11,7 @@ from lafs_jax import methods
 from lafs_jax.config import ConfigError
 from lafs_jax.input.synthetic import write_synthetic_rec
 from lafs_jax.methods.fra import objective as fra_objective
+from lafs_jax.models import presets
 from lafs_jax.train import checkpoint as ckpt_lib
 from lafs_jax.train import loop_utils, pretrain
 from lafs_jax.train.param_rules import match_mults
@@ -31,6 +32,13 @@ def _small(data_prefix=""):
     c.log_every_steps = 2
     c.lock()
     return c
+
+
+def test_resnet_presets_have_torchvision_parameter_counts():
+    """torchvision's resnet18 / resnet50 parameter counts without the 1000-class fc (11,689,512 - 513,000;
+    25,557,032 - 2,049,000)."""
+    for preset, count in (("resnet18", 11_176_512), ("resnet50", 23_508_032)):
+        assert presets.count_params(presets.abstract_variables(presets.model_config(preset))["params"]) == count
 
 
 def test_recipes_build_and_bad_values_name_the_key():

@@ -2,8 +2,8 @@
 
 Recipes embed `model_config(preset)` as `config.model` and may override any field; the builders read
 only these fields. `validate_model_config` raises lafs_jax.config.ConfigError naming `config.model.<key>`.
-`config.model.kind` names a backbone family of `registry`; this module registers the four below
-(part_fvit, fvit, part_fvit_grid, insightface_vit) and `build_model` builds whichever kind is registered.
+`config.model.kind` names a backbone family of `registry`; this module registers the five below
+(part_fvit, fvit, part_fvit_grid, insightface_vit, resnet) and `build_model` builds whichever kind is registered.
 Every backbone returns `(embedding, aux dict)` (see `registry`).
 
 A model config holds the shared fields plus the sections of its owners only: a family's sections come
@@ -27,6 +27,9 @@ Presets:
   `backbones/__init__.py get_model`): vit_t, vit_t_dp005_mask0, vit_s, vit_s_dp005_mask_0, vit_b,
   vit_b_dp005_mask_005 (the README's LVFace-B), vit_l_dp005_mask_005: the size's preset with that
   name's drop_path_rate / insightface.mask_ratio.
+  resnet18 / resnet34 / resnet50 / resnet101 / resnet_tiny
+                torchvision ResNets (`models/resnet.py`, section `resnet`; 224 px, dim = the pooled feature
+                size 512 / 512 / 2048 / 2048); resnet_tiny: one BasicBlock per stage, stem 8, 64 px, dim 64.
 """
 from __future__ import annotations
 
