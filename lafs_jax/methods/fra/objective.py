@@ -45,6 +45,11 @@ from lafs_jax.models import presets
 HEADS = ("predictor", "predictor_obj")
 
 
+def _two(probs) -> np.ndarray:
+    """Per-view probabilities of views 1 and 2 from a tuple of one or more (the last one repeats)."""
+    return np.asarray([float(probs[min(i, len(probs) - 1)]) for i in range(2)], np.float32)
+
+
 def build_networks(config: ml_collections.ConfigDict) -> tuple[Encoder, MLP1D, MLP1D]:
     """(encoder, predictor, predictor_obj) of a recipe (config.model: a 'resnet'; config.fra: the neck)."""
     f = config.fra
@@ -169,8 +174,7 @@ class Objective:
         _, views = device_augment.ssl_views(
             batch["image"], keys, count=2, size=f.view_size, scale=tuple(f.crop_scale),
             color=device_augment.SSLColor.from_config(dc),
-            blur_probs=np.asarray(c.global_blur_probs[:2], np.float32),
-            solarize_probs=np.asarray(c.global_solarize_probs[:2], np.float32))
+            blur_probs=_two(c.global_blur_probs), solarize_probs=_two(c.global_solarize_probs))
         views = T.normalize(views, dc.normalization)
         return {"view1": views[:, 0], "view2": views[:, 1], "label": batch["label"], "index": batch["index"]}
 
