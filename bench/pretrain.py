@@ -93,7 +93,8 @@ def _parse_args(argv):
 
 
 def recipe(method: str, preset: str):
-    return common.load_recipe(f"configs/{method}_pretrain.py" + (":tiny" if preset == "tiny" else ""))
+    path = "configs/fra.py" if method == "fra" else f"configs/{method}_pretrain.py"  # fra: --augment-on device
+    return common.load_recipe(path + (":tiny" if preset == "tiny" else ""))
 
 
 def random_batch(config, batch: int, rng):
@@ -117,6 +118,8 @@ def random_batch(config, batch: int, rng):
 
 
 def views_per_image(config) -> int:
+    if config.method == "fra":
+        return 2
     if config.method == "dino":
         return config.data.dino.global_crops + config.data.dino.local_crops
     return config.data.lafs.global_views + config.data.lafs.local_views

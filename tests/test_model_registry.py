@@ -20,8 +20,10 @@ FAMILIES = {
     "fvit": ("tiny", 96, {}),
     "part_fvit_grid": ("tiny", 96, {"centers": (196, 2)}),
     "insightface_vit": ("insightface_t", 512, {}),
+    "resnet": ("resnet_tiny", 64, {"feature_map": (2, 2, 64)}),  # 64 px images, stem width 8
 }
-PATCH_ORDERS = {"part_fvit": "landmarks", "fvit": "grid", "part_fvit_grid": "grid", "insightface_vit": None}
+PATCH_ORDERS = {"part_fvit": "landmarks", "fvit": "grid", "part_fvit_grid": "grid", "insightface_vit": None,
+                "resnet": None}
 
 
 def family_config(name):
@@ -62,12 +64,12 @@ def test_every_family_returns_embedding_and_aux(name, train):
 
 
 def test_unknown_kind_names_the_key_and_the_families():
-    with pytest.raises(ConfigError, match=r"config\.model\.kind='resnet'.*part_fvit.*insightface_vit"):
-        registry.get("resnet")
+    with pytest.raises(ConfigError, match=r"config\.model\.kind='convnext'.*part_fvit.*insightface_vit"):
+        registry.get("convnext")
     cfg = presets.model_config("tiny")
-    cfg.kind = "resnet"
+    cfg.kind = "convnext"
     for call in (presets.build_model, presets.validate_model_config, presets.patch_order):
-        with pytest.raises(ConfigError, match=r"config\.model\.kind='resnet'.*part_fvit"):
+        with pytest.raises(ConfigError, match=r"config\.model\.kind='convnext'.*part_fvit"):
             call(cfg)
 
 
@@ -131,8 +133,9 @@ def test_a_new_family_is_one_registration(scratch_registry):
 
 
 # ---------------------------------------------------------------------------------------------- config sections
-SECTIONS = {"part_fvit": {"landmark"}, "fvit": set(), "part_fvit_grid": set(), "insightface_vit": {"insightface"}}
-ALL_SECTIONS = {"landmark", "insightface", "dino_head"}
+SECTIONS = {"part_fvit": {"landmark"}, "fvit": set(), "part_fvit_grid": set(), "insightface_vit": {"insightface"},
+            "resnet": {"resnet"}}
+ALL_SECTIONS = {"landmark", "insightface", "dino_head", "resnet"}
 
 
 def test_each_family_owns_its_config_sections():
@@ -204,7 +207,7 @@ def test_model_config_from_an_old_style_dict_with_every_section():
         values["dino_head"] = presets.dino_head_config(preset).to_dict()
         values["dino_head"]["out_dim"] = 77
         cfg = presets.model_config_from_dict(json.loads(json.dumps(values)))
-        assert set(ALL_SECTIONS) <= set(cfg) and cfg.kind == kind and cfg.dino_head.out_dim == 77
+        assert {"landmark", "insightface", "dino_head"} <= set(cfg) and cfg.kind == kind and cfg.dino_head.out_dim == 77
         assert cfg.to_dict() == presets.model_config_from_dict(cfg.to_dict()).to_dict()
     values = presets.model_config("tiny").to_dict()
     del values["landmark"]

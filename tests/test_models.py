@@ -394,7 +394,7 @@ def test_every_preset_builds(tiny):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("kind", "resnet", "config.model.kind='resnet'"),
+    ("kind", "convnext", "config.model.kind='convnext'"),
     ("heads", 0, "config.model.heads=0"),
     ("dropout", 1.5, "config.model.dropout=1.5"),
     ("attention_scale", "sqrt", "config.model.attention_scale"),

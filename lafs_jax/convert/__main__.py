@@ -4,6 +4,13 @@
     python -m lafs_jax.convert --kind lafs_ssl --src checkpoint0040.pth --out runs/lafs_teacher [--which student]
     python -m lafs_jax.convert --kind fvit --src fvit.pth --out runs/fvit --drop-head
     python -m lafs_jax.convert --kind lvface --src LVFace-B_Glint360K.pt --out runs/lvface_b
+    python -m lafs_jax.convert --kind fra --src flr_r50_vgg_face.pth --out runs/fra_r50 [--which target]
+
+FRA (`--kind fra`, `convert.fra`): an official training checkpoint (FRAB: online and target networks,
+predictors, proto) or a plain torchvision ResNet state dict. DIR exposes the `--which` backbone
+(online by default, what FRA's FER script loads; target) with FRA's input (VGGFace2 mean/std, RGB);
+a training checkpoint's whole model is also written to DIR/fra_model (`lafs_jax.methods.fra.loss_terms`
+reads it). --preset (e.g. resnet50) checks the shapes against a preset.
 
 LVFace (`--kind lvface`): the released `.pt` is a plain state dict of the InsightFace ViT; the size is
 read from it (pos_embed's width, the number of blocks) unless --preset names one (an LVFace config
@@ -28,6 +35,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from lafs_jax.convert import fra as fra_convert
 from lafs_jax.convert import mapping
 from lafs_jax.input.images import COLOR_ORDERS
 from lafs_jax.input.transforms import NORMALIZATIONS
@@ -70,14 +78,16 @@ def load_torch_checkpoint(path: str, unsafe: bool = False) -> Any:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lafs_jax.convert", description=__doc__.split("\n")[0])
-    p.add_argument("--kind", required=True, choices=mapping.KINDS, help="checkpoint family")
+    p.add_argument("--kind", required=True, choices=(*mapping.KINDS, "fra"), help="checkpoint family")
     p.add_argument("--src", required=True, help="official .pth file")
     p.add_argument("--out", required=True, help="variables directory to write")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="model preset of lafs_jax.models.presets giving the target shapes (default: base; for "
                         "--kind lvface the size read from the state dict)")
     p.add_argument("--drop-head", action="store_true", help="drop the classifier (loss.weight) / DINO head")
-    p.add_argument("--which", default="teacher", choices=mapping.WHICH, help="lafs_ssl: network to take")
+    p.add_argument("--which", default=None, choices=(*mapping.WHICH, *fra_convert.WHICH),
+                   help="lafs_ssl: network to take (teacher | student, default teacher); fra: the backbone the "
+                        "directory exposes (online | target, default online)")
     p.add_argument("--method", default=None, choices=mapping.METHODS,
                    help="how the source was trained (default: supervised; lafs for --kind lafs_ssl)")
     p.add_argument("--normalization", default=None, choices=NORMALIZATIONS,
@@ -89,8 +99,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+FRA_MODEL_DIR = "fra_model"  # DIR/fra_model: the whole FRA model of a training checkpoint
+
+
+def convert_fra(args: argparse.Namespace) -> tuple[dict, dict, str]:
+    """--kind fra: read --src, convert, write --out (and --out/fra_model); (variables, metadata, summary)."""
+    which = args.which or "online"
+    if which not in fra_convert.WHICH:
+        raise SystemExit(f"--which {which!r} does not go with --kind fra; choose one of {fra_convert.WHICH}")
+    checkpoint = load_torch_checkpoint(args.src, args.unsafe_load)
+    try:
+        backbone, model, cfg = fra_convert.convert(checkpoint, which, args.preset)
+    except fra_convert.ConversionError as e:
+        raise SystemExit(f"--src {args.src}: {e}") from None
+    source = os.path.abspath(args.src)
+    meta = fra_convert.metadata(cfg, source, which if model is not None else None)
+    save_variables(args.out, backbone, meta)
+    if model is not None:
+        save_variables(os.path.join(args.out, FRA_MODEL_DIR), model,
+                       {**fra_convert.metadata(cfg, source, which), "whole_model": True})
+    what = "FRA training checkpoint (online, target, predictors, proto)" if model is not None else "ResNet"
+    return backbone, meta, f"converted a {what}; the directory exposes the {which if model else 'ResNet'} backbone"
+
+
 def convert_file(args: argparse.Namespace) -> tuple[dict, dict, mapping.ConversionReport]:
     """Read --src, convert, write --out; returns (variables, metadata, report)."""
+    args.which = args.which or "teacher"
+    if args.which not in mapping.WHICH:
+        raise SystemExit(f"--which {args.which!r} does not go with --kind {args.kind}; choose one of {mapping.WHICH}")
     try:
         mapping.official_input(args.kind, args.method)  # a bad --method fails before the (slow) load
     except mapping.ConversionError as e:
@@ -113,6 +149,10 @@ def convert_file(args: argparse.Namespace) -> tuple[dict, dict, mapping.Conversi
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.kind == "fra":
+        print(convert_fra(args)[2])
+        print(f"wrote {os.path.abspath(args.out)}")
+        return 0
     _, _, report = convert_file(args)
     print(report.summary())
     print(f"wrote {os.path.abspath(args.out)}")

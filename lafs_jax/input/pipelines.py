@@ -518,6 +518,18 @@ def lafs_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int | No
                            seed=seed, num_epochs=num_epochs, process_index=process_index, process_count=process_count)
 
 
+def decoded_batches(source, dc, *, batch_size: int, seed: int, num_epochs: int | None = None,
+                    process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
+    """Decoded training batches {'image': uint8 [B,H,W,3], 'index', 'label'} for a method whose views are
+    made only on the device (augment_on='device'; FRA)."""
+    validate_data_config(dc)
+    if dc.augment_on != "device":
+        raise ConfigError(f"config.data.augment_on={dc.augment_on!r}: these views are made on the device only; "
+                          f"set it to 'device'")
+    return _train_iterator(source, dc, None, DecodedCollate(), batch_size=batch_size, seed=seed,
+                           num_epochs=num_epochs, process_index=process_index, process_count=process_count)
+
+
 class EvalItems:
     """Source items in evaluation order for one process, padded; every item is a dict (never None).
 

@@ -232,15 +232,19 @@ class RandAugment:
 
 # ---- normalisation ----
 
-NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]", "imagenet")
+NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]", "imagenet", "vggface2")
 # torchvision Normalize of DINO (and of the official DataAugmentationDINO), on x/255, per channel
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# FRA's VGGFace2 statistics (official README / data/transforms.py), on x/255, per channel
+VGGFACE2_MEAN = (0.5231, 0.4044, 0.3489)
+VGGFACE2_STD = (0.2536, 0.2194, 0.2070)
+MEAN_STD = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "vggface2": (VGGFACE2_MEAN, VGGFACE2_STD)}
 
 
 def normalize(images, normalization: str):
     """float32 images from uint8 [..., 3]: '[-1,1]' is x/255*2-1, '[-0.5,0.5]' is x/255-0.5,
-    'imagenet' is (x/255 - mean) / std per channel (IMAGENET_MEAN / IMAGENET_STD).
+    'imagenet' / 'vggface2' are (x/255 - mean) / std per channel (MEAN_STD).
 
     NumPy in -> NumPy out (on the host, in place on one float32 copy); a jax array in -> jax array
     out, the same float32 operations in the same order (on the device: `lafs_jax.eval.embed` and the
@@ -253,8 +257,8 @@ def normalize(images, normalization: str):
             return x * jnp.float32(2.0 / 255.0) - jnp.float32(1.0)
         if normalization == "[-0.5,0.5]":
             return x * jnp.float32(1.0 / 255.0) - jnp.float32(0.5)
-        return (x * jnp.float32(1.0 / 255.0) - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(
-            IMAGENET_STD, jnp.float32)
+        mean, std = MEAN_STD[normalization]
+        return (x * jnp.float32(1.0 / 255.0) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     x = images.astype(np.float32)
     if normalization == "[-1,1]":
         x *= np.float32(2.0 / 255.0)
@@ -263,7 +267,8 @@ def normalize(images, normalization: str):
         x *= np.float32(1.0 / 255.0)
         x -= np.float32(0.5)
     else:
+        mean, std = MEAN_STD[normalization]
         x *= np.float32(1.0 / 255.0)
-        x -= np.asarray(IMAGENET_MEAN, np.float32)
-        x /= np.asarray(IMAGENET_STD, np.float32)
+        x -= np.asarray(mean, np.float32)
+        x /= np.asarray(std, np.float32)
     return x

@@ -2,8 +2,8 @@
 
 Recipes embed `model_config(preset)` as `config.model` and may override any field; the builders read
 only these fields. `validate_model_config` raises lafs_jax.config.ConfigError naming `config.model.<key>`.
-`config.model.kind` names a backbone family of `registry`; this module registers the four below
-(part_fvit, fvit, part_fvit_grid, insightface_vit) and `build_model` builds whichever kind is registered.
+`config.model.kind` names a backbone family of `registry`; this module registers the five below
+(part_fvit, fvit, part_fvit_grid, insightface_vit, resnet) and `build_model` builds whichever kind is registered.
 Every backbone returns `(embedding, aux dict)` (see `registry`).
 
 A model config holds the shared fields plus the sections of its owners only: a family's sections come
@@ -27,6 +27,9 @@ Presets:
   `backbones/__init__.py get_model`): vit_t, vit_t_dp005_mask0, vit_s, vit_s_dp005_mask_0, vit_b,
   vit_b_dp005_mask_005 (the README's LVFace-B), vit_l_dp005_mask_005: the size's preset with that
   name's drop_path_rate / insightface.mask_ratio.
+  resnet18 / resnet34 / resnet50 / resnet101 / resnet_tiny
+                torchvision ResNets (`models/resnet.py`, section `resnet`; 224 px, dim = the pooled feature
+                size 512 / 512 / 2048 / 2048); resnet_tiny: one BasicBlock per stage, stem 8, 64 px, dim 64.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ import numpy as np
 
 from lafs_jax.config import ConfigError, check
 from lafs_jax.models import registry
+from lafs_jax.models import resnet as resnet_lib
 from lafs_jax.models.heads import DINOHead
 from lafs_jax.models.landmarks import HEAD_INITS, MOBILENET_V3_LARGE, LandmarkCNN, check_blocks
 from lafs_jax.models.part_fvit import PartFViT, StandardGridFViT
@@ -63,7 +67,7 @@ LVFACE_NAMES = {
     "vit_b_dp005_mask_005": ("insightface_b", 0.05, 0.05),
     "vit_l_dp005_mask_005": ("insightface_l", 0.05, 0.05),
 }
-PRESETS = ("tiny", "small", "base", *INSIGHTFACE_SIZES, *LVFACE_NAMES)
+PRESETS = ("tiny", "small", "base", *INSIGHTFACE_SIZES, *LVFACE_NAMES, *resnet_lib.PRESETS)
 
 # A 4-block trunk for 112x112 inputs: 56 -> 28 -> 14 -> 7 -> 4, like the large trunk's resolution path.
 TINY_LANDMARK_BLOCKS = (
@@ -162,6 +166,8 @@ OBJECTIVE_SECTIONS: Mapping[str, Callable[[str], ml_collections.ConfigDict]] = {
 
 
 def _preset_kind(preset: str) -> str:
+    if preset in resnet_lib.PRESETS:
+        return "resnet"
     size = LVFACE_NAMES[preset][0] if preset in LVFACE_NAMES else preset
     return "insightface_vit" if size in INSIGHTFACE_SIZES else "part_fvit"
 
@@ -218,6 +224,8 @@ def model_config(preset: str = "base") -> ml_collections.ConfigDict:
         c.drop_path_schedule = "linear"
         c.dropout = 0.0
         c.emb_dropout = 0.0
+    elif preset in resnet_lib.PRESETS:
+        resnet_lib.apply_preset(c, preset)
     return add_family_sections(c)
 
 
@@ -449,6 +457,8 @@ registry.register("part_fvit_grid", registry.Family(build=_build_part_fvit_grid,
                                                     aux_keys=("centers",), validate=_check_grid_patches))
 registry.register("insightface_vit", registry.Family(build=_build_insightface_vit, validate=_check_insightface,
                                                      sections={"insightface": insightface_config}))
+registry.register("resnet", registry.Family(build=resnet_lib.build, validate=resnet_lib.validate,
+                                            aux_keys=("feature_map",), sections={"resnet": resnet_lib.section}))
 
 
 def dummy_images(cfg, batch: int = 1) -> jax.Array:

@@ -16,7 +16,7 @@ owns what every method shares. One step, jitted once with explicit shardings (`j
     m       = cosine momentum objective.momentum[0] -> [1] over total_steps, at state['step']
     teacher = m teacher + (1 - m) objective.teacher_params(student)
     [student_stats = aux.pop('batch_stats');  teacher_stats = m teacher_stats + (1 - m) student_stats]
-    state  |= objective.update_state(state, t_out)                               (the method's extra state)
+    state  |= objective.update_state(state, t_out)     (the method's extra state [+ 'teacher_stats'])
     metrics = {'loss', **aux, 'momentum', 'param_norm', 'learning_rate', 'weight_decay'}
 
 State, one pytree (checkpointed with the Grain iterator): {'student': trained params, 'teacher': their EMA,
@@ -26,14 +26,14 @@ The student's parameters are sharded by `config.sharding_rules`, their optimizer
 like them, everything else replicated (`state_shardings`).
 
 A new method fits without changing this module when it is a student trained against an EMA of itself.
-FRA (region-aware BYOL on a ResNet-50 with BatchNorm) is one: `init_student` returns {'params':
-{'backbone', 'projector', 'predictor'}, 'batch_stats': {...}}; `teacher_params` keeps {'backbone',
-'projector'} (the target has no predictor); `augment` / `views` make its two views; `teacher_outputs`
-runs the target on both views with state['teacher_stats'] (batch statistics, nothing kept);
-`loss` runs the online network with state['student_stats'], returns the symmetric loss of the
-predictions against the swapped targets and the online network's new statistics as aux['batch_stats']
-(this step EMAs them into 'teacher_stats'); `momentum` = (0.99, 1.0); its cluster centres or
-queues are extra state moved by `update_state`; `config.optim.name = 'lars'` picks BYOL's optimizer.
+FRA (region-aware BYOL on a ResNet-50 with BatchNorm, lafs_jax.methods.fra) is one: `init_student`
+returns {'params': {'online', 'predictor', 'predictor_obj'}, 'batch_stats': the same tree}; `teacher_params`
+keeps params['online'] (the target has no predictors); `augment` / `views` make its two views;
+`teacher_outputs` runs the target on both views in train mode from state['teacher_stats'] and returns
+its new statistics; `loss` returns the online network's new statistics as aux['batch_stats'];
+`update_state` may return 'teacher_stats' too, replacing this step's EMA of the student's statistics
+(FRA's target keeps its own statistics and region buffer, moved by its own forwards);
+`config.optim.name = 'lars'` picks BYOL's optimizer.
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ class Objective(Protocol):
         """(scalar loss, metrics [+ 'batch_stats': the student's new statistics])."""
 
     def update_state(self, state: dict, teacher_out: Any) -> dict:
-        """New values of (some of) the extra state entries."""
+        """New values of (some of) the extra state entries, and optionally 'teacher_stats' (applied after
+        the EMA of the student's statistics, so it replaces it)."""
 
     def eval_model(self) -> Any:
         """The backbone module the evaluators embed with (`model.apply(v, images, train=False)`)."""
