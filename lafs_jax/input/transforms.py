@@ -232,15 +232,19 @@ class RandAugment:
 
 # ---- normalisation ----
 
-NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]", "imagenet")
+NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]", "imagenet", "clip")
 # torchvision Normalize of DINO (and of the official DataAugmentationDINO), on x/255, per channel
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# OpenAI CLIP's (and FaRL's) per-channel statistics on x/255, RGB
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MEAN_STD = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
 
 
 def normalize(images, normalization: str):
     """float32 images from uint8 [..., 3]: '[-1,1]' is x/255*2-1, '[-0.5,0.5]' is x/255-0.5,
-    'imagenet' is (x/255 - mean) / std per channel (IMAGENET_MEAN / IMAGENET_STD).
+    'imagenet' / 'clip' are (x/255 - mean) / std per channel (MEAN_STD).
 
     NumPy in -> NumPy out (on the host, in place on one float32 copy); a jax array in -> jax array
     out, the same float32 operations in the same order (on the device: `lafs_jax.eval.embed` and the
@@ -253,8 +257,8 @@ def normalize(images, normalization: str):
             return x * jnp.float32(2.0 / 255.0) - jnp.float32(1.0)
         if normalization == "[-0.5,0.5]":
             return x * jnp.float32(1.0 / 255.0) - jnp.float32(0.5)
-        return (x * jnp.float32(1.0 / 255.0) - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(
-            IMAGENET_STD, jnp.float32)
+        mean, std = MEAN_STD[normalization]
+        return (x * jnp.float32(1.0 / 255.0) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     x = images.astype(np.float32)
     if normalization == "[-1,1]":
         x *= np.float32(2.0 / 255.0)
@@ -263,7 +267,8 @@ def normalize(images, normalization: str):
         x *= np.float32(1.0 / 255.0)
         x -= np.float32(0.5)
     else:
+        mean, std = MEAN_STD[normalization]
         x *= np.float32(1.0 / 255.0)
-        x -= np.asarray(IMAGENET_MEAN, np.float32)
-        x /= np.asarray(IMAGENET_STD, np.float32)
+        x -= np.asarray(mean, np.float32)
+        x /= np.asarray(std, np.float32)
     return x

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 
 from lafs_jax.config import ConfigError, check
-from lafs_jax.models import registry
+from lafs_jax.models import clip, registry
 from lafs_jax.models.heads import DINOHead
 from lafs_jax.models.landmarks import HEAD_INITS, MOBILENET_V3_LARGE, LandmarkCNN, check_blocks
 from lafs_jax.models.part_fvit import PartFViT, StandardGridFViT
@@ -63,7 +63,7 @@ LVFACE_NAMES = {
     "vit_b_dp005_mask_005": ("insightface_b", 0.05, 0.05),
     "vit_l_dp005_mask_005": ("insightface_l", 0.05, 0.05),
 }
-PRESETS = ("tiny", "small", "base", *INSIGHTFACE_SIZES, *LVFACE_NAMES)
+PRESETS = ("tiny", "small", "base", *INSIGHTFACE_SIZES, *LVFACE_NAMES, *clip.PRESETS)
 
 # A 4-block trunk for 112x112 inputs: 56 -> 28 -> 14 -> 7 -> 4, like the large trunk's resolution path.
 TINY_LANDMARK_BLOCKS = (
@@ -162,6 +162,8 @@ OBJECTIVE_SECTIONS: Mapping[str, Callable[[str], ml_collections.ConfigDict]] = {
 
 
 def _preset_kind(preset: str) -> str:
+    if preset in clip.PRESETS:
+        return clip.KIND
     size = LVFACE_NAMES[preset][0] if preset in LVFACE_NAMES else preset
     return "insightface_vit" if size in INSIGHTFACE_SIZES else "part_fvit"
 
@@ -202,7 +204,9 @@ def model_config(preset: str = "base") -> ml_collections.ConfigDict:
     size = preset
     if preset in LVFACE_NAMES:
         size, c.drop_path_rate, _ = LVFACE_NAMES[preset]
-    if preset == "tiny":
+    if preset in clip.PRESETS:  # CLIP towers (models/clip.py)
+        clip.apply_preset(c, preset)
+    elif preset == "tiny":
         c.num_landmarks = 49
         c.dim, c.depth, c.heads, c.head_dim, c.mlp_dim = 96, 2, 3, 32, 256
     elif preset == "small":
