@@ -4,6 +4,11 @@
     python -m lafs_jax.convert --kind lafs_ssl --src checkpoint0040.pth --out runs/lafs_teacher [--which student]
     python -m lafs_jax.convert --kind fvit --src fvit.pth --out runs/fvit --drop-head
     python -m lafs_jax.convert --kind lvface --src LVFace-B_Glint360K.pt --out runs/lvface_b
+    python -m lafs_jax.convert --kind farl --src FaRL-Base-Patch16-LAIONFace20M-ep16.pth --out runs/farl_b16 \
+        [--image-size 448]
+
+FaRL / CLIP (`--kind farl`, lafs_jax.convert.farl): the CLIP state dict (under 'state_dict' in FaRL's
+release); the architecture is read from the shapes; --image-size resamples the position embeddings.
 
 LVFace (`--kind lvface`): the released `.pt` is a plain state dict of the InsightFace ViT; the size is
 read from it (pos_embed's width, the number of blocks) unless --preset names one (an LVFace config
@@ -28,7 +33,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from lafs_jax.convert import mapping
+from lafs_jax.convert import farl, mapping
 from lafs_jax.input.images import COLOR_ORDERS
 from lafs_jax.input.transforms import NORMALIZATIONS
 from lafs_jax.models.presets import PRESETS
@@ -70,7 +75,7 @@ def load_torch_checkpoint(path: str, unsafe: bool = False) -> Any:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lafs_jax.convert", description=__doc__.split("\n")[0])
-    p.add_argument("--kind", required=True, choices=mapping.KINDS, help="checkpoint family")
+    p.add_argument("--kind", required=True, choices=(*mapping.KINDS, farl.KIND), help="checkpoint family")
     p.add_argument("--src", required=True, help="official .pth file")
     p.add_argument("--out", required=True, help="variables directory to write")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
@@ -84,6 +89,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="input normalisation recorded in the metadata (default: the official evaluation's)")
     p.add_argument("--color-order", default=None, choices=COLOR_ORDERS,
                    help="colour order recorded in the metadata (default: what the official code fed the kind)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="farl: input side (px) to resample the position embeddings for (default: the checkpoint's)")
     p.add_argument("--strict", action="store_true", help="fail on source keys the target does not use")
     p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")
     return p.parse_args(argv)
@@ -91,6 +98,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def convert_file(args: argparse.Namespace) -> tuple[dict, dict, mapping.ConversionReport]:
     """Read --src, convert, write --out; returns (variables, metadata, report)."""
+    if args.kind == farl.KIND:
+        checkpoint = load_torch_checkpoint(args.src, args.unsafe_load)
+        try:
+            variables, cfg, report = farl.convert_state_dict(farl.state_dict_of(checkpoint), args.image_size)
+        except mapping.ConversionError as e:
+            raise SystemExit(f"--src {args.src}: {e}") from None
+        meta = farl.metadata(cfg, os.path.abspath(args.src), report)
+        save_variables(args.out, variables, meta)
+        return variables, meta, report
     try:
         mapping.official_input(args.kind, args.method)  # a bad --method fails before the (slow) load
     except mapping.ConversionError as e:
