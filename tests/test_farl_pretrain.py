@@ -45,9 +45,10 @@ def farl_setup(tmp_path_factory):
     config.data.path = str(tmp / "pairs.arrayrecord")
     config.batch_size, config.total_steps = 8, STEPS
     config.farl.context_length = 12
+    config.model.clip.text_width = 8  # small checkpoints: the 49,408-row token table is most of the text tower
     config.farl.mim.update(vocab_size=16, kmeans_images=32, kmeans_patches=128, kmeans_iterations=3)
     config.evals.val.update(bins=(str(tmp / "val.bin"),), nfolds=2)
-    config.checkpoint.every_steps, config.log_every_steps = 2, 2
+    config.checkpoint.every_steps, config.log_every_steps = 3, 3
     config.lock()
     work = str(tmp / "straight")
     result = pretrain.run(config, work)
@@ -70,6 +71,10 @@ def test_run_trains_evaluates_and_exports(farl_setup):
 
 def test_sigterm_then_resume_equals_the_straight_run(farl_setup, tmp_path, monkeypatch):
     config, work, _, _ = farl_setup
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    config.evals = {}  # evaluation reads the state, never changes it
+    config.lock()
     real_guard = loop_utils.preemption_guard
 
     @contextlib.contextmanager
