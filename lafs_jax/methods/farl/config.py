@@ -17,6 +17,7 @@ import math
 import ml_collections
 
 from lafs_jax.config import check
+from lafs_jax.input import tokenizer
 from lafs_jax.losses import contrastive
 from lafs_jax.models import clip
 
@@ -53,6 +54,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """ConfigError naming the first bad field of a FaRL recipe (the task's own fields are the task's)."""
     check(config.model.kind == MODEL_KIND, "model.kind", config.model.kind,
           f"method 'farl' trains the CLIP towers ({MODEL_KIND!r}; presets {list(clip.PRESETS)})")
+    check(config.model.clip.vocab_size == tokenizer.VOCAB_SIZE, "model.clip.vocab_size", config.model.clip.vocab_size,
+          f"the CLIP tokenizer's ids need {tokenizer.VOCAB_SIZE} rows")
     f = config.farl
     check(f.itc in contrastive.KINDS, "farl.itc", f.itc, f"one of {contrastive.KINDS}")
     for key, v in (("itc_weight", f.itc_weight), ("mim.weight", f.mim.weight)):
