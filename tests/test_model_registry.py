@@ -20,8 +20,11 @@ FAMILIES = {
     "fvit": ("tiny", 96, {}),
     "part_fvit_grid": ("tiny", 96, {"centers": (196, 2)}),
     "insightface_vit": ("insightface_t", 512, {}),
+    # clip_tiny: 32 px, patch 8 (4 x 4 patches), width 64, joint size 32, features of blocks 0 and 1
+    "clip_vit": ("clip_tiny", 32, {"tokens": (17, 64), "feature_maps": (2, 4, 4, 64), "class_tokens": (2, 64)}),
 }
-PATCH_ORDERS = {"part_fvit": "landmarks", "fvit": "grid", "part_fvit_grid": "grid", "insightface_vit": None}
+PATCH_ORDERS = {"part_fvit": "landmarks", "fvit": "grid", "part_fvit_grid": "grid", "insightface_vit": None,
+                "clip_vit": None}
 
 
 def family_config(name):
@@ -131,8 +134,9 @@ def test_a_new_family_is_one_registration(scratch_registry):
 
 
 # ---------------------------------------------------------------------------------------------- config sections
-SECTIONS = {"part_fvit": {"landmark"}, "fvit": set(), "part_fvit_grid": set(), "insightface_vit": {"insightface"}}
-ALL_SECTIONS = {"landmark", "insightface", "dino_head"}
+SECTIONS = {"part_fvit": {"landmark"}, "fvit": set(), "part_fvit_grid": set(), "insightface_vit": {"insightface"},
+            "clip_vit": {"clip"}}
+ALL_SECTIONS = {"landmark", "insightface", "dino_head", "clip"}
 
 
 def test_each_family_owns_its_config_sections():
@@ -204,7 +208,7 @@ def test_model_config_from_an_old_style_dict_with_every_section():
         values["dino_head"] = presets.dino_head_config(preset).to_dict()
         values["dino_head"]["out_dim"] = 77
         cfg = presets.model_config_from_dict(json.loads(json.dumps(values)))
-        assert set(ALL_SECTIONS) <= set(cfg) and cfg.kind == kind and cfg.dino_head.out_dim == 77
+        assert {"landmark", "insightface", "dino_head"} <= set(cfg) and cfg.kind == kind and cfg.dino_head.out_dim == 77
         assert cfg.to_dict() == presets.model_config_from_dict(cfg.to_dict()).to_dict()
     values = presets.model_config("tiny").to_dict()
     del values["landmark"]

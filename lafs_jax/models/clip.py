@@ -340,5 +340,6 @@ def init_text(cfg, key: jax.Array, context: int | None = None) -> dict:
     return build_text(cfg).init({"params": key}, ids)
 
 
-registry.register(KIND, registry.Family(build=build_visual, aux_keys=("tokens", "feature_maps", "class_tokens"),
-                                        validate=validate, sections={"clip": clip_config}))
+# registered by `presets` (after its own families) as model kind KIND
+FAMILY = registry.Family(build=build_visual, aux_keys=("tokens", "feature_maps", "class_tokens"), validate=validate,
+                         sections={"clip": clip_config})

@@ -3,7 +3,8 @@
 Recipes embed `model_config(preset)` as `config.model` and may override any field; the builders read
 only these fields. `validate_model_config` raises lafs_jax.config.ConfigError naming `config.model.<key>`.
 `config.model.kind` names a backbone family of `registry`; this module registers the four below
-(part_fvit, fvit, part_fvit_grid, insightface_vit) and `build_model` builds whichever kind is registered.
+(part_fvit, fvit, part_fvit_grid, insightface_vit) and `clip_vit` (models/clip.py, presets clip_b16 |
+clip_l14 | clip_h14 | clip_tiny) and `build_model` builds whichever kind is registered.
 Every backbone returns `(embedding, aux dict)` (see `registry`).
 
 A model config holds the shared fields plus the sections of its owners only: a family's sections come
@@ -453,6 +454,7 @@ registry.register("part_fvit_grid", registry.Family(build=_build_part_fvit_grid,
                                                     aux_keys=("centers",), validate=_check_grid_patches))
 registry.register("insightface_vit", registry.Family(build=_build_insightface_vit, validate=_check_insightface,
                                                      sections={"insightface": insightface_config}))
+registry.register(clip.KIND, clip.FAMILY)  # CLIP / FaRL image tower (models/clip.py)
 
 
 def dummy_images(cfg, batch: int = 1) -> jax.Array:
