@@ -9,6 +9,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lafs_jax import sharding as mesh_lib
 from lafs_jax.input import masking
 from lafs_jax.losses import contrastive, mim
+from lafs_jax.methods.farl.model import FarlModel
+from lafs_jax.models import clip, presets
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
@@ -79,3 +81,34 @@ def test_masked_token_loss_counts_masked_positions_only():
     want = (jax.nn.logsumexp(logits[0, 0]) - 10.0 + np.log(5.0)) / 2
     np.testing.assert_allclose(loss, want, rtol=1e-6)
     assert float(acc) == pytest.approx(0.5)
+
+
+def test_one_pass_of_clean_and_masked_copies_equals_separate_passes():
+    """FarlModel's 2B pass: the clean half's feature is the plain image tower's, the masked half's MIM
+    logits are lm_transformer -> lm_norm -> lm_head of the masked copy's tokens (class row dropped)."""
+    cfg = presets.model_config("clip_tiny")
+    model = FarlModel(clip.build_visual(cfg), clip.build_text(cfg), mim_layers=1, vocab_size=7)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(3, 32, 32, 3)), jnp.float32)
+    ids = jnp.asarray([[49406, 320, 49407, 0]] * 3)
+    mask = jnp.asarray(rng.random((3, 16)) < 0.4)
+    params = jax.jit(model.init)(jax.random.key(0), images, ids, mask)["params"]
+    visual = clip.build_visual(cfg)
+    block = clip.ClipTransformer(cfg.heads, 1, cfg.mlp_dim)
+    norm = clip.LayerNorm32(epsilon=1e-5, use_fast_variance=False)
+
+    @jax.jit
+    def both(params):
+        out = model.apply({"params": params}, images, ids, mask)
+        clean, _ = visual.apply({"params": params["visual"]}, images)
+        _, aux = visual.apply({"params": params["visual"]}, images, mask=mask)
+        _, plain = visual.apply({"params": params["visual"]}, images, mask=jnp.zeros_like(mask))
+        x, _ = block.apply({"params": params["lm_transformer"]}, aux["tokens"], False)
+        x = norm.apply({"params": params["lm_norm"]}, x)
+        want = x[:, 1:] @ params["lm_head"]["kernel"] + params["lm_head"]["bias"]
+        return out, clean, want, aux["tokens"], plain["tokens"]
+
+    out, clean, want, masked_tokens, plain_tokens = both(params)
+    np.testing.assert_allclose(out["image"], clean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["mim_logits"], want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(masked_tokens, plain_tokens)

@@ -2,7 +2,8 @@
 
 `FarlModel(visual, text, mim_layers, vocab_size, sigmoid)(images [B, S, S, 3], ids [B, T], mask [B, N] |
 None) -> dict`:
-  - with a mask, the clean and the masked copy go through the image tower in one pass (2B images; the
+  - with a mask, the clean and the masked copy go through the image tower in one pass (2B images, each
+    image's two copies adjacent; the
     masked copy's patch embeddings replaced by `visual/mask_token`); the clean half's projected class
     token is the ITC image feature, the masked half's last-block tokens [B, 1 + N, W] go through
     `lm_transformer` (CLIP blocks), `lm_norm` (float32 LayerNorm) and `lm_head` (Linear W -> vocab_size);
@@ -38,13 +39,16 @@ class FarlModel(nn.Module):
         b = images.shape[0]
         out = {}
         if mask is not None:
-            both = jnp.concatenate([images, images], axis=0)
-            both_mask = jnp.concatenate([jnp.zeros_like(mask), mask], axis=0)
+            # clean and masked copy of each image side by side ([B, 2, ...] -> [2B, ...]): a device's rows
+            # stay on it under a batch-sharded layout (no concatenation or slicing across the sharded axis)
+            both = jnp.stack([images, images], axis=1).reshape(2 * b, *images.shape[1:])
+            both_mask = jnp.stack([jnp.zeros_like(mask), mask], axis=1).reshape(2 * b, *mask.shape[1:])
             emb, aux = self.visual(both, mask=both_mask)
-            out["image"] = emb[:b]
+            out["image"] = emb.reshape(b, 2, -1)[:, 0]
+            tokens = aux["tokens"].reshape(b, 2, *aux["tokens"].shape[1:])[:, 1]
             v = self.visual
             x, _ = clip.ClipTransformer(v.heads, self.mim_layers, v.mlp_dim, v.eps, v.activation, v.dtype,
-                                        v.implementation, v.remat, name="lm_transformer")(aux["tokens"][b:], False)
+                                        v.implementation, v.remat, name="lm_transformer")(tokens, False)
             x = clip.LayerNorm32(epsilon=v.eps, use_fast_variance=False, dtype=jnp.float32, name="lm_norm")(x)
             logits = nn.Dense(self.vocab_size, kernel_init=nn.initializers.normal(0.02), dtype=v.dtype,
                               name="lm_head")(x[:, 1:])
