@@ -91,7 +91,7 @@ def infer_model_config(state: Mapping[str, Any], image_size: int | None = None):
     return cfg
 
 
-def _block_params(rest: str, value: np.ndarray, width: int) -> dict[tuple[str, ...], np.ndarray]:
+def _block_params(rest: str, value: np.ndarray) -> dict[tuple[str, ...], np.ndarray]:
     """One resblock entry -> {(path within the block): array}; KeyError for an unknown one."""
     module, _, field = rest.rpartition(".")
     if module in ("ln_1", "ln_2"):
@@ -141,7 +141,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], image_size: int | None =
         m = _BLOCK.match(key)
         try:
             if m:
-                for path, v in _block_params(m.group(3), value, cfg.dim).items():
+                for path, v in _block_params(m.group(3), value).items():
                     flat[(*roots[m.group(1)], f"block_{m.group(2)}", *path)] = v
                 continue
             hit = _direct(key, value)
