@@ -35,9 +35,11 @@ from lafs_jax.train import pretrain  # noqa: E402
 sys.path.insert(0, os.path.join(common.ROOT, "tests"))
 
 
-def jax_step(size: str, batch: int, iters: int, precision: str) -> dict:
+def jax_step(size: str, batch: int, iters: int, precision: str, itc_only: bool = False) -> dict:
     config = common.load_recipe(f"configs/farl.py:{size}")
     config.unlock()
+    if itc_only:
+        config.farl.mim.weight = 0.0  # the clean images only, as the PyTorch mirror's step
     config.data.path = "unused"
     config.batch_size, config.precision = batch * jax.device_count(), precision
     mesh = mesh_lib.make_mesh()
@@ -65,7 +67,8 @@ def jax_step(size: str, batch: int, iters: int, precision: str) -> dict:
     flops = common.flops_of(compiled)
     peak, peak_source = common.assumed_peak_tflops(jax.devices()[0])
     achieved = flops / median / 1e12 if flops else None
-    return {"framework": "jax", "size": size, "batch_per_device": batch, "precision": precision,
+    return {"framework": "jax", "size": size, "objective": "itc" if itc_only else "itc+mim",
+            "batch_per_device": batch, "precision": precision,
             "img_per_sec": b / median, "step_ms": 1e3 * median, "compile_s": compile_s,
             "tflops_per_step": flops / 1e12 if flops else None, "achieved_tflops": achieved,
             "mfu": achieved / peak if achieved and peak else None, "peak_source": peak_source,
@@ -116,8 +119,9 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both frameworks (default: theirs)")
     p.add_argument("--no-torch", action="store_true", help="JAX only")
+    p.add_argument("--itc-only", action="store_true", help="JAX without the MIM branch (what the mirror computes)")
     args = p.parse_args(argv)
-    line = jax_step(args.size, args.batch, args.iters, args.precision)
+    line = jax_step(args.size, args.batch, args.iters, args.precision, args.itc_only)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()}), flush=True)
     if not args.no_torch:
         other = torch_step(args.size, args.batch, args.iters)
