@@ -6,10 +6,12 @@ pairs list -> verification .bin. See data/README.md for the formats; the ORL bui
     python -m data.prepare folder --root DIR --out PREFIX [--image-size 112]
     python -m data.prepare to-arrayrecord --rec PREFIX --out FILE
     python -m data.prepare pairs --pairs FILE --root DIR --out FILE.bin [--image-size 112]
+    python -m data.prepare captions (--tars 'DIR/*.tar' | --rec PREFIX [--template T]) --out FILE.arrayrecord
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -17,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lafs_jax.input import captions as captions_lib
 from lafs_jax.input import images as image_lib
 from lafs_jax.input import sources, verification_bin, writers
 from lafs_jax.input.orl import build_orl, progress_bar
@@ -117,6 +120,30 @@ def pairs_to_bin(pairs_file: str, root: str, out: str, image_size: int = 112, ex
     return {"pairs": len(issame), "genuine": int(sum(issame)), "impostor": int(len(issame) - sum(issame))}
 
 
+# ---- captions (image-caption pairs for image-text pretraining) ----
+
+CAPTION_TEMPLATE = "a photo of the face of person {label}"  # --rec: the caption naming each identity
+
+
+def captions_to_arrayrecord(out: str, *, tars: str = "", rec: str = "", template: str = CAPTION_TEMPLATE) -> dict:
+    """img2dataset webdataset shards (`tars`, a glob or comma list: KEY.jpg + KEY.txt per pair), or the
+    images of a face .rec with `template` (formatted with the label) as caption, -> one image-caption
+    ArrayRecord file (`lafs_jax.input.captions`). Images are copied, not re-encoded."""
+    if bool(tars) == bool(rec):
+        raise ValueError("captions: give exactly one of --tars and --rec")
+    if tars:
+        paths = sorted(p for part in tars.split(",") for p in glob.glob(part.strip()))
+        if not paths:
+            raise FileNotFoundError(f"captions: no shard matches --tars {tars!r}")
+        pairs = ((image, caption, -1, f"{os.path.basename(shard)}/{key}")
+                 for shard, key, image, caption in captions_lib.read_webdataset(paths))
+    else:
+        source = sources.FaceRecordSource(rec)
+        pairs = ((source.record(i)[1], template.format(label=int(source.labels[i])), int(source.labels[i]), str(i))
+                 for i in range(len(source)))
+    return captions_lib.write_pairs(pairs, out)
+
+
 # ---- command line ----
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,6 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output .bin")
     p.add_argument("--image-size", type=int, default=112, help="side of the square images (px)")
     p.add_argument("--ext", default="jpg", help="image extension for LFW-style lines")
+    p = sub.add_parser("captions", help="image-caption pairs (img2dataset tars, or a .rec with a caption template) "
+                                        "-> one ArrayRecord file")
+    p.add_argument("--tars", default="", help="webdataset shards: a glob or comma-separated list (KEY.jpg + KEY.txt)")
+    p.add_argument("--rec", default="", help="prefix of a face .rec/.idx: captions from --template")
+    p.add_argument("--template", default=CAPTION_TEMPLATE, help="caption of a --rec image, formatted with {label}")
+    p.add_argument("--out", required=True, help="output ArrayRecord file")
     args = parser.parse_args(argv)
 
     if args.command == "orl":
@@ -155,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result.pop("classes")
     elif args.command == "to-arrayrecord":
         result = rec_to_arrayrecord(args.rec, args.out)
+    elif args.command == "captions":
+        result = captions_to_arrayrecord(args.out, tars=args.tars, rec=args.rec, template=args.template)
     else:
         result = pairs_to_bin(args.pairs, args.root, args.out, args.image_size, args.ext)
     print(json.dumps({"command": args.command, **result}))

@@ -2,6 +2,12 @@
 
     python -m lafs_jax.embed --backbone DIR --images PATH --out EMB.npy [--no-flip] [--batch N]
                              [--landmarks FILE] [--skip-bad]
+    python -m lafs_jax.embed --backbone CLIP_DIR --texts CAPTIONS.txt --out EMB.npy
+
+`--texts` (a CLIP / FaRL directory, kind 'clip_vit'): text features, one row per line of the UTF-8 file
+(`eval.text_embed`; an empty or undecodable line is an error naming it; captions longer than the
+context are truncated as CLIP does, counted in the log and the JSON). Images of such a directory give
+its projected CLIP image features (unnormalised; with the flip sum unless --no-flip).
 
 Contract:
 - DIR is a variables directory (`DIR/metadata.json` with the model config + `DIR/variables/`), as
@@ -48,6 +54,7 @@ from tqdm import tqdm
 from lafs_jax import variables as variables_lib
 from lafs_jax.eval import embed as embed_lib
 from lafs_jax.eval import ijb
+from lafs_jax.eval import text_embed
 from lafs_jax.input import images as image_lib
 from lafs_jax.input import recordio
 from lafs_jax.input import sources as sources_lib
@@ -320,6 +327,23 @@ def run(backbone: str, images_path: str, out: str, *, flip: bool = True, batch: 
     return dict(info, seconds=time.time() - start)
 
 
+def run_texts(backbone: str, texts_path: str, out: str, *, batch: int = 64) -> dict:
+    """`--texts`: text features of a CLIP / FaRL directory, one row per caption line; EMB.npy + EMB.json."""
+    check_backbone_dir(backbone)
+    if not out.endswith(".npy"):
+        raise UserError(f"--out {out}: the embeddings file must end in .npy")
+    if not os.path.isfile(texts_path):
+        raise UserError(f"--texts {texts_path}: no such file")
+    start = time.time()
+    texts = text_embed.read_captions(texts_path)
+    features, truncated = text_embed.embed_texts(backbone, texts, batch)
+    info = {"embeddings": os.path.basename(out), "count": int(features.shape[0]), "dim": int(features.shape[1]),
+            "texts": os.path.abspath(texts_path), "backbone": os.path.abspath(backbone),
+            "truncated_lines": [int(i) + 1 for i in np.flatnonzero(truncated)], "skipped": []}
+    write_outputs(out, features, info)
+    return dict(info, seconds=time.time() - start)
+
+
 def fatal(message: Any) -> None:
     """One line 'FATAL message' on stderr, then exit status 1."""
     print("FATAL " + " ".join(str(message).split()), file=sys.stderr, flush=True)
@@ -334,7 +358,8 @@ def parser() -> argparse.ArgumentParser:
         "Embed face images with a backbone (variables directory). Aligned 112x112 crops are the norm; "
         + RESIZE_RULE + ". Writes float32 [N, D] to --out and a .json of the sources next to it."))
     p.add_argument("--backbone", required=True, help="variables directory (metadata.json + variables/)")
-    p.add_argument("--images", required=True, help="image folder (jpg/jpeg/png/pgm/bmp, recursive, sorted by "
+    p.add_argument("--texts", help="CLIP / FaRL directories: a UTF-8 file of captions, one per line (text features)")
+    p.add_argument("--images", help="image folder (jpg/jpeg/png/pgm/bmp, recursive, sorted by "
                    "relative path), .npy uint8 [N,H,W,3], .rec (prefix or file) or ArrayRecord file")
     p.add_argument("--out", required=True, help="EMB.npy (EMB.json is written next to it)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="do not add the mirrored image's embedding")
@@ -349,9 +374,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.batch < 1:
         fatal(f"--batch {args.batch}: must be >= 1")
+    if (args.images is None) == (args.texts is None):
+        fatal("give exactly one of --images and --texts")
     try:
-        info = run(args.backbone, args.images, args.out, flip=args.flip, batch=args.batch, landmarks=args.landmarks,
-                   skip_bad=args.skip_bad, progress=True)
+        if args.texts is not None:
+            info = run_texts(args.backbone, args.texts, args.out, batch=args.batch)
+        else:
+            info = run(args.backbone, args.images, args.out, flip=args.flip, batch=args.batch,
+                       landmarks=args.landmarks, skip_bad=args.skip_bad, progress=True)
     except USER_ERRORS as e:
         fatal(e)
     except ValueError as e:  # metadata / variables that do not fit the model, a bad normalisation name

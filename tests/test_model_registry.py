@@ -21,9 +21,11 @@ FAMILIES = {
     "part_fvit_grid": ("tiny", 96, {"centers": (196, 2)}),
     "insightface_vit": ("insightface_t", 512, {}),
     "resnet": ("resnet_tiny", 64, {"feature_map": (2, 2, 64)}),  # 64 px images, stem width 8
+    # clip_tiny: 32 px, patch 8 (4 x 4 patches), width 64, joint size 32, features of blocks 0 and 1
+    "clip_vit": ("clip_tiny", 32, {"tokens": (17, 64), "feature_maps": (2, 4, 4, 64), "class_tokens": (2, 64)}),
 }
 PATCH_ORDERS = {"part_fvit": "landmarks", "fvit": "grid", "part_fvit_grid": "grid", "insightface_vit": None,
-                "resnet": None}
+                "resnet": None, "clip_vit": None}
 
 
 def family_config(name):
@@ -134,8 +136,8 @@ def test_a_new_family_is_one_registration(scratch_registry):
 
 # ---------------------------------------------------------------------------------------------- config sections
 SECTIONS = {"part_fvit": {"landmark"}, "fvit": set(), "part_fvit_grid": set(), "insightface_vit": {"insightface"},
-            "resnet": {"resnet"}}
-ALL_SECTIONS = {"landmark", "insightface", "dino_head", "resnet"}
+            "resnet": {"resnet"}, "clip_vit": {"clip"}}
+ALL_SECTIONS = {"landmark", "insightface", "dino_head", "resnet", "clip"}
 
 
 def test_each_family_owns_its_config_sections():

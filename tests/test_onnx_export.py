@@ -113,7 +113,7 @@ def test_jax_format_still_writes_the_jaxexport_artefact(exported, tmp_path):
 
 def _cli(monkeypatch, *args, module="lafs_jax.export"):
     """`python -m MODULE ARGS` in this process (runpy runs the module as __main__, as python -m does; the
-    user command and lafs_jax.eval.export share one main). Returns the exit status."""
+    user command's main is lafs_jax.eval.export's). Returns the exit status."""
     monkeypatch.setattr(sys, "argv", [module, *args])
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=False)
@@ -132,8 +132,7 @@ def test_command_line_onnx_and_fatal_on_a_non_variables_directory(exported, tmp_
     bad.mkdir()
     (bad / "notes.txt").write_text("no checkpoint here")
     capsys.readouterr()
-    status = _cli(monkeypatch, "--backbone", str(bad), "--format", "onnx", "--out", str(tmp_path / "bad.onnx"),
-                  module="lafs_jax.eval.export")
+    status = _cli(monkeypatch, "--backbone", str(bad), "--format", "onnx", "--out", str(tmp_path / "bad.onnx"))
     err = capsys.readouterr().err
     assert status == 1 and err.startswith("FATAL") and err.count("\n") == 1, err[-3000:]
     assert not os.path.exists(tmp_path / "bad.onnx") and not os.path.exists(tmp_path / "bad.onnx.json")

@@ -12,6 +12,12 @@ predictors, proto) or a plain torchvision ResNet state dict. DIR exposes the `--
 a training checkpoint's whole model is also written to DIR/fra_model (`lafs_jax.methods.fra.loss_terms`
 reads it). --preset (e.g. resnet50) checks the shapes against a preset.
 
+    python -m lafs_jax.convert --kind farl --src FaRL-Base-Patch16-LAIONFace20M-ep16.pth --out runs/farl_b16 \
+        [--image-size 448]
+
+FaRL / CLIP (`--kind farl`, lafs_jax.convert.farl): the CLIP state dict (under 'state_dict' in FaRL's
+release); the architecture is read from the shapes; --image-size resamples the position embeddings.
+
 LVFace (`--kind lvface`): the released `.pt` is a plain state dict of the InsightFace ViT; the size is
 read from it (pos_embed's width, the number of blocks) unless --preset names one (an LVFace config
 name such as vit_b_dp005_mask_005, or insightface_t/s/b/l); every key must map and every variable be
@@ -35,8 +41,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from lafs_jax.convert import farl, mapping
 from lafs_jax.convert import fra as fra_convert
-from lafs_jax.convert import mapping
 from lafs_jax.input.images import COLOR_ORDERS
 from lafs_jax.input.transforms import NORMALIZATIONS
 from lafs_jax.models.presets import PRESETS
@@ -78,7 +84,7 @@ def load_torch_checkpoint(path: str, unsafe: bool = False) -> Any:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lafs_jax.convert", description=__doc__.split("\n")[0])
-    p.add_argument("--kind", required=True, choices=(*mapping.KINDS, "fra"), help="checkpoint family")
+    p.add_argument("--kind", required=True, choices=(*mapping.KINDS, "fra", farl.KIND), help="checkpoint family")
     p.add_argument("--src", required=True, help="official .pth file")
     p.add_argument("--out", required=True, help="variables directory to write")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
@@ -94,6 +100,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="input normalisation recorded in the metadata (default: the official evaluation's)")
     p.add_argument("--color-order", default=None, choices=COLOR_ORDERS,
                    help="colour order recorded in the metadata (default: what the official code fed the kind)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="farl: input side (px) to resample the position embeddings for (default: the checkpoint's)")
     p.add_argument("--strict", action="store_true", help="fail on source keys the target does not use")
     p.add_argument("--unsafe-load", action="store_true", help="torch.load(weights_only=False): trusted files only")
     return p.parse_args(argv)
@@ -124,6 +132,15 @@ def convert_fra(args: argparse.Namespace) -> tuple[dict, dict, str]:
 
 def convert_file(args: argparse.Namespace) -> tuple[dict, dict, mapping.ConversionReport]:
     """Read --src, convert, write --out; returns (variables, metadata, report)."""
+    if args.kind == farl.KIND:
+        checkpoint = load_torch_checkpoint(args.src, args.unsafe_load)
+        try:
+            variables, cfg, report = farl.convert_state_dict(farl.state_dict_of(checkpoint), args.image_size)
+        except mapping.ConversionError as e:
+            raise SystemExit(f"--src {args.src}: {e}") from None
+        meta = farl.metadata(cfg, os.path.abspath(args.src), report)
+        save_variables(args.out, variables, meta)
+        return variables, meta, report
     args.which = args.which or "teacher"
     if args.which not in mapping.WHICH:
         raise SystemExit(f"--which {args.which!r} does not go with --kind {args.kind}; choose one of {mapping.WHICH}")

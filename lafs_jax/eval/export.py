@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from lafs_jax.eval import embed
-from lafs_jax.input.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lafs_jax.input.transforms import MEAN_STD
 
 try:  # optional: only --format onnx needs them (pip install -r requirements-onnx.txt)
     import jax2onnx
@@ -180,9 +180,10 @@ def onnx_input_to_model(x: jax.Array, normalization: str, color_order: str) -> j
         return x
     if normalization == "[-0.5,0.5]":
         return x * jnp.float32(0.5)
-    if normalization == "imagenet":
-        return (x * jnp.float32(0.5) + jnp.float32(0.5) - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(
-            IMAGENET_STD, jnp.float32)
+    if normalization in MEAN_STD:
+        mean, std = MEAN_STD[normalization]
+        return (x * jnp.float32(0.5) + jnp.float32(0.5) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
+            std, jnp.float32)
     raise ValueError(f"normalization {normalization!r} is not valid")
 
 

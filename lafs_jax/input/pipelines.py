@@ -39,13 +39,14 @@ import numpy as np
 
 from lafs_jax.config import ConfigError
 from lafs_jax.input import augment as A
+from lafs_jax.input import captions
 from lafs_jax.input import sources as S
 from lafs_jax.input import subsets
 from lafs_jax.input import transforms as T
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("rec", "arrayrecord", "folder", "tfds")
+FORMATS = ("rec", "arrayrecord", "folder", "tfds", "image_text")  # image_text: input.captions
 AUGMENT_ON = ("host", "device")
 SSL_POSITIVES = ("views", "identity")
 
@@ -71,7 +72,7 @@ def data_config(*sections: str) -> ml_collections.ConfigDict:
     # The command that makes the files of `path` (and of the recipe's .bin sets), named in the error
     # when they are missing; '' = see data/README.md.
     c.prepare_command = ""
-    c.format = "rec"  # one of rec | arrayrecord | folder | tfds
+    c.format = "rec"  # one of rec | arrayrecord | folder | tfds | image_text (image-caption pairs, input.captions)
     c.tfds_split = "train"  # TFDS split (format tfds)
     c.tfds_data_dir = ""  # TFDS data_dir; '' = TFDS's default
     c.tfds_image_key = "image"  # TFDS feature holding the image (uint8 array or encoded bytes)
@@ -295,6 +296,8 @@ def make_source(dc: ml_collections.ConfigDict):
         source = S.ArrayRecordFaceSource(_arrayrecord_paths(dc.path), **common)
     elif dc.format == "folder":
         source = S.ImageFolderSource(dc.path, **common)
+    elif dc.format == "image_text":
+        source = captions.ImageCaptionSource(_arrayrecord_paths(dc.path), **common)
     else:
         source = S.TfdsSource(dc.path, dc.tfds_split, dc.tfds_data_dir or None, dc.tfds_image_key,
                               dc.tfds_label_key, **common)

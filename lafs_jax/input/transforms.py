@@ -232,19 +232,23 @@ class RandAugment:
 
 # ---- normalisation ----
 
-NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]", "imagenet", "vggface2")
+NORMALIZATIONS = ("[-1,1]", "[-0.5,0.5]", "imagenet", "vggface2", "clip")
 # torchvision Normalize of DINO (and of the official DataAugmentationDINO), on x/255, per channel
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # FRA's VGGFace2 statistics (official README / data/transforms.py), on x/255, per channel
 VGGFACE2_MEAN = (0.5231, 0.4044, 0.3489)
 VGGFACE2_STD = (0.2536, 0.2194, 0.2070)
-MEAN_STD = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "vggface2": (VGGFACE2_MEAN, VGGFACE2_STD)}
+# OpenAI CLIP's (and FaRL's) per-channel statistics on x/255, RGB
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MEAN_STD = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "vggface2": (VGGFACE2_MEAN, VGGFACE2_STD),
+            "clip": (CLIP_MEAN, CLIP_STD)}
 
 
 def normalize(images, normalization: str):
     """float32 images from uint8 [..., 3]: '[-1,1]' is x/255*2-1, '[-0.5,0.5]' is x/255-0.5,
-    'imagenet' / 'vggface2' are (x/255 - mean) / std per channel (MEAN_STD).
+    'imagenet' / 'vggface2' / 'clip' are (x/255 - mean) / std per channel (MEAN_STD).
 
     NumPy in -> NumPy out (on the host, in place on one float32 copy); a jax array in -> jax array
     out, the same float32 operations in the same order (on the device: `lafs_jax.eval.embed` and the

@@ -15,12 +15,14 @@ or eval/ (tests/test_layout.py checks it). The two registries below are how the 
 from lafs_jax.config import ConfigError
 from lafs_jax.methods import recognition
 from lafs_jax.methods.dino import objective as dino_objective
+from lafs_jax.methods.farl import objective as farl_objective
 from lafs_jax.methods.fra import objective as fra_objective
 from lafs_jax.methods.lafs import finetune as lafs_finetune
 from lafs_jax.methods.lafs import objective as lafs_objective
 from lafs_jax.methods.lvface import finetune as lvface_finetune
 
-PRETRAINING = {"dino": dino_objective.Objective, "lafs": lafs_objective.Objective, "fra": fra_objective.Objective}
+PRETRAINING = {"dino": dino_objective.Objective, "lafs": lafs_objective.Objective, "fra": fra_objective.Objective,
+               "farl": farl_objective.Objective}  # farl: single network, train/image_text's step
 FINETUNING = (lafs_finetune, lvface_finetune)
 
 

@@ -3,7 +3,8 @@
 Recipes embed `model_config(preset)` as `config.model` and may override any field; the builders read
 only these fields. `validate_model_config` raises lafs_jax.config.ConfigError naming `config.model.<key>`.
 `config.model.kind` names a backbone family of `registry`; this module registers the five below
-(part_fvit, fvit, part_fvit_grid, insightface_vit, resnet) and `build_model` builds whichever kind is registered.
+(part_fvit, fvit, part_fvit_grid, insightface_vit, resnet) and `clip_vit` (models/clip.py, presets clip_b16 |
+clip_l14 | clip_h14 | clip_tiny) and `build_model` builds whichever kind is registered.
 Every backbone returns `(embedding, aux dict)` (see `registry`).
 
 A model config holds the shared fields plus the sections of its owners only: a family's sections come
@@ -42,7 +43,7 @@ import ml_collections
 import numpy as np
 
 from lafs_jax.config import ConfigError, check
-from lafs_jax.models import registry
+from lafs_jax.models import clip, registry
 from lafs_jax.models import resnet as resnet_lib
 from lafs_jax.models.heads import DINOHead
 from lafs_jax.models.landmarks import HEAD_INITS, MOBILENET_V3_LARGE, LandmarkCNN, check_blocks
@@ -67,7 +68,7 @@ LVFACE_NAMES = {
     "vit_b_dp005_mask_005": ("insightface_b", 0.05, 0.05),
     "vit_l_dp005_mask_005": ("insightface_l", 0.05, 0.05),
 }
-PRESETS = ("tiny", "small", "base", *INSIGHTFACE_SIZES, *LVFACE_NAMES, *resnet_lib.PRESETS)
+PRESETS = ("tiny", "small", "base", *INSIGHTFACE_SIZES, *LVFACE_NAMES, *resnet_lib.PRESETS, *clip.PRESETS)
 
 # A 4-block trunk for 112x112 inputs: 56 -> 28 -> 14 -> 7 -> 4, like the large trunk's resolution path.
 TINY_LANDMARK_BLOCKS = (
@@ -168,6 +169,8 @@ OBJECTIVE_SECTIONS: Mapping[str, Callable[[str], ml_collections.ConfigDict]] = {
 def _preset_kind(preset: str) -> str:
     if preset in resnet_lib.PRESETS:
         return "resnet"
+    if preset in clip.PRESETS:
+        return clip.KIND
     size = LVFACE_NAMES[preset][0] if preset in LVFACE_NAMES else preset
     return "insightface_vit" if size in INSIGHTFACE_SIZES else "part_fvit"
 
@@ -208,7 +211,9 @@ def model_config(preset: str = "base") -> ml_collections.ConfigDict:
     size = preset
     if preset in LVFACE_NAMES:
         size, c.drop_path_rate, _ = LVFACE_NAMES[preset]
-    if preset == "tiny":
+    if preset in clip.PRESETS:  # CLIP towers (models/clip.py)
+        clip.apply_preset(c, preset)
+    elif preset == "tiny":
         c.num_landmarks = 49
         c.dim, c.depth, c.heads, c.head_dim, c.mlp_dim = 96, 2, 3, 32, 256
     elif preset == "small":
@@ -459,6 +464,7 @@ registry.register("insightface_vit", registry.Family(build=_build_insightface_vi
                                                      sections={"insightface": insightface_config}))
 registry.register("resnet", registry.Family(build=resnet_lib.build, validate=resnet_lib.validate,
                                             aux_keys=("feature_map",), sections={"resnet": resnet_lib.section}))
+registry.register(clip.KIND, clip.FAMILY)  # CLIP / FaRL image tower (models/clip.py)
 
 
 def dummy_images(cfg, batch: int = 1) -> jax.Array:

@@ -38,6 +38,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "relu6": jax.nn.relu6,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP
 }
 ATTENTION_SCALES = ("dim", "head_dim")
 DROP_PATH_SCHEDULES = ("constant", "linear")

@@ -44,6 +44,7 @@ from lafs_jax.eval import evaluators as evaluators_lib
 from lafs_jax.input import pipelines
 from lafs_jax.models import presets
 from lafs_jax.train import checkpoint as ckpt_lib
+from lafs_jax.train import image_text
 from lafs_jax.train import loop, loop_utils
 from lafs_jax.train import optim as optim_lib
 from lafs_jax.train import prefetch as prefetch_lib
@@ -88,6 +89,12 @@ def objective(config: ml_collections.ConfigDict, *, steps_per_epoch: int = 1, to
     return methods.pretraining(config.method)(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
+def trainer(obj: Any) -> Any:
+    """The step builder of an objective: `image_text` (one network, no teacher) for one with
+    `single_network = True`, else `ssl` (teacher-student)."""
+    return image_text if getattr(obj, "single_network", False) else ssl
+
+
 def build_train_step(config: ml_collections.ConfigDict, mesh, *, steps_per_epoch: int,
                      total_steps: int) -> tuple[Callable, tuple, Any, Callable]:
     """(step, args, shardings, init): `run`'s jitted step (`ssl.build`: the same objective, optimizer,
@@ -100,8 +107,8 @@ def build_train_step(config: ml_collections.ConfigDict, mesh, *, steps_per_epoch
     ahead-of-time compilation on devices this process may not own (bench/aot.py) and by the step
     benchmarks (bench/pretrain.py).
     """
-    return ssl.build_train_step(objective(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps),
-                                config, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    obj = objective(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    return trainer(obj).build_train_step(obj, config, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
 def device_views(config: ml_collections.ConfigDict, root_key: jax.Array, batch: dict) -> dict:
@@ -148,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         color_order=EVAL_COLOR_ORDER, mesh=mesh, batch_size=batch_size)
     evaluators = evaluators_lib.build_evaluators(config.evals, embedder_factory=embedder_factory,
                                                  image_size=config.model.image_size)
-    task = ssl.build(obj, config, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    task = trainer(obj).build(obj, config, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     resources = obj.load_resources(workdir)
     # global batches on the mesh, the next ones copied while a step runs; checkpointed with the state
     data_iter = prefetch_lib.device_prefetch(obj.batches(source, batch_size=local_batch, seed=config.seed), mesh,
@@ -175,7 +182,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def export(variables, step: int, kind: str) -> None:
         best = kind == "best"
-        save_teacher_backbone(os.path.join(workdir, BEST_TEACHER_BACKBONE_DIR if best else TEACHER_BACKBONE_DIR),
+        name = getattr(obj, "export_dir", TEACHER_BACKBONE_DIR)  # the objective's export folder name
+        save_teacher_backbone(os.path.join(workdir, name + "_best" if best else name),
                               variables, config, step, **({"evaluation": ckpt.metrics(step)} if best else {}))
 
     settings = loop.LoopSettings(name=f"pretrain[{config.method}]", total_steps=total_steps, stop_step=stop,
