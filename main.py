@@ -79,6 +79,10 @@ def _lock_workdir(workdir: str):
     if error is not None:
         sys.stderr.write(f"FATAL {error}\n")
         sys.stderr.flush()
+        if jax.process_count() > 1:
+            # every process disconnects here, together; left to exit-time shutdown, a process that gets there
+            # after process 0 (the coordination service) has gone can wait minutes for a heartbeat timeout
+            jax.distributed.shutdown()
         sys.exit(1)
     return lock
 

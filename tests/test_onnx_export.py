@@ -16,8 +16,9 @@ from lafs_jax.eval import embed, export
 from lafs_jax.models import presets
 
 # family -> (model config, normalization, colour order): each input normalisation re-expressed once
-FAMILIES = ("part_fvit", "fvit", "insightface_vit")
-SETTINGS = {"part_fvit": ("[-1,1]", "rgb"), "fvit": ("imagenet", "bgr"), "insightface_vit": ("[-0.5,0.5]", "rgb")}
+FAMILIES = ("part_fvit", "fvit", "insightface_vit", "resnet", "clip_vit")
+SETTINGS = {"part_fvit": ("[-1,1]", "rgb"), "fvit": ("imagenet", "bgr"), "insightface_vit": ("[-0.5,0.5]", "rgb"),
+            "resnet": ("vggface2", "rgb"), "clip_vit": ("clip", "rgb")}  # FRA's and FaRL's inputs
 
 
 def _config(family):
@@ -26,6 +27,8 @@ def _config(family):
         cfg.image_size, cfg.dim, cfg.depth, cfg.heads, cfg.head_dim, cfg.mlp_dim = 36, 32, 2, 2, 16, 64
         cfg.insightface.embedding_size = 32
         return cfg
+    if family in ("resnet", "clip_vit"):  # FRA's ResNet (BatchNorm frozen at its statistics), FaRL's image tower
+        return presets.model_config("resnet_tiny" if family == "resnet" else "clip_tiny")
     cfg = presets.model_config("tiny")
     cfg.kind = family
     return cfg
