@@ -131,7 +131,10 @@ class ResNet(nn.Module):
         """[B, H, W, 3] -> (pooled [B, C] float32, {'feature_map': [B, ceil(H/32), ceil(W/32), C]})."""
         x = _conv(self.width, 7, 2, "conv1", self.dtype)(x.astype(self.dtype))
         x = nn.relu(BatchNorm(eps=self.bn_eps, name="bn1")(x, train))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        # torchvision's MaxPool2d(3, 2, padding=1): pad with -inf, then a VALID window (the same numbers as
+        # explicit padding, in the one form ONNX converters map to MaxPool)
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+        x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
         inplanes = self.width
         for stage, blocks in enumerate(self.layers):
             planes = self.width * 2 ** stage
