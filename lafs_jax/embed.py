@@ -387,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # metadata / variables that do not fit the model, a bad normalisation name
         fatal(e)
     print(f"wrote {info['count']} embeddings of dimension {info['dim']} to {args.out} ({json_path(args.out)}); "
-          f"{len(info['skipped'])} skipped; {info['count'] / max(info['seconds'], 1e-9):.1f} images/s", flush=True)
+          f"{len(info['skipped'])} skipped; {info['seconds']:.1f} s with loading and compiling the model (the bar's "
+          f"images/s is the embedding alone; bench/embed_speed.py measures throughput)", flush=True)
     return 0
 
 
