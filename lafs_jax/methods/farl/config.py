@@ -40,8 +40,9 @@ def config(*, tiny: bool = False) -> ml_collections.ConfigDict:
     c.mim.min_block = 2 if tiny else 16  # smallest masked rectangle in patches (BEiT: 16)
     c.mim.layers = 1  # lm_transformer blocks (FaRL's MIM.LAYERS; value unpublished, 1 inferred)
     # visual tokenizer: 'kmeans' (a frozen k-means codebook of raw normalised patch vectors, fitted at
-    # start-up on training images; offline) | 'dalle' (DALL-E's dVAE, BEiT's; not implemented here)
+    # start-up on training images; offline) | 'dalle' (DALL-E's dVAE encoder, BEiT's: `dalle_path`)
     c.mim.tokenizer = "kmeans"
+    c.mim.dalle_path = ""  # 'dalle': the directory `python -m lafs_jax.convert --kind dalle` wrote
     c.mim.vocab_size = 64 if tiny else 8192  # visual token ids predicted (BEiT / DALL-E: 8192)
     c.mim.codebook_path = ""  # .npy [vocab_size, patch*patch*3] codebook; '' = fit on the training data
     c.mim.kmeans_images = 250 if tiny else 2000  # training images the codebook is fitted on
@@ -73,6 +74,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("layers", "vocab_size", "kmeans_images", "kmeans_patches", "kmeans_iterations"):
         check(isinstance(m[key], int) and m[key] >= 1, f"farl.mim.{key}", m[key], "an int >= 1")
     check(m.tokenizer in TOKENIZERS, "farl.mim.tokenizer", m.tokenizer, f"one of {TOKENIZERS}")
+    check(m.tokenizer != "dalle" or bool(m.dalle_path), "farl.mim.dalle_path", m.dalle_path,
+          "the converted dVAE directory (python -m lafs_jax.convert --kind dalle) with farl.mim.tokenizer='dalle'")
     check(m.kmeans_patches >= m.vocab_size, "farl.mim.kmeans_patches", m.kmeans_patches,
           f">= farl.mim.vocab_size={m.vocab_size}")
     check(config.data.augment_on == "host", "data.augment_on", config.data.augment_on,
