@@ -1,8 +1,10 @@
 """FaRL's pretraining objective: the hooks of the single-network image-text step (`train/image_text.py`).
 
 One network (no teacher): `model.FarlModel` over the CLIP towers of `config.model` (kind 'clip_vit').
-Batches: `input.image_text.image_text_batches` (CLIP preprocessing, BPE ids of `farl.context_length`,
-BEiT blockwise masks of `farl.mim.num_masked` patches). Loss = itc_weight x ITC (`losses.contrastive`,
+Batches: `input.image_text.image_text_batches` (CLIP preprocessing or a random resized crop of
+`farl.crop_scale`, optional flip, BPE ids of `farl.context_length`, BEiT blockwise masks of
+`farl.mim.num_masked` patches); with `data.augment_on='device'` the crop / resize / flip / normalisation
+run inside the step (`augment`). Loss = itc_weight x ITC (`losses.contrastive`,
 global batch, `farl.itc`) + mim.weight x MIM (`losses.mim.masked_token_loss` of the masked copy's
 logits against the visual tokens of the clean image). Visual tokens: the nearest row of a frozen k-means
 codebook of raw normalised patch vectors (extra state 'codebook' [vocab_size, P*P*3], fitted once at
@@ -112,7 +114,8 @@ class Objective:
         f = self.config.farl
         return image_text.image_text_batches(source, self.config.data, batch_size=batch_size, seed=seed,
                                              grid=self.grid, num_masked=f.mim.num_masked,
-                                             min_block=f.mim.min_block, context_length=f.context_length, flip=f.flip)
+                                             min_block=f.mim.min_block, context_length=f.context_length, flip=f.flip,
+                                             crop_scale=tuple(f.crop_scale) or None)
 
     def view_batch_shapes(self, batch_size: int) -> dict:
         s, n = self.config.model.image_size, self.grid ** 2
@@ -122,7 +125,10 @@ class Objective:
                 "truncated": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
 
     def augment(self, key: jax.Array, batch: dict) -> dict:
-        raise NotImplementedError("method 'farl' makes its batches on the host (config.data.augment_on='host')")
+        """augment_on='device': the decoded batch -> the view batch (`input.image_text.device_views`)."""
+        f = self.config.farl
+        return image_text.device_views(self.config.data, key, batch, size=self.config.model.image_size,
+                                       crop_scale=tuple(f.crop_scale) or None, flip=f.flip)
 
     # -- state ------------------------------------------------------------------------------------
 
