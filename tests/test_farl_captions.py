@@ -45,7 +45,8 @@ def test_parquet_and_image_folder_become_pairs(folder, capsys):
 
 
 @pytest.mark.parametrize("keys, caps, column, message", [
-    (["000000000", "000000007"], ["a face", "a face"], "caption", r"00000\.parquet: row 1 \(key '000000007'\): no image"),
+    (["000000000", "000000007"], ["a face", "a face"], "caption",
+     r"00000\.parquet: row 1 \(key '000000007'\): no image"),
     (["000000000", "000000001"], ["a face", "  "], "caption", r"row 1 \(key '000000001'\) has an empty caption"),
     (["000000000"], ["a face"], "TEXT", r"no column 'TEXT'"),
 ])
