@@ -67,7 +67,8 @@ def get_config(arg=None):
     c.data.path = "runs/demo/data/train_captions.arrayrecord" if tiny else ""
     c.data.prepare_command = ("python -m data.prepare orl --out runs/demo/data && python -m data.prepare captions "
                               "--rec runs/demo/data/train --out runs/demo/data/train_captions.arrayrecord"
-                              if tiny else "python -m data.prepare captions --tars 'DIR/*.tar' --out FILE")
+                              if tiny else "python -m data.prepare captions --tars 'DIR/*.tar' (or --parquet "
+                              "'DIR/*.parquet' --images DIR) --out FILE")
     if tiny:
         c.data.workers = 0
         c.data.read_threads = 1

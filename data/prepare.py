@@ -6,7 +6,8 @@ pairs list -> verification .bin. See data/README.md for the formats; the ORL bui
     python -m data.prepare folder --root DIR --out PREFIX [--image-size 112]
     python -m data.prepare to-arrayrecord --rec PREFIX --out FILE
     python -m data.prepare pairs --pairs FILE --root DIR --out FILE.bin [--image-size 112]
-    python -m data.prepare captions (--tars 'DIR/*.tar' | --rec PREFIX [--template T]) --out FILE.arrayrecord
+    python -m data.prepare captions (--tars 'DIR/*.tar' | --parquet 'DIR/*.parquet' --images DIR
+                                     | --rec PREFIX [--template T]) --out FILE.arrayrecord
 """
 from __future__ import annotations
 
@@ -125,23 +126,37 @@ def pairs_to_bin(pairs_file: str, root: str, out: str, image_size: int = 112, ex
 CAPTION_TEMPLATE = "a photo of the face of person {label}"  # --rec: the caption naming each identity
 
 
-def captions_to_arrayrecord(out: str, *, tars: str = "", rec: str = "", template: str = CAPTION_TEMPLATE) -> dict:
-    """img2dataset webdataset shards (`tars`, a glob or comma list: KEY.jpg + KEY.txt per pair), or the
-    images of a face .rec with `template` (formatted with the label) as caption, -> one image-caption
-    ArrayRecord file (`lafs_jax.input.captions`). Images are copied, not re-encoded."""
-    if bool(tars) == bool(rec):
-        raise ValueError("captions: give exactly one of --tars and --rec")
-    if tars:
-        paths = sorted(p for part in tars.split(",") for p in glob.glob(part.strip()))
+def captions_to_arrayrecord(out: str, *, tars: str = "", parquet: str = "", images: str = "", rec: str = "",
+                            template: str = CAPTION_TEMPLATE, key_column: str = "key",
+                            caption_column: str = "caption") -> dict:
+    """img2dataset webdataset shards (`tars`, a glob or comma list: KEY.jpg + KEY.txt per pair), caption
+    tables (`parquet`, a glob or comma list, one row per pair) with the image folder `images` (images found
+    by the key column: `captions.ParquetPairs`), or the images of a face .rec with `template` (formatted
+    with the label) as caption, -> one image-caption ArrayRecord file (`lafs_jax.input.captions`). Images
+    are copied, not re-encoded."""
+    if sum(map(bool, (tars, parquet, rec))) != 1:
+        raise ValueError("captions: give exactly one of --tars, --parquet and --rec")
+    if bool(parquet) != bool(images):
+        raise ValueError("captions: --parquet and --images go together (caption tables + their image folder)")
+    table_reader = None
+    if tars or parquet:
+        pattern = tars or parquet
+        paths = sorted(p for part in pattern.split(",") for p in glob.glob(part.strip()))
         if not paths:
-            raise FileNotFoundError(f"captions: no shard matches --tars {tars!r}")
-        pairs = ((image, caption, -1, f"{os.path.basename(shard)}/{key}")
-                 for shard, key, image, caption in captions_lib.read_webdataset(paths))
+            raise FileNotFoundError(f"captions: no file matches --{'tars' if tars else 'parquet'} {pattern!r}")
+        if tars:
+            reader = captions_lib.read_webdataset(paths)
+        else:
+            reader = table_reader = captions_lib.ParquetPairs(paths, images, key_column, caption_column)
+        pairs = ((image, caption, -1, f"{os.path.basename(src)}/{key}") for src, key, image, caption in reader)
     else:
         source = sources.FaceRecordSource(rec)
         pairs = ((source.record(i)[1], template.format(label=int(source.labels[i])), int(source.labels[i]), str(i))
                  for i in range(len(source)))
-    return captions_lib.write_pairs(pairs, out)
+    result = captions_lib.write_pairs(pairs, out)
+    if table_reader is not None:
+        result["skipped_rows"] = table_reader.skipped  # rows whose img2dataset status is not 'success'
+    return result
 
 
 # ---- command line ----
@@ -170,9 +185,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output .bin")
     p.add_argument("--image-size", type=int, default=112, help="side of the square images (px)")
     p.add_argument("--ext", default="jpg", help="image extension for LFW-style lines")
-    p = sub.add_parser("captions", help="image-caption pairs (img2dataset tars, or a .rec with a caption template) "
+    p = sub.add_parser("captions", help="image-caption pairs (img2dataset tars, parquet + image folder, or a .rec "
+                                        "with a caption template) "
                                         "-> one ArrayRecord file")
     p.add_argument("--tars", default="", help="webdataset shards: a glob or comma-separated list (KEY.jpg + KEY.txt)")
+    p.add_argument("--parquet", default="", help="caption tables: a glob or comma-separated list (one row per pair)")
+    p.add_argument("--images", default="", help="with --parquet: folder of the images, found by key (any depth)")
+    p.add_argument("--key-column", default="key", help="with --parquet: the column naming each image file (stem)")
+    p.add_argument("--caption-column", default="caption", help="with --parquet: the caption column")
     p.add_argument("--rec", default="", help="prefix of a face .rec/.idx: captions from --template")
     p.add_argument("--template", default=CAPTION_TEMPLATE, help="caption of a --rec image, formatted with {label}")
     p.add_argument("--out", required=True, help="output ArrayRecord file")
@@ -189,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "to-arrayrecord":
         result = rec_to_arrayrecord(args.rec, args.out)
     elif args.command == "captions":
-        result = captions_to_arrayrecord(args.out, tars=args.tars, rec=args.rec, template=args.template)
+        result = captions_to_arrayrecord(args.out, tars=args.tars, parquet=args.parquet, images=args.images,
+                                         rec=args.rec, template=args.template, key_column=args.key_column,
+                                         caption_column=args.caption_column)
     else:
         result = pairs_to_bin(args.pairs, args.root, args.out, args.image_size, args.ext)
     print(json.dumps({"command": args.command, **result}))

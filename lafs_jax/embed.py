@@ -3,11 +3,15 @@
     python -m lafs_jax.embed --backbone DIR --images PATH --out EMB.npy [--no-flip] [--batch N]
                              [--landmarks FILE] [--skip-bad]
     python -m lafs_jax.embed --backbone CLIP_DIR --texts CAPTIONS.txt --out EMB.npy
+    python -m lafs_jax.embed --backbone CLIP_DIR --images PATH --texts PROMPTS.txt --out SCORES.npy
 
 `--texts` (a CLIP / FaRL directory, kind 'clip_vit'): text features, one row per line of the UTF-8 file
 (`eval.text_embed`; an empty or undecodable line is an error naming it; captions longer than the
 context are truncated as CLIP does, counted in the log and the JSON). Images of such a directory give
-its projected CLIP image features (unnormalised; with the flip sum unless --no-flip).
+its projected CLIP image features (unnormalised; with the flip sum unless --no-flip). Both `--images`
+and `--texts`: zero-shot attribute scores, float32 [N images, P prompts] cosines of the two features
+(`eval.text_embed.zero_shot_scores`; the JSON adds the prompts and the directory's scale exp(logit_scale),
+with which `text_embed.zero_shot_probabilities` gives CLIP's softmax over prompts).
 
 Contract:
 - DIR is a variables directory (`DIR/metadata.json` with the model config + `DIR/variables/`), as
@@ -344,6 +348,33 @@ def run_texts(backbone: str, texts_path: str, out: str, *, batch: int = 64) -> d
     return dict(info, seconds=time.time() - start)
 
 
+def run_scores(backbone: str, images_path: str, texts_path: str, out: str, *, flip: bool = True,
+               batch: int = 64, skip_bad: bool = False) -> dict:
+    """`--images` + `--texts`: zero-shot scores [N, P] (module docstring); SCORES.npy + SCORES.json."""
+    if not out.endswith(".npy"):
+        raise UserError(f"--out {out}: the scores file must end in .npy")
+    base = os.path.splitext(out)[0]
+    image_out, text_out = f"{base}.images-{os.getpid()}.npy", f"{base}.texts-{os.getpid()}.npy"
+    try:
+        image_info = run(backbone, images_path, image_out, flip=flip, batch=batch, skip_bad=skip_bad)
+        text_info = run_texts(backbone, texts_path, text_out, batch=batch)
+        scores = text_embed.zero_shot_scores(np.load(image_out), np.load(text_out))
+    finally:
+        for path in (image_out, text_out):
+            for p in (path, json_path(path)):
+                if os.path.exists(p):
+                    os.remove(p)
+    prompts = text_embed.read_captions(texts_path)
+    info = {**{k: image_info[k] for k in ("sources", "source", "backbone", "flip", "normalization", "image_size",
+                                          "skipped")},
+            "embeddings": os.path.basename(out), "count": int(scores.shape[0]), "dim": int(scores.shape[1]),
+            "scores": "cosine of image row and prompt column", "prompts": prompts,
+            "texts": os.path.abspath(texts_path), "truncated_lines": text_info["truncated_lines"],
+            "scale": text_embed.logit_scale_of(backbone)}
+    write_outputs(out, scores, info)
+    return dict(info, seconds=image_info["seconds"] + text_info["seconds"])
+
+
 def fatal(message: Any) -> None:
     """One line 'FATAL message' on stderr, then exit status 1."""
     print("FATAL " + " ".join(str(message).split()), file=sys.stderr, flush=True)
@@ -358,7 +389,8 @@ def parser() -> argparse.ArgumentParser:
         "Embed face images with a backbone (variables directory). Aligned 112x112 crops are the norm; "
         + RESIZE_RULE + ". Writes float32 [N, D] to --out and a .json of the sources next to it."))
     p.add_argument("--backbone", required=True, help="variables directory (metadata.json + variables/)")
-    p.add_argument("--texts", help="CLIP / FaRL directories: a UTF-8 file of captions, one per line (text features)")
+    p.add_argument("--texts", help="CLIP / FaRL directories: a UTF-8 file of captions, one per line (text features; "
+                   "with --images: zero-shot scores [images, prompts])")
     p.add_argument("--images", help="image folder (jpg/jpeg/png/pgm/bmp, recursive, sorted by "
                    "relative path), .npy uint8 [N,H,W,3], .rec (prefix or file) or ArrayRecord file")
     p.add_argument("--out", required=True, help="EMB.npy (EMB.json is written next to it)")
@@ -374,10 +406,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.batch < 1:
         fatal(f"--batch {args.batch}: must be >= 1")
-    if (args.images is None) == (args.texts is None):
-        fatal("give exactly one of --images and --texts")
+    if args.images is None and args.texts is None:
+        fatal("give --images, --texts, or both (zero-shot scores)")
     try:
-        if args.texts is not None:
+        if args.texts is not None and args.images is not None:
+            info = run_scores(args.backbone, args.images, args.texts, args.out, flip=args.flip, batch=args.batch,
+                              skip_bad=args.skip_bad)
+        elif args.texts is not None:
             info = run_texts(args.backbone, args.texts, args.out, batch=args.batch)
         else:
             info = run(args.backbone, args.images, args.out, flip=args.flip, batch=args.batch,
@@ -386,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fatal(e)
     except ValueError as e:  # metadata / variables that do not fit the model, a bad normalisation name
         fatal(e)
-    print(f"wrote {info['count']} embeddings of dimension {info['dim']} to {args.out} ({json_path(args.out)}); "
+    what = "rows of zero-shot scores over prompts" if "prompts" in info else "embeddings of dimension"
+    print(f"wrote {info['count']} {what} {info['dim']} to {args.out} ({json_path(args.out)}); "
           f"{len(info['skipped'])} skipped; {info['seconds']:.1f} s with loading and compiling the model (the bar's "
           f"images/s is the embedding alone; bench/embed_speed.py measures throughput)", flush=True)
     return 0

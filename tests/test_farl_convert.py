@@ -1,7 +1,9 @@
 """`python -m lafs_jax.convert --kind farl` on a CLIP-layout checkpoint of the PyTorch mirror
 (tests/torch_mirror_clip.py: small widths, the real 49,408-token vocabulary), then `python -m
-lafs_jax.embed` for images and texts: features equal to 1e-4 of their scale; bad inputs name what is
-wrong; bicubic position resampling equals torch's."""
+lafs_jax.embed` for images and texts: features equal to 1e-4 of their scale, zero-shot scores (both at
+once) the mirror's cosines; bad inputs name what is wrong; bicubic position resampling equals torch's."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 
 from lafs_jax import embed as embed_cmd
 from lafs_jax.convert import __main__ as convert_cmd
+from lafs_jax.eval import text_embed
 from lafs_jax.input import tokenizer as tok_lib
 from lafs_jax.input.transforms import CLIP_MEAN, CLIP_STD
 from lafs_jax.models import clip
@@ -52,6 +55,18 @@ def test_image_and_text_features_match_the_torch_mirror(converted):
     for got, want in ((np.load(tmp / "img.npy"), want_img), (np.load(tmp / "txt.npy"), want_txt)):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    # zero-shot scores: cosines of every image with every prompt, CLIP's softmax over prompts
+    assert embed_cmd.main(["--backbone", str(out), "--images", str(tmp / "images.npy"), "--no-flip",
+                           "--texts", str(tmp / "captions.txt"), "--out", str(tmp / "scores.npy")]) == 0
+    with torch.no_grad():
+        i, t = F.normalize(torch.from_numpy(want_img), dim=-1), F.normalize(torch.from_numpy(want_txt), dim=-1)
+        cos = (i @ t.T).numpy()
+        probs = (model.logit_scale.exp() * i @ t.T).softmax(-1).numpy()
+    scores = np.load(tmp / "scores.npy")
+    assert scores.shape == (4, len(CAPTIONS))
+    np.testing.assert_allclose(scores, cos, atol=1e-4)
+    scale = json.loads((tmp / "scores.json").read_text())["scale"]
+    np.testing.assert_allclose(text_embed.zero_shot_probabilities(scores, scale), probs, atol=1e-3)
 
 
 def test_bad_inputs_name_the_key_or_line(converted, capsys):

@@ -1,7 +1,7 @@
-"""FaRL pretraining end to end (configs/farl.py:tiny on synthetic captioned images, 8 CPU devices): the
-pretrain task runs train/image_text's step with the loop's evaluators, a SIGTERM-stopped run resumes
-to the straight run's state bit for bit, the exported directory embeds images and texts, the data
-format's bad inputs name the shard / key."""
+"""FaRL pretraining end to end (configs/farl.py:tiny on synthetic captioned images, 8 CPU devices, views
+made on the device): the pretrain task runs train/image_text's step with the loop's evaluators, a
+SIGTERM-stopped run resumes to the straight run's state bit for bit, the exported directory embeds images
+and texts, the data format's bad inputs name the shard / key."""
 import contextlib
 import io
 import os
@@ -45,6 +45,10 @@ def farl_setup(tmp_path_factory):
     config.data.path = str(tmp / "pairs.arrayrecord")
     config.batch_size, config.total_steps = 8, STEPS
     config.farl.context_length = 12
+    # views made on the device (random resized crop + flip, keyed by the run key and the stream index), so
+    # the SIGTERM / resume test covers that path; test_farl_device_views checks its crop against the host's
+    config.data.augment_on = "device"
+    config.farl.update(crop_scale=(0.5, 1.0), flip=True)
     config.model.clip.text_width = 8  # small checkpoints: the 49,408-row token table is most of the text tower
     config.farl.mim.update(vocab_size=16, kmeans_images=32, kmeans_patches=128, kmeans_iterations=3)
     config.evals.val.update(bins=(str(tmp / "val.bin"),), nfolds=2)

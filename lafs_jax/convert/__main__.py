@@ -18,6 +18,12 @@ reads it). --preset (e.g. resnet50) checks the shapes against a preset.
 FaRL / CLIP (`--kind farl`, lafs_jax.convert.farl): the CLIP state dict (under 'state_dict' in FaRL's
 release); the architecture is read from the shapes; --image-size resamples the position embeddings.
 
+    python -m lafs_jax.convert --kind dalle --src dalle_encoder_state.pt --out runs/dalle_dvae
+
+DALL-E dVAE encoder (`--kind dalle`, lafs_jax.convert.dalle): FaRL's MIM visual tokenizer. --src is a plain
+state dict saved once from the released pickled module on a trusted machine (the recipe is in that
+module's docstring); the pickled `encoder.pkl` itself is never opened here.
+
 LVFace (`--kind lvface`): the released `.pt` is a plain state dict of the InsightFace ViT; the size is
 read from it (pos_embed's width, the number of blocks) unless --preset names one (an LVFace config
 name such as vit_b_dp005_mask_005, or insightface_t/s/b/l); every key must map and every variable be
@@ -41,7 +47,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from lafs_jax.convert import farl, mapping
+from lafs_jax.convert import dalle, farl, mapping
 from lafs_jax.convert import fra as fra_convert
 from lafs_jax.input.images import COLOR_ORDERS
 from lafs_jax.input.transforms import NORMALIZATIONS
@@ -84,7 +90,8 @@ def load_torch_checkpoint(path: str, unsafe: bool = False) -> Any:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lafs_jax.convert", description=__doc__.split("\n")[0])
-    p.add_argument("--kind", required=True, choices=(*mapping.KINDS, "fra", farl.KIND), help="checkpoint family")
+    p.add_argument("--kind", required=True, choices=(*mapping.KINDS, "fra", farl.KIND, dalle.KIND),
+                   help="checkpoint family")
     p.add_argument("--src", required=True, help="official .pth file")
     p.add_argument("--out", required=True, help="variables directory to write")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
@@ -130,6 +137,23 @@ def convert_fra(args: argparse.Namespace) -> tuple[dict, dict, str]:
     return backbone, meta, f"converted a {what}; the directory exposes the {which if model else 'ResNet'} backbone"
 
 
+def convert_dalle(args: argparse.Namespace) -> tuple[dict, dict, str]:
+    """--kind dalle: read the --src state dict (weights only), convert, write --out."""
+    if args.unsafe_load:
+        raise SystemExit("--kind dalle reads a plain state dict only (lafs_jax.convert.dalle); no --unsafe-load")
+    state = load_torch_checkpoint(args.src)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise SystemExit(f"--src {args.src}: not a state dict (named tensors); see lafs_jax.convert.dalle")
+    try:
+        params, cfg = dalle.convert_state_dict(state)
+    except mapping.ConversionError as e:
+        raise SystemExit(f"--src {args.src}: {e}") from None
+    meta = dalle.metadata(cfg, os.path.abspath(args.src))
+    variables = {"params": params}
+    save_variables(args.out, variables, meta)
+    return variables, meta, f"converted a DALL-E dVAE encoder {cfg}"
+
+
 def convert_file(args: argparse.Namespace) -> tuple[dict, dict, mapping.ConversionReport]:
     """Read --src, convert, write --out; returns (variables, metadata, report)."""
     if args.kind == farl.KIND:
@@ -166,8 +190,8 @@ def convert_file(args: argparse.Namespace) -> tuple[dict, dict, mapping.Conversi
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.kind == "fra":
-        print(convert_fra(args)[2])
+    if args.kind in ("fra", dalle.KIND):
+        print((convert_fra if args.kind == "fra" else convert_dalle)(args)[2])
         print(f"wrote {os.path.abspath(args.out)}")
         return 0
     _, _, report = convert_file(args)

@@ -7,6 +7,14 @@ file and the line); `embed_texts(directory, texts, batch_size) -> (features floa
 not normalised, CLIP's `encode_text`), truncated bool [N])` tokenizes with CLIP's BPE at the directory's
 context length (metadata `text.context_length`, else the model's) and runs `models.clip.ClipText`;
 captions longer than the context are truncated as CLIP does and counted in the log.
+
+Zero-shot attribute scoring (CLIP's zero-shot rule, what FaRL's text tower makes cheap): `zero_shot_scores(
+image_features [N, E], text_features [P, E]) -> float32 [N, P]` cosines of the L2-normalised rows (one
+column per prompt, e.g. "a photo of a face with eyeglasses"); `zero_shot_probabilities(scores [N, P],
+scale) -> [N, P]` softmax over the prompts of scale x cosine (CLIP: scale = exp(logit_scale), at most
+100; `logit_scale_of(directory)`), e.g. with the pair "... with eyeglasses" / "... without eyeglasses" the
+first column is the probability of the attribute. `python -m lafs_jax.embed --images X --texts
+PROMPTS.txt` writes the scores.
 """
 from __future__ import annotations
 
@@ -66,3 +74,27 @@ def embed_texts(directory: str, texts: list[str], batch_size: int = 64) -> tuple
     params = jax.tree.map(jnp.asarray, variables["text"]["params"])
     out = [np.asarray(fn(params, jnp.asarray(ids[s:s + batch_size]))) for s in range(0, len(ids), batch_size)]
     return np.concatenate(out, 0).astype(np.float32), truncated
+
+
+def zero_shot_scores(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+    """float32 [N, P]: cosine of image i and prompt p (module docstring)."""
+    a = np.asarray(image_features, np.float64)
+    b = np.asarray(text_features, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"zero_shot_scores: image [N, E] and text [P, E] features needed, got {a.shape} and {b.shape}")
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return (a @ b.T).astype(np.float32)
+
+
+def zero_shot_probabilities(scores: np.ndarray, scale: float) -> np.ndarray:
+    """float32 [N, P]: softmax over the prompts of `scale` x cosines [N, P] (CLIP's zero-shot classifier)."""
+    z = float(scale) * np.asarray(scores, np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def logit_scale_of(directory: str) -> float:
+    """exp(logit_scale) of a CLIP / FaRL directory, clamped at CLIP's 100."""
+    variables, _ = variables_lib.load_variables(directory, {"logit_scale": jax.ShapeDtypeStruct((), jnp.float32)})
+    return float(min(np.exp(float(variables["logit_scale"])), clip.LOGIT_SCALE_MAX))

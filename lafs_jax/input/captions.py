@@ -11,6 +11,14 @@ its `.labels.npz` sidecar.
 `read_webdataset(tar_paths)` yields (shard, key, image bytes, caption) from img2dataset's webdataset
 shards (KEY.jpg|png|webp + KEY.txt (+ KEY.json, ignored)); a key with only one half, an empty or
 non-UTF-8 caption is a DataSourceError naming the shard and the key.
+
+`ParquetPairs(parquet_paths, image_root, key_column, caption_column)` yields (file, key,
+image bytes, caption) from caption tables (parquet: one row per pair, as img2dataset's per-shard
+`.parquet` with `--output_format files` writes them) and a folder of images found by key (ROOT/**/KEY.jpg
+|.jpeg|.png|.webp, any depth, e.g. img2dataset's ROOT/00000/000000012.jpg). Rows with a `status` column
+other than 'success' (img2dataset's failed downloads) are skipped and counted in `skipped`. A missing
+column, a row whose image is not in the folder, an empty or null caption, a key found twice in the
+folder: a DataSourceError naming the file, the row and the key.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from typing import Iterable, Iterator
 
 import grain
 import numpy as np
+import pyarrow.parquet as pq
 
 from lafs_jax.input import sources as S
 
@@ -91,6 +100,58 @@ def read_webdataset(tar_paths: Iterable[str]) -> Iterator[tuple[str, str, bytes,
             if not caption:
                 raise S.DataSourceError(f"{path}: {key}.txt is an empty caption")
             yield path, key, images[key], caption
+
+
+def image_index(root: str) -> dict[str, str]:
+    """{file stem: path} of the images under `root` (any depth); a stem found twice is a DataSourceError."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    index: dict[str, str] = {}
+    for dirpath, _, files in os.walk(root):
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_SUFFIXES:
+                continue
+            path = os.path.join(dirpath, name)
+            if stem in index:
+                raise S.DataSourceError(f"{root}: image key {stem!r} found twice ({index[stem]} and {path})")
+            index[stem] = path
+    return index
+
+
+class ParquetPairs:
+    """Iterable of (file, key, image bytes, caption) over caption tables + an image folder (module
+    docstring); `skipped` counts the rows whose `status` is not 'success' once iterated."""
+
+    def __init__(self, parquet_paths: Iterable[str], image_root: str, key_column: str = "key",
+                 caption_column: str = "caption"):
+        self.paths, self.root = list(parquet_paths), image_root
+        self.key_column, self.caption_column = key_column, caption_column
+        self.images = image_index(image_root)
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[tuple[str, str, bytes, str]]:
+        for path in self.paths:
+            names = pq.read_schema(path).names
+            for column in (self.key_column, self.caption_column):
+                if column not in names:
+                    raise S.DataSourceError(f"{path}: no column {column!r} (columns {names}); choose it with "
+                                            "--key-column / --caption-column")
+            columns = [self.key_column, self.caption_column] + (["status"] if "status" in names else [])
+            table = pq.read_table(path, columns=columns).to_pydict()
+            statuses = table.get("status")
+            for row, (key, caption) in enumerate(zip(table[self.key_column], table[self.caption_column])):
+                if statuses is not None and statuses[row] != "success":
+                    self.skipped += 1
+                    continue
+                key = str(key)
+                if caption is None or not str(caption).strip():
+                    raise S.DataSourceError(f"{path}: row {row} (key {key!r}) has an empty caption")
+                if key not in self.images:
+                    raise S.DataSourceError(f"{path}: row {row} (key {key!r}): no image {key}.jpg/.jpeg/.png/.webp "
+                                            f"under {self.root}")
+                with open(self.images[key], "rb") as f:
+                    yield path, key, f.read(), str(caption).strip()
 
 
 class ImageCaptionSource(S.FaceSource):

@@ -7,6 +7,7 @@ The pretrain task (`train/pretrain.py`) builds this step instead of `ssl`'s for 
 `single_network = True`, and runs it with the same loop (resume, SIGTERM, divergence checks,
 evaluators, best checkpoint, export). One step, jitted once with explicit shardings:
 
+    batch   = objective.augment(fold_in(state['rng'], ssl.AUGMENT_STREAM), batch)  (data.augment_on='device')
     (loss, aux), g = value_and_grad(objective.loss)(state['params'], batch, state, rng, mesh=mesh)
     params  = optimizer update of g (optim.pretrain_optimizer: config.optim; the recipes clip the global
               norm at 1.0 and use AdamW)
@@ -54,10 +55,13 @@ def state_shardings(abstract_state: Any, config: ml_collections.ConfigDict, mesh
                                     mesh_lib.param_shardings(params, tuple(config.sharding_rules), mesh), mesh)
 
 
-def make_train_step(objective: Any, tx: optax.GradientTransformation, mesh) -> Callable:
+def make_train_step(objective: Any, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                    mesh) -> Callable:
     """The pure step `step(state, batch, rng) -> (state, metrics)` of the module docstring."""
 
     def step(state, batch, rng):
+        batch = ssl.device_views(objective, config, state["rng"], batch)
+
         def loss_fn(params):
             return objective.loss(params, batch, state, rng, mesh=mesh)
 
@@ -80,7 +84,7 @@ def build(objective: Any, config: ml_collections.ConfigDict, mesh, *, steps_per_
                                       global_batch_size=config.batch_size)
     abstract = jax.eval_shape(lambda k: init_state(objective, tx, k), jax.random.key(0))
     shardings = state_shardings(abstract, config, mesh)
-    step = ssl.jit_step(make_train_step(objective, tx, mesh), shardings, mesh)
+    step = ssl.jit_step(make_train_step(objective, config, tx, mesh), shardings, mesh)
     init = jax.jit(lambda key, resources=None: init_state(objective, tx, key, resources), out_shardings=shardings)
     return ssl.Task(step, init, shardings, abstract, tx)
 
@@ -88,9 +92,14 @@ def build(objective: Any, config: ml_collections.ConfigDict, mesh, *, steps_per_
 def build_train_step(objective: Any, config: ml_collections.ConfigDict, mesh, *, steps_per_epoch: int,
                      total_steps: int) -> tuple[Callable, tuple, Any, Callable]:
     """(step, args, shardings, init) as `ssl.build_train_step`: abstract (state, batch, rng) with their
-    NamedShardings for `step.lower(*args)` (the batch: `objective.view_batch_shapes` + 'label')."""
+    NamedShardings for `step.lower(*args)` (the batch: `objective.view_batch_shapes` + 'label'; with
+    data.augment_on='device' its 'image' uint8 [B, S, S, 3] of S = data.image_size and an 'index')."""
     task = build(objective, config, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     batch = dict(objective.view_batch_shapes(config.batch_size))
+    if config.data.augment_on == "device":  # the view batch with decoded images + stream indices
+        s = config.data.image_size
+        batch.update(image=jax.ShapeDtypeStruct((config.batch_size, s, s, 3), jnp.uint8),
+                     index=jax.ShapeDtypeStruct((config.batch_size,), jnp.int32))
     batch["label"] = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
     rng = jax.eval_shape(lambda: jax.random.key(0))
     args = (ckpt_lib.abstract_like(task.abstract_state, task.shardings),

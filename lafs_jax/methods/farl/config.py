@@ -34,14 +34,18 @@ def config(*, tiny: bool = False) -> ml_collections.ConfigDict:
     c.logit_bias_init = -10.0  # SigLIP's initial logit bias ('sigmoid' only)
     c.context_length = 16 if tiny else 77  # text positions read (CLIP: 77; longer captions are truncated)
     c.flip = False  # random horizontal flip of the images (CLIP and FaRL's known settings: none)
+    # () = the centred square (CLIP's preprocessing); (lo, hi) = RandomResizedCrop area fraction (open_clip
+    # trains CLIP with (0.9, 1.0); CLIP's paper: a random square crop only; FaRL's: unpublished)
+    c.crop_scale = ()
     c.mim = ml_collections.ConfigDict()
     c.mim.weight = 1.0  # weight of the MIM term (FaRL: 1); 0 = ITC only (no masked copy is run)
     c.mim.num_masked = 6 if tiny else 75  # patches masked per image (BEiT: 75 of 196, about 40 %)
     c.mim.min_block = 2 if tiny else 16  # smallest masked rectangle in patches (BEiT: 16)
     c.mim.layers = 1  # lm_transformer blocks (FaRL's MIM.LAYERS; value unpublished, 1 inferred)
     # visual tokenizer: 'kmeans' (a frozen k-means codebook of raw normalised patch vectors, fitted at
-    # start-up on training images; offline) | 'dalle' (DALL-E's dVAE, BEiT's; not implemented here)
+    # start-up on training images; offline) | 'dalle' (DALL-E's dVAE encoder, BEiT's: `dalle_path`)
     c.mim.tokenizer = "kmeans"
+    c.mim.dalle_path = ""  # 'dalle': the directory `python -m lafs_jax.convert --kind dalle` wrote
     c.mim.vocab_size = 64 if tiny else 8192  # visual token ids predicted (BEiT / DALL-E: 8192)
     c.mim.codebook_path = ""  # .npy [vocab_size, patch*patch*3] codebook; '' = fit on the training data
     c.mim.kmeans_images = 250 if tiny else 2000  # training images the codebook is fitted on
@@ -73,9 +77,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("layers", "vocab_size", "kmeans_images", "kmeans_patches", "kmeans_iterations"):
         check(isinstance(m[key], int) and m[key] >= 1, f"farl.mim.{key}", m[key], "an int >= 1")
     check(m.tokenizer in TOKENIZERS, "farl.mim.tokenizer", m.tokenizer, f"one of {TOKENIZERS}")
+    check(m.tokenizer != "dalle" or bool(m.dalle_path), "farl.mim.dalle_path", m.dalle_path,
+          "the converted dVAE directory (python -m lafs_jax.convert --kind dalle) with farl.mim.tokenizer='dalle'")
     check(m.kmeans_patches >= m.vocab_size, "farl.mim.kmeans_patches", m.kmeans_patches,
           f">= farl.mim.vocab_size={m.vocab_size}")
-    check(config.data.augment_on == "host", "data.augment_on", config.data.augment_on,
-          "method 'farl' makes its batches on the host ('host')")
+    check(config.data.augment_on == "device" or config.data.image_size == config.model.image_size, "data.image_size",
+          config.data.image_size, f"model.image_size={config.model.image_size} (the host makes the model's views; "
+          "with data.augment_on='device' it is the decoded images' side)")
+    cs = tuple(f.crop_scale)
+    check(cs == () or (len(cs) == 2 and all(isinstance(v, (int, float)) for v in cs) and 0 < cs[0] <= cs[1] <= 1),
+          "farl.crop_scale", f.crop_scale, "() (centred square) or (lo, hi) with 0 < lo <= hi <= 1")
     check(config.data.format == "image_text", "data.format", config.data.format,
           "method 'farl' reads image-caption pairs ('image_text', made by `python -m data.prepare captions`)")
