@@ -61,11 +61,14 @@ if [ "$DRY" = 1 ]; then
   FT_ARGS=(--recipe configs/finetune.py:tiny --num-classes 64 --sample-rate 0.5 --batch 2 --steps 1 "${SMALL_MODEL[@]}")
   LAFS_ARGS=(--presets tiny --batch tiny=1 --steps 1 "${SMALL_MODEL[@]}" --set data.lafs.local_views=1)
   DINO_ARGS=(--presets tiny --batch tiny=1 --steps 1 --set model.depth=1 --set data.dino.local_crops=1)
-  FRA_ARGS=(--presets tiny --batch tiny=1 --steps 1 --set fra.decoder_layers=1)
+  FRA_ARGS=(--presets tiny --batch tiny=2 --steps 1 --set model.resnet.width=8 --set "model.resnet.layers=(1,1,1,1)"
+            --set model.dim=64 --set model.image_size=32 --set fra.view_size=32 --set fra.hidden_dim=32
+            --set fra.out_dim=16 --set fra.num_proto=4 --set fra.decoder_layers=1 --set data.image_size=48
+            --set "data.ssl_color.global_blur_probs=(0.0,0.0)")
   MODEL_ARGS=(--presets tiny --batch-tiny 2 --iters 1 --modes forward --set depth=1
               --set "landmark.blocks=((3,16,16,False,'RE',2),)")
   ATTENTION=xla
-  LIMITS=(finetune=200 model_jax=120 model_torch=60 lafs=200 dino=150 fra=200)
+  LIMITS=(finetune=200 model_jax=120 model_torch=60 lafs=200 dino=150 fra=300)
 else
   [ -n "$RESULTS" ] || RESULTS=bench/RESULTS.md
   [ -n "$BUDGET" ] || BUDGET=600
