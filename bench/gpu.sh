@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One unattended benchmark run on a single-GPU machine, at most 8 minutes (--budget), no network needed.
+# One unattended benchmark run on a single-GPU machine, at most 10 minutes (--budget), no network needed.
 #
 #   bench/fetch_gpu_wheels.sh          # beforehand, on a machine with PyPI: cp312 wheels into .whl/
 #   bench/gpu.sh                       # on the GPU machine: writes the `## GPU` section of bench/RESULTS.md
@@ -16,6 +16,8 @@
 #              process so the two frameworks' CUDA libraries never meet
 #   lafs       LAFS base pretraining step (bench/pretrain.py), bf16, cuDNN attention, then its trace
 #   dino       DINO-face base pretraining step
+#   fra        FRA pretraining step (ResNet-50, 224 px, both views, online + target, LARS, EMA, views made on
+#              the device; bench/pretrain.py --methods fra --augment-on device), bf16
 #   report     bench/gpu_report.py: JSON lines -> `## GPU` section (date, device, img/s/device, step ms,
 #              MFU against the GPU's dense bf16 peak, peak memory, JAX / PyTorch, dominant kernels)
 # Batches fill an H100 / H200 (a `/` list falls back to the next size on out-of-memory).
@@ -26,7 +28,7 @@ DRY=0
 OUT=runs/gpu_bench
 RESULTS=""
 BUDGET=""
-ONLY="finetune,model,lafs,dino"
+ONLY="finetune,model,lafs,dino,fra"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -35,13 +37,13 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET="$2"; shift ;;
     --only) ONLY="$2"; shift ;;
     *) echo "bench/gpu.sh: unknown argument $1 (use --dry-run, --out DIR, --results FILE, --budget SECONDS," \
-            "--only finetune,model,lafs,dino)" >&2
+            "--only finetune,model,lafs,dino,fra)" >&2
        exit 2 ;;
   esac
   shift
 done
 for s in ${ONLY//,/ }; do
-  case "$s" in finetune|model|lafs|dino) ;; *) echo "bench/gpu.sh: --only: unknown step $s" >&2; exit 2 ;; esac
+  case "$s" in finetune|model|lafs|dino|fra) ;; *) echo "bench/gpu.sh: --only: unknown step $s" >&2; exit 2 ;; esac
 done
 wanted() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 START=$(date +%s)
@@ -53,27 +55,32 @@ RESERVE=25  # seconds kept for the report
 
 if [ "$DRY" = 1 ]; then
   [ -n "$RESULTS" ] || RESULTS="$OUT/RESULTS.md"  # never the repository's file with CPU numbers
-  [ -n "$BUDGET" ] || BUDGET=1800  # a shared CPU is slow to compile; the 8 minutes are the GPU's
+  [ -n "$BUDGET" ] || BUDGET=1800  # a shared CPU is slow to compile; the 10 minutes are the GPU's
   export JAX_PLATFORMS=cpu
   SMALL_MODEL=(--set model.depth=1 --set "model.landmark.blocks=((3,16,16,False,'RE',2),)")
   FT_ARGS=(--recipe configs/finetune.py:tiny --num-classes 64 --sample-rate 0.5 --batch 2 --steps 1 "${SMALL_MODEL[@]}")
   LAFS_ARGS=(--presets tiny --batch tiny=1 --steps 1 "${SMALL_MODEL[@]}" --set data.lafs.local_views=1)
   DINO_ARGS=(--presets tiny --batch tiny=1 --steps 1 --set model.depth=1 --set data.dino.local_crops=1)
+  FRA_ARGS=(--presets tiny --batch tiny=2 --steps 1 --set model.resnet.width=8 --set "model.resnet.layers=(1,1,1,1)"
+            --set model.dim=64 --set model.image_size=32 --set fra.view_size=32 --set fra.hidden_dim=32
+            --set fra.out_dim=16 --set fra.num_proto=4 --set fra.decoder_layers=1 --set data.image_size=48
+            --set "data.ssl_color.global_blur_probs=(0.0,0.0)")
   MODEL_ARGS=(--presets tiny --batch-tiny 2 --iters 1 --modes forward --set depth=1
               --set "landmark.blocks=((3,16,16,False,'RE',2),)")
   ATTENTION=xla
-  LIMITS=(finetune=200 model_jax=120 model_torch=60 lafs=200 dino=150)
+  LIMITS=(finetune=200 model_jax=120 model_torch=60 lafs=200 dino=150 fra=300)
 else
   [ -n "$RESULTS" ] || RESULTS=bench/RESULTS.md
-  [ -n "$BUDGET" ] || BUDGET=480
+  [ -n "$BUDGET" ] || BUDGET=600
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
   FT_ARGS=(--recipe configs/finetune.py:webface4m --num-classes 1000000 --sample-rate 0.1 --batch 384/256/128
            --steps 6 --precision bfloat16)
   LAFS_ARGS=(--presets base --batch base=128/64/32 --steps 4)
   DINO_ARGS=(--presets base --batch base=128/64/32 --steps 4)
+  FRA_ARGS=(--presets base --batch base=256/128/64 --steps 4)
   MODEL_ARGS=(--presets base --batch-base 256 --iters 5 --modes forward,forward_backward)
   ATTENTION=cudnn
-  LIMITS=(finetune=150 model_jax=80 model_torch=60 lafs=100 dino=80)
+  LIMITS=(finetune=150 model_jax=80 model_torch=60 lafs=100 dino=80 fra=100)
 fi
 
 limit_of() { for kv in "${LIMITS[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
@@ -130,6 +137,7 @@ wanted lafs && step lafs $PY -m bench.pretrain --methods lafs "${LAFS_ARGS[@]}" 
   --set model.attention_implementation=$ATTENTION --profile "$OUT/trace_lafs"
 wanted dino && step dino $PY -m bench.pretrain --methods dino "${DINO_ARGS[@]}" \
   --set model.attention_implementation=$ATTENTION
+wanted fra && step fra $PY -m bench.pretrain --methods fra --augment-on device "${FRA_ARGS[@]}"
 
 $PY bench/gpu_report.py --lines "$OUT/lines.jsonl" --status "$OUT/status.txt" --results "$RESULTS" \
   --seconds $(( $(date +%s) - START )) $([ "$DRY" = 1 ] && echo --dry-run)

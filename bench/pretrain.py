@@ -1,8 +1,8 @@
 """Pretraining step speed: images/s per device and MFU of the DINO-face / LAFS step, tiny and base.
 
-    python -m bench.pretrain [--presets tiny,base] [--methods lafs,dino] [--batch tiny=16,base=2]
+    python -m bench.pretrain [--presets tiny,base] [--methods lafs,dino,fra] [--batch tiny=16,base=2]
                              [--augment-on host[,device]] [--steps 3] [--peak-tflops auto] [--set model.x=y ...]
-                             [--write-results]
+                             [--torch-mirror] [--threads N] [--write-results]
                              [--coordinator_address H:P --num_processes N --process_id I]
 
 The step is exactly the one `lafs_jax.train.pretrain.run` trains (`build_train_step`: `ssl.build`, the
@@ -10,7 +10,10 @@ function run builds its step with: the method's objective, optimizer, shardings,
 fresh state from `init`; tests/test_pretrain.py checks that the two lower to the same HLO): LAFS =
 frozen landmark CNN on every clean view + patch sampling + student on all views + teacher on the
 global views + DINO loss + AdamW + EMA + centre; DINO-face = the same on grid patches of 2 x 112 px
-+ L x 48 px crops. Views per image as the recipe (2 global + 8 local for base; the :tiny recipe's
++ L x 48 px crops; FRA (configs/fra.py, ResNet-50 at 224 px for base, the :tiny recipe's ResNet for
+tiny; `--augment-on device` only, its recipe makes its views on the device) = online network and
+predictors on both views + target on both views + BYOL / region / decorrelation / cluster losses +
+LARS + EMA. Views per image as the recipe (2 global + 8 local for base; the :tiny recipe's
 counts for tiny); `--set` overrides a recipe field (e.g. `model.attention_implementation=cudnn`).
 Inputs are random normalised images (the input pipeline has its own benchmark, bench/input.py), so
 this measures the accelerator side only.
@@ -40,6 +43,16 @@ cores x clock x 32 FP32 FLOP/cycle (two 256-bit FMA pipes; AVX-512 units on Zen 
 256-bit, so 32 is the honest figure there too); H100 / H200 SXM bf16 989 TFLOP/s, A100 bf16 312.
 Compute dtype follows the recipe's `precision = 'auto'` (fp32 on CPU, bf16 on GPU/TPU).
 
+`--torch-mirror` (FRA only) also times the PyTorch mirror of the official FRAB (tests/fra_torch_mirror.py,
+imported the way bench/model.py imports tests/torch_mirror.py, only when asked) on the same per-device
+batch on the CPU, float32: forward of both networks on both views, the loss, backward, an SGD-momentum
+update with weight decay (LARS's per-layer trust ratio is a few elementwise ops per tensor, not in the
+mirror) and the EMA of the target; one line `pretrain_fra_{preset}_torch` (its FLOPs and MFU are the
+JAX step's XLA count, the same model), and the JAX line gains `jax_over_torch` (the ratio of
+images/s per device). The mirror is fed ready normalised views (no augmentation), so the JAX line's
+step, which augments on the device, is the more loaded of the two. `--threads N` runs both frameworks
+on N threads (bench/threads.py; 1 = XLA:CPU single-threaded too), the fair comparison on a shared CPU.
+
 With --write-results the lines and the command replace the `## Pretraining` section of
 bench/RESULTS.md (or --results PATH; re-read just before writing; other sections stay).
 """
@@ -55,12 +68,18 @@ import statistics
 import sys
 import time
 
-import jax
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
+from threads import THREADS, single_thread_xla  # noqa: E402  (before jax and torch)
+
+if THREADS == 1:
+    single_thread_xla()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s helpers, however it is run
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the PyTorch mirror (--torch-mirror)
 import common  # noqa: E402
 import multihost  # noqa: E402
 import results_md  # noqa: E402
@@ -87,6 +106,9 @@ def _parse_args(argv):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. model.attention_implementation=cudnn (repeatable)")
     p.add_argument("--results", default=RESULTS, help="the RESULTS.md to write (--write-results)")
+    p.add_argument("--torch-mirror", action="store_true",
+                   help="FRA: also time the PyTorch mirror's step on the same batch (CPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for both frameworks (default: theirs)")
     p.add_argument("--profile", default="", help="write a jax.profiler trace of 2 more steps here and summarise it")
     multihost.add_flags(p)
     return p.parse_args(argv)
@@ -204,6 +226,69 @@ def measure(method: str, preset: str, per_device_batch: int, steps: int, peak_tf
     }
 
 
+def import_torch():
+    """torch and the FRA mirror, imported only when the PyTorch side runs (a JAX-only process never loads
+    torch), on --threads threads."""
+    import torch  # noqa: PLC0415  (optional heavy dependency, see the docstring)
+    import fra_torch_mirror  # noqa: PLC0415
+
+    if THREADS:
+        torch.set_num_threads(THREADS)
+        torch.set_num_interop_threads(THREADS)
+    return torch, fra_torch_mirror
+
+
+def measure_torch_fra(preset: str, per_device_batch: int, steps: int, jax_line: dict,
+                      overrides: list[str] = ()) -> dict:
+    """The PyTorch mirror's FRA step (FRAB forward, loss, backward, SGD momentum + weight decay, target EMA)
+    on `per_device_batch` pairs of normalised views [B, 3, S, S], float32 on the CPU; median of `steps`
+    timed steps after one untimed."""
+    torch, mirror = import_torch()
+    config = recipe("fra", preset)
+    common.apply_overrides(config, list(overrides))
+    r, f = config.model.resnet, config.fra
+    block = mirror.Bottleneck if r.block == "bottleneck" else mirror.BasicBlock
+    torch.manual_seed(0)
+    net = mirror.FRAB(mirror.ResNet(block, tuple(r.layers), width=r.width), hidden=f.hidden_dim, out=f.out_dim,
+                      queries=f.num_proto, dropout=f.dropout, layers=f.decoder_layers, heads=f.heads,
+                      teacher_temp=f.teacher_temp, student_temp=f.student_temp, w_cluster=f.cluster_weight,
+                      w_dec=f.decorrelation_weight, loss_weight=f.loss_weight)
+    net.train()
+    online = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(online, lr=0.01, momentum=0.9, weight_decay=config.optim.weight_decay)
+    pairs = list(zip(net.online_net.parameters(), net.target_net.parameters()))
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = (torch.randn(per_device_batch, 3, f.view_size, f.view_size, generator=g) for _ in range(2))
+
+    def one_step():
+        out = net(v1, v2)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        with torch.no_grad():
+            for po, pt in pairs:
+                pt.mul_(f.momentum).add_(po.detach(), alpha=1 - f.momentum)
+        return out["loss"]
+
+    one_step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = one_step()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    flops, peak = jax_line["flops_per_step_per_device"], jax_line["assumed_peak_tflops"]
+    return {
+        "name": f"pretrain_fra_{preset}_torch", "augment_on": "none (ready views)", "device": "1 x cpu (torch)",
+        "overrides": list(overrides), "precision": "float32", "per_device_batch": per_device_batch,
+        "views_per_image": 2, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        "step_ms": round(1e3 * step_s, 1), "img_per_sec_per_device": round(per_device_batch / step_s, 2),
+        "flops_per_step_per_device": flops, "tflops_per_sec_per_device": round(flops / step_s / 1e12, 4),
+        "assumed_peak_tflops": peak, "mfu": round(flops / step_s / (peak * 1e12), 4), "compile_s": 0.0,
+        "loss": round(float(loss.detach()), 4),
+    }
+
+
 def write_results(lines: list[dict], command: str, peak_note: str, note: str, path: str = RESULTS) -> None:
     """Replace (or add) the `## Pretraining` section of bench/RESULTS.md."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -232,13 +317,16 @@ def main(argv) -> list[dict]:
     args = _parse_args(argv)
     multihost.initialize(args)
     batches = dict(item.split("=") for item in args.batch.split(","))
+    if args.torch_mirror and "fra" not in args.methods.split(","):
+        raise SystemExit("--torch-mirror times FRA's mirror: add fra to --methods")
     device = jax.devices()[0]
     peak, peak_note = common.peak_from_flag(args.peak_tflops, device)
     lines = []
     for preset in args.presets.split(","):
         for method in args.methods.split(","):
             host_line = None
-            for augment_on in args.augment_on.split(","):
+            augment_ons = args.augment_on.split(",")
+            for augment_on in augment_ons:
                 line = common.first_batch_that_fits(
                     common.parse_batches(batches[preset]),
                     lambda b: measure(method, preset, b, args.steps, peak, args.set,
@@ -248,8 +336,13 @@ def main(argv) -> list[dict]:
                     host_line = line
                 elif host_line is not None and host_line["per_device_batch"] == line["per_device_batch"]:
                     line["augment_overhead"] = round(line["step_ms"] / host_line["step_ms"], 3)
-                multihost.emit(line)
-                lines.append(line)
+                ref = None
+                if args.torch_mirror and method == "fra" and augment_on == augment_ons[-1]:
+                    ref = measure_torch_fra(preset, line["per_device_batch"], args.steps, line, args.set)
+                    line["jax_over_torch"] = round(line["img_per_sec_per_device"] / ref["img_per_sec_per_device"], 3)
+                for out in (line, ref) if ref else (line,):
+                    multihost.emit(out)
+                    lines.append(out)
     if args.write_results and multihost.is_main():
         shown = [a for a in argv if a != "--write-results"]
         for flag in ("--note", "--results"):

@@ -1,5 +1,7 @@
 """FRA as a pretraining method: the recipe and its bad values, LARS's exclusions by name, the evaluation
-model, and a small `pretrain.run` on 8 devices in which the target keeps its own BatchNorm statistics."""
+model, and a small `pretrain.run` on 8 devices in which the target keeps its own BatchNorm statistics and
+which a SIGTERM-stopped, resumed run reproduces bit for bit."""
+import contextlib
 import os
 
 import jax
@@ -15,6 +17,7 @@ from lafs_jax.models import presets
 from lafs_jax.train import checkpoint as ckpt_lib
 from lafs_jax.train import loop_utils, pretrain
 from lafs_jax.train.param_rules import match_mults
+from sigterm_at import SigtermAt
 
 
 def _small(data_prefix=""):
@@ -85,12 +88,18 @@ def _state(workdir, step):
         return ckpt.restore(step)
 
 
-def test_run_trains_logs_exports_and_the_target_keeps_its_own_statistics(tmp_path, data_prefix):
-    """pretrain.run of the small recipe on 8 devices (resuming after SIGTERM is the shared loop's, tested
-    for the other methods; for FRA's tiny recipe it was checked by hand: README, "FRA")."""
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_prefix):
+    """The small recipe run straight through its 4 steps; yields (config, workdir)."""
     config = _small(data_prefix)
-    work = str(tmp_path / "a")
-    pretrain.run(config, work)
+    work = str(tmp_path_factory.mktemp("fra_straight"))
+    assert pretrain.run(config, work)["step"] == 4
+    return config, work
+
+
+def test_run_trains_logs_exports_and_the_target_keeps_its_own_statistics(straight_run):
+    """pretrain.run of the small recipe on 8 devices: metrics of every step, the target's own statistics."""
+    _, work = straight_run
     rows = loop_utils.read_metrics(work)
     assert sorted(r["step"] for r in rows) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
     assert {"heatmap_entropy", "cluster_usage", "cluster_ce_1", "memax_2", "decorrelation_12"} <= set(rows[-1])
@@ -103,6 +112,36 @@ def test_run_trains_logs_exports_and_the_target_keeps_its_own_statistics(tmp_pat
     assert not np.array_equal(np.asarray(a["teacher_stats"]["online"]["neck"]["proto"]),
                               np.asarray(a["student_stats"]["online"]["neck"]["proto"]))
     assert os.path.isfile(os.path.join(work, pretrain.TEACHER_BACKBONE_DIR, "metadata.json"))
+
+
+def test_sigterm_then_resume_equals_the_straight_run(straight_run, tmp_path, monkeypatch):
+    """SIGTERM after step 2 saves and returns; the resumed run's losses of steps 1-4 and its final state
+    (online, target, both networks' BatchNorm statistics and `proto` buffers, LARS state) equal the
+    straight run's bit for bit."""
+    config, work = straight_run
+    real_guard = loop_utils.preemption_guard
+
+    @contextlib.contextmanager
+    def guard_with_kill():
+        with real_guard() as g:
+            yield SigtermAt(g, at=2)
+
+    resumed = str(tmp_path / "resumed")
+    monkeypatch.setattr(loop_utils, "preemption_guard", guard_with_kill)
+    assert pretrain.run(config, resumed)["step"] == 2
+    assert not os.path.exists(os.path.join(resumed, pretrain.TEACHER_BACKBONE_DIR))  # stopped: no export
+    monkeypatch.setattr(loop_utils, "preemption_guard", real_guard)
+    assert pretrain.run(config, resumed)["step"] == 4
+    loss = {r["step"]: r["loss"] for r in loop_utils.read_metrics(work)}
+    loss_b = {r["step"]: r["loss"] for r in loop_utils.read_metrics(resumed)}
+    assert sorted(loss_b) == [1, 2, 3, 4] and all(loss[s] == loss_b[s] for s in range(1, 5)), (loss, loss_b)
+    a, b = _state(work, 4), _state(resumed, 4)
+    assert set(a) == set(b) and {"student", "teacher", "student_stats", "teacher_stats", "opt_state"} <= set(a)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
 def test_a_batch_the_devices_do_not_divide_fails_naming_the_key(tmp_path, data_prefix):

@@ -1,6 +1,6 @@
 """FRA against its PyTorch mirror (tests/fra_torch_mirror.py, the official FRAB from issue 34's
 description): the ResNet (train and eval mode, running statistics), every loss term and a few gradient
-norms on a tiny model, the cluster loss on sharp logits, and BatchNorm on 1 vs 8 devices."""
+norms on a tiny model, the encoder in eval mode (the `proto` buffer instead of the batch mean), the cluster loss on sharp logits, and BatchNorm on 1 vs 8 devices."""
 import numpy as np
 import pytest
 
@@ -156,6 +156,18 @@ def test_loss_terms_and_gradients_match_the_mirror():
            1e-4, "target running var")
     _close(target_stats["neck"]["proj_pixel"]["mlp_1"]["mean"],
            net.target_net.neck.proj_pixel.mlp[1].running_mean.numpy(), 1e-4, "target neck running mean")
+    # eval mode from the mirror's state after that forward: `proto` (not the batch mean) and running statistics
+    now, _ = conv.convert_training(conv.unwrap({"epoch": 1, "state_dict": {"module." + k: v
+                                                                           for k, v in _state(net).items()}}))
+    encoder = fra_objective.build_networks(cfg)[0]
+    out = jax.jit(lambda v, x: encoder.apply(v, x, train=False))(
+        {"params": now["params"]["online"], "batch_stats": now["batch_stats"]["online"]}, v1)
+    net.eval()
+    with torch.no_grad():
+        z_g, z_r, dots = net.online_net(x1, train=False)
+    _close(out["dots"], dots.numpy(), 1e-4, "eval-mode heatmap cosines (proto)")
+    _close(out["z_r"], z_r.transpose(1, 2).numpy(), 1e-4, "eval-mode region projections")
+    _close(out["z_g"], z_g[..., 0].numpy(), 1e-4, "eval-mode global projection")
     torch_params = dict(net.named_parameters())
     for name, path in GRAD_PARAMS.items():
         g = grads
