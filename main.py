@@ -80,9 +80,11 @@ def _lock_workdir(workdir: str):
         sys.stderr.write(f"FATAL {error}\n")
         sys.stderr.flush()
         if jax.process_count() > 1:
-            # every process disconnects here, together; left to exit-time shutdown, a process that gets there
-            # after process 0 (the coordination service) has gone can wait minutes for a heartbeat timeout
-            jax.distributed.shutdown()
+            # nothing was started and nothing is to be saved: leave at once, without exit-time teardown (the
+            # distributed client's shutdown and the collectives' destructors wait for peers that are gone, and
+            # hung process 1 for minutes after process 0 had exited)
+            logging.flush()
+            os._exit(1)
         sys.exit(1)
     return lock
 

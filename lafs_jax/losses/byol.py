@@ -3,18 +3,15 @@
 `byol_loss(p, t)` = 2 - 2 mean_n cos(p_n, t_n) over the rows of [N, d] (BYOL; the official FRA / LEWEL
 `mse_loss`). `decorrelation(p, t)` = mean_{b,q} sum_{q' != q} cos(p_bq, t_bq')^2 / Q over [B, Q, d]: the
 off-diagonal term of FRA's `compute_unigrad_loss` (divided by Q, not Q - 1, as the official code).
-Cosines use F.normalize's floor (norm >= 1e-12).
+Cosines use F.normalize's floor (norm >= 1e-12) through `numerics.l2_normalize`, whose gradient stays finite
+at a zero row (as torch's; a BatchNorm over one sample gives such rows).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-NORM_EPS = 1e-12
-
-
-def _normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS)
+from lafs_jax.numerics import l2_normalize as _normalize
 
 
 def byol_loss(p: jax.Array, t: jax.Array) -> jax.Array:

@@ -20,14 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lafs_jax.models.resnet import BatchNorm, ResNet
+from lafs_jax.numerics import l2_normalize  # F.normalize (norm floor 1e-12), finite gradient at a zero row
 
 EPS = 1e-7  # added to the heatmaps (official self.eps)
-NORM_EPS = 1e-12  # F.normalize's floor of the norm
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """torch.nn.functional.normalize: x / max(||x||, 1e-12) along `axis`."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), NORM_EPS)
 
 
 def sine_position(h: int, w: int, num_feats: int, temperature: float = 10000.0) -> np.ndarray:
