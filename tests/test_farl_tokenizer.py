@@ -9,15 +9,14 @@ import os
 import random
 
 import numpy as np
-import pytest
 
 from lafs_jax.input import tokenizer as tok_lib
 
 
 def _open_clip_tokenizer():
     spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        pytest.skip("open_clip_torch (requirements-test.txt) is not installed")
+    assert spec is not None, ("open_clip_torch, the reference tokenizer, is not installed: "
+                              "pip install --no-deps -r requirements-test-nodeps.txt")
     path = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
     module_spec = importlib.util.spec_from_file_location("open_clip_tokenizer_only", path)
     module = importlib.util.module_from_spec(module_spec)
